@@ -1,0 +1,12 @@
+//! pdgate-core: everything pdgate decides, without nginx.
+//!
+//! No nginx types and no `unsafe` here: the glue crate executes what these
+//! functions decide, and every algorithm is unit-tested in this crate.
+#![forbid(unsafe_code)]
+
+pub mod conf;
+pub mod error;
+pub mod json;
+pub mod pd;
+pub mod request_id;
+pub mod rewrite;

@@ -1,0 +1,118 @@
+//! The decision points of the sequential P/D flow, free of nginx types.
+//!
+//! The glue reads the client body, sends the prefill subrequest and, when it
+//! finishes, asks [`classify_prefill`] what to do with the main request.
+
+use std::fmt;
+
+/// nginx's `NGX_ERROR`.
+pub const NGX_ERROR: i64 = -1;
+/// nginx's `NGX_HTTP_REQUEST_TIME_OUT` (the client stalled).
+const CLIENT_TIMEOUT: i64 = 408;
+/// nginx's `NGX_HTTP_CLIENT_CLOSED_REQUEST`.
+const CLIENT_CLOSED: i64 = 499;
+
+/// Why a prefill subrequest produced no usable answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillFailure {
+    /// The answer did not fit `subrequest_output_buffer_size`.
+    BufferTooSmall,
+    /// Connect, send or read timed out (`proxy_*_timeout`).
+    Timeout,
+    /// No prefill server could be reached.
+    Unreachable,
+    /// The subrequest ended with another nginx status (e.g. 404: no such
+    /// internal location).
+    Status(i64),
+    /// An internal nginx error.
+    Internal,
+}
+
+impl PrefillFailure {
+    /// The HTTP status the client receives.
+    pub fn http_status(self) -> u16 {
+        match self {
+            PrefillFailure::Timeout => 504,
+            _ => 502,
+        }
+    }
+}
+
+impl fmt::Display for PrefillFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PrefillFailure::BufferTooSmall => f.write_str(
+                "prefill answer is larger than the subrequest buffer, \
+                 raise \"subrequest_output_buffer_size\" in the prefill location",
+            ),
+            PrefillFailure::Timeout => f.write_str("prefill upstream timed out"),
+            PrefillFailure::Unreachable => f.write_str("prefill upstream is unreachable"),
+            PrefillFailure::Status(s) => write!(f, "prefill subrequest failed with status {s}"),
+            PrefillFailure::Internal => f.write_str("prefill subrequest failed"),
+        }
+    }
+}
+
+/// What to do with the main request once the prefill subrequest is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrefillOutcome {
+    /// 2xx answer: build the decode body and let the request go on.
+    Decode,
+    /// The prefill server answered with an error: give its status and body
+    /// to the client unchanged.
+    PassThrough { status: u16 },
+    /// No usable answer: answer the client with an error of our own.
+    Fail(PrefillFailure),
+    /// The client went away; nginx terminates the request, nothing is sent.
+    ClientGone,
+}
+
+/// Classifies a finished prefill subrequest from the `rc` its post handler
+/// got, the subrequest's response status, and whether its in-memory buffer
+/// was filled to the end.
+pub fn classify_prefill(rc: i64, status: u64, buffer_full: bool) -> PrefillOutcome {
+    match rc {
+        0 => match status {
+            200..=299 => PrefillOutcome::Decode,
+            100..=199 | 300..=599 => PrefillOutcome::PassThrough { status: status as u16 },
+            _ => PrefillOutcome::Fail(PrefillFailure::Internal),
+        },
+        CLIENT_TIMEOUT | CLIENT_CLOSED => PrefillOutcome::ClientGone,
+        NGX_ERROR if buffer_full => PrefillOutcome::Fail(PrefillFailure::BufferTooSmall),
+        502 => PrefillOutcome::Fail(PrefillFailure::Unreachable),
+        504 => PrefillOutcome::Fail(PrefillFailure::Timeout),
+        300..=599 => PrefillOutcome::Fail(PrefillFailure::Status(rc)),
+        _ => PrefillOutcome::Fail(PrefillFailure::Internal),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PrefillFailure::*;
+    use PrefillOutcome::*;
+
+    #[test]
+    fn table() {
+        let cases = [
+            ((0, 200, false), Decode),
+            ((0, 201, false), Decode),
+            ((0, 400, false), PassThrough { status: 400 }),
+            ((0, 500, false), PassThrough { status: 500 }),
+            ((0, 0, false), Fail(Internal)),
+            ((-1, 200, true), Fail(BufferTooSmall)),
+            ((-1, 200, false), Fail(Internal)),
+            ((502, 0, false), Fail(Unreachable)),
+            ((504, 0, false), Fail(Timeout)),
+            ((404, 404, false), Fail(Status(404))),
+            ((499, 0, false), ClientGone),
+            ((408, 0, false), ClientGone),
+        ];
+        for ((rc, st, full), want) in cases {
+            assert_eq!(classify_prefill(rc, st, full), want, "rc={rc} status={st}");
+        }
+        assert_eq!(Timeout.http_status(), 504);
+        assert_eq!(BufferTooSmall.http_status(), 502);
+        assert!(BufferTooSmall.to_string().contains("subrequest_output_buffer_size"));
+    }
+}

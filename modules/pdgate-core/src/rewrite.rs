@@ -1,0 +1,443 @@
+//! The prefill and decode request bodies of the sequential (vLLM NIXL) P/D
+//! protocol, built as splice plans over the client's body.
+//!
+//! A plan is a list of [`Piece`]s: byte ranges of the client body, literal
+//! text, or borrowed bytes from elsewhere (the prefill answer). The nginx glue
+//! turns source ranges into buffers that point at the body it already holds
+//! (no copy) and gathers the small rest into one pool buffer, so the prompt is
+//! never copied and the JSON work is proportional to the keys that change.
+//!
+//! Only top-level keys are read or replaced: a `"stream"` inside a message is
+//! text, not a parameter.
+
+use std::ops::Range;
+
+use crate::json::{JsonError, Object};
+
+/// Which OpenAI endpoint a request targets; it decides which max-tokens key
+/// to add when the client sent none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `/v1/chat/completions`: `max_completion_tokens` (current OpenAI name).
+    Chat,
+    /// `/v1/completions` and anything else: `max_tokens`.
+    Completions,
+}
+
+impl Endpoint {
+    /// Classifies a request URI (path only, without the query string).
+    pub fn from_uri(uri: &[u8]) -> Endpoint {
+        if uri.ends_with(b"/chat/completions") {
+            Endpoint::Chat
+        } else {
+            Endpoint::Completions
+        }
+    }
+}
+
+/// One part of a rewritten body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Piece<'a> {
+    /// A byte range of the client body.
+    Src(Range<usize>),
+    /// Fixed text.
+    Lit(&'static str),
+    /// Bytes borrowed from elsewhere (e.g. the prefill answer).
+    Ext(&'a [u8]),
+}
+
+/// A body as a sequence of pieces, with adjacent source ranges merged.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan<'a> {
+    pub pieces: Vec<Piece<'a>>,
+}
+
+impl<'a> Plan<'a> {
+    fn push(&mut self, p: Piece<'a>) {
+        if let (Some(Piece::Src(last)), Piece::Src(r)) = (self.pieces.last_mut(), &p) {
+            if last.end == r.start {
+                last.end = r.end;
+                return;
+            }
+        }
+        self.pieces.push(p);
+    }
+
+    /// Total length in bytes.
+    pub fn len(&self) -> usize {
+        self.pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Src(r) => r.len(),
+                Piece::Lit(s) => s.len(),
+                Piece::Ext(b) => b.len(),
+            })
+            .sum()
+    }
+
+    /// True when the plan produces no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The body as one contiguous vector (tests, and callers that need it).
+    pub fn to_vec(&self, src: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for p in &self.pieces {
+            match p {
+                Piece::Src(r) => out.extend_from_slice(&src[r.clone()]),
+                Piece::Lit(s) => out.extend_from_slice(s.as_bytes()),
+                Piece::Ext(b) => out.extend_from_slice(b),
+            }
+        }
+        out
+    }
+}
+
+/// The `kv_transfer_params` a vLLM prefill request carries so that the
+/// engine keeps the KV blocks for a remote decode (vLLM's NixlConnector).
+pub const PREFILL_KV_TRANSFER_PARAMS: &str = r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#;
+
+/// Options of the prefill rewrite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrefillOptions {
+    pub endpoint: Endpoint,
+    /// Add [`PREFILL_KV_TRANSFER_PARAMS`] (off for engines configured as
+    /// prefill-only, which need no flag).
+    pub kv_transfer_params: bool,
+}
+
+/// Keys the prefill leg replaces or must not see.
+const PREFILL_DROPPED: &[&str] = &[
+    "stream",
+    "stream_options",
+    "max_tokens",
+    "max_completion_tokens",
+    "min_tokens",
+    "min_completion_tokens",
+    "kv_transfer_params",
+];
+
+/// Copies `obj` into `plan` without the members for which `drop` holds,
+/// keeping runs of untouched members (and their separators) as single ranges.
+/// Returns whether any member was kept.
+fn kept_members<'a>(obj: &Object<'_>, plan: &mut Plan<'a>, drop: impl Fn(usize) -> bool) -> bool {
+    plan.push(Piece::Src(obj.open..obj.open + 1));
+    let mut any = false;
+    let mut prev_kept_end: Option<usize> = None;
+    for (i, m) in obj.members.iter().enumerate() {
+        if drop(i) {
+            prev_kept_end = None;
+            continue;
+        }
+        match prev_kept_end {
+            // The previous member was kept too: extend over the separator.
+            Some(end) => plan.push(Piece::Src(end..m.value.end)),
+            // The first member keeps the whitespace after `{`, so that an
+            // untouched prefix stays one range with the brace.
+            None if !any && i == 0 => plan.push(Piece::Src(obj.open + 1..m.value.end)),
+            None if !any => plan.push(Piece::Src(m.key.start..m.value.end)),
+            None => {
+                plan.push(Piece::Lit(","));
+                plan.push(Piece::Src(m.key.start..m.value.end));
+            }
+        }
+        any = true;
+        prev_kept_end = Some(m.value.end);
+    }
+    any
+}
+
+/// The prefill body: the client's request with one output token, no
+/// streaming, no minimum-token options, and (optionally) the KV-transfer flag.
+pub fn prefill_plan<'a>(obj: &Object<'_>, opts: PrefillOptions) -> Plan<'a> {
+    let mut plan = Plan::default();
+    let mut has_max = false;
+    let mut has_max_completion = false;
+    let drop: Vec<bool> = obj
+        .members
+        .iter()
+        .map(|m| {
+            if obj.key_is(m, "max_tokens") {
+                has_max = true;
+                return true;
+            }
+            if obj.key_is(m, "max_completion_tokens") {
+                has_max_completion = true;
+                return true;
+            }
+            PREFILL_DROPPED.iter().any(|k| obj.key_is(m, k))
+        })
+        .collect();
+    let any = kept_members(obj, &mut plan, |i| drop[i]);
+    plan.push(Piece::Lit(if any { ",\"stream\":false" } else { "\"stream\":false" }));
+    let (add_max, add_completion) = match (has_max, has_max_completion, opts.endpoint) {
+        (false, false, Endpoint::Chat) => (false, true),
+        (false, false, Endpoint::Completions) => (true, false),
+        (m, c, _) => (m, c),
+    };
+    if add_max {
+        plan.push(Piece::Lit(",\"max_tokens\":1"));
+    }
+    if add_completion {
+        plan.push(Piece::Lit(",\"max_completion_tokens\":1"));
+    }
+    if opts.kv_transfer_params {
+        plan.push(Piece::Lit(",\"kv_transfer_params\":"));
+        plan.push(Piece::Lit(PREFILL_KV_TRANSFER_PARAMS));
+    }
+    plan.push(Piece::Lit("}"));
+    plan
+}
+
+/// What the prefill answer gave the decode leg.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvParams<'a> {
+    /// The raw JSON text of a top-level `kv_transfer_params` object.
+    Found(&'a [u8]),
+    /// The answer is JSON but has no usable top-level `kv_transfer_params`
+    /// (absent, or `null`); the decode engine will recompute the prompt.
+    Missing,
+    /// The answer is not a JSON object.
+    Invalid(JsonError),
+}
+
+/// Takes the top-level `kv_transfer_params` out of a prefill answer.
+pub fn kv_params_of(answer: &[u8]) -> KvParams<'_> {
+    match Object::parse(answer) {
+        Ok(obj) => match obj.get("kv_transfer_params") {
+            Some(v) if v != b"null" => KvParams::Found(v),
+            _ => KvParams::Missing,
+        },
+        Err(e) => KvParams::Invalid(e),
+    }
+}
+
+/// The decode body: the client's request without any client-supplied
+/// `kv_transfer_params`, plus the prefill's when there is one. In the common
+/// case this is one source range up to the closing brace and a short tail.
+pub fn decode_plan<'a>(obj: &Object<'_>, kv: Option<&'a [u8]>) -> Plan<'a> {
+    let mut plan = Plan::default();
+    let any = if obj.has("kv_transfer_params") {
+        kept_members(obj, &mut plan, |i| obj.key_is(&obj.members[i], "kv_transfer_params"))
+    } else {
+        // Keep everything, including whitespace, up to the closing brace.
+        plan.push(Piece::Src(obj.open..obj.close));
+        !obj.members.is_empty()
+    };
+    if let Some(kv) = kv {
+        plan.push(Piece::Lit(if any {
+            ",\"kv_transfer_params\":"
+        } else {
+            "\"kv_transfer_params\":"
+        }));
+        plan.push(Piece::Ext(kv));
+    }
+    plan.push(Piece::Lit("}"));
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn prefill(src: &str, endpoint: Endpoint, kv: bool) -> Value {
+        let obj = Object::parse(src.as_bytes()).unwrap();
+        let plan = prefill_plan(&obj, PrefillOptions { endpoint, kv_transfer_params: kv });
+        let out = plan.to_vec(src.as_bytes());
+        assert_eq!(out.len(), plan.len());
+        serde_json::from_slice(&out)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)))
+    }
+
+    fn decode(src: &str, kv: Option<&str>) -> (Vec<u8>, Plan<'static>) {
+        let obj = Object::parse(src.as_bytes()).unwrap();
+        let kv: Option<&'static [u8]> =
+            kv.map(|s| &*Box::leak(s.as_bytes().to_vec().into_boxed_slice()));
+        let plan = decode_plan(&obj, kv);
+        (plan.to_vec(src.as_bytes()), plan)
+    }
+
+    fn kv_prefill() -> Value {
+        serde_json::from_str(PREFILL_KV_TRANSFER_PARAMS).unwrap()
+    }
+
+    #[test]
+    fn endpoint_from_uri() {
+        assert_eq!(Endpoint::from_uri(b"/v1/chat/completions"), Endpoint::Chat);
+        assert_eq!(Endpoint::from_uri(b"/v1/completions"), Endpoint::Completions);
+        assert_eq!(Endpoint::from_uri(b"/generate"), Endpoint::Completions);
+    }
+
+    /// Table of (client body, endpoint, expected prefill body).
+    #[test]
+    fn prefill_table() {
+        let kv = kv_prefill();
+        let cases: Vec<(&str, Endpoint, Value)> = vec![
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":100,"stream":true,"stream_options":{"include_usage":true}}"#,
+                Endpoint::Chat,
+                json!({"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+            (
+                r#"{"model":"m","messages":[]}"#,
+                Endpoint::Chat,
+                json!({"model":"m","messages":[],"max_completion_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+            (
+                r#"{"model":"m","prompt":"p"}"#,
+                Endpoint::Completions,
+                json!({"model":"m","prompt":"p","max_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+            (
+                r#"{"max_completion_tokens":7,"max_tokens":9,"messages":[]}"#,
+                Endpoint::Chat,
+                json!({"messages":[],"max_tokens":1,"max_completion_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+            (
+                r#"{"prompt":"p","min_tokens":5,"min_completion_tokens":3,"max_tokens":50}"#,
+                Endpoint::Completions,
+                json!({"prompt":"p","max_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+            // A client's own kv_transfer_params never reaches the prefill.
+            (
+                r#"{"prompt":"p","kv_transfer_params":{"do_remote_prefill":true}}"#,
+                Endpoint::Completions,
+                json!({"prompt":"p","max_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+            (
+                r#"{}"#,
+                Endpoint::Chat,
+                json!({"max_completion_tokens":1,"stream":false,"kv_transfer_params":kv}),
+            ),
+        ];
+        for (src, ep, want) in cases {
+            assert_eq!(prefill(src, ep, true), want, "{src}");
+        }
+    }
+
+    #[test]
+    fn prefill_without_kv_flag() {
+        let v = prefill(r#"{"prompt":"p","stream":true}"#, Endpoint::Completions, false);
+        assert_eq!(v, json!({"prompt":"p","stream":false,"max_tokens":1}));
+    }
+
+    /// Keys inside messages are text: the original rewrote the first match
+    /// at any depth.
+    #[test]
+    fn nested_keys_untouched() {
+        let src = r#"{"messages":[{"role":"user","content":"stream"},{"role":"user","content":"x","max_tokens":5,"stream":true}],"tools":[{"function":{"parameters":{"stream_options":{"type":"object"},"kv_transfer_params":1}}}],"stream":true}"#;
+        let v = prefill(src, Endpoint::Chat, true);
+        let orig: Value = serde_json::from_str(src).unwrap();
+        assert_eq!(v["messages"], orig["messages"]);
+        assert_eq!(v["tools"], orig["tools"]);
+        assert_eq!(v["stream"], json!(false));
+        assert_eq!(v["max_completion_tokens"], json!(1));
+    }
+
+    #[test]
+    fn escapes_unicode_and_whitespace() {
+        // A byte-order mark is not JSON whitespace: rejected, as serde_json does.
+        assert!(Object::parse("\u{feff}{}".as_bytes()).is_err());
+        let src = "\n {\n  \"prompt\" : \"caf\u{e9} \\\"q\\\" \\u00e9 \u{1F600}\\n\",\n  \"str\\u0065am\": true ,\n  \"max_tokens\":3\n}\n\n";
+        let v = prefill(src, Endpoint::Completions, true);
+        assert_eq!(v["prompt"], json!("caf\u{e9} \"q\" \u{e9} \u{1F600}\n"));
+        assert_eq!(v["stream"], json!(false));
+        // "str\u0065am" is the key "stream": replaced, not duplicated.
+        let obj = Object::parse(src.as_bytes()).unwrap();
+        let opts = PrefillOptions { endpoint: Endpoint::Completions, kv_transfer_params: true };
+        let out = prefill_plan(&obj, opts).to_vec(src.as_bytes());
+        let out_obj = Object::parse(&out).unwrap();
+        assert_eq!(out_obj.members.len(), 4, "{}", String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn duplicate_keys_are_all_replaced() {
+        let src = r#"{"stream":true,"prompt":"p","stream":true,"max_tokens":5,"max_tokens":6}"#;
+        let obj = Object::parse(src.as_bytes()).unwrap();
+        let plan = prefill_plan(
+            &obj,
+            PrefillOptions { endpoint: Endpoint::Completions, kv_transfer_params: false },
+        );
+        let out = String::from_utf8(plan.to_vec(src.as_bytes())).unwrap();
+        assert_eq!(out, r#"{"prompt":"p","stream":false,"max_tokens":1}"#);
+    }
+
+    #[test]
+    fn huge_prompt_is_one_source_range() {
+        let prompt = "x".repeat(4 << 20);
+        let src = format!(r#"{{"model":"m","prompt":"{prompt}","stream":true,"max_tokens":10}}"#);
+        let obj = Object::parse(src.as_bytes()).unwrap();
+        let plan = prefill_plan(
+            &obj,
+            PrefillOptions { endpoint: Endpoint::Completions, kv_transfer_params: true },
+        );
+        let srcs: Vec<_> = plan.pieces.iter().filter(|p| matches!(p, Piece::Src(_))).collect();
+        assert_eq!(srcs.len(), 1, "{:?}", plan.pieces);
+        assert!(plan.len() > prompt.len());
+        let (out, dplan) = decode(&src, Some(r#"{"remote_host":"h"}"#));
+        assert_eq!(dplan.pieces[0], Piece::Src(0..src.len() - 1));
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["prompt"].as_str().map(str::len), Some(prompt.len()));
+    }
+
+    #[test]
+    fn decode_table() {
+        let kv = r#"{"remote_engine_id":"e1","remote_block_ids":[1,2],"remote_host":"10.0.0.1","remote_port":5600}"#;
+        let kvv: Value = serde_json::from_str(kv).unwrap();
+        let cases: Vec<(&str, Option<&str>, Value)> = vec![
+            (
+                r#"{"model":"m","stream":true,"max_tokens":100}"#,
+                Some(kv),
+                json!({"model":"m","stream":true,"max_tokens":100,"kv_transfer_params":kvv}),
+            ),
+            (r#"{}"#, Some(kv), json!({"kv_transfer_params":kvv})),
+            (" {  } \n", Some(kv), json!({"kv_transfer_params":kvv})),
+            (r#"{"a":1}"#, None, json!({"a":1})),
+            (
+                r#"{"kv_transfer_params":{"evil":1},"a":1,"kv_transfer_params":2}"#,
+                Some(kv),
+                json!({"a":1,"kv_transfer_params":kvv}),
+            ),
+            (r#"{"a":1,"kv_transfer_params":{"evil":1}}"#, None, json!({"a":1})),
+            (r#"{"kv_transfer_params":{"evil":1}}"#, None, json!({})),
+            (r#"{"a":1,"kv_transfer_params":0,"b":2,"c":3}"#, None, json!({"a":1,"b":2,"c":3})),
+        ];
+        for (src, kv, want) in cases {
+            let (out, _) = decode(src, kv);
+            let got: Value = serde_json::from_slice(&out)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out)));
+            assert_eq!(got, want, "{src}");
+            let obj = Object::parse(&out).unwrap();
+            assert!(
+                obj.members.iter().filter(|m| obj.key_is(m, "kv_transfer_params")).count() <= 1
+            );
+        }
+    }
+
+    #[test]
+    fn decode_keeps_client_bytes_verbatim() {
+        let src = "{\"model\" : \"m\",\n \"prompt\":\"a\\u0000b\"  }";
+        let (out, plan) = decode(src, Some("{}"));
+        assert_eq!(plan.pieces.len(), 4);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "{\"model\" : \"m\",\n \"prompt\":\"a\\u0000b\"  ,\"kv_transfer_params\":{}}"
+        );
+    }
+
+    #[test]
+    fn kv_params_of_answers() {
+        assert_eq!(
+            kv_params_of(br#"{"id":"c","kv_transfer_params":{"a":[1]},"choices":[]}"#),
+            KvParams::Found(br#"{"a":[1]}"#)
+        );
+        assert_eq!(
+            kv_params_of(br#"{"choices":[{"kv_transfer_params":{"a":1}}]}"#),
+            KvParams::Missing
+        );
+        assert_eq!(kv_params_of(br#"{"kv_transfer_params":null}"#), KvParams::Missing);
+        assert!(matches!(kv_params_of(b"<html>"), KvParams::Invalid(_)));
+    }
+}

@@ -1,0 +1,57 @@
+//! Directive helpers: reading arguments and reporting errors the way nginx
+//! does (`"<name>" directive <message> in <file>:<line>`).
+
+use std::ffi::c_char;
+
+use ngx::core::NGX_CONF_ERROR;
+use ngx::ffi::{ngx_conf_t, ngx_pnalloc, ngx_str_t};
+
+/// The arguments of the directive being parsed, the name first.
+///
+/// # Safety
+/// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
+pub unsafe fn args<'a>(cf: *mut ngx_conf_t) -> &'a [ngx_str_t] {
+    // SAFETY: during a directive handler `cf->args` is an array of ngx_str_t
+    // with `nelts` elements, alive until the handler returns.
+    unsafe {
+        let a = (*cf).args;
+        if a.is_null() || (*a).nelts == 0 {
+            return &[];
+        }
+        std::slice::from_raw_parts((*a).elts as *const ngx_str_t, (*a).nelts)
+    }
+}
+
+/// The bytes of an `ngx_str_t`.
+///
+/// # Safety
+/// `s` must point at `len` readable bytes (or have `len == 0`).
+pub unsafe fn str_bytes<'a>(s: &ngx_str_t) -> &'a [u8] {
+    if s.len == 0 || s.data.is_null() {
+        return &[];
+    }
+    // SAFETY: guaranteed by the caller.
+    unsafe { std::slice::from_raw_parts(s.data, s.len) }
+}
+
+/// A NUL-terminated copy of `msg` in the configuration pool, returned from a
+/// directive handler so that nginx prints `"<name>" directive <msg>`.
+///
+/// # Safety
+/// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
+pub unsafe fn error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
+    // SAFETY: cf->pool is the live configuration pool; we write `len + 1`
+    // bytes into a fresh allocation of that size.
+    unsafe {
+        let p = ngx_pnalloc((*cf).pool, msg.len() + 1) as *mut u8;
+        if p.is_null() {
+            return NGX_CONF_ERROR;
+        }
+        std::ptr::copy_nonoverlapping(msg.as_ptr(), p, msg.len());
+        *p.add(msg.len()) = 0;
+        p as *mut c_char
+    }
+}
+
+/// The value nginx expects from a directive handler that succeeded.
+pub const OK: *mut c_char = std::ptr::null_mut();

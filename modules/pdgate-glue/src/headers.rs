@@ -1,0 +1,78 @@
+//! Request header lookup and insertion.
+
+use ngx::ffi::{ngx_http_request_t, ngx_list_push, ngx_pnalloc, ngx_str_t, ngx_table_elt_t};
+
+/// The value of the first request header whose lowercase name is `lowcase`.
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn find_in<'a>(r: *mut ngx_http_request_t, lowcase: &[u8]) -> Option<&'a [u8]> {
+    // SAFETY: headers_in.headers is an ngx_list_t of ngx_table_elt_t whose
+    // parts and strings live in the request pool.
+    unsafe {
+        let mut part = &(*r).headers_in.headers.part as *const ngx_list_part_t;
+        while !part.is_null() {
+            let elts = (*part).elts as *const ngx_table_elt_t;
+            for i in 0..(*part).nelts {
+                let h = &*elts.add(i);
+                if h.hash != 0 && h.key.len == lowcase.len() {
+                    let name = std::slice::from_raw_parts(h.key.data, h.key.len);
+                    if name.eq_ignore_ascii_case(lowcase) {
+                        return Some(crate::conf::str_bytes(&h.value));
+                    }
+                }
+            }
+            part = (*part).next;
+        }
+    }
+    None
+}
+
+use ngx::ffi::ngx_list_part_t;
+
+/// Copies `bytes` into the request pool.
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn pool_str(r: *mut ngx_http_request_t, bytes: &[u8]) -> Option<ngx_str_t> {
+    // SAFETY: a fresh pool allocation of `len` bytes receives `len` bytes.
+    unsafe {
+        let p = ngx_pnalloc((*r).pool, bytes.len().max(1)) as *mut u8;
+        if p.is_null() {
+            return None;
+        }
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, bytes.len());
+        Some(ngx_str_t { len: bytes.len(), data: p })
+    }
+}
+
+/// Appends a request header (as if the client had sent it), so every
+/// upstream leg, subrequests included, forwards it and `$http_<name>` sees it.
+/// `name` must be given in the case it is sent, `lowcase` in lowercase.
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn push_in(
+    r: *mut ngx_http_request_t,
+    name: &'static str,
+    lowcase: &'static str,
+    value: &[u8],
+) -> Result<(), ()> {
+    // SAFETY: ngx_list_push returns space for one ngx_table_elt_t in the
+    // request's header list (or NULL); we initialise every field before
+    // nginx can read it. Static strings outlive the request; the value is
+    // copied into the pool.
+    unsafe {
+        let value = pool_str(r, value).ok_or(())?;
+        let h = ngx_list_push(&mut (*r).headers_in.headers) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return Err(());
+        }
+        std::ptr::write_bytes(h, 0, 1);
+        (*h).hash = 1;
+        (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+        (*h).value = value;
+        (*h).lowcase_key = lowcase.as_ptr() as *mut u8;
+    }
+    Ok(())
+}

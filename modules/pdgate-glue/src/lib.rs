@@ -1,0 +1,21 @@
+//! pdgate-glue: the one crate of pdgate that talks to nginx through FFI.
+//!
+//! Module crates call these helpers instead of touching raw pointers. Each
+//! helper mirrors a small piece of nginx C practice (named in its docs) and
+//! keeps its `unsafe` next to a `// SAFETY:` line saying why it holds.
+//! Nothing here decides policy: that is pdgate-core's job.
+
+pub use ngx;
+pub use pdgate_core as core;
+
+pub mod body;
+pub mod conf;
+pub mod guard;
+pub mod headers;
+pub mod phase;
+pub mod pool;
+pub mod random;
+pub mod response;
+pub mod subrequest;
+
+pub use ngx::ffi;
