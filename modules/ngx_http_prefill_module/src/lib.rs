@@ -19,7 +19,7 @@ use std::mem::offset_of;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 
 use pdgate_glue::core::json::Object;
-use pdgate_glue::core::pd::{classify_prefill, PrefillOutcome};
+use pdgate_glue::core::pd::{classify_prefill, PrefillFailure, PrefillOutcome};
 use pdgate_glue::core::rewrite::{
     decode_plan, kv_params_of, prefill_plan, Endpoint, KvParams, PrefillOptions,
 };
@@ -427,8 +427,15 @@ unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t
             as *const pdgate_glue::ffi::ngx_http_core_loc_conf_t;
         let limit = if clcf.is_null() { 0 } else { (*clcf).subrequest_output_buffer_size };
         let cl = (*sr).headers_out.content_length_n;
-        let buffer_full = status != 0 && (cl < 0 || cl as u64 > limit as u64);
+        // An answer that does not fit makes the postpone filter fail, and
+        // ngx_http_output_filter then flags the (client) connection as
+        // broken, although the in-memory subrequest never wrote to it.
+        let c = (*sr).connection;
+        let buffer_full = (*c).error() != 0 && status != 0 && (cl < 0 || cl as u64 > limit as u64);
         let outcome = classify_prefill(rc as i64, status, buffer_full);
+        if outcome == PrefillOutcome::Fail(PrefillFailure::BufferTooSmall) {
+            (*c).set_error(0);
+        }
         if outcome == PrefillOutcome::ClientGone {
             ctx.state = State::Passed;
             return rc;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod conf;
+pub mod echo;
 pub mod error;
 pub mod json;
 pub mod pd;

@@ -76,3 +76,26 @@ pub unsafe fn push_in(
     }
     Ok(())
 }
+
+/// Every request header, in arrival order (including ones modules added).
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn all_in<'a>(r: *mut ngx_http_request_t) -> Vec<(&'a [u8], &'a [u8])> {
+    let mut out = Vec::new();
+    // SAFETY: as in `find_in`.
+    unsafe {
+        let mut part = &(*r).headers_in.headers.part as *const ngx_list_part_t;
+        while !part.is_null() {
+            let elts = (*part).elts as *const ngx_table_elt_t;
+            for i in 0..(*part).nelts {
+                let h = &*elts.add(i);
+                if h.hash != 0 {
+                    out.push((crate::conf::str_bytes(&h.key), crate::conf::str_bytes(&h.value)));
+                }
+            }
+            part = (*part).next;
+        }
+    }
+    out
+}

@@ -17,5 +17,6 @@ pub mod pool;
 pub mod random;
 pub mod response;
 pub mod subrequest;
+pub mod timer;
 
 pub use ngx::ffi;
