@@ -3,8 +3,9 @@
 //! `pdgate_echo [prefill] [sse=N] [delay=MS] [interval=MS] [status=CODE];`
 //! makes a location reply with a JSON description of the request (method,
 //! uri, args, headers, body, body parsed as JSON). `prefill` adds top-level
-//! `kv_transfer_params` embedding the request, like a vLLM prefill; `sse=N`
-//! streams N `data:` events and `[DONE]`, `interval` apart; `delay` holds the
+//! `kv_transfer_params` embedding the request, like a vLLM prefill; a request
+//! with `"stream": true` gets N (default 3) SSE `data:` events and `[DONE]`,
+//! `interval` apart; `delay` holds the
 //! answer back (timeouts); `status` sets the status. Used by the `.t` suite
 //! and the samples, so P/D flows can be checked without engines.
 
@@ -107,6 +108,7 @@ unsafe extern "C" fn cmd_pdgate_echo(
 struct Ctx {
     conf: LocConf,
     chunks: Vec<Vec<u8>>,
+    sse: bool,
     next: usize,
     header_sent: bool,
     ev: *mut ngx_event_t,
@@ -144,9 +146,11 @@ unsafe extern "C" fn echo_body_read(r: *mut ngx_http_request_t) {
                 headers: headers::all_in(r),
                 body,
             };
+            let ans = answer(&req, lcf.opts);
             let ctx = Ctx {
                 conf: lcf.clone(),
-                chunks: answer(&req, lcf.opts),
+                chunks: ans.chunks,
+                sse: ans.sse,
                 next: 0,
                 header_sent: false,
                 ev: null_mut(),
@@ -210,23 +214,19 @@ unsafe fn step(r: *mut ngx_http_request_t, ctx: &mut Ctx) {
             ctx.header_sent = true;
             let ho = &mut (*r).headers_out;
             ho.status = usize::from(if ctx.conf.status == 0 { 200 } else { ctx.conf.status });
-            let ct: &'static str =
-                if ctx.conf.opts.sse_events > 0 { "text/event-stream" } else { "application/json" };
+            let ct: &'static str = if ctx.sse { "text/event-stream" } else { "application/json" };
             ho.content_type.len = ct.len();
             ho.content_type.data = ct.as_ptr() as *mut u8;
             ho.content_type_len = ct.len();
-            ho.content_length_n = if ctx.conf.opts.sse_events > 0 {
-                -1
-            } else {
-                ctx.chunks.iter().map(Vec::len).sum::<usize>() as i64
-            };
+            ho.content_length_n =
+                if ctx.sse { -1 } else { ctx.chunks.iter().map(Vec::len).sum::<usize>() as i64 };
             let rc = ngx_http_send_header(r);
             if rc == NGX_ERROR as ngx_int_t || rc > NGX_OK as ngx_int_t || (*r).header_only() != 0 {
                 ngx_http_finalize_request(r, rc);
                 return;
             }
         }
-        let stream_one = ctx.conf.interval_ms > 0 && ctx.conf.opts.sse_events > 0;
+        let stream_one = ctx.conf.interval_ms > 0 && ctx.sse;
         loop {
             let i = ctx.next;
             let Some(chunk) = ctx.chunks.get(i) else { break };

@@ -21,8 +21,8 @@ pub struct EchoRequest<'a> {
 pub struct EchoOptions {
     /// Answer like a vLLM prefill: add top-level `kv_transfer_params`.
     pub prefill: bool,
-    /// Answer as an SSE stream of this many `data:` events plus `[DONE]`
-    /// (0: one JSON document).
+    /// When the request asks for `"stream": true`, answer as an SSE stream
+    /// of this many `data:` events plus `[DONE]` (0 counts as 3).
     pub sse_events: usize,
 }
 
@@ -101,8 +101,16 @@ pub fn describe(req: &EchoRequest<'_>) -> Value {
     })
 }
 
-/// The response body chunks (one for plain JSON; one per event for SSE).
-pub fn answer(req: &EchoRequest<'_>, opts: EchoOptions) -> Vec<Vec<u8>> {
+/// An echo answer: its body in chunks, and whether it is an SSE stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoAnswer {
+    pub chunks: Vec<Vec<u8>>,
+    pub sse: bool,
+}
+
+/// The answer: one JSON document, or (for a request with top-level
+/// `"stream": true`) SSE events, the first carrying the description.
+pub fn answer(req: &EchoRequest<'_>, opts: EchoOptions) -> EchoAnswer {
     let mut doc = describe(req);
     if opts.prefill {
         let kv = json!({
@@ -124,11 +132,15 @@ pub fn answer(req: &EchoRequest<'_>, opts: EchoOptions) -> Vec<Vec<u8>> {
             m.insert("kv_transfer_params".into(), kv);
         }
     }
-    if opts.sse_events == 0 {
-        return vec![serde_json::to_vec(&doc).unwrap_or_default()];
+    if doc["json"]["stream"] != Value::Bool(true) {
+        return EchoAnswer {
+            chunks: vec![serde_json::to_vec(&doc).unwrap_or_default()],
+            sse: false,
+        };
     }
-    let mut out = Vec::with_capacity(opts.sse_events + 1);
-    for i in 0..opts.sse_events {
+    let events = if opts.sse_events == 0 { 3 } else { opts.sse_events };
+    let mut out = Vec::with_capacity(events + 1);
+    for i in 0..events {
         let ev = json!({"index": i, "echo": if i == 0 { doc.clone() } else { Value::Null }});
         let mut line = b"data: ".to_vec();
         line.extend_from_slice(&serde_json::to_vec(&ev).unwrap_or_default());
@@ -136,7 +148,7 @@ pub fn answer(req: &EchoRequest<'_>, opts: EchoOptions) -> Vec<Vec<u8>> {
         out.push(line);
     }
     out.push(b"data: [DONE]\n\n".to_vec());
-    out
+    EchoAnswer { chunks: out, sse: true }
 }
 
 #[cfg(test)]
@@ -155,7 +167,7 @@ mod tests {
 
     #[test]
     fn plain() {
-        let chunks = answer(&req(), EchoOptions::default());
+        let chunks = answer(&req(), EchoOptions::default()).chunks;
         assert_eq!(chunks.len(), 1);
         let v: Value = serde_json::from_slice(&chunks[0]).unwrap();
         assert_eq!(v["method"], "POST");
@@ -168,7 +180,7 @@ mod tests {
     #[test]
     fn prefill_embeds_request() {
         let v: Value = serde_json::from_slice(
-            &answer(&req(), EchoOptions { prefill: true, sse_events: 0 })[0],
+            &answer(&req(), EchoOptions { prefill: true, sse_events: 0 }).chunks[0],
         )
         .unwrap();
         assert_eq!(v["kv_transfer_params"]["prefill_request"]["json"]["prompt"], "p");
@@ -178,7 +190,11 @@ mod tests {
 
     #[test]
     fn sse() {
-        let c = answer(&req(), EchoOptions { prefill: false, sse_events: 3 });
+        let mut r = req();
+        r.body = br#"{"stream":true}"#;
+        let a = answer(&r, EchoOptions { prefill: false, sse_events: 3 });
+        assert!(a.sse);
+        let c = a.chunks;
         assert_eq!(c.len(), 4);
         assert!(c[0].starts_with(b"data: {"));
         assert!(c[0].ends_with(b"\n\n"));
@@ -196,6 +212,18 @@ mod tests {
         assert!(EchoConf::parse(&[b"sse=0"]).is_err());
         assert!(EchoConf::parse(&[b"status=99"]).is_err());
         assert_eq!(EchoConf::parse(&[b"bogus"]).unwrap_err(), "invalid parameter \"bogus\"");
+    }
+
+    #[test]
+    fn stream_only_when_asked() {
+        let opts = EchoOptions { prefill: false, sse_events: 2 };
+        assert!(!answer(&req(), opts).sse);
+        let mut r = req();
+        r.body = br#"{"stream":"true"}"#;
+        assert!(!answer(&r, opts).sse);
+        r.body = br#"{"stream":true}"#;
+        assert_eq!(answer(&r, opts).chunks.len(), 3);
+        assert_eq!(answer(&r, EchoOptions::default()).chunks.len(), 4);
     }
 
     #[test]

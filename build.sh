@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# build.sh — build pdgate's nginx modules (and, by default, nginx itself) and
+# stage them in dist/.
+#
+#   ./build.sh            nginx 1.28 from the source vendored in the ngx crate
+#                         + every module, release; stages dist/
+#   ./build.sh --debug    the same with nginx configured --with-debug
+#                         (debug log lines); separate target dir
+#   NGINX_SOURCE_DIR=/path/to/nginx-1.2x  [NGINX_BUILD_DIR=/path/objs] ./build.sh
+#                         modules only, against an existing *configured*
+#                         nginx or OpenResty tree (nginx >= 1.22); load them
+#                         into the nginx built from that tree
+#
+# Installs missing Debian build dependencies with apt-get. Re-running after a
+# code change only rebuilds what changed.
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$(pwd)
+
+DEBUG=0
+for arg in "$@"; do
+    case "$arg" in
+        --debug) DEBUG=1 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "build.sh: unknown argument \"$arg\" (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ "${PDGATE_DEBUG:-0}" = 1 ] && DEBUG=1
+
+MODULES="ngx_http_prefill_module ngx_http_set_request_id_module ngx_http_pdgate_echo_module"
+
+log() { printf '\033[1m[build]\033[0m %s\n' "$*"; }
+
+# --- system packages -------------------------------------------------------
+need=()
+for p in libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make gcc; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
+done
+if ((${#need[@]})); then
+    log "installing ${need[*]}"
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "build.sh: cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
+
+# --- cargo build -----------------------------------------------------------
+features=()
+external=0
+if [ -n "${NGINX_SOURCE_DIR:-}${NGINX_BUILD_DIR:-}" ]; then
+    external=1
+    features=(--no-default-features)
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/external}"
+    log "building modules against ${NGINX_BUILD_DIR:-$NGINX_SOURCE_DIR/objs}"
+elif [ "$DEBUG" = 1 ]; then
+    export NGX_CONFIGURE_ARGS="${NGX_CONFIGURE_ARGS:-} --with-debug"
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target/debug-nginx}"
+    log "building nginx (--with-debug) and modules"
+else
+    export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+    log "building nginx and modules"
+fi
+start=$(date +%s)
+pkgs=()
+for m in $MODULES; do pkgs+=(-p "$m"); done
+cargo build --release --locked "${features[@]}" "${pkgs[@]}" --message-format=json-render-diagnostics \
+    > "$CARGO_TARGET_DIR.build.json"
+secs=$(( $(date +%s) - start ))
+
+# --- stage dist/ -----------------------------------------------------------
+DIST="$ROOT/dist"
+mkdir -p "$DIST/modules" "$DIST/sbin" "$DIST/conf" "$DIST/logs"
+for m in $MODULES; do
+    install -m 0755 "$CARGO_TARGET_DIR/release/lib$m.so" "$DIST/modules/$m.so"
+done
+if [ "$external" = 0 ]; then
+    # The nginx binary nginx-sys built for this very build (its build script
+    # reports its out dir).
+    out=$(grep '"reason":"build-script-executed"' "$CARGO_TARGET_DIR.build.json" \
+        | grep '"package_id":"[^"]*nginx-sys' | sed 's/.*"out_dir":"\([^"]*\)".*/\1/' | tail -n1)
+    [ -x "$out/objs/nginx" ] || { echo "build.sh: nginx binary not found in $out/objs" >&2; exit 1; }
+    install -m 0755 "$out/objs/nginx" "$DIST/sbin/nginx"
+    # Sample configuration: the self-contained demo, with absolute module paths.
+    sed "s|@DIST@|$DIST|g" "$ROOT/nginx-conf/pdgate-demo.conf" > "$DIST/conf/nginx.conf"
+    cp "$ROOT/nginx-conf/pdgate-vllm.conf" "$DIST/conf/pdgate-vllm.conf"
+    sed -i "s|@DIST@|$DIST|g" "$DIST/conf/pdgate-vllm.conf"
+    "$DIST/sbin/nginx" -p "$DIST" -c conf/nginx.conf -t -q
+fi
+rm -f "$CARGO_TARGET_DIR.build.json"
+
+log "built in ${secs}s"
+[ "$external" = 0 ] && log "nginx:   $DIST/sbin/nginx ($("$DIST/sbin/nginx" -v 2>&1 | sed 's/.*: //'))"
+for m in $MODULES; do
+    log "module:  $DIST/modules/$m.so ($(du -k "$DIST/modules/$m.so" | cut -f1) KiB)"
+done
+[ "$external" = 0 ] && log "config:  $DIST/conf/nginx.conf (run: $DIST/sbin/nginx -p $DIST -c conf/nginx.conf)"
+exit 0
