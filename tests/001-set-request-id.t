@@ -1,0 +1,126 @@
+# ngx_http_set_request_id_module: X-Request-Id and trace headers on the
+# request, so every upstream leg carries them.
+BEGIN {
+    use Cwd qw(abs_path); use File::Basename qw(dirname);
+    my $dist = abs_path(dirname(__FILE__) . '/../dist');
+    $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
+    $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
+        qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
+}
+use Test::Nginx::Socket 'no_plan';
+
+repeat_each(2);
+no_shuffle();
+run_tests();
+
+__DATA__
+
+=== TEST 1: a request without an id gets a lowercase UUID v4 on the upstream leg
+--- config
+    set_request_id on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- response_body_like eval
+qr/"x-request-id":"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"/
+--- error_log eval
+qr/set_request_id: X-Request-Id [0-9a-f-]{36}/
+--- no_error_log
+[error]
+[alert]
+
+
+
+=== TEST 2: a client's X-Request-Id is kept, never replaced or doubled
+--- config
+    set_request_id on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- more_headers
+X-Request-Id: client-id-42
+--- response_body_like eval
+qr/"x-request-id":"client-id-42"/
+--- no_error_log
+set_request_id: X-Request-Id
+[error]
+
+
+
+=== TEST 3: off (the default) adds nothing
+--- config
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- response_body_unlike
+x-request-id
+--- no_error_log
+[error]
+
+
+
+=== TEST 4: a location's off overrides the server's on
+--- config
+    set_request_id on;
+    location /up/ { set_request_id off; proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { set_request_id off; pdgate_echo; }
+--- request
+GET /up/x
+--- response_body_unlike
+x-request-id
+--- no_error_log
+[error]
+
+
+
+=== TEST 5: set_trace_headers_force generates a W3C traceparent and the timing headers
+--- http_config
+    underscores_in_headers on;
+--- config
+    set_trace_headers_force on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { set_trace_headers_force off; pdgate_echo; }
+--- request
+GET /up/x
+--- response_body_like eval
+qr/"start_time_ns":"\d{16,}".*"traceparent":"(00-[0-9a-f]{32}-[0-9a-f]{16}-01)","ttft_start_time":"\d{16,}","ttft_traceparent":"\1"/
+--- no_error_log
+[error]
+
+
+
+=== TEST 6: a client's traceparent is kept and copied to TTFT_traceparent
+--- http_config
+    underscores_in_headers on;
+--- config
+    set_request_id on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { set_request_id off; pdgate_echo; }
+--- request
+GET /up/x
+--- more_headers
+traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01
+--- response_body_like eval
+qr/"traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01","ttft_start_time":"\d+","ttft_traceparent":"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"/
+--- no_error_log
+[error]
+
+
+
+=== TEST 7: without either directive a traceparent is left alone
+--- http_config
+    underscores_in_headers on;
+--- config
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- more_headers
+traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01
+--- response_body_unlike
+ttft_traceparent
+--- no_error_log
+[error]
