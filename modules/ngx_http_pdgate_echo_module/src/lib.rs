@@ -19,10 +19,10 @@ use pdgate_glue::ffi::{
     ngx_http_output_filter, ngx_http_read_client_request_body, ngx_http_request_t,
     ngx_http_run_posted_requests, ngx_http_send_header, ngx_int_t, ngx_module_t, ngx_pcalloc,
     ngx_uint_t, NGX_CONF_ANY, NGX_DONE, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MODULE, NGX_HTTP_SPECIAL_RESPONSE, NGX_OK,
+    NGX_HTTP_MODULE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_INFO, NGX_OK,
 };
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleConfExt, HttpModuleLocationConf};
-use pdgate_glue::ngx::ngx_string;
+use pdgate_glue::ngx::{ngx_log_error, ngx_string};
 use pdgate_glue::{conf, guard, headers, pool, response, timer};
 
 /// Per-location configuration: the parsed `pdgate_echo` arguments.
@@ -146,6 +146,14 @@ unsafe extern "C" fn echo_body_read(r: *mut ngx_http_request_t) {
                 headers: headers::all_in(r),
                 body,
             };
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                (*(*r).connection).log,
+                "pdgate_echo: {} {} ({} body bytes)",
+                String::from_utf8_lossy(req.method),
+                String::from_utf8_lossy(req.uri),
+                body.len()
+            );
             let ans = answer(&req, lcf.opts);
             let ctx = Ctx {
                 conf: lcf.clone(),

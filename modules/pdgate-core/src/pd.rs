@@ -5,8 +5,6 @@
 
 use std::fmt;
 
-/// nginx's `NGX_ERROR`.
-pub const NGX_ERROR: i64 = -1;
 /// nginx's `NGX_HTTP_REQUEST_TIME_OUT` (the client stalled).
 const CLIENT_TIMEOUT: i64 = 408;
 /// nginx's `NGX_HTTP_CLIENT_CLOSED_REQUEST`.
@@ -70,15 +68,19 @@ pub enum PrefillOutcome {
 /// Classifies a finished prefill subrequest from the `rc` its post handler
 /// got, the subrequest's response status, and whether its in-memory buffer
 /// was filled to the end.
+///
+/// An overflow of the in-memory buffer wins over `rc`: nginx may still have
+/// read the whole answer from the prefill (`rc == 0`) after the capture
+/// filter gave up on it.
 pub fn classify_prefill(rc: i64, status: u64, buffer_full: bool) -> PrefillOutcome {
     match rc {
+        CLIENT_TIMEOUT | CLIENT_CLOSED => PrefillOutcome::ClientGone,
+        _ if buffer_full => PrefillOutcome::Fail(PrefillFailure::BufferTooSmall),
         0 => match status {
             200..=299 => PrefillOutcome::Decode,
             100..=199 | 300..=599 => PrefillOutcome::PassThrough { status: status as u16 },
             _ => PrefillOutcome::Fail(PrefillFailure::Internal),
         },
-        CLIENT_TIMEOUT | CLIENT_CLOSED => PrefillOutcome::ClientGone,
-        NGX_ERROR if buffer_full => PrefillOutcome::Fail(PrefillFailure::BufferTooSmall),
         502 => PrefillOutcome::Fail(PrefillFailure::Unreachable),
         504 => PrefillOutcome::Fail(PrefillFailure::Timeout),
         300..=599 => PrefillOutcome::Fail(PrefillFailure::Status(rc)),
@@ -101,6 +103,8 @@ mod tests {
             ((0, 500, false), PassThrough { status: 500 }),
             ((0, 0, false), Fail(Internal)),
             ((-1, 200, true), Fail(BufferTooSmall)),
+            ((0, 200, true), Fail(BufferTooSmall)),
+            ((499, 200, true), ClientGone),
             ((-1, 200, false), Fail(Internal)),
             ((502, 0, false), Fail(Unreachable)),
             ((504, 0, false), Fail(Timeout)),

@@ -1,0 +1,315 @@
+# ngx_http_prefill_module: every failure answers with a clear status, an
+# OpenAI-style JSON error and a log line naming the cause; nothing is sent
+# to the decode leg after a failure.
+BEGIN {
+    use Cwd qw(abs_path); use File::Basename qw(dirname);
+    my $dist = abs_path(dirname(__FILE__) . '/../dist');
+    $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
+    $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
+        qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
+}
+use Test::Nginx::Socket 'no_plan';
+
+repeat_each(2);
+no_shuffle();
+
+add_block_preprocessor(sub {
+    my $block = shift;
+    if (!defined $block->http_config) {
+        $block->set_value("http_config", <<'_EOC_');
+    upstream prefill_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; keepalive 8; }
+    upstream decode_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; keepalive 8; }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+_EOC_
+    }
+    if (!defined $block->config) {
+        $block->set_value("config", <<'_EOC_');
+    set_request_id on;
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+        subrequest_output_buffer_size 64k;
+    }
+    location /mock/prefill/ { set_request_id off; pdgate_echo prefill; }
+    location /mock/decode/ { set_request_id off; pdgate_echo; }
+_EOC_
+    }
+});
+run_tests();
+
+__DATA__
+
+=== TEST 1: a body that is not JSON gets 400 and no leg is called
+--- request
+POST /v1/completions
+not json
+--- error_code: 400
+--- response_body chomp
+{"error":{"code":400,"message":"request body is not a JSON object: invalid JSON: expected a JSON value at byte 0","param":null,"type":"BadRequestError"}}
+--- response_headers
+Content-Type: application/json
+--- error_log
+request body is not a JSON object: invalid JSON: expected a JSON value at byte 0
+--- no_error_log
+pdgate_echo:
+[alert]
+
+
+
+=== TEST 2: a JSON array is not a request object
+--- request
+POST /v1/completions
+[{"prompt":"p"}]
+--- error_code: 400
+--- response_body_like chomp
+"message":"request body is not a JSON object: top-level JSON value is not an object"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 3: truncated JSON names the byte where it broke
+--- request
+POST /v1/chat/completions
+{"messages":[{"role":"user"
+--- error_code: 400
+--- response_body_like chomp
+expected ',' or '\}' at byte 27
+--- error_log
+request body is not a JSON object
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 4: an empty body gets 400
+--- request
+POST /v1/completions
+--- more_headers
+Content-Length: 0
+--- error_code: 400
+--- response_body_like chomp
+"message":"request body is not a JSON object: body is empty"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 5: a GET without a body gets 400, not a dropped connection
+--- request
+GET /v1/completions
+--- error_code: 400
+--- response_body_like chomp
+body is empty
+--- no_error_log
+[alert]
+
+
+
+=== TEST 6: a prefill error answer is passed to the client as it is, and decode is not called
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo status=429; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 429
+--- response_headers
+Content-Type: application/json
+--- response_body_like chomp
+^\{"args":"","body":"\{\\"prompt\\":\\"p\\",\\"stream\\":false,\\"max_tokens\\":1,.*"uri":"/mock/prefill/v1/completions"\}$
+--- error_log
+prefill answered 429, passing its answer to the client
+--- no_error_log
+pdgate_echo: POST /mock/decode
+
+
+
+=== TEST 7: an unreachable prefill gets 502
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        proxy_pass http://127.0.0.1:1/;
+    }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 502
+--- response_body chomp
+{"error":{"code":502,"message":"prefill upstream is unreachable","param":null,"type":"BadGatewayError"}}
+--- error_log
+prefill upstream is unreachable
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 8: a prefill that times out gets 504
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_read_timeout 200ms;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo prefill delay=1000; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 504
+--- response_body chomp
+{"error":{"code":504,"message":"prefill upstream timed out","param":null,"type":"GatewayTimeoutError"}}
+--- error_log
+upstream timed out
+prefill upstream timed out
+--- no_error_log
+pdgate_echo: POST /mock/decode
+
+
+
+=== TEST 9: a prefill answer larger than the subrequest buffer gets 502 naming the directive
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+        subrequest_output_buffer_size 128;
+    }
+    location /mock/prefill/ { pdgate_echo prefill; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 502
+--- response_body_like chomp
+"message":"prefill answer is larger than the subrequest buffer, raise \\"subrequest_output_buffer_size\\" in the prefill location"
+--- error_log
+too big subrequest response
+prefill answer is larger than the subrequest buffer
+--- no_error_log
+pdgate_echo: POST /mock/decode
+
+
+
+=== TEST 10: a prefill answer without kv_transfer_params is decoded anyway, with a warning
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- response_body_like chomp
+^\{"args":"","body":"\{\\"prompt\\":\\"p\\"\}",.*"uri":"/mock/decode/v1/completions"\}$
+--- error_log
+prefill answer has no "kv_transfer_params", decode will recompute the prompt
+--- no_error_log
+[error]
+
+
+
+=== TEST 11: a prefill answer that is not JSON is decoded anyway, with a warning
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { return 200 "<html>ok</html>"; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- response_body_like chomp
+"body":"\{\\"prompt\\":\\"p\\"\}"
+--- error_log
+prefill answer is not a JSON object
+--- no_error_log
+[error]
+
+
+
+=== TEST 12: a prefill location that does not exist fails with 502, not a hang
+--- config
+    location /v1/ {
+        prefill /nowhere;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 502
+--- response_body_like chomp
+prefill subrequest failed with status 404
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 13: a client that goes away during the prefill gets no decode request
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo prefill delay=500; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- timeout: 0.2
+--- abort
+--- wait: 0.8
+--- ignore_response
+--- error_log
+client prematurely closed connection
+--- no_error_log
+pdgate_echo: POST /mock/decode
+[alert]
