@@ -85,7 +85,7 @@ impl HttpModule for Module {
             };
             match added {
                 Ok(()) => NGX_OK as ngx_int_t,
-                Err(()) => NGX_ERROR as ngx_int_t,
+                Err(_) => NGX_ERROR as ngx_int_t,
             }
         })
     }
@@ -395,7 +395,7 @@ unsafe fn start_prefill(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<(),
         ctx.obj = Some(obj);
         let data = ctx as *mut Ctx as *mut c_void;
         subrequest::start(r, &target, chain, len, Some(ngx_http_prefill_done), data)
-            .map_err(|()| (500, "cannot create the prefill subrequest".to_owned()))?;
+            .map_err(|_| (500, "cannot create the prefill subrequest".to_owned()))?;
         Ok(())
     }
 }

@@ -139,7 +139,7 @@ unsafe extern "C" fn ngx_http_set_request_id_handler(r: *mut ngx_http_request_t)
         // SAFETY: nginx calls phase handlers with a live request.
         match unsafe { handler(r) } {
             Ok(()) => NGX_DECLINED as ngx_int_t,
-            Err(()) => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
+            Err(_) => NGX_HTTP_INTERNAL_SERVER_ERROR as ngx_int_t,
         }
     })
 }
@@ -148,7 +148,7 @@ unsafe extern "C" fn ngx_http_set_request_id_handler(r: *mut ngx_http_request_t)
 ///
 /// # Safety
 /// `r` must be a live request.
-unsafe fn handler(r: *mut ngx_http_request_t) -> Result<(), ()> {
+unsafe fn handler(r: *mut ngx_http_request_t) -> Result<(), pdgate_glue::NgxError> {
     // SAFETY: r is live; header helpers copy values into its pool.
     unsafe {
         if r != (*r).main {

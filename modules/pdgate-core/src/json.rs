@@ -244,7 +244,7 @@ impl Parser<'_> {
         loop {
             // Fast path over plain ASCII.
             while let Some(&c) = self.s.get(self.i) {
-                if c == b'"' || c == b'\\' || c < 0x20 || c >= 0x80 {
+                if c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c) {
                     break;
                 }
                 self.i += 1;

@@ -57,16 +57,16 @@ pub unsafe fn push_in(
     name: &'static str,
     lowcase: &'static str,
     value: &[u8],
-) -> Result<(), ()> {
+) -> Result<(), crate::NgxError> {
     // SAFETY: ngx_list_push returns space for one ngx_table_elt_t in the
     // request's header list (or NULL); we initialise every field before
     // nginx can read it. Static strings outlive the request; the value is
     // copied into the pool.
     unsafe {
-        let value = pool_str(r, value).ok_or(())?;
+        let value = pool_str(r, value).ok_or(crate::NgxError)?;
         let h = ngx_list_push(&mut (*r).headers_in.headers) as *mut ngx_table_elt_t;
         if h.is_null() {
-            return Err(());
+            return Err(crate::NgxError);
         }
         std::ptr::write_bytes(h, 0, 1);
         (*h).hash = 1;

@@ -20,3 +20,8 @@ pub mod subrequest;
 pub mod timer;
 
 pub use ngx::ffi;
+
+/// An nginx call failed (an allocation, in practice). nginx itself logs
+/// allocation failures, so callers only need to fail the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NgxError;

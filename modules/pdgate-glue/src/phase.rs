@@ -15,7 +15,7 @@ pub unsafe fn add_handler(
     cf: *mut ngx_conf_t,
     phase: ngx_http_phases,
     handler: ngx_http_handler_pt,
-) -> Result<(), ()> {
+) -> Result<(), crate::NgxError> {
     // SAFETY: in postconfiguration the http main conf of the core module
     // exists, and its phase arrays were initialised by ngx_http_init_phases.
     unsafe {
@@ -23,12 +23,12 @@ pub unsafe fn add_handler(
             .http_main_conf_unchecked::<ngx_http_core_main_conf_t>(&*std::ptr::addr_of!(
                 ngx_http_core_module
             ))
-            .ok_or(())?
+            .ok_or(crate::NgxError)?
             .as_ptr();
         let slot = ngx_array_push(&mut (*cmcf).phases[phase as usize].handlers)
             as *mut ngx_http_handler_pt;
         if slot.is_null() {
-            return Err(());
+            return Err(crate::NgxError);
         }
         *slot = handler;
     }

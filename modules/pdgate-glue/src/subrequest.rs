@@ -32,18 +32,18 @@ pub unsafe fn start(
     len: usize,
     handler: ngx_http_post_subrequest_pt,
     data: *mut c_void,
-) -> Result<*mut ngx_http_request_t, ()> {
+) -> Result<*mut ngx_http_request_t, crate::NgxError> {
     // SAFETY: all allocations are from the live request pool; the subrequest
     // pointer is checked before use; fields written are the ones mirror and
     // SSI modules set on their subrequests.
     unsafe {
-        let mut uri = pool_str(r, uri).ok_or(())?;
+        let mut uri = pool_str(r, uri).ok_or(crate::NgxError)?;
         let ps = ngx_palloc((*r).pool, std::mem::size_of::<ngx_http_post_subrequest_t>())
             as *mut ngx_http_post_subrequest_t;
         let rb = ngx_pcalloc((*r).pool, std::mem::size_of::<ngx_http_request_body_t>())
             as *mut ngx_http_request_body_t;
         if ps.is_null() || rb.is_null() {
-            return Err(());
+            return Err(crate::NgxError);
         }
         (*ps).handler = handler;
         (*ps).data = data;
@@ -58,7 +58,7 @@ pub unsafe fn start(
             (NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY) as usize,
         );
         if rc != NGX_OK as isize || sr.is_null() {
-            return Err(());
+            return Err(crate::NgxError);
         }
         (*sr).method = (*r).method;
         (*sr).method_name = (*r).method_name;

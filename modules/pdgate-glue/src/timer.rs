@@ -30,7 +30,7 @@ pub unsafe fn arm(
     slot: &mut *mut ngx_event_t,
     ms: usize,
     handler: ngx_event_handler_pt,
-) -> Result<(), ()> {
+) -> Result<(), crate::NgxError> {
     // SAFETY: fresh pool allocations; the event's fields are set before the
     // timer is added, and its cleanup is registered in the same pool.
     unsafe {
@@ -38,7 +38,7 @@ pub unsafe fn arm(
             let ev = ngx_pcalloc((*r).pool, std::mem::size_of::<ngx_event_t>()) as *mut ngx_event_t;
             let cln = ngx_pool_cleanup_add((*r).pool, 0);
             if ev.is_null() || cln.is_null() {
-                return Err(());
+                return Err(crate::NgxError);
             }
             (*cln).handler = Some(cancel);
             (*cln).data = ev as *mut c_void;

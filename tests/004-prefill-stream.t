@@ -1,0 +1,95 @@
+# ngx_http_prefill_module with streaming decode answers: the prefill leg is
+# never streamed, the decode's SSE events reach the client as they come.
+BEGIN {
+    use Cwd qw(abs_path); use File::Basename qw(dirname);
+    my $dist = abs_path(dirname(__FILE__) . '/../dist');
+    $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
+    $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
+        qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
+}
+use Test::Nginx::Socket 'no_plan';
+
+repeat_each(2);
+no_shuffle();
+
+add_block_preprocessor(sub {
+    my $block = shift;
+    if (!defined $block->http_config) {
+        $block->set_value("http_config", <<'_EOC_');
+    upstream prefill_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; keepalive 8; }
+    upstream decode_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; keepalive 8; }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+_EOC_
+    }
+    if (!defined $block->config) {
+        $block->set_value("config", <<'_EOC_');
+    set_request_id on;
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+        subrequest_output_buffer_size 64k;
+    }
+    location /mock/prefill/ { set_request_id off; pdgate_echo prefill; }
+    location /mock/decode/ { set_request_id off; pdgate_echo; }
+_EOC_
+    }
+});
+run_tests();
+
+__DATA__
+
+=== TEST 1: an SSE decode answer is passed through event by event, with its content type
+--- config
+    set_request_id on;
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_buffering off;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { set_request_id off; pdgate_echo prefill; }
+    location /mock/decode/ { set_request_id off; pdgate_echo sse=3 interval=20; }
+--- request
+POST /v1/chat/completions
+{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":{"include_usage":true}}
+--- response_headers
+Content-Type: text/event-stream
+--- response_body_like eval
+qr/\A(data: \{"echo":\{"args":"",.*"stream":true,"stream_options":\{"include_usage":true\}\},"method":"POST","uri":"\/mock\/decode\/v1\/chat\/completions"\},"index":0\}\n\ndata: \{"echo":null,"index":1\}\n\ndata: \{"echo":null,"index":2\}\n\ndata: \[DONE\]\n\n)\z/s
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 2: the prefill of a streaming request is not streamed and has no stream_options
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_buffering off;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo prefill sse=5; }
+    location /mock/decode/ { pdgate_echo sse=1; }
+--- request
+POST /v1/chat/completions
+{"messages":[],"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}
+--- response_body_like eval
+qr/"prefill_request":\{"args":"","headers":\{[^}]*\},"json":\{"kv_transfer_params":\{[^}]*\},"max_completion_tokens":1,"messages":\[\],"stream":false\}/
+--- no_error_log
+[error]
