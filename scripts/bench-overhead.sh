@@ -1,0 +1,174 @@
+#!/usr/bin/env bash
+# scripts/bench-overhead.sh — what the P/D path costs the proxy.
+#
+# nginx with set_request_id + prefill in front of instant backends (a second
+# nginx answering fixed prefill/decode JSON and SSE), measured beside a plain
+# single-hop proxy_pass in the same proxy, same run. The proxy's one worker is
+# pinned to CPU 0; wrk and the backends share CPU 1. For every case it prints
+# requests/s, latency p50/p99, the proxy worker's CPU time per request
+# (utime+stime from /proc) and the ratio to the single hop.
+#
+#   scripts/bench-overhead.sh                 10 s per case
+#   BENCH_DURATION=30 scripts/bench-overhead.sh
+#
+# Binds 127.0.0.1 only. Needs dist/ (./build.sh) and wrk (installed if missing).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+DUR=${BENCH_DURATION:-10}
+CONNS=${BENCH_CONNECTIONS:-"16 64"}
+PORT_PROXY=${BENCH_PORT:-18480}
+PORT_P=$((PORT_PROXY + 1))
+PORT_D=$((PORT_PROXY + 2))
+
+command -v wrk >/dev/null || {
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
+}
+[ -x dist/sbin/nginx ] || ./build.sh
+NGINX="$ROOT/dist/sbin/nginx"
+W=$(mktemp -d /tmp/pdgate-bench.XXXXXX)
+mkdir -p "$W/proxy/logs" "$W/back/logs"
+cleanup() {
+    "$NGINX" -p "$W/proxy" -c nginx.conf -s stop 2>/dev/null || true
+    "$NGINX" -p "$W/back" -c nginx.conf -s stop 2>/dev/null || true
+    sleep 0.3; rm -rf "$W"
+}
+trap cleanup EXIT
+
+# --- the backends: fixed answers shaped like vLLM's --------------------------
+KV='{"do_remote_prefill":true,"do_remote_decode":false,"remote_engine_id":"e0-1a2b","remote_block_ids":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16],"remote_host":"127.0.0.1","remote_port":5600,"tp_size":1}'
+PREFILL_ANSWER='{"id":"chatcmpl-0","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"A"},"finish_reason":"length"}],"usage":{"prompt_tokens":256,"completion_tokens":1,"total_tokens":257},"kv_transfer_params":'"$KV"'}'
+DECODE_ANSWER='{"id":"chatcmpl-0","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"A short answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":256,"completion_tokens":4,"total_tokens":260}}'
+EV='data: {"id":"chatcmpl-0","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
+DECODE_SSE="$EV$EV$EV"'data: [DONE]\n\n'
+esc() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
+
+cat > "$W/back/nginx.conf" <<CONF
+worker_processes 1;
+worker_cpu_affinity 10;
+error_log logs/error.log error;
+pid logs/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    server {
+        listen 127.0.0.1:$PORT_P;
+        location / { default_type application/json; return 200 "$(esc "$PREFILL_ANSWER")"; }
+    }
+    server {
+        listen 127.0.0.1:$PORT_D;
+        location / { default_type application/json; return 200 "$(esc "$DECODE_ANSWER")"; }
+        location /stream/ { default_type text/event-stream; return 200 "$(printf '%s' "$DECODE_SSE" | sed 's/"/\\"/g')"; }
+    }
+}
+CONF
+
+cat > "$W/proxy/nginx.conf" <<CONF
+load_module $ROOT/dist/modules/ngx_http_set_request_id_module.so;
+load_module $ROOT/dist/modules/ngx_http_prefill_module.so;
+worker_processes 1;
+worker_cpu_affinity 01;
+error_log logs/error.log error;
+pid logs/nginx.pid;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000;
+    upstream prefill_servers { server 127.0.0.1:$PORT_P; keepalive 128; keepalive_requests 1000000; }
+    upstream decode_servers { server 127.0.0.1:$PORT_D; keepalive 128; keepalive_requests 1000000; }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    client_body_buffer_size 64k;
+    server {
+        listen 127.0.0.1:$PORT_PROXY;
+        set_request_id on;
+        # P/D, non-streaming and streaming
+        location /pd/ {
+            prefill /prefill_internal;
+            proxy_pass http://decode_servers/;
+        }
+        location /pd-stream/ {
+            prefill /prefill_internal;
+            proxy_buffering off;
+            proxy_pass http://decode_servers/stream/;
+        }
+        location /prefill_internal/ {
+            internal;
+            rewrite ^/prefill_internal/[^/]+(/.*)\$ \$1 break;
+            proxy_pass http://prefill_servers;
+            subrequest_output_buffer_size 16k;
+        }
+        # the baseline: one plain hop to the same decode backend
+        location /hop/ {
+            set_request_id off;
+            proxy_pass http://decode_servers/;
+        }
+        location /hop-stream/ {
+            set_request_id off;
+            proxy_buffering off;
+            proxy_pass http://decode_servers/stream/;
+        }
+    }
+}
+CONF
+
+"$NGINX" -p "$W/back" -c nginx.conf
+"$NGINX" -p "$W/proxy" -c nginx.conf
+sleep 0.5
+WORKER=$(pgrep -P "$(cat "$W/proxy/logs/nginx.pid")" | head -n1)
+
+# A 1 KB chat request, as in the figures we compare with.
+CONTENT=$(head -c 900 /dev/zero | tr '\0' 'x')
+mkbody() { printf '{"model":"m","messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"%s"}],"max_tokens":64,"stream":%s,"temperature":0}' "$CONTENT" "$1"; }
+for s in false true; do
+    cat > "$W/body-$s.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '$(mkbody $s)'
+LUA
+done
+echo "body: $(mkbody false | wc -c) bytes; proxy worker pid $WORKER on CPU 0; ${DUR}s per case" >&2
+
+# Sanity: both paths answer 200 with the expected shape before measuring.
+curl -sf "http://127.0.0.1:$PORT_PROXY/pd/v1/chat/completions" -d "$(mkbody false)" | grep -q '"finish_reason":"stop"'
+curl -sfN "http://127.0.0.1:$PORT_PROXY/pd-stream/v1/chat/completions" -d "$(mkbody true)" | grep -q 'data: \[DONE\]'
+
+ticks() { awk '{print $14 + $15}' "/proc/$WORKER/stat"; }
+HZ=$(getconf CLK_TCK)
+
+# run <path> <stream> <conns> -> "rps p50_ms p99_ms cpu_us errors"
+run() {
+    local t0 t1 out rps p50 p99 reqs errs
+    t0=$(ticks)
+    out=$(taskset -c 1 wrk -t1 -c"$3" -d"${DUR}s" --latency -s "$W/body-$2.lua" \
+        "http://127.0.0.1:$PORT_PROXY/$1/v1/chat/completions")
+    t1=$(ticks)
+    rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
+    reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    errs=$(awk '/Non-2xx/ {n+=$NF} /Socket errors/ {gsub(",", ""); n+=$4+$6+$8+$10} END {print n+0}' <<<"$out")
+    awk -v r="$rps" -v p50="$p50" -v p99="$p99" -v dt=$((t1 - t0)) -v n="$reqs" -v hz="$HZ" -v e="$errs" \
+        'BEGIN { printf "%s %s %s %.1f %d\n", r, p50, p99, dt * 1e6 / hz / n, e }'
+}
+
+printf '\n%-10s %5s | %10s %9s %9s %11s %6s | %8s %12s\n' \
+    case conns req/s p50 p99 "cpu us/req" errors "x hop" "1-core cap"
+for stream in false true; do
+    for c in $CONNS; do
+        if [ "$stream" = true ]; then pd=pd-stream; hop=hop-stream; else pd=pd; hop=hop; fi
+        read -r hrps hp50 hp99 hcpu herr <<<"$(run "$hop" "$stream" "$c")"
+        read -r rps p50 p99 cpu err <<<"$(run "$pd" "$stream" "$c")"
+        label=$([ "$stream" = true ] && echo stream || echo json)
+        printf '%-10s %5s | %10s %9s %9s %11s %6s | %8s %12s\n' "hop-$label" "$c" "$hrps" "$hp50" "$hp99" "$hcpu" "$herr" "1.00" \
+            "$(awk -v u="$hcpu" 'BEGIN{printf "%.0f", 1e6/u}')"
+        printf '%-10s %5s | %10s %9s %9s %11s %6s | %8s %12s\n' "pd-$label" "$c" "$rps" "$p50" "$p99" "$cpu" "$err" \
+            "$(awk -v a="$rps" -v b="$hrps" 'BEGIN{printf "%.2f", a/b}')" \
+            "$(awk -v u="$cpu" 'BEGIN{printf "%.0f", 1e6/u}')"
+    done
+done
+echo
+echo "req/s: measured with wrk and the backends sharing CPU 1; 1-core cap = 1e6 / (proxy CPU us per request):"
+echo "the P/D requests per second one fully busy proxy core sustains (a P/D request is two upstream legs)."
