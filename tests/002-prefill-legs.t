@@ -97,7 +97,7 @@ evil
 POST /v1/completions
 {"prompt":"p"}
 --- response_body_like eval
-qr/"headers":\{[^}]*"x-request-id":"([0-9a-f-]{36})"[^}]*\},"json":\{"kv_transfer_params":\{.*"prefill_request":\{"args":"","headers":\{[^}]*"x-request-id":"\1"/
+qr/"headers":\{[^}]*"x-request-id":"([0-9a-f-]{36})"[^}]*\},"json":\{"kv_transfer_params":\{.*"prefill_request":\{"args":"","connection_requests":\d+,"headers":\{[^}]*"x-request-id":"\1"/
 --- no_error_log
 [error]
 
@@ -110,7 +110,7 @@ X-Request-Id: abc-123
 POST /v1/completions
 {"prompt":"p"}
 --- response_body_like eval
-qr/"x-request-id":"abc-123".*"prefill_request":\{"args":"","headers":\{[^}]*"x-request-id":"abc-123"/
+qr/"x-request-id":"abc-123".*"prefill_request":\{"args":"","connection_requests":\d+,"headers":\{[^}]*"x-request-id":"abc-123"/
 --- no_error_log
 [error]
 
@@ -232,5 +232,16 @@ POST /v1/completions
 {"prompt":"p"}
 --- response_body_like eval
 qr/"remote_engine_id":"pdgate-echo"/
+--- no_error_log
+[error]
+
+
+
+=== TEST 14: both legs reuse their upstream keepalive connections
+--- request eval
+["POST /v1/completions\n{\"prompt\":\"a\"}", "POST /v1/completions\n{\"prompt\":\"b\"}"]
+--- response_body_like eval
+[qr/"connection_requests":\d+,/,
+ qr/^\{"args":"","body":".*","connection_requests":([2-9]|\d\d+),"headers":.*"prefill_request":\{"args":"","connection_requests":([2-9]|\d\d+),/]
 --- no_error_log
 [error]

@@ -90,6 +90,6 @@ qr/\A(data: \{"echo":\{"args":"",.*"stream":true,"stream_options":\{"include_usa
 POST /v1/chat/completions
 {"messages":[],"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}}
 --- response_body_like eval
-qr/"prefill_request":\{"args":"","headers":\{[^}]*\},"json":\{"kv_transfer_params":\{[^}]*\},"max_completion_tokens":1,"messages":\[\],"stream":false\}/
+qr/"prefill_request":\{"args":"","connection_requests":\d+,"headers":\{[^}]*\},"json":\{"kv_transfer_params":\{[^}]*\},"max_completion_tokens":1,"messages":\[\],"stream":false\}/
 --- no_error_log
 [error]

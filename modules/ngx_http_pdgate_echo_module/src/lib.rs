@@ -145,6 +145,7 @@ unsafe extern "C" fn echo_body_read(r: *mut ngx_http_request_t) {
                 args: response::str_of(&(*r).args),
                 headers: headers::all_in(r),
                 body,
+                connection_requests: (*(*r).connection).requests as u64,
             };
             ngx_log_error!(
                 NGX_LOG_INFO,

@@ -14,6 +14,9 @@ pub struct EchoRequest<'a> {
     /// Header names and values in arrival order.
     pub headers: Vec<(&'a [u8], &'a [u8])>,
     pub body: &'a [u8],
+    /// How many requests the connection carrying this one has served (1 on
+    /// a new connection): shows whether the proxy reuses connections.
+    pub connection_requests: u64,
 }
 
 /// How the echo answers.
@@ -97,6 +100,7 @@ pub fn describe(req: &EchoRequest<'_>) -> Value {
         "args": text(req.args),
         "headers": headers,
         "body": text(req.body),
+        "connection_requests": req.connection_requests,
         "json": serde_json::from_slice::<Value>(req.body).unwrap_or(Value::Null),
     })
 }
@@ -124,6 +128,7 @@ pub fn answer(req: &EchoRequest<'_>, opts: EchoOptions) -> EchoAnswer {
                 "method": doc["method"].clone(),
                 "uri": doc["uri"].clone(),
                 "args": doc["args"].clone(),
+                "connection_requests": doc["connection_requests"].clone(),
                 "headers": doc["headers"].clone(),
                 "json": doc["json"].clone(),
             },
@@ -162,6 +167,7 @@ mod tests {
             args: b"a=1",
             headers: vec![(b"X-Request-Id", b"abc"), (b"Accept", b"a"), (b"accept", b"b")],
             body: br#"{"prompt":"p"}"#,
+            connection_requests: 3,
         }
     }
 
@@ -174,6 +180,7 @@ mod tests {
         assert_eq!(v["headers"]["x-request-id"], "abc");
         assert_eq!(v["headers"]["accept"], "a, b");
         assert_eq!(v["json"]["prompt"], "p");
+        assert_eq!(v["connection_requests"], 3);
         assert!(v.get("kv_transfer_params").is_none());
     }
 
