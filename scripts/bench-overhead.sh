@@ -8,14 +8,17 @@
 # requests/s, latency p50/p99, the proxy worker's CPU time per request
 # (utime+stime from /proc) and the ratio to the single hop.
 #
-#   scripts/bench-overhead.sh                 10 s per case
+#   scripts/bench-overhead.sh                 3 interleaved rounds of 10 s per case, medians
 #   BENCH_DURATION=30 scripts/bench-overhead.sh
+#   BENCH_PERF=pd-json scripts/bench-overhead.sh   also profile the proxy worker
+#                         during that case (perf, cpu-clock) into bench-out/
 #
 # Binds 127.0.0.1 only. Needs dist/ (./build.sh) and wrk (installed if missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DUR=${BENCH_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 CONNS=${BENCH_CONNECTIONS:-"16 64"}
 PORT_PROXY=${BENCH_PORT:-18480}
 PORT_P=$((PORT_PROXY + 1))
@@ -129,7 +132,7 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.body = '$(mkbody $s)'
 LUA
 done
-echo "body: $(mkbody false | wc -c) bytes; proxy worker pid $WORKER on CPU 0; ${DUR}s per case" >&2
+echo "body: $(mkbody false | wc -c) bytes; proxy worker pid $WORKER on CPU 0; $ROUNDS x ${DUR}s per case" >&2
 
 # Sanity: both paths answer 200 with the expected shape before measuring.
 curl -sf "http://127.0.0.1:$PORT_PROXY/pd/v1/chat/completions" -d "$(mkbody false)" | grep -q '"finish_reason":"stop"'
@@ -138,37 +141,58 @@ curl -sfN "http://127.0.0.1:$PORT_PROXY/pd-stream/v1/chat/completions" -d "$(mkb
 ticks() { awk '{print $14 + $15}' "/proc/$WORKER/stat"; }
 HZ=$(getconf CLK_TCK)
 
+# wrk prints 250.00us / 1.50ms / 1.20s
+to_ms() { awk '{v=$1; if (v ~ /us$/) v=v/1000; else if (v ~ /ms$/) v=v+0; else if (v ~ /s$/) v=v*1000; print v}'; }
+
 # run <path> <stream> <conns> -> "rps p50_ms p99_ms cpu_us errors"
 run() {
     local t0 t1 out rps p50 p99 reqs errs
     t0=$(ticks)
+    if [ "${BENCH_PERF:-}" = "$4" ]; then
+        mkdir -p "$ROOT/bench-out"
+        perf record -q -e cpu-clock -g -p "$WORKER" -o "$ROOT/bench-out/perf-$4-$3.data" -- sleep "$DUR" 2>/dev/null &
+    fi
     out=$(taskset -c 1 wrk -t1 -c"$3" -d"${DUR}s" --latency -s "$W/body-$2.lua" \
         "http://127.0.0.1:$PORT_PROXY/$1/v1/chat/completions")
     t1=$(ticks)
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-    p50=$(awk '$1=="50%" {print $2}' <<<"$out")
-    p99=$(awk '$1=="99%" {print $2}' <<<"$out")
+    p50=$(awk '$1=="50%" {print $2}' <<<"$out" | to_ms)
+    p99=$(awk '$1=="99%" {print $2}' <<<"$out" | to_ms)
     errs=$(awk '/Non-2xx/ {n+=$NF} /Socket errors/ {gsub(",", ""); n+=$4+$6+$8+$10} END {print n+0}' <<<"$out")
     awk -v r="$rps" -v p50="$p50" -v p99="$p99" -v dt=$((t1 - t0)) -v n="$reqs" -v hz="$HZ" -v e="$errs" \
         'BEGIN { printf "%s %s %s %.1f %d\n", r, p50, p99, dt * 1e6 / hz / n, e }'
 }
 
+# median of the values on stdin
+median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
+# col <n> <lines>: the median of column n
+col() { awk -v n="$1" '{print $n}' <<<"$2" | median; }
+
 printf '\n%-10s %5s | %10s %9s %9s %11s %6s | %8s %12s\n' \
-    case conns req/s p50 p99 "cpu us/req" errors "x hop" "1-core cap"
+    case conns req/s "p50 ms" "p99 ms" "cpu us/req" errors "x hop" "1-core cap"
 for stream in false true; do
     for c in $CONNS; do
         if [ "$stream" = true ]; then pd=pd-stream; hop=hop-stream; else pd=pd; hop=hop; fi
-        read -r hrps hp50 hp99 hcpu herr <<<"$(run "$hop" "$stream" "$c")"
-        read -r rps p50 p99 cpu err <<<"$(run "$pd" "$stream" "$c")"
         label=$([ "$stream" = true ] && echo stream || echo json)
-        printf '%-10s %5s | %10s %9s %9s %11s %6s | %8s %12s\n' "hop-$label" "$c" "$hrps" "$hp50" "$hp99" "$hcpu" "$herr" "1.00" \
-            "$(awk -v u="$hcpu" 'BEGIN{printf "%.0f", 1e6/u}')"
-        printf '%-10s %5s | %10s %9s %9s %11s %6s | %8s %12s\n' "pd-$label" "$c" "$rps" "$p50" "$p99" "$cpu" "$err" \
-            "$(awk -v a="$rps" -v b="$hrps" 'BEGIN{printf "%.2f", a/b}')" \
-            "$(awk -v u="$cpu" 'BEGIN{printf "%.0f", 1e6/u}')"
+        H=""; P=""
+        for _ in $(seq "$ROUNDS"); do    # interleaved, so drift hits both alike
+            H+="$(run "$hop" "$stream" "$c" "hop-$label")"$'\n'
+            P+="$(run "$pd" "$stream" "$c" "pd-$label")"$'\n'
+        done
+        H=$(sed '/^$/d' <<<"$H"); P=$(sed '/^$/d' <<<"$P")
+        hrps=$(col 1 "$H"); hcpu=$(col 4 "$H"); rps=$(col 1 "$P"); cpu=$(col 4 "$P")
+        printf '%-10s %5s | %10.0f %9.3f %9.3f %11.1f %6d | %8s %12.0f\n' "hop-$label" "$c" \
+            "$hrps" "$(col 2 "$H")" "$(col 3 "$H")" "$hcpu" "$(awk '{n+=$5} END {print n+0}' <<<"$H")" \
+            "1.00" "$(awk -v u="$hcpu" 'BEGIN{print 1e6/u}')"
+        printf '%-10s %5s | %10.0f %9.3f %9.3f %11.1f %6d | %8.2f %12.0f\n' "pd-$label" "$c" \
+            "$rps" "$(col 2 "$P")" "$(col 3 "$P")" "$cpu" "$(awk '{n+=$5} END {print n+0}' <<<"$P")" \
+            "$(awk -v a="$rps" -v b="$hrps" 'BEGIN{print a/b}')" "$(awk -v u="$cpu" 'BEGIN{print 1e6/u}')"
     done
 done
 echo
 echo "req/s: measured with wrk and the backends sharing CPU 1; 1-core cap = 1e6 / (proxy CPU us per request):"
 echo "the P/D requests per second one fully busy proxy core sustains (a P/D request is two upstream legs)."
+wait
+[ -n "${BENCH_PERF:-}" ] && echo "profile: perf report -i bench-out/perf-$BENCH_PERF-*.data --no-children"
+exit 0

@@ -156,6 +156,21 @@ impl<'a> Object<'a> {
     }
 }
 
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGHS: u64 = 0x8080_8080_8080_8080;
+
+/// True when some byte of `w` is `"`, `\\`, below 0x20 or 0x80 and above
+/// (the classic "has a byte less than n / equal to c" bit tricks; exact as
+/// an existence test).
+fn needs_attention(w: u64) -> bool {
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    let control = w.wrapping_sub(ONES * 0x20) & !w & HIGHS != 0;
+    w & HIGHS != 0
+        || control
+        || has_zero(w ^ (ONES * u64::from(b'"')))
+        || has_zero(w ^ (ONES * u64::from(b'\\')))
+}
+
 struct Parser<'a> {
     s: &'a [u8],
     i: usize,
@@ -242,7 +257,16 @@ impl Parser<'_> {
         self.i += 1;
         let mut escaped = false;
         loop {
-            // Fast path over plain ASCII.
+            // Fast path over plain ASCII: eight bytes at a time while none of
+            // them is a quote, a backslash, a control character or non-ASCII
+            // (prompts are long runs of such text), then byte by byte.
+            while let Some(chunk) = self.s.get(self.i..self.i + 8) {
+                let Ok(bytes) = <[u8; 8]>::try_from(chunk) else { break };
+                if needs_attention(u64::from_le_bytes(bytes)) {
+                    break;
+                }
+                self.i += 8;
+            }
             while let Some(&c) = self.s.get(self.i) {
                 if c == b'"' || c == b'\\' || !(0x20..0x80).contains(&c) {
                     break;
@@ -404,6 +428,28 @@ mod tests {
         assert_eq!(o.close, src.len() - 2);
         assert_eq!(o.get("dA"), Some(&br#""x\"y""#[..]));
         assert!(o.has("b") && !o.has("c"));
+    }
+
+    #[test]
+    fn word_scan_finds_every_special_byte() {
+        for pos in 0..8 {
+            for b in [b'"', b'\\', 0x00, 0x1f, 0x80, 0xff, 0xc3] {
+                let mut w = [b'a'; 8];
+                w[pos] = b;
+                assert!(needs_attention(u64::from_le_bytes(w)), "{b:#x} at {pos}");
+            }
+            for b in [b' ', b'!', b'#', b'[', b']', b'~', 0x7f] {
+                let mut w = [b'a'; 8];
+                w[pos] = b;
+                assert!(!needs_attention(u64::from_le_bytes(w)), "{b:#x} at {pos}");
+            }
+        }
+        // Every position of a special byte within long plain runs is found.
+        for n in 0..40 {
+            let s = format!("{{\"k\":\"{}\\n{}\"}}", "x".repeat(n), "y".repeat(n % 9));
+            let o = Object::parse(s.as_bytes()).unwrap();
+            assert!(o.members[0].value.end == s.len() - 1);
+        }
     }
 
     #[test]
