@@ -245,3 +245,24 @@ qr/"remote_engine_id":"pdgate-echo"/
  qr/^\{"args":"","body":".*","connection_requests":([2-9]|\d\d+),"headers":.*"prefill_request":\{"args":"","connection_requests":([2-9]|\d\d+),/]
 --- no_error_log
 [error]
+
+
+
+=== TEST 15: a chunked client body reaches both legs with a Content-Length
+--- raw_request eval
+"POST /v1/completions HTTP/1.1\r
+Host: localhost\r
+Connection: close\r
+Transfer-Encoding: chunked\r
+\r
+5\r
+{\"pro\r
+9\r
+mpt\":\"p\"}\r
+0\r
+\r
+"
+--- response_body_like eval
+qr/^\{"args":"","body":"\{\\"prompt\\":\\"p\\",\\"kv_transfer_params\\":.*"headers":\{"content-length":"\d+","host":"decode_pool","x-request-id":"[0-9a-f-]{36}"\},.*"prefill_request":\{"args":"","connection_requests":\d+,"headers":\{"content-length":"\d+","host":"prefill_pool","x-request-id":"[0-9a-f-]{36}"\},"json":\{"kv_transfer_params":\{[^}]*\},"max_tokens":1,"prompt":"p","stream":false\}/
+--- no_error_log
+[error]

@@ -262,10 +262,13 @@ unsafe fn after_prefill(
     answer: &'static [u8],
     content_type: &'static [u8],
 ) -> ngx_int_t {
-    let log = || {
-        // SAFETY: r is live.
-        unsafe { (*(*r).connection).log }
+    // SAFETY: r is live; the action is a static C string nginx only reads.
+    let log = unsafe {
+        let log = (*(*r).connection).log;
+        (*log).action = c"processing the prefill answer".as_ptr() as *mut c_char;
+        log
     };
+    let log = || log;
     match outcome {
         PrefillOutcome::Decode => {
             let Some(obj) = ctx.obj.as_ref() else {
