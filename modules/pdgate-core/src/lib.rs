@@ -11,3 +11,4 @@ pub mod json;
 pub mod pd;
 pub mod request_id;
 pub mod rewrite;
+pub mod tokens;

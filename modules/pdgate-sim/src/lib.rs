@@ -1,0 +1,6 @@
+//! pdgate-sim: an engine simulator that speaks the vLLM/SGLang HTTP API
+//! with a continuous-batching timing model, and the pieces pd-bench shares
+//! with it. Nothing here touches nginx.
+
+pub mod model;
+pub mod profile;
