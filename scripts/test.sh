@@ -35,7 +35,7 @@ if [ $# -eq 0 ]; then
     cargo clippy --release --locked --workspace --all-targets -- -D warnings
 
     step "core unit tests"
-    cargo test --locked -p pdgate-core
+    cargo test --locked -p pdgate-core -p pdgate-sim
 
     set -- tests/*.t tests/selftest/*.t
 else

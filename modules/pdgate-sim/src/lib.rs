@@ -2,5 +2,9 @@
 //! with a continuous-batching timing model, and the pieces pd-bench shares
 //! with it. Nothing here touches nginx.
 
+pub mod api;
+pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod profile;
+pub mod server;

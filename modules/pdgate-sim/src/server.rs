@@ -1,0 +1,776 @@
+//! The engine-sim server: an OpenAI-compatible HTTP front, one engine thread
+//! running the timing model, and a side channel through which decode engines
+//! fetch KV from prefill engines (vLLM NIXL style: `FETCH`) or wait for a
+//! bootstrap room (SGLang style: `WAIT`).
+//!
+//! Threads: one per client connection, one per side-channel connection, one
+//! engine loop. Requests register a channel, queue a sequence and receive
+//! its events as the engine produces them.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use pdgate_core::request_id::Rng;
+use serde_json::{json, Value};
+
+use crate::api::{self, Api, ApiRequest, Usage};
+use crate::http::{self, ReadError, Request};
+use crate::metrics::{EngineSnapshot, Metrics};
+use crate::model::{block_hashes, Engine, Event, SeqSpec};
+use crate::profile::Profile;
+
+/// What the engine plays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Prefill,
+    Decode,
+    Both,
+    Encode,
+}
+
+/// Whose P/D protocol it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Vllm,
+    Sglang,
+}
+
+/// Injected faults.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    /// Probability of answering a completion with `error_status`.
+    pub error_rate: f64,
+    pub error_status: u16,
+    /// Added before every completion, ms (model time is not affected).
+    pub latency_ms: u64,
+    /// Probability of never answering a completion.
+    pub hang_rate: f64,
+    /// Close a streamed answer after this many events.
+    pub close_after: Option<u64>,
+    /// Reset every connection as soon as it is accepted.
+    pub refuse: bool,
+    /// Added to every side-channel answer, ms.
+    pub slow_kv_ms: u64,
+}
+
+/// Everything the command line sets.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub role: Role,
+    pub flavor: Flavor,
+    pub host: String,
+    pub port: u16,
+    /// Side channel (KV fetch / bootstrap) port.
+    pub kv_port: u16,
+    /// Host advertised in `kv_transfer_params.remote_host`.
+    pub advertise_host: String,
+    pub model: String,
+    pub engine_id: String,
+    pub profile: Profile,
+    /// Model time runs this many times faster than real time.
+    pub time_scale: f64,
+    pub seed: u64,
+    pub faults: Faults,
+    /// KV held for a decode that never fetches it is dropped after this.
+    pub kv_hold_ms: u64,
+    /// How long a decode waits for its bootstrap room.
+    pub bootstrap_timeout_ms: u64,
+    pub quiet: bool,
+}
+
+/// A prefill's KV waiting to be fetched.
+struct Held {
+    seq: u64,
+    tokens: u64,
+    since: Instant,
+}
+
+type Waiter = mpsc::Sender<(Event, Instant)>;
+
+/// The running simulator.
+pub struct Sim {
+    pub cfg: Config,
+    engine: Mutex<Engine>,
+    work: Condvar,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    next_seq: AtomicU64,
+    held: Mutex<HashMap<String, Held>>,
+    rooms: Mutex<HashMap<u64, u64>>,
+    rooms_cv: Condvar,
+    rng: Mutex<Rng>,
+    pub metrics: Metrics,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Sim {
+    pub fn new(cfg: Config) -> Arc<Sim> {
+        let engine = Engine::new(cfg.profile.clone());
+        let seed = cfg.seed;
+        Arc::new(Sim {
+            cfg,
+            engine: Mutex::new(engine),
+            work: Condvar::new(),
+            waiters: Mutex::new(HashMap::new()),
+            next_seq: AtomicU64::new(1),
+            held: Mutex::new(HashMap::new()),
+            rooms: Mutex::new(HashMap::new()),
+            rooms_cv: Condvar::new(),
+            rng: Mutex::new(Rng::new(seed)),
+            metrics: Metrics::default(),
+        })
+    }
+
+    fn log(&self, msg: std::fmt::Arguments<'_>) {
+        let role = format!("{:?}", self.cfg.role).to_lowercase();
+        eprintln!("engine-sim {role}:{} {msg}", self.cfg.port);
+    }
+
+    fn chance(&self, p: f64) -> bool {
+        p > 0.0 && (self.rng.lock().next_u64() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+
+    /// Model time → wall time.
+    fn wall(&self, model_us: f64) -> Duration {
+        Duration::from_secs_f64((model_us / 1e6 / self.cfg.time_scale).max(0.0))
+    }
+
+    /// The engine loop: step, sleep the step's (scaled) duration, deliver.
+    fn engine_loop(self: Arc<Self>) {
+        let mut last_expiry = Instant::now();
+        loop {
+            let step = {
+                let mut e = self.engine.lock();
+                while !e.has_work() {
+                    self.work.wait_for(&mut e, Duration::from_millis(500));
+                    if last_expiry.elapsed() > Duration::from_millis(500) {
+                        break;
+                    }
+                }
+                if e.has_work() {
+                    Some(e.step())
+                } else {
+                    None
+                }
+            };
+            if last_expiry.elapsed() > Duration::from_millis(500) {
+                last_expiry = Instant::now();
+                self.expire_held();
+            }
+            let Some(step) = step else { continue };
+            if step.duration_us > 0.0 {
+                thread::sleep(self.wall(step.duration_us));
+            }
+            let now = Instant::now();
+            let waiters = self.waiters.lock();
+            for ev in step.events {
+                let id = match ev {
+                    Event::FirstToken { id, .. }
+                    | Event::Token { id }
+                    | Event::Finished { id }
+                    | Event::Rejected { id } => id,
+                };
+                if let Some(tx) = waiters.get(&id) {
+                    let _ = tx.send((ev, now));
+                }
+            }
+        }
+    }
+
+    /// Drops KV that no decode fetched in time.
+    fn expire_held(&self) {
+        let limit = Duration::from_millis(self.cfg.kv_hold_ms);
+        let stale: Vec<(String, u64)> = self
+            .held
+            .lock()
+            .iter()
+            .filter(|(_, h)| h.since.elapsed() > limit)
+            .map(|(k, h)| (k.clone(), h.seq))
+            .collect();
+        for (rid, seq) in stale {
+            self.held.lock().remove(&rid);
+            self.engine.lock().release(seq);
+            self.log(format_args!(
+                "request {rid}: held KV expired unfetched after {} ms",
+                self.cfg.kv_hold_ms
+            ));
+        }
+    }
+
+    fn snapshot(&self) -> EngineSnapshot {
+        let e = self.engine.lock();
+        EngineSnapshot {
+            running: e.num_running(),
+            waiting: e.num_waiting(),
+            kv_usage: e.kv_usage(),
+            prefix_queries: e.stats.prefix_queries,
+            prefix_hits: e.stats.prefix_hits,
+            prompt_tokens: e.stats.prompt_tokens,
+            generation_tokens: e.stats.generation_tokens,
+            preemptions: e.stats.preemptions,
+        }
+    }
+}
+
+/// Starts the listeners and the engine; returns once they are bound (the
+/// serving threads keep running).
+pub fn start(cfg: Config) -> std::io::Result<Arc<Sim>> {
+    let http = TcpListener::bind((cfg.host.as_str(), cfg.port))?;
+    let side = TcpListener::bind((cfg.host.as_str(), cfg.kv_port))?;
+    let mut cfg = cfg;
+    cfg.port = http.local_addr()?.port();
+    cfg.kv_port = side.local_addr()?.port();
+    let sim = Sim::new(cfg);
+    let s = Arc::clone(&sim);
+    thread::Builder::new().name("engine".into()).spawn(move || s.engine_loop())?;
+    let s = Arc::clone(&sim);
+    thread::Builder::new().name("side".into()).spawn(move || {
+        for conn in side.incoming().flatten() {
+            let s = Arc::clone(&s);
+            let _ =
+                thread::Builder::new().name("side-conn".into()).spawn(move || s.side_conn(conn));
+        }
+    })?;
+    let s = Arc::clone(&sim);
+    thread::Builder::new().name("accept".into()).spawn(move || {
+        for conn in http.incoming().flatten() {
+            if s.cfg.faults.refuse {
+                let _ = set_linger_zero(&conn);
+                drop(conn);
+                continue;
+            }
+            let s = Arc::clone(&s);
+            let _ = thread::Builder::new().name("conn".into()).spawn(move || s.http_conn(conn));
+        }
+    })?;
+    Ok(sim)
+}
+
+/// SO_LINGER 0: closing sends a reset, which clients see as a refusal.
+fn set_linger_zero(conn: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from a live local.
+    let rc = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// How a handled request left the connection.
+enum After {
+    KeepAlive,
+    Close,
+}
+
+impl Sim {
+    fn http_conn(self: Arc<Self>, conn: TcpStream) {
+        let _ = conn.set_nodelay(true);
+        let Ok((mut r, mut w)) = http::split(conn) else { return };
+        loop {
+            let req = match http::read_request(&mut r) {
+                Ok(req) => req,
+                Err(ReadError::Closed) | Err(ReadError::Io(_)) => return,
+                Err(ReadError::Bad(why)) => {
+                    let body = api::error_json(400, why);
+                    let _ =
+                        http::write_response(&mut w, 400, "application/json", &body, false, &[]);
+                    return;
+                }
+                Err(ReadError::TooLarge) => {
+                    let body = api::error_json(413, "request too large");
+                    let _ =
+                        http::write_response(&mut w, 413, "application/json", &body, false, &[]);
+                    return;
+                }
+            };
+            let keep = req.keep_alive;
+            match self.route(&req, &mut w, &mut r) {
+                Ok(After::KeepAlive) if keep => continue,
+                _ => {
+                    let _ = w.shutdown(Shutdown::Both);
+                    return;
+                }
+            }
+        }
+    }
+
+    fn route(
+        &self,
+        req: &Request,
+        w: &mut TcpStream,
+        r: &mut BufReader<TcpStream>,
+    ) -> std::io::Result<After> {
+        let ka = req.keep_alive;
+        let json_ct = "application/json";
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET", "/health") => {
+                http::write_response(w, 200, json_ct, b"", ka, &[]).map(|_| After::KeepAlive)
+            }
+            ("GET", "/v1/models") => {
+                let body = json!({"object": "list", "data": [{
+                    "id": self.cfg.model, "object": "model", "created": now_secs(),
+                    "owned_by": "pdgate-sim", "root": self.cfg.model,
+                    "max_model_len": self.cfg.profile.max_model_len,
+                }]});
+                http::write_response(
+                    w,
+                    200,
+                    json_ct,
+                    &serde_json::to_vec(&body).unwrap_or_default(),
+                    ka,
+                    &[],
+                )
+                .map(|_| After::KeepAlive)
+            }
+            ("GET", "/metrics") => {
+                let page = self.metrics.render(&self.cfg.model, self.snapshot());
+                http::write_response(w, 200, "text/plain; version=0.0.4", page.as_bytes(), ka, &[])
+                    .map(|_| After::KeepAlive)
+            }
+            ("POST", "/v1/chat/completions") => self.completion(Api::Chat, req, w, r),
+            ("POST", "/v1/completions") => self.completion(Api::Completions, req, w, r),
+            (
+                _,
+                "/v1/chat/completions" | "/v1/completions" | "/health" | "/v1/models" | "/metrics",
+            ) => {
+                let body = api::error_json(405, "Method Not Allowed");
+                http::write_response(w, 405, json_ct, &body, ka, &[]).map(|_| After::KeepAlive)
+            }
+            _ => {
+                let body = api::error_json(404, "Not Found");
+                http::write_response(w, 404, json_ct, &body, ka, &[]).map(|_| After::KeepAlive)
+            }
+        }
+    }
+
+    fn fail(&self, w: &mut TcpStream, status: u16, msg: &str, ka: bool) -> std::io::Result<After> {
+        self.metrics.requests_error.fetch_add(1, Relaxed);
+        http::write_response(w, status, "application/json", &api::error_json(status, msg), ka, &[])
+            .map(|_| After::KeepAlive)
+    }
+
+    fn completion(
+        &self,
+        kind: Api,
+        req: &Request,
+        w: &mut TcpStream,
+        r: &mut BufReader<TcpStream>,
+    ) -> std::io::Result<After> {
+        let ka = req.keep_alive;
+        let t0 = Instant::now();
+        let f = &self.cfg.faults;
+        if f.latency_ms > 0 {
+            thread::sleep(Duration::from_millis(f.latency_ms));
+        }
+        if self.chance(f.hang_rate) {
+            // Never answer: wait for the client to give up.
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(r, &mut sink);
+            return Ok(After::Close);
+        }
+        if self.chance(f.error_rate) {
+            let st = if f.error_status == 0 { 500 } else { f.error_status };
+            return self.fail(w, st, "injected fault", ka);
+        }
+        let rid = req
+            .header("x-request-id")
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("sim-{}", self.next_seq.load(Relaxed)));
+        let areq = match api::parse_request(kind, &req.body) {
+            Ok(a) => a,
+            Err(msg) => return self.fail(w, 400, &msg, ka),
+        };
+
+        // The P/D protocol, before the engine sees the request.
+        let mut kv_loaded = false;
+        let mut hold_kv = false;
+        let mut kv_note = "local";
+        match (self.cfg.role, self.cfg.flavor) {
+            (Role::Decode, Flavor::Vllm) => match self.fetch_kv(&rid, &areq) {
+                Ok(()) => {
+                    kv_loaded = true;
+                    kv_note = "loaded";
+                }
+                Err(why) => {
+                    self.metrics.kv_recomputes.fetch_add(1, Relaxed);
+                    self.log(format_args!("request {rid}: kv recompute ({why})"));
+                    kv_note = "recomputed";
+                }
+            },
+            (Role::Decode, Flavor::Sglang) => match &areq.bootstrap {
+                Some(b) => match self.wait_room(b) {
+                    Ok(tokens) => {
+                        thread::sleep(self.wall(self.cfg.profile.kv_transfer_us(tokens)));
+                        self.metrics.kv_transfers.fetch_add(1, Relaxed);
+                        kv_loaded = true;
+                        kv_note = "loaded";
+                    }
+                    Err(why) => {
+                        self.log(format_args!(
+                            "request {rid}: bootstrap room {} failed: {why}",
+                            b.room
+                        ));
+                        return self.fail(w, 500, &format!("bootstrap room {}: {why}", b.room), ka);
+                    }
+                },
+                None => {
+                    self.metrics.kv_recomputes.fetch_add(1, Relaxed);
+                    self.log(format_args!("request {rid}: kv recompute (no bootstrap_room)"));
+                    kv_note = "recomputed";
+                }
+            },
+            (Role::Prefill, Flavor::Vllm) => {
+                hold_kv = areq
+                    .kv_transfer_params
+                    .as_ref()
+                    .and_then(|p| p.get("do_remote_decode"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                if hold_kv {
+                    kv_note = "held";
+                }
+            }
+            _ => {}
+        }
+
+        let (out_tokens, finish) = match self.cfg.role {
+            Role::Encode => (1, "length"),
+            _ => api::output_tokens(&areq, self.cfg.profile.max_model_len as u64),
+        };
+        let seq = self.next_seq.fetch_add(1, Relaxed);
+        let spec = SeqSpec {
+            id: seq,
+            prompt_tokens: areq.prompt_tokens,
+            block_hashes: block_hashes(&areq.prompt_text, self.cfg.profile.block_size),
+            max_new_tokens: out_tokens,
+            kv_loaded,
+            hold_kv,
+        };
+        let (tx, rx) = mpsc::channel();
+        self.waiters.lock().insert(seq, tx);
+        {
+            let mut e = self.engine.lock();
+            e.add(spec);
+            self.work.notify_one();
+        }
+        let res = self.answer(&areq, &rid, seq, out_tokens, finish, hold_kv, t0, rx, w, ka);
+        self.waiters.lock().remove(&seq);
+        if let Ok((status, cached, ttft)) = &res {
+            if !self.cfg.quiet {
+                self.log(format_args!(
+                    "request {rid} {} prompt={} out={} cached={} kv={kv_note} ttft={:.1}ms e2e={:.1}ms status={status}",
+                    req.path,
+                    areq.prompt_tokens,
+                    out_tokens,
+                    cached,
+                    ttft.as_secs_f64() * 1e3 * self.cfg.time_scale,
+                    t0.elapsed().as_secs_f64() * 1e3 * self.cfg.time_scale,
+                ));
+            }
+        }
+        match res {
+            Ok((_, _, _)) => Ok(After::KeepAlive),
+            Err(e) => {
+                // Client gone (or write failed): free the sequence.
+                self.engine.lock().abort(seq);
+                self.held.lock().retain(|_, h| h.seq != seq);
+                if e.kind() == std::io::ErrorKind::Other {
+                    return Ok(After::Close);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Produces the answer from the sequence's events. Returns the status,
+    /// cached prompt tokens and wall TTFT.
+    #[allow(clippy::too_many_arguments)]
+    fn answer(
+        &self,
+        areq: &ApiRequest,
+        rid: &str,
+        seq: u64,
+        out_tokens: u64,
+        finish: &str,
+        hold_kv: bool,
+        t0: Instant,
+        rx: mpsc::Receiver<(Event, Instant)>,
+        w: &mut TcpStream,
+        ka: bool,
+    ) -> std::io::Result<(u16, u64, Duration)> {
+        let created = now_secs();
+        let seed = api::prompt_seed(&areq.prompt_text);
+        let mut usage = Usage { prompt: areq.prompt_tokens, completion: 0, cached: 0 };
+        let mut ttft = Duration::ZERO;
+        let mut text = String::new();
+        let mut stream = None;
+        if areq.stream {
+            let mut s = http::Stream::start(
+                w,
+                200,
+                "text/event-stream; charset=utf-8",
+                ka,
+                &[("X-Request-Id", rid)],
+            )?;
+            s.send(&api::stream_chunk(areq, rid, created, None, None, None))?;
+            stream = Some(s);
+        }
+        let mut sent_events = 0u64;
+        loop {
+            let Ok((ev, at)) = rx.recv_timeout(Duration::from_secs(3600)) else {
+                return Err(std::io::Error::other("engine stopped"));
+            };
+            match ev {
+                Event::Rejected { .. } => {
+                    let msg = format!(
+                        "This model's maximum context length is {} tokens, and the KV cache holds {} blocks; the prompt has {} tokens",
+                        self.cfg.profile.max_model_len, self.cfg.profile.num_gpu_blocks, areq.prompt_tokens
+                    );
+                    if let Some(s) = stream {
+                        // The head is out already: end the stream with an error event.
+                        let mut s = s;
+                        s.send(
+                            format!(
+                                "data: {}\n\n",
+                                String::from_utf8_lossy(&api::error_json(400, &msg))
+                            )
+                            .as_bytes(),
+                        )?;
+                        s.finish()?;
+                        self.metrics.requests_error.fetch_add(1, Relaxed);
+                        return Ok((400, 0, ttft));
+                    }
+                    self.fail(w, 400, &msg, ka)?;
+                    return Ok((400, 0, ttft));
+                }
+                Event::FirstToken { .. } | Event::Token { .. } => {
+                    if let Event::FirstToken { cached, .. } = ev {
+                        usage.cached = cached;
+                        ttft = at.duration_since(t0);
+                        self.metrics.ttft.observe(ttft.as_secs_f64() * self.cfg.time_scale);
+                    }
+                    let tok = api::token_text(seed, usage.completion);
+                    usage.completion += 1;
+                    if let Some(s) = stream.as_mut() {
+                        let last = usage.completion >= out_tokens;
+                        let u = if areq.continuous_usage { Some(usage) } else { None };
+                        s.send(&api::stream_chunk(
+                            areq,
+                            rid,
+                            created,
+                            Some(tok),
+                            last.then_some(finish),
+                            u,
+                        ))?;
+                        sent_events += 1;
+                        if let Some(n) = self.cfg.faults.close_after {
+                            if sent_events >= n {
+                                return Err(std::io::Error::other("close_after fault"));
+                            }
+                        }
+                    } else {
+                        text.push_str(tok);
+                    }
+                }
+                Event::Finished { .. } => break,
+            }
+        }
+        let kv_params = if hold_kv {
+            self.held.lock().insert(
+                rid.to_owned(),
+                Held { seq, tokens: areq.prompt_tokens, since: Instant::now() },
+            );
+            let blocks: Vec<u64> =
+                (0..areq.prompt_tokens.div_ceil(self.cfg.profile.block_size as u64)).collect();
+            Some(json!({
+                "do_remote_prefill": true,
+                "do_remote_decode": false,
+                "remote_engine_id": self.cfg.engine_id,
+                "remote_block_ids": blocks,
+                "remote_host": self.cfg.advertise_host,
+                "remote_port": self.cfg.kv_port,
+                "remote_request_id": rid,
+                "tp_size": 1,
+            }))
+        } else if self.cfg.role == Role::Encode {
+            Some(json!({"encoder_engine_id": self.cfg.engine_id, "media_items": areq.media_items}))
+        } else {
+            None
+        };
+        if let (Role::Prefill, Flavor::Sglang, Some(b)) =
+            (self.cfg.role, self.cfg.flavor, &areq.bootstrap)
+        {
+            self.rooms.lock().insert(b.room, areq.prompt_tokens);
+            self.rooms_cv.notify_all();
+        }
+        self.metrics.requests_ok.fetch_add(1, Relaxed);
+        match stream {
+            Some(mut s) => {
+                if areq.include_usage {
+                    s.send(&api::usage_chunk(areq, rid, created, usage))?;
+                }
+                s.send(b"data: [DONE]\n\n")?;
+                s.finish()?;
+            }
+            None => {
+                let body = if self.cfg.role == Role::Encode {
+                    let mut v: Value = serde_json::from_slice(&api::completion_json(
+                        areq, rid, created, &text, finish, usage, None,
+                    ))
+                    .unwrap_or(Value::Null);
+                    if let (Value::Object(o), Some(p)) = (&mut v, kv_params) {
+                        o.insert("ec_transfer_params".into(), p);
+                    }
+                    serde_json::to_vec(&v).unwrap_or_default()
+                } else {
+                    api::completion_json(areq, rid, created, &text, finish, usage, kv_params)
+                };
+                http::write_response(
+                    w,
+                    200,
+                    "application/json",
+                    &body,
+                    ka,
+                    &[("X-Request-Id", rid)],
+                )?;
+            }
+        }
+        Ok((200, usage.cached, ttft))
+    }
+
+    /// vLLM decode: fetch the prompt's KV from the prefill named in
+    /// `kv_transfer_params`, taking the transfer time.
+    fn fetch_kv(&self, rid: &str, areq: &ApiRequest) -> Result<(), String> {
+        let p = areq.kv_transfer_params.as_ref().ok_or("no kv_transfer_params")?;
+        if p.get("do_remote_prefill").and_then(Value::as_bool) != Some(true) {
+            return Err("kv_transfer_params without do_remote_prefill".into());
+        }
+        let host = p.get("remote_host").and_then(Value::as_str).ok_or("no remote_host")?;
+        let port = p.get("remote_port").and_then(Value::as_u64).ok_or("no remote_port")?;
+        let key = p.get("remote_request_id").and_then(Value::as_str).unwrap_or(rid);
+        let reply = side_call(
+            host,
+            port,
+            &format!("FETCH {key} {}\n", areq.prompt_tokens),
+            Duration::from_secs(5),
+        )?;
+        match reply.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["OK", tokens] => {
+                let tokens: u64 = tokens.parse().map_err(|_| "bad side-channel reply")?;
+                thread::sleep(self.wall(self.cfg.profile.kv_transfer_us(tokens)));
+                self.metrics.kv_transfers.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            ["MISSING"] => Err(format!("prefill {host}:{port} holds no KV for request {key} (never prefilled there, or expired)")),
+            _ => Err(format!("bad side-channel reply \"{}\"", reply.trim())),
+        }
+    }
+
+    /// SGLang decode: wait until the prefill of the room is done.
+    fn wait_room(&self, b: &api::Bootstrap) -> Result<u64, String> {
+        let timeout = self.cfg.bootstrap_timeout_ms;
+        let reply = side_call(
+            &b.host,
+            u64::from(b.port),
+            &format!("WAIT {} {timeout}\n", b.room),
+            Duration::from_millis(timeout + 5000),
+        )?;
+        match reply.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["OK", tokens] => tokens.parse().map_err(|_| "bad bootstrap reply".to_owned()),
+            ["TIMEOUT"] => Err(format!("the prefill did not finish within {timeout} ms")),
+            _ => Err(format!("bad bootstrap reply \"{}\"", reply.trim())),
+        }
+    }
+
+    /// Serves one side-channel connection: `FETCH <request-id> <tokens>` or
+    /// `WAIT <room> <timeout-ms>`, one line each, one answer line each.
+    fn side_conn(self: Arc<Self>, conn: TcpStream) {
+        let Ok(mut w) = conn.try_clone() else { return };
+        let mut r = BufReader::new(conn);
+        let mut line = String::new();
+        while r.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            if self.cfg.faults.slow_kv_ms > 0 {
+                thread::sleep(Duration::from_millis(self.cfg.faults.slow_kv_ms));
+            }
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let reply = match words.as_slice() {
+                ["FETCH", rid, tokens] => {
+                    let want: u64 = tokens.parse().unwrap_or(0);
+                    let held = self.held.lock().remove(*rid);
+                    match held {
+                        Some(h) if want == 0 || h.tokens == want => {
+                            self.engine.lock().release(h.seq);
+                            format!("OK {}\n", h.tokens)
+                        }
+                        Some(h) => {
+                            // Not the prompt we hold: keep it, refuse.
+                            self.held.lock().insert((*rid).to_owned(), h);
+                            "MISSING\n".to_owned()
+                        }
+                        None => "MISSING\n".to_owned(),
+                    }
+                }
+                ["WAIT", room, timeout] => {
+                    let room: u64 = room.parse().unwrap_or(u64::MAX);
+                    let deadline =
+                        Instant::now() + Duration::from_millis(timeout.parse().unwrap_or(0));
+                    let mut rooms = self.rooms.lock();
+                    loop {
+                        if let Some(t) = rooms.remove(&room) {
+                            break format!("OK {t}\n");
+                        }
+                        if self.rooms_cv.wait_until(&mut rooms, deadline).timed_out() {
+                            break match rooms.remove(&room) {
+                                Some(t) => format!("OK {t}\n"),
+                                None => "TIMEOUT\n".to_owned(),
+                            };
+                        }
+                    }
+                }
+                _ => "ERROR unknown command\n".to_owned(),
+            };
+            if w.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            line.clear();
+        }
+    }
+}
+
+/// One request/answer line over a fresh side-channel connection.
+fn side_call(host: &str, port: u64, line: &str, timeout: Duration) -> Result<String, String> {
+    let port = u16::try_from(port).map_err(|_| format!("bad port {port}"))?;
+    let addr = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {host}"))?;
+    let conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("side channel {host}:{port} unreachable: {e}"))?;
+    let _ = conn.set_read_timeout(Some(timeout));
+    let mut w = conn.try_clone().map_err(|e| e.to_string())?;
+    w.write_all(line.as_bytes()).map_err(|e| format!("side channel write: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(conn).read_line(&mut reply).map_err(|e| format!("side channel read: {e}"))?;
+    Ok(reply)
+}
