@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # build.sh — build pdgate's nginx modules (and, by default, nginx itself) and
-# stage them in dist/.
+# the engine simulator and load generator, and stage them in dist/.
 #
 #   ./build.sh            nginx 1.28 from the source vendored in the ngx crate
 #                         + every module, release; stages dist/
@@ -61,7 +61,7 @@ else
     log "building nginx and modules"
 fi
 start=$(date +%s)
-pkgs=()
+pkgs=(-p pdgate-sim)
 for m in $MODULES; do pkgs+=(-p "$m"); done
 cargo build --release --locked "${features[@]}" "${pkgs[@]}" --message-format=json-render-diagnostics \
     > "$CARGO_TARGET_DIR.build.json"
@@ -69,9 +69,16 @@ secs=$(( $(date +%s) - start ))
 
 # --- stage dist/ -----------------------------------------------------------
 DIST="$ROOT/dist"
-mkdir -p "$DIST/modules" "$DIST/sbin" "$DIST/conf" "$DIST/logs"
+mkdir -p "$DIST/modules" "$DIST/sbin" "$DIST/bin" "$DIST/conf" "$DIST/logs"
 for m in $MODULES; do
     install -m 0755 "$CARGO_TARGET_DIR/release/lib$m.so" "$DIST/modules/$m.so"
+done
+BINS=""
+for b in engine-sim pd-bench; do
+    if [ -x "$CARGO_TARGET_DIR/release/$b" ]; then
+        install -m 0755 "$CARGO_TARGET_DIR/release/$b" "$DIST/bin/$b"
+        BINS="$BINS $b"
+    fi
 done
 if [ "$external" = 0 ]; then
     # The nginx binary nginx-sys built for this very build (its build script
@@ -93,5 +100,6 @@ log "built in ${secs}s"
 for m in $MODULES; do
     log "module:  $DIST/modules/$m.so ($(du -k "$DIST/modules/$m.so" | cut -f1) KiB)"
 done
+for b in $BINS; do log "tool:    $DIST/bin/$b"; done
 [ "$external" = 0 ] && log "config:  $DIST/conf/nginx.conf (run: $DIST/sbin/nginx -p $DIST -c conf/nginx.conf)"
 exit 0

@@ -94,6 +94,23 @@ struct Held {
 
 type Waiter = mpsc::Sender<(Event, Instant)>;
 
+/// One finished completion, as the log line reports it (kept for tests and
+/// tools that inspect a running simulator in-process).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub request_id: String,
+    pub path: String,
+    pub prompt_tokens: u64,
+    pub output_tokens: u64,
+    /// `local`, `held` (prefill keeping KV), `loaded` (decode got KV) or
+    /// `recomputed` (decode without a usable handoff).
+    pub kv: &'static str,
+    pub status: u16,
+}
+
+/// How many records the journal keeps.
+const JOURNAL_LEN: usize = 4096;
+
 /// The running simulator.
 pub struct Sim {
     pub cfg: Config,
@@ -105,6 +122,7 @@ pub struct Sim {
     rooms: Mutex<HashMap<u64, u64>>,
     rooms_cv: Condvar,
     rng: Mutex<Rng>,
+    journal: Mutex<std::collections::VecDeque<Record>>,
     pub metrics: Metrics,
 }
 
@@ -126,6 +144,7 @@ impl Sim {
             rooms: Mutex::new(HashMap::new()),
             rooms_cv: Condvar::new(),
             rng: Mutex::new(Rng::new(seed)),
+            journal: Mutex::new(std::collections::VecDeque::new()),
             metrics: Metrics::default(),
         })
     }
@@ -204,6 +223,19 @@ impl Sim {
                 self.cfg.kv_hold_ms
             ));
         }
+    }
+
+    /// The most recent finished completions, oldest first.
+    pub fn journal(&self) -> Vec<Record> {
+        self.journal.lock().iter().cloned().collect()
+    }
+
+    fn record(&self, r: Record) {
+        let mut j = self.journal.lock();
+        if j.len() == JOURNAL_LEN {
+            j.pop_front();
+        }
+        j.push_back(r);
     }
 
     fn snapshot(&self) -> EngineSnapshot {
@@ -476,6 +508,14 @@ impl Sim {
         let res = self.answer(&areq, &rid, seq, out_tokens, finish, hold_kv, t0, rx, w, ka);
         self.waiters.lock().remove(&seq);
         if let Ok((status, cached, ttft)) = &res {
+            self.record(Record {
+                request_id: rid.clone(),
+                path: req.path.clone(),
+                prompt_tokens: areq.prompt_tokens,
+                output_tokens: out_tokens,
+                kv: kv_note,
+                status: *status,
+            });
             if !self.cfg.quiet {
                 self.log(format_args!(
                     "request {rid} {} prompt={} out={} cached={} kv={kv_note} ttft={:.1}ms e2e={:.1}ms status={status}",

@@ -1,0 +1,250 @@
+//! End to end: nginx (dist/, built by ./build.sh) with the prefill and
+//! set_request_id modules in front of in-process engine simulators.
+//! Asserts that the KV really moves from prefill to decode, that both legs
+//! see one request id, that streams arrive over time, and that a failing
+//! prefill surfaces to the client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pdgate_sim::profile::Profile;
+use pdgate_sim::server::{self, Config, Faults, Flavor, Role, Sim};
+
+fn dist() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../dist")
+}
+
+fn sim(role: Role, profile: Profile, faults: Faults) -> Arc<Sim> {
+    server::start(Config {
+        role,
+        flavor: Flavor::Vllm,
+        host: "127.0.0.1".into(),
+        port: 0,
+        kv_port: 0,
+        advertise_host: "127.0.0.1".into(),
+        model: "sim".into(),
+        engine_id: format!("{role:?}"),
+        profile,
+        time_scale: 1.0,
+        seed: 7,
+        faults,
+        kv_hold_ms: 30_000,
+        bootstrap_timeout_ms: 2_000,
+        quiet: true,
+    })
+    .expect("simulator listens")
+}
+
+/// A running nginx that is stopped on drop.
+struct Nginx {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn nginx(prefill: &Sim, decode: &Sim) -> Nginx {
+    let bin = dist().join("sbin/nginx");
+    assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
+    let dir =
+        std::env::temp_dir().join(format!("pdgate-e2e-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let port = free_port();
+    let m = dist().join("modules");
+    let conf = format!(
+        r#"load_module {m}/ngx_http_set_request_id_module.so;
+load_module {m}/ngx_http_prefill_module.so;
+daemon off;
+master_process off;
+worker_processes 1;
+error_log logs/error.log info;
+pid logs/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    upstream prefill_servers {{ server 127.0.0.1:{p}; keepalive 8; }}
+    upstream decode_servers {{ server 127.0.0.1:{d}; keepalive 8; }}
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    server {{
+        listen 127.0.0.1:{port};
+        set_request_id on;
+        location ~ ^/v1/(chat/)?completions$ {{
+            prefill /prefill_internal;
+            proxy_buffering off;
+            proxy_pass http://decode_servers;
+        }}
+        location /prefill_internal/ {{
+            internal;
+            rewrite ^/prefill_internal(/.*)$ $1 break;
+            proxy_pass http://prefill_servers;
+            subrequest_output_buffer_size 64k;
+        }}
+        location /direct/ {{ proxy_pass http://decode_servers/; }}
+    }}
+}}
+"#,
+        m = m.display(),
+        p = prefill.cfg.port,
+        d = decode.cfg.port,
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    let child = Command::new(&bin)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg("nginx.conf")
+        .spawn()
+        .expect("nginx starts");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nginx did not start: {:?}",
+            std::fs::read_to_string(dir.join("logs/error.log"))
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Nginx { child, port, dir }
+}
+
+/// Status, body, and the arrival time of each body read (after the head).
+fn post(port: u16, path: &str, body: &str) -> (u16, String, Vec<Duration>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut r = BufReader::new(s);
+    let mut status_line = String::new();
+    r.read_line(&mut status_line).unwrap();
+    let status: u16 = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut chunked = false;
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h.trim().is_empty() {
+            break;
+        }
+        if h.to_ascii_lowercase().starts_with("transfer-encoding: chunked") {
+            chunked = true;
+        }
+    }
+    let mut body = Vec::new();
+    let mut arrivals = Vec::new();
+    if chunked {
+        loop {
+            let mut size = String::new();
+            r.read_line(&mut size).unwrap();
+            let n = usize::from_str_radix(size.trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            let mut chunk = vec![0; n + 2];
+            r.read_exact(&mut chunk).unwrap();
+            arrivals.push(t0.elapsed());
+            body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        r.read_to_end(&mut body).unwrap();
+    }
+    (status, String::from_utf8(body).unwrap(), arrivals)
+}
+
+#[test]
+fn kv_moves_from_prefill_to_decode_with_one_request_id() {
+    let p = sim(Role::Prefill, Profile::instant(), Faults::default());
+    let d = sim(Role::Decode, Profile::instant(), Faults::default());
+    let ngx = nginx(&p, &d);
+    for i in 0..5 {
+        let body = format!(
+            r#"{{"model":"sim","messages":[{{"role":"user","content":"question {i}: {}"}}],"max_tokens":8}}"#,
+            "x".repeat(400)
+        );
+        let (status, answer, _) = post(ngx.port, "/v1/chat/completions", &body);
+        assert_eq!(status, 200, "{answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(v["usage"]["completion_tokens"], 8);
+    }
+    let (pj, dj) = (p.journal(), d.journal());
+    assert_eq!(pj.len(), 5);
+    assert_eq!(dj.len(), 5);
+    assert!(pj.iter().all(|r| r.kv == "held" && r.output_tokens == 1), "{pj:?}");
+    assert!(dj.iter().all(|r| r.kv == "loaded"), "{dj:?}");
+    let mut pids: Vec<_> = pj.iter().map(|r| r.request_id.clone()).collect();
+    let mut dids: Vec<_> = dj.iter().map(|r| r.request_id.clone()).collect();
+    pids.sort();
+    dids.sort();
+    assert_eq!(pids, dids);
+    assert!(pids.iter().all(|id| id.len() == 36), "{pids:?}");
+    assert_eq!(d.metrics.kv_recomputes.load(Relaxed), 0);
+    assert_eq!(d.metrics.kv_transfers.load(Relaxed), 5);
+}
+
+#[test]
+fn a_decode_without_the_handoff_recomputes_and_counts_it() {
+    let p = sim(Role::Prefill, Profile::instant(), Faults::default());
+    let d = sim(Role::Decode, Profile::instant(), Faults::default());
+    let ngx = nginx(&p, &d);
+    let (status, _, _) =
+        post(ngx.port, "/direct/v1/completions", r#"{"prompt":"hi","max_tokens":2}"#);
+    assert_eq!(status, 200);
+    assert_eq!(d.metrics.kv_recomputes.load(Relaxed), 1);
+    assert_eq!(d.journal()[0].kv, "recomputed");
+    assert!(p.journal().is_empty());
+}
+
+#[test]
+fn streams_arrive_as_several_chunks_over_time() {
+    // 10 ms per engine step: 12 tokens take >= 110 ms of decode.
+    let slow = Profile { step_base_us: 10_000.0, ..Profile::instant() };
+    let p = sim(Role::Prefill, Profile::instant(), Faults::default());
+    let d = sim(Role::Decode, slow, Faults::default());
+    let ngx = nginx(&p, &d);
+    let (status, body, arrivals) = post(
+        ngx.port,
+        "/v1/chat/completions",
+        r#"{"model":"sim","messages":[{"role":"user","content":"count"}],"max_tokens":12,"ignore_eos":true,"stream":true,"stream_options":{"include_usage":true}}"#,
+    );
+    assert_eq!(status, 200);
+    let events = body.matches("data: ").count();
+    assert_eq!(events, 1 + 12 + 1 + 1, "{body}"); // role, tokens, usage, [DONE]
+    assert!(body.ends_with("data: [DONE]\n\n"));
+    assert!(arrivals.len() >= 10, "{} reads", arrivals.len());
+    let spread = *arrivals.last().unwrap() - arrivals[0];
+    assert!(spread >= Duration::from_millis(80), "all chunks within {spread:?}");
+}
+
+#[test]
+fn a_failing_prefill_surfaces_to_the_client_and_decode_is_not_called() {
+    let faults = Faults { error_rate: 1.0, error_status: 503, ..Faults::default() };
+    let p = sim(Role::Prefill, Profile::instant(), faults);
+    let d = sim(Role::Decode, Profile::instant(), Faults::default());
+    let ngx = nginx(&p, &d);
+    let (status, body, _) = post(ngx.port, "/v1/completions", r#"{"prompt":"hi"}"#);
+    assert_eq!(status, 503);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["message"], "injected fault");
+    assert!(d.journal().is_empty());
+    assert_eq!(p.metrics.requests_error.load(Relaxed), 1);
+}
