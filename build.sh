@@ -89,8 +89,10 @@ if [ "$external" = 0 ]; then
     install -m 0755 "$out/objs/nginx" "$DIST/sbin/nginx"
     # Sample configuration: the self-contained demo, with absolute module paths.
     sed "s|@DIST@|$DIST|g" "$ROOT/nginx-conf/pdgate-demo.conf" > "$DIST/conf/nginx.conf"
-    cp "$ROOT/nginx-conf/pdgate-vllm.conf" "$DIST/conf/pdgate-vllm.conf"
-    sed -i "s|@DIST@|$DIST|g" "$DIST/conf/pdgate-vllm.conf"
+    for c in pdgate-vllm pdgate-2p2d; do
+        sed "s|@DIST@|$DIST|g" "$ROOT/nginx-conf/$c.conf" > "$DIST/conf/$c.conf"
+        "$DIST/sbin/nginx" -p "$DIST" -c "conf/$c.conf" -t -q
+    done
     "$DIST/sbin/nginx" -p "$DIST" -c conf/nginx.conf -t -q
 fi
 rm -f "$CARGO_TARGET_DIR.build.json"
