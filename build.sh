@@ -32,16 +32,9 @@ MODULES="ngx_http_prefill_module ngx_http_set_request_id_module ngx_http_pdgate_
 log() { printf '\033[1m[build]\033[0m %s\n' "$*"; }
 
 # --- system packages -------------------------------------------------------
-need=()
-for p in libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make gcc; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    log "installing ${need[*]}"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+# shellcheck source=scripts/ensure-debs.sh
+. "$ROOT/scripts/ensure-debs.sh"
+ensure_debs libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make gcc
 command -v cargo >/dev/null || { echo "build.sh: cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
 # --- cargo build -----------------------------------------------------------

@@ -24,10 +24,8 @@ PORT_PROXY=${BENCH_PORT:-18480}
 PORT_P=$((PORT_PROXY + 1))
 PORT_D=$((PORT_PROXY + 2))
 
-command -v wrk >/dev/null || {
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
-}
+. scripts/ensure-debs.sh
+ensure_debs wrk
 [ -x dist/sbin/nginx ] || ./build.sh
 NGINX="$ROOT/dist/sbin/nginx"
 W=$(mktemp -d /tmp/pdgate-bench.XXXXXX)

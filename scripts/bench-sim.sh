@@ -10,10 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${BENCH_DURATION:-5}
 PORT=${BENCH_PORT:-18390}
-command -v wrk >/dev/null || {
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq wrk >/dev/null
-}
+. scripts/ensure-debs.sh
+ensure_debs wrk
 [ -x dist/bin/engine-sim ] || ./build.sh
 W=$(mktemp -d /tmp/pdgate-bench-sim.XXXXXX)
 taskset -c 0 dist/bin/engine-sim --instant --quiet --port "$PORT" --kv-port 0 2>"$W/sim.log" &

@@ -12,17 +12,9 @@ ROOT=$(pwd)
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 # Perl modules the Test::Nginx-format runner (tests/lib) uses: all Debian's.
-need=()
-for p in libtest-base-perl libtext-diff-perl libtest-longstring-perl libwww-perl \
-         libhttp-message-perl libipc-run-perl liburi-perl liblist-moreutils-perl; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || need+=("$p")
-done
-if ((${#need[@]})); then
-    step "installing ${need[*]}"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-fi
+. scripts/ensure-debs.sh
+ensure_debs libtest-base-perl libtext-diff-perl libtest-longstring-perl libwww-perl \
+    libhttp-message-perl liburi-perl
 
 if [ $# -eq 0 ]; then
     step "cargo fmt --check"
@@ -34,7 +26,7 @@ if [ $# -eq 0 ]; then
     step "cargo clippy -D warnings"
     cargo clippy --release --locked --workspace --all-targets -- -D warnings
 
-    step "core unit tests"
+    step "unit tests and end-to-end tests (core, simulator + nginx)"
     cargo test --locked -p pdgate-core -p pdgate-sim
 
     set -- tests/*.t tests/selftest/*.t

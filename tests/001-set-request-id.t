@@ -1,12 +1,8 @@
 # ngx_http_set_request_id_module: X-Request-Id and trace headers on the
 # request, so every upstream leg carries them.
-BEGIN {
-    use Cwd qw(abs_path); use File::Basename qw(dirname);
-    my $dist = abs_path(dirname(__FILE__) . '/../dist');
-    $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
-    $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
-        qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
-}
+use FindBin;
+use lib "$FindBin::Bin/common";
+use Pdgate::TestEnv;
 use Test::Nginx::Socket 'no_plan';
 
 repeat_each(2);

@@ -1,46 +1,15 @@
 # ngx_http_prefill_module: every failure answers with a clear status, an
 # OpenAI-style JSON error and a log line naming the cause; nothing is sent
 # to the decode leg after a failure.
-BEGIN {
-    use Cwd qw(abs_path); use File::Basename qw(dirname);
-    my $dist = abs_path(dirname(__FILE__) . '/../dist');
-    $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
-    $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
-        qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
-}
+use FindBin;
+use lib "$FindBin::Bin/common";
+use Pdgate::TestEnv;
 use Test::Nginx::Socket 'no_plan';
 
 repeat_each(2);
 no_shuffle();
+add_block_preprocessor(\&Pdgate::TestEnv::pd_defaults);
 
-add_block_preprocessor(sub {
-    my $block = shift;
-    if (!defined $block->http_config) {
-        $block->set_value("http_config", <<'_EOC_');
-    upstream prefill_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; keepalive 8; }
-    upstream decode_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; keepalive 8; }
-    proxy_http_version 1.1;
-    proxy_set_header Connection "";
-_EOC_
-    }
-    if (!defined $block->config) {
-        $block->set_value("config", <<'_EOC_');
-    set_request_id on;
-    location /v1/ {
-        prefill /prefill_internal;
-        proxy_pass http://decode_pool/mock/decode/v1/;
-    }
-    location /prefill_internal/ {
-        internal;
-        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
-        proxy_pass http://prefill_pool;
-        subrequest_output_buffer_size 64k;
-    }
-    location /mock/prefill/ { set_request_id off; pdgate_echo prefill; }
-    location /mock/decode/ { set_request_id off; pdgate_echo; }
-_EOC_
-    }
-});
 run_tests();
 
 __DATA__

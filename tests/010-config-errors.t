@@ -1,11 +1,7 @@
 # Configuration mistakes fail `nginx -t` with a message in nginx's style.
-BEGIN {
-    use Cwd qw(abs_path); use File::Basename qw(dirname);
-    my $dist = abs_path(dirname(__FILE__) . '/../dist');
-    $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
-    $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
-        qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
-}
+use FindBin;
+use lib "$FindBin::Bin/common";
+use Pdgate::TestEnv;
 use Test::Nginx::Socket 'no_plan';
 
 no_shuffle();

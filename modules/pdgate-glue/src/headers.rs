@@ -2,11 +2,17 @@
 
 use ngx::ffi::{ngx_http_request_t, ngx_list_push, ngx_pnalloc, ngx_str_t, ngx_table_elt_t};
 
-/// The value of the first request header whose lowercase name is `lowcase`.
+use ngx::ffi::ngx_list_part_t;
+
+/// Calls `f(name, value)` for every live request header in arrival order
+/// (including ones modules added) until it returns `Some`.
 ///
 /// # Safety
 /// `r` must be a live request.
-pub unsafe fn find_in<'a>(r: *mut ngx_http_request_t, lowcase: &[u8]) -> Option<&'a [u8]> {
+unsafe fn scan_in<'a, T>(
+    r: *mut ngx_http_request_t,
+    mut f: impl FnMut(&'a [u8], &'a [u8]) -> Option<T>,
+) -> Option<T> {
     // SAFETY: headers_in.headers is an ngx_list_t of ngx_table_elt_t whose
     // parts and strings live in the request pool.
     unsafe {
@@ -15,10 +21,10 @@ pub unsafe fn find_in<'a>(r: *mut ngx_http_request_t, lowcase: &[u8]) -> Option<
             let elts = (*part).elts as *const ngx_table_elt_t;
             for i in 0..(*part).nelts {
                 let h = &*elts.add(i);
-                if h.hash != 0 && h.key.len == lowcase.len() {
-                    let name = std::slice::from_raw_parts(h.key.data, h.key.len);
-                    if name.eq_ignore_ascii_case(lowcase) {
-                        return Some(crate::conf::str_bytes(&h.value));
+                if h.hash != 0 {
+                    let found = f(crate::conf::str_bytes(&h.key), crate::conf::str_bytes(&h.value));
+                    if found.is_some() {
+                        return found;
                     }
                 }
             }
@@ -28,7 +34,14 @@ pub unsafe fn find_in<'a>(r: *mut ngx_http_request_t, lowcase: &[u8]) -> Option<
     None
 }
 
-use ngx::ffi::ngx_list_part_t;
+/// The value of the first request header named `name` (any case).
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn find_in<'a>(r: *mut ngx_http_request_t, name: &[u8]) -> Option<&'a [u8]> {
+    // SAFETY: forwarded from the caller.
+    unsafe { scan_in(r, |k, v| k.eq_ignore_ascii_case(name).then_some(v)) }
+}
 
 /// Copies `bytes` into the request pool.
 ///
@@ -83,19 +96,12 @@ pub unsafe fn push_in(
 /// `r` must be a live request.
 pub unsafe fn all_in<'a>(r: *mut ngx_http_request_t) -> Vec<(&'a [u8], &'a [u8])> {
     let mut out = Vec::new();
-    // SAFETY: as in `find_in`.
+    // SAFETY: forwarded from the caller.
     unsafe {
-        let mut part = &(*r).headers_in.headers.part as *const ngx_list_part_t;
-        while !part.is_null() {
-            let elts = (*part).elts as *const ngx_table_elt_t;
-            for i in 0..(*part).nelts {
-                let h = &*elts.add(i);
-                if h.hash != 0 {
-                    out.push((crate::conf::str_bytes(&h.key), crate::conf::str_bytes(&h.value)));
-                }
-            }
-            part = (*part).next;
-        }
-    }
+        scan_in::<()>(r, |k, v| {
+            out.push((k, v));
+            None
+        })
+    };
     out
 }

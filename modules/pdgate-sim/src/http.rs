@@ -165,19 +165,21 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Writes a complete response.
-pub fn write_response<W: Write>(
-    w: &mut W,
+/// The head of a response; `length` None means chunked.
+fn head(
     status: u16,
     content_type: &str,
-    body: &[u8],
+    length: Option<usize>,
     keep_alive: bool,
     extra: &[(&str, &str)],
-) -> io::Result<()> {
+) -> String {
+    let framing = match length {
+        Some(n) => format!("Content-Length: {n}\r\n"),
+        None => "Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n".to_owned(),
+    };
     let mut head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {}\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\n{framing}Connection: {}\r\n",
         reason(status),
-        body.len(),
         if keep_alive { "keep-alive" } else { "close" }
     );
     for (k, v) in extra {
@@ -187,6 +189,19 @@ pub fn write_response<W: Write>(
         head.push_str("\r\n");
     }
     head.push_str("\r\n");
+    head
+}
+
+/// Writes a complete response.
+pub fn write_response<W: Write>(
+    w: &mut W,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+    keep_alive: bool,
+    extra: &[(&str, &str)],
+) -> io::Result<()> {
+    let head = head(status, content_type, Some(body.len()), keep_alive, extra);
     let mut buf = Vec::with_capacity(head.len() + body.len());
     buf.extend_from_slice(head.as_bytes());
     buf.extend_from_slice(body);
@@ -208,18 +223,7 @@ impl<'a, W: Write> Stream<'a, W> {
         keep_alive: bool,
         extra: &[(&str, &str)],
     ) -> io::Result<Stream<'a, W>> {
-        let mut head = format!(
-            "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nTransfer-Encoding: chunked\r\nCache-Control: no-cache\r\nConnection: {}\r\n",
-            reason(status),
-            if keep_alive { "keep-alive" } else { "close" }
-        );
-        for (k, v) in extra {
-            head.push_str(k);
-            head.push_str(": ");
-            head.push_str(v);
-            head.push_str("\r\n");
-        }
-        head.push_str("\r\n");
+        let head = head(status, content_type, None, keep_alive, extra);
         w.write_all(head.as_bytes())?;
         w.flush()?;
         Ok(Stream { w })

@@ -85,6 +85,30 @@ pub struct Config {
     pub quiet: bool,
 }
 
+impl Config {
+    /// The command line's defaults for `role`: vLLM protocol, 127.0.0.1:8000
+    /// (side channel on any free port), the built-in profile in real time.
+    pub fn new(role: Role) -> Config {
+        Config {
+            role,
+            flavor: Flavor::Vllm,
+            host: "127.0.0.1".into(),
+            port: 8000,
+            kv_port: 0,
+            advertise_host: "127.0.0.1".into(),
+            model: "sim-llama-3-8b".into(),
+            engine_id: String::new(),
+            profile: Profile::h100_llama3_8b(),
+            time_scale: 1.0,
+            seed: 1,
+            faults: Faults { error_status: 500, ..Faults::default() },
+            kv_hold_ms: 30_000,
+            bootstrap_timeout_ms: 30_000,
+            quiet: false,
+        }
+    }
+}
+
 /// A prefill's KV waiting to be fetched.
 struct Held {
     seq: u64,

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pdgate_sim::profile::Profile;
-use pdgate_sim::server::{self, Config, Faults, Flavor, Role, Sim};
+use pdgate_sim::server::{self, Config, Faults, Role, Sim};
 
 fn dist() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../dist")
@@ -21,21 +21,14 @@ fn dist() -> PathBuf {
 
 fn sim(role: Role, profile: Profile, faults: Faults) -> Arc<Sim> {
     server::start(Config {
-        role,
-        flavor: Flavor::Vllm,
-        host: "127.0.0.1".into(),
         port: 0,
-        kv_port: 0,
-        advertise_host: "127.0.0.1".into(),
-        model: "sim".into(),
         engine_id: format!("{role:?}"),
         profile,
-        time_scale: 1.0,
         seed: 7,
         faults,
-        kv_hold_ms: 30_000,
         bootstrap_timeout_ms: 2_000,
         quiet: true,
+        ..Config::new(role)
     })
     .expect("simulator listens")
 }
@@ -52,6 +45,19 @@ impl Drop for Nginx {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The simulator's journal once it has `n` records (a request is recorded
+/// just after its answer is written, so the client can be faster).
+fn journal(sim: &Sim, n: usize) -> Vec<server::Record> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let j = sim.journal();
+        if j.len() >= n || Instant::now() > deadline {
+            return j;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -186,7 +192,7 @@ fn kv_moves_from_prefill_to_decode_with_one_request_id() {
         let v: serde_json::Value = serde_json::from_str(&answer).unwrap();
         assert_eq!(v["usage"]["completion_tokens"], 8);
     }
-    let (pj, dj) = (p.journal(), d.journal());
+    let (pj, dj) = (journal(&p, 5), journal(&d, 5));
     assert_eq!(pj.len(), 5);
     assert_eq!(dj.len(), 5);
     assert!(pj.iter().all(|r| r.kv == "held" && r.output_tokens == 1), "{pj:?}");
@@ -210,7 +216,7 @@ fn a_decode_without_the_handoff_recomputes_and_counts_it() {
         post(ngx.port, "/direct/v1/completions", r#"{"prompt":"hi","max_tokens":2}"#);
     assert_eq!(status, 200);
     assert_eq!(d.metrics.kv_recomputes.load(Relaxed), 1);
-    assert_eq!(d.journal()[0].kv, "recomputed");
+    assert_eq!(journal(&d, 1)[0].kv, "recomputed");
     assert!(p.journal().is_empty());
 }
 
@@ -245,6 +251,7 @@ fn a_failing_prefill_surfaces_to_the_client_and_decode_is_not_called() {
     assert_eq!(status, 503);
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["message"], "injected fault");
+    std::thread::sleep(Duration::from_millis(100));
     assert!(d.journal().is_empty());
     assert_eq!(p.metrics.requests_error.load(Relaxed), 1);
 }

@@ -9,25 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pdgate_sim::profile::Profile;
-use pdgate_sim::server::{self, Config, Faults, Flavor, Role, Sim};
+use pdgate_sim::server::{self, Config, Flavor, Role, Sim};
 
 fn sim(role: Role, bootstrap_timeout_ms: u64) -> Arc<Sim> {
     server::start(Config {
-        role,
         flavor: Flavor::Sglang,
-        host: "127.0.0.1".into(),
         port: 0,
-        kv_port: 0,
-        advertise_host: "127.0.0.1".into(),
-        model: "sim".into(),
         engine_id: format!("{role:?}"),
         profile: Profile { step_base_us: 20_000.0, ..Profile::instant() },
-        time_scale: 1.0,
-        seed: 1,
-        faults: Faults::default(),
-        kv_hold_ms: 30_000,
         bootstrap_timeout_ms,
         quiet: true,
+        ..Config::new(role)
     })
     .expect("simulator listens")
 }
@@ -65,6 +57,10 @@ fn decode_waits_for_the_prefill_of_its_room() {
     let (ps, _) = post(p.cfg.port, &body);
     let (ds, dbody) = decode.join().unwrap();
     assert_eq!((ps, ds), (200, 200), "{dbody}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while d.journal().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(d.journal()[0].kv, "loaded");
     assert_eq!(d.metrics.kv_transfers.load(Relaxed), 1);
     assert_eq!(d.metrics.kv_recomputes.load(Relaxed), 0);

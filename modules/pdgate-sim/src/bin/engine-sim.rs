@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use pdgate_sim::profile::Profile;
-use pdgate_sim::server::{self, Config, Faults, Flavor, Role};
+use pdgate_sim::server::{self, Config, Flavor, Role};
 
 const HELP: &str = "\
 engine-sim: an LLM engine simulator speaking vLLM's OpenAI HTTP API
@@ -51,23 +51,7 @@ GET /health, GET /metrics (Prometheus, vLLM metric names).
 ";
 
 fn parse(args: &[String]) -> Result<Option<Config>, String> {
-    let mut cfg = Config {
-        role: Role::Both,
-        flavor: Flavor::Vllm,
-        host: "127.0.0.1".into(),
-        port: 8000,
-        kv_port: 0,
-        advertise_host: String::new(),
-        model: "sim-llama-3-8b".into(),
-        engine_id: String::new(),
-        profile: Profile::h100_llama3_8b(),
-        time_scale: 1.0,
-        seed: 1,
-        faults: Faults { error_status: 500, ..Faults::default() },
-        kv_hold_ms: 30_000,
-        bootstrap_timeout_ms: 30_000,
-        quiet: false,
-    };
+    let mut cfg = Config { advertise_host: String::new(), ..Config::new(Role::Both) };
     let mut kv_port: Option<u16> = None;
     let mut instant = false;
     let mut overrides: Vec<(String, String)> = Vec::new();
