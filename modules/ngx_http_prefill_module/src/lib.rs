@@ -33,7 +33,8 @@ use pdgate_glue::ffi::{
     NGX_LOG_WARN, NGX_OK,
 };
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
-use pdgate_glue::ngx::{ngx_log_error, ngx_string};
+use pdgate_glue::ngx::log::DebugMask;
+use pdgate_glue::ngx::{ngx_log_debug, ngx_log_error, ngx_string};
 use pdgate_glue::{body, conf, guard, phase, pool, response, subrequest};
 
 const NGX_CONF_UNSET: ngx_flag_t = -1;
@@ -309,6 +310,14 @@ unsafe fn after_prefill(
                 }
                 (*rb).bufs = chain;
                 (*r).headers_in.content_length_n = len as i64;
+                ngx_log_debug!(
+                    mask: DebugMask::Http,
+                    log(),
+                    "prefill: decode body {} bytes in {} pieces, kv_transfer_params {} bytes",
+                    len,
+                    plan.pieces.len(),
+                    kv.map_or(0, <[u8]>::len)
+                );
             }
             ctx.state = State::Passed;
             NGX_DECLINED as ngx_int_t
@@ -396,6 +405,14 @@ unsafe fn start_prefill(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<(),
         target.extend_from_slice(uri);
         ctx.body = src;
         ctx.obj = Some(obj);
+        ngx_log_debug!(
+            mask: DebugMask::Http,
+            (*(*r).connection).log,
+            "prefill: subrequest \"{}\", body {} bytes (client body {} bytes)",
+            String::from_utf8_lossy(&target),
+            len,
+            src.len()
+        );
         let data = ctx as *mut Ctx as *mut c_void;
         subrequest::start(r, &target, chain, len, Some(ngx_http_prefill_done), data)
             .map_err(|_| (500, "cannot create the prefill subrequest".to_owned()))?;
@@ -439,6 +456,15 @@ unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t
         if outcome == PrefillOutcome::Fail(PrefillFailure::BufferTooSmall) {
             (*c).set_error(0);
         }
+        ngx_log_debug!(
+            mask: DebugMask::Http,
+            (*c).log,
+            "prefill: subrequest done, rc: {}, status: {}, content length: {}, outcome: {:?}",
+            rc,
+            status,
+            cl,
+            outcome
+        );
         if outcome == PrefillOutcome::ClientGone {
             ctx.state = State::Passed;
             return rc;
