@@ -3,6 +3,7 @@
 //! with it. Nothing here touches nginx.
 
 pub mod api;
+pub mod bench;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -1,0 +1,146 @@
+//! pd-bench: a load generator for OpenAI-compatible servers (vLLM, SGLang,
+//! engine-sim, or pdgate in front of them). It replays a seeded workload
+//! (`workload`) with Poisson, burst or closed-loop arrivals (`runner`) over
+//! keep-alive HTTP/1.1 connections (`http`, `client`, `sse`) and reports
+//! TTFT, TPOT, ITL, E2E, throughput, goodput, errors and the slowdown
+//! against the profile's ideal TTFT (`stats`, `report`). docs/pd-bench.md
+//! has the user's guide.
+
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod report;
+pub mod runner;
+pub mod sse;
+pub mod stats;
+pub mod workload;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+
+use client::Client;
+use config::{Command, Config};
+use runner::{Plan, Pool};
+use stats::Summary;
+use workload::{BodyOptions, Generator, Workload};
+
+/// Finds the model name when `--model` is not given: the first id of
+/// `GET /v1/models`, else `default`.
+fn discover_model(cfg: &Config) -> String {
+    let timeout = Duration::from_secs_f64(cfg.timeout_s.min(10.0));
+    let found = http::get(&cfg.target, "/v1/models", timeout).ok().and_then(|(status, body)| {
+        let v: Value = serde_json::from_slice(&body).ok().filter(|_| status == 200)?;
+        v["data"][0]["id"].as_str().map(str::to_owned)
+    });
+    found.unwrap_or_else(|| {
+        if !cfg.quiet {
+            eprintln!(
+                "pd-bench: no --model and no model list at GET /v1/models; using \"default\""
+            );
+        }
+        "default".into()
+    })
+}
+
+fn client(cfg: &Config, model: &str, id_prefix: String) -> Client {
+    let mut headers = String::new();
+    if let Some(k) = &cfg.api_key {
+        headers.push_str(&format!("Authorization: Bearer {k}\r\n"));
+    }
+    for h in &cfg.headers {
+        headers.push_str(h);
+        headers.push_str("\r\n");
+    }
+    Client {
+        target: cfg.target.clone(),
+        body: BodyOptions {
+            endpoint: cfg.endpoint,
+            model: model.to_owned(),
+            stream: cfg.stream,
+            extra: cfg.extra_body.clone(),
+        },
+        headers,
+        timeout: Duration::from_secs_f64(cfg.timeout_s),
+        id_prefix,
+        profile: cfg.profile.clone(),
+    }
+}
+
+fn plan(cfg: &Config, seed: u64, limit: Option<u64>, duration: Option<f64>) -> Plan {
+    Plan {
+        generator: Generator::new(Workload {
+            seed,
+            lengths: cfg.lengths.clone(),
+            prefix: cfg.prefix,
+        }),
+        arrivals: cfg.arrivals,
+        workers: cfg.workers(),
+        limit,
+        duration: duration.map(Duration::from_secs_f64),
+        progress: (!cfg.quiet).then_some(Duration::from_secs(10)),
+        seed,
+    }
+}
+
+/// Runs pd-bench with `args` (without the program name); returns the exit
+/// status.
+pub fn main(args: &[String]) -> i32 {
+    let cfg = match config::parse(args) {
+        Ok(Command::Run(cfg)) => cfg,
+        Ok(Command::Help) => {
+            print!("{}", config::HELP);
+            return 0;
+        }
+        Err(e) => {
+            eprintln!("pd-bench: {e}");
+            return 2;
+        }
+    };
+    let model = cfg.model.clone().unwrap_or_else(|| discover_model(&cfg));
+    let pool = Pool::new(Vec::new());
+    let warm = (cfg.warmup > 0).then(|| {
+        if !cfg.quiet {
+            eprintln!("pd-bench: warmup, {} requests", cfg.warmup);
+        }
+        let c = client(&cfg, &model, format!("pdbench-{}-w", cfg.seed));
+        let p = plan(&cfg, workload::warmup_seed(cfg.seed), Some(cfg.warmup), None);
+        let out = runner::run(&c, &pool, p);
+        Summary::of(&out.records, out.duration_s, cfg.slo)
+    });
+    if !cfg.quiet {
+        eprintln!(
+            "pd-bench: {} to http://{}{}",
+            match (cfg.num_requests, cfg.duration_s) {
+                (Some(n), Some(d)) => format!("{n} requests or {d} s"),
+                (Some(n), None) => format!("{n} requests"),
+                (None, Some(d)) => format!("{d} s"),
+                (None, None) => "requests".into(),
+            },
+            cfg.target.authority,
+            cfg.target.prefix.clone() + cfg.endpoint.path()
+        );
+    }
+    let started = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let c = client(&cfg, &model, format!("pdbench-{}-", cfg.seed));
+    let out = runner::run(&c, &pool, plan(&cfg, cfg.seed, cfg.num_requests, cfg.duration_s));
+    let summary = Summary::of(&out.records, out.duration_s, cfg.slo);
+    print!("{}", report::table(&cfg, &model, &summary));
+    if let Some(w) = &warm {
+        if w.failed() > 0 {
+            println!("\nwarmup: {} of {} requests failed", w.failed(), w.requests);
+        }
+    }
+    if let Some(path) = &cfg.json {
+        let doc = report::json(&cfg, &model, started, &summary, warm.as_ref(), &out.records);
+        let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+        if let Err(e) = std::fs::write(path, text + "\n") {
+            eprintln!("pd-bench: --json: cannot write \"{path}\": {e}");
+            return 1;
+        }
+    }
+    if cfg.fail_on_error && summary.failed() > 0 {
+        return 1;
+    }
+    0
+}
