@@ -37,6 +37,11 @@ fi
 
 step "Test::Nginx suites"
 export TEST_NGINX_BINARY="$ROOT/dist/sbin/nginx"
-export TEST_NGINX_LOAD_MODULES="$ROOT/dist/modules/ngx_http_set_request_id_module.so $ROOT/dist/modules/ngx_http_prefill_module.so $ROOT/dist/modules/ngx_http_pdgate_echo_module.so"
+TEST_NGINX_LOAD_MODULES=""
+for m in ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module \
+         ngx_http_upstream_least_total_load_module; do
+    TEST_NGINX_LOAD_MODULES+="$ROOT/dist/modules/$m.so "
+done
+export TEST_NGINX_LOAD_MODULES
 export TEST_NGINX_SERVROOT="$ROOT/t/servroot"
 prove -I tests/lib "$@"

@@ -4,6 +4,7 @@
 //! functions decide, and every algorithm is unit-tested in this crate.
 #![forbid(unsafe_code)]
 
+pub mod balance;
 pub mod conf;
 pub mod echo;
 pub mod error;

@@ -18,6 +18,7 @@ pub mod random;
 pub mod response;
 pub mod subrequest;
 pub mod timer;
+pub mod upstream;
 
 pub use ngx::ffi;
 

@@ -76,6 +76,7 @@ fn nginx(prefill: &Sim, decode: &Sim) -> Nginx {
     let conf = format!(
         r#"load_module {m}/ngx_http_set_request_id_module.so;
 load_module {m}/ngx_http_prefill_module.so;
+load_module {m}/ngx_http_upstream_least_total_load_module.so;
 daemon off;
 master_process off;
 worker_processes 1;
@@ -86,6 +87,7 @@ http {{
     access_log off;
     upstream prefill_servers {{ server 127.0.0.1:{p}; keepalive 8; }}
     upstream decode_servers {{ server 127.0.0.1:{d}; keepalive 8; }}
+    upstream both_servers {{ server 127.0.0.1:{p}; server 127.0.0.1:{d}; least_total_load on; keepalive 8; }}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     server {{
@@ -103,6 +105,7 @@ http {{
             subrequest_output_buffer_size 64k;
         }}
         location /direct/ {{ proxy_pass http://decode_servers/; }}
+        location /lb/ {{ proxy_pass http://both_servers/; }}
     }}
 }}
 "#,
@@ -254,4 +257,52 @@ fn a_failing_prefill_surfaces_to_the_client_and_decode_is_not_called() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(d.journal().is_empty());
     assert_eq!(p.metrics.requests_error.load(Relaxed), 1);
+}
+
+#[test]
+fn least_total_load_steers_around_a_busy_engine() {
+    // 5 ms per step: a 100-token answer keeps its engine busy for ~0.5 s.
+    let prof = Profile { step_base_us: 5_000.0, ..Profile::instant() };
+    let a = sim(Role::Both, prof.clone(), Faults::default());
+    let b = sim(Role::Both, prof, Faults::default());
+    let ngx = nginx(&a, &b);
+    let port = ngx.port;
+    let long = std::thread::spawn(move || {
+        post(port, "/lb/v1/completions", r#"{"prompt":"long","max_tokens":100,"ignore_eos":true}"#)
+    });
+    // Wait until the long request is running somewhere.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let busy = loop {
+        let running_a = metric(a.cfg.port, "vllm:num_requests_running");
+        let running_b = metric(b.cfg.port, "vllm:num_requests_running");
+        if running_a + running_b >= 1.0 {
+            break if running_a >= 1.0 { 'a' } else { 'b' };
+        }
+        assert!(Instant::now() < deadline, "the long request never started");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    for _ in 0..4 {
+        let (status, _, _) =
+            post(port, "/lb/v1/completions", r#"{"prompt":"short","max_tokens":1}"#);
+        assert_eq!(status, 200);
+    }
+    let (status, _, _) = long.join().unwrap();
+    assert_eq!(status, 200);
+    let (busy_sim, idle_sim) = if busy == 'a' { (&a, &b) } else { (&b, &a) };
+    let shorts_on_idle = journal(idle_sim, 4).iter().filter(|r| r.output_tokens == 1).count();
+    let shorts_on_busy = journal(busy_sim, 1).iter().filter(|r| r.output_tokens == 1).count();
+    assert_eq!((shorts_on_idle, shorts_on_busy), (4, 0), "round robin would split them 2/2");
+}
+
+/// A metric's value from a simulator's /metrics page.
+fn metric(port: u16, name: &str) -> f64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").unwrap();
+    let mut page = String::new();
+    s.read_to_string(&mut page).unwrap();
+    page.lines()
+        .find(|l| l.starts_with(name) && l.as_bytes().get(name.len()) == Some(&b'{'))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }

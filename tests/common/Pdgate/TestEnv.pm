@@ -17,7 +17,8 @@ use File::Basename qw(dirname);
 my $dist = abs_path(dirname(__FILE__) . '/../../../dist');
 $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
 $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
-    qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module);
+    qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module
+       ngx_http_upstream_least_total_load_module);
 
 # Mock prefill and decode are pdgate_echo locations of the test server
 # itself, behind keepalive upstreams.

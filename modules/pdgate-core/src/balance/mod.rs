@@ -1,0 +1,129 @@
+//! Load-balancing policies: pure functions over a snapshot of the peers,
+//! and the shared-memory counters they read.
+//!
+//! The glue builds a [`PeerView`] per peer of an upstream (availability as
+//! nginx's round robin judges it, weight, and the shared counters) and asks
+//! a policy for an index; it then reserves the choice in the counters
+//! ([`slots::SlotTable::acquire`]) before the next worker looks, and releases
+//! it when the try ends.
+
+pub mod slots;
+
+/// One peer as a policy sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PeerView {
+    /// Not down, not failed, not at max_conns, not tried by this request.
+    pub available: bool,
+    /// `weight=` (1 by default).
+    pub weight: u32,
+    /// Requests in flight on this peer (all workers).
+    pub requests: u64,
+    /// Estimated tokens of the requests in flight on this peer.
+    pub tokens: u64,
+}
+
+/// least_total_load: the peer whose queue of work would drain first, the
+/// Global Proxy's "batched makespan" estimate `S · (⌈R/B⌉ + 1) / 2` with `S`
+/// the tokens in flight, `R` the requests in flight and `B` the batch size,
+/// computed with this request added to the peer and divided by its weight.
+/// (The original ignored the request itself, so an idle peer and a peer
+/// with one tiny request tied; adding it also makes the score grow with the
+/// request's length.) Ties go to `tie % ties` among the tied peers, so a
+/// caller passing a random number spreads them evenly.
+pub fn least_total_load(peers: &[PeerView], tokens: u64, batch: u64, tie: u64) -> Option<usize> {
+    let batch = batch.max(1);
+    let score = |p: &PeerView| {
+        let s = (p.tokens + tokens.max(1)) as u128;
+        let r = (p.requests + 1) as u128;
+        // Compare S·(⌈R/B⌉+1)/weight without floating point: scale by 2
+        // (the /2 is common to all) and cross-multiply the weights below.
+        s * (r.div_ceil(batch as u128) + 1)
+    };
+    pick_min(peers, tie, |a, b| {
+        // a/wa < b/wb  <=>  a·wb < b·wa
+        let (sa, sb) =
+            (score(a) * u128::from(b.weight.max(1)), score(b) * u128::from(a.weight.max(1)));
+        sa.cmp(&sb)
+    })
+}
+
+/// The available peer that is smallest by `cmp`; among equals, the
+/// `tie % count`-th.
+fn pick_min(
+    peers: &[PeerView],
+    tie: u64,
+    cmp: impl Fn(&PeerView, &PeerView) -> std::cmp::Ordering,
+) -> Option<usize> {
+    let mut best: Option<usize> = None;
+    let mut ties = 0u64;
+    for (i, p) in peers.iter().enumerate().filter(|(_, p)| p.available) {
+        match best.map(|b| cmp(p, &peers[b])) {
+            None | Some(std::cmp::Ordering::Less) => {
+                best = Some(i);
+                ties = 1;
+            }
+            Some(std::cmp::Ordering::Equal) => ties += 1,
+            Some(std::cmp::Ordering::Greater) => {}
+        }
+    }
+    let b = best?;
+    let mut k = tie % ties;
+    for (i, p) in peers.iter().enumerate().filter(|(_, p)| p.available) {
+        if cmp(p, &peers[b]) == std::cmp::Ordering::Equal {
+            if k == 0 {
+                return Some(i);
+            }
+            k -= 1;
+        }
+    }
+    Some(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(requests: u64, tokens: u64) -> PeerView {
+        PeerView { available: true, weight: 1, requests, tokens }
+    }
+
+    #[test]
+    fn least_total_load_prefers_less_work() {
+        let peers = [peer(4, 4000), peer(1, 100), peer(2, 3000)];
+        assert_eq!(least_total_load(&peers, 100, 16, 0), Some(1));
+        // Batch size 1: requests count fully.
+        let peers = [peer(3, 300), peer(1, 500)];
+        assert_eq!(least_total_load(&peers, 100, 1, 0), Some(1)); // 400·5 vs 600·3
+        assert_eq!(least_total_load(&peers, 100, 16, 0), Some(0)); // 400·2 vs 600·2
+    }
+
+    #[test]
+    fn unavailable_peers_are_never_chosen() {
+        let mut peers = [peer(0, 0), peer(9, 9000)];
+        peers[0].available = false;
+        assert_eq!(least_total_load(&peers, 10, 16, 0), Some(1));
+        peers[1].available = false;
+        assert_eq!(least_total_load(&peers, 10, 16, 0), None);
+        assert_eq!(least_total_load(&[], 10, 16, 0), None);
+    }
+
+    #[test]
+    fn weights_scale_the_score() {
+        let mut peers = [peer(2, 2000), peer(1, 1000)];
+        peers[0].weight = 3; // 3000·2/3 = 2000 vs 1100·2 = 2200
+        assert_eq!(least_total_load(&peers, 100, 16, 0), Some(0));
+    }
+
+    #[test]
+    fn ties_spread_evenly() {
+        let peers = [peer(0, 0); 4];
+        let mut counts = [0u32; 4];
+        let mut rng = crate::request_id::Rng::new(3);
+        for _ in 0..40_000 {
+            counts[least_total_load(&peers, 10, 16, rng.next_u64()).unwrap()] += 1;
+        }
+        for c in counts {
+            assert!((9_000..11_000).contains(&c), "{counts:?}");
+        }
+    }
+}

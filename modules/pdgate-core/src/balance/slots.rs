@@ -1,0 +1,172 @@
+//! The shared-memory counters of a balancer: a fixed table of slots, one per
+//! (upstream, peer) identity, that every worker updates with atomics.
+//!
+//! The table is plain `#[repr(C)]` atomics so it can live in an nginx
+//! shared zone and survive `nginx -s reload` (a slot is found again by its
+//! key; peers new to the reloaded configuration claim free slots). Nothing
+//! here locks, allocates or panics.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One (upstream, peer) identity's counters.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct Slot {
+    /// [`peer_key`] of the owner; 0 while free.
+    pub key: AtomicU64,
+    /// Requests in flight.
+    pub requests: AtomicU64,
+    /// Estimated tokens in flight.
+    pub tokens: AtomicU64,
+    /// Requests ever placed (for status pages and tests).
+    pub total: AtomicU64,
+}
+
+/// Bytes per slot.
+pub const SLOT_BYTES: usize = std::mem::size_of::<Slot>();
+
+/// The identity of a peer of an upstream: FNV-1a of both names, never 0.
+pub fn peer_key(upstream: &[u8], peer: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in upstream.iter().chain([0u8].iter()).chain(peer.iter()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+/// A view of a slot table (in shared memory, or in a test's vector).
+#[derive(Debug, Clone, Copy)]
+pub struct SlotTable<'a> {
+    slots: &'a [Slot],
+}
+
+impl<'a> SlotTable<'a> {
+    pub fn new(slots: &'a [Slot]) -> Self {
+        SlotTable { slots }
+    }
+
+    /// The slot of `key`, claiming a free one if it has none (open
+    /// addressing, linear probing). `None` when the table is full.
+    pub fn find_or_claim(&self, key: u64) -> Option<usize> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let start = (key % n as u64) as usize;
+        for step in 0..n {
+            let i = (start + step) % n;
+            let k = &self.slots[i].key;
+            match k.load(Ordering::Acquire) {
+                0 => match k.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Some(i),
+                    Err(other) if other == key => return Some(i),
+                    Err(_) => continue,
+                },
+                other if other == key => return Some(i),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// Counters of slot `i` (0, 0 for an index out of range).
+    pub fn load(&self, i: usize) -> (u64, u64) {
+        match self.slots.get(i) {
+            Some(s) => (s.requests.load(Ordering::Relaxed), s.tokens.load(Ordering::Relaxed)),
+            None => (0, 0),
+        }
+    }
+
+    /// Places a request of `tokens` on slot `i`.
+    pub fn acquire(&self, i: usize, tokens: u64) {
+        if let Some(s) = self.slots.get(i) {
+            s.requests.fetch_add(1, Ordering::Relaxed);
+            s.tokens.fetch_add(tokens, Ordering::Relaxed);
+            s.total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Takes a request of `tokens` off slot `i`; never below zero (a slot
+    /// reused after a reload may see frees of requests it never counted).
+    pub fn release(&self, i: usize, tokens: u64) {
+        if let Some(s) = self.slots.get(i) {
+            let dec = |by: u64| move |v: u64| Some(v.saturating_sub(by));
+            let _ = s.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(1));
+            let _ = s.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(tokens));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request_id::Rng;
+
+    fn table(n: usize) -> Vec<Slot> {
+        (0..n).map(|_| Slot::default()).collect()
+    }
+
+    #[test]
+    fn claim_and_find_again() {
+        let v = table(4);
+        let t = SlotTable::new(&v);
+        let a = t.find_or_claim(peer_key(b"up", b"10.0.0.1:80")).unwrap();
+        let b = t.find_or_claim(peer_key(b"up", b"10.0.0.2:80")).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(t.find_or_claim(peer_key(b"up", b"10.0.0.1:80")), Some(a));
+        // Two upstreams never share a slot for the same address.
+        let c = t.find_or_claim(peer_key(b"other", b"10.0.0.1:80")).unwrap();
+        assert!(c != a && c != b);
+        t.find_or_claim(peer_key(b"x", b"y")).unwrap();
+        assert_eq!(t.find_or_claim(peer_key(b"full", b"z")), None);
+        assert_eq!(SlotTable::new(&[]).find_or_claim(1), None);
+    }
+
+    #[test]
+    fn release_never_goes_below_zero() {
+        let v = table(1);
+        let t = SlotTable::new(&v);
+        t.release(0, 50);
+        assert_eq!(t.load(0), (0, 0));
+        t.acquire(0, 30);
+        t.release(0, 50);
+        assert_eq!(t.load(0), (0, 0));
+        t.acquire(9, 1); // out of range: ignored
+    }
+
+    /// Any interleaving of picks and frees, on several threads, returns
+    /// every counter to zero.
+    #[test]
+    fn any_interleaving_returns_to_zero() {
+        let v = table(8);
+        let t = SlotTable::new(&v);
+        std::thread::scope(|s| {
+            for seed in 0..4u64 {
+                s.spawn(move || {
+                    let mut rng = Rng::new(seed);
+                    let mut held: Vec<(usize, u64)> = Vec::new();
+                    for _ in 0..20_000 {
+                        if held.is_empty() || !rng.next_u64().is_multiple_of(3) {
+                            let i = (rng.next_u64() % 8) as usize;
+                            let tok = rng.next_u64() % 5000;
+                            t.acquire(i, tok);
+                            held.push((i, tok));
+                        } else {
+                            let k = (rng.next_u64() as usize) % held.len();
+                            let (i, tok) = held.swap_remove(k);
+                            t.release(i, tok);
+                        }
+                    }
+                    for (i, tok) in held {
+                        t.release(i, tok);
+                    }
+                });
+            }
+        });
+        for i in 0..8 {
+            assert_eq!(t.load(i), (0, 0));
+        }
+        assert!(v.iter().map(|s| s.total.load(Ordering::Relaxed)).sum::<u64>() > 40_000);
+    }
+}

@@ -1,0 +1,539 @@
+//! Upstream balancers on top of nginx's round robin, with their counters in
+//! a shared zone.
+//!
+//! A balancer module turns itself on per `upstream {}` with
+//! [`enable`], and in its postconfiguration calls [`install`] (through
+//! [`balancer_hooks!`]), which wraps each enabled upstream's `peer.init` —
+//! whatever it is by then: round robin, or the keepalive module's hook
+//! around it — so the order of `keepalive` and the balancer directive does
+//! not matter and keepalive keeps working.
+//!
+//! Per try, `get` builds a view of the primary peers (availability judged as
+//! `ngx_http_upstream_get_peer` does: tried by this request, `down`,
+//! `max_fails`/`fail_timeout`, `max_conns`), asks the policy, and lets the
+//! wrapped `get` (round robin, possibly under keepalive, which then reuses a
+//! cached connection) take exactly that peer by marking every other one as
+//! tried for the duration of the call. The choice is reserved in the shared
+//! counters before returning; `free` releases it, once per try, and calls
+//! the wrapped `free`, so round robin keeps its failure accounting and a
+//! retry never gets a peer already tried.
+
+use std::cell::RefCell;
+use std::ffi::c_void;
+use std::ptr::null_mut;
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_request_t, ngx_http_upstream_init_peer_pt,
+    ngx_http_upstream_init_round_robin_peer, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_module, ngx_http_upstream_rr_peer_data_t, ngx_http_upstream_rr_peers_t,
+    ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t, ngx_pcalloc, ngx_peer_connection_t,
+    ngx_shared_memory_add, ngx_shm_zone_t, ngx_slab_calloc, ngx_slab_pool_t, ngx_str_t, ngx_uint_t,
+    NGX_DONE, NGX_ERROR, NGX_HTTP_UPSTREAM_BACKUP, NGX_HTTP_UPSTREAM_CREATE,
+    NGX_HTTP_UPSTREAM_DOWN, NGX_HTTP_UPSTREAM_FAIL_TIMEOUT, NGX_HTTP_UPSTREAM_MAX_CONNS,
+    NGX_HTTP_UPSTREAM_MAX_FAILS, NGX_HTTP_UPSTREAM_WEIGHT, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+};
+use ngx::http::HttpModuleConfExt;
+use ngx::log::DebugMask;
+use ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error};
+use pdgate_core::balance::slots::{peer_key, Slot, SlotTable, SLOT_BYTES};
+use pdgate_core::balance::PeerView;
+use pdgate_core::tokens::tokens_for_bytes;
+
+use crate::conf::str_bytes;
+
+/// Most primary peers a balancer chooses among; larger upstreams fall back
+/// to round robin (with a warning at startup).
+pub const MAX_PEERS: usize = 256;
+
+/// Size of a balancer's shared zone.
+pub const ZONE_SIZE: usize = 1 << 20;
+
+/// A policy: peers, this request's estimated tokens, the module's numeric
+/// parameter, and a random number for ties → the chosen index.
+pub type Choose = fn(&[PeerView], u64, u64, u64) -> Option<usize>;
+
+/// What a balancer module gives the glue.
+#[derive(Debug)]
+pub struct Balancer {
+    /// The directive name, for logs.
+    pub name: &'static str,
+    pub choose: Choose,
+}
+
+/// The per-`upstream {}` configuration of a balancer module (its srv conf).
+#[derive(Debug)]
+pub struct UpstreamConf {
+    /// `NGX_CONF_UNSET` (-1), 0 or 1.
+    pub enabled: isize,
+    /// The policy's numeric parameter (e.g. a batch size); -1 when unset.
+    pub param: isize,
+    zone: *mut ngx_shm_zone_t,
+    upstream_name: Vec<u8>,
+    saved_init_peer: ngx_http_upstream_init_peer_pt,
+    /// Round robin's primary peer list, to recognise round robin's data.
+    primary: *mut ngx_http_upstream_rr_peers_t,
+    /// Per worker: the slot of each primary peer, built on first use.
+    slot_of: RefCell<Vec<usize>>,
+}
+
+impl Default for UpstreamConf {
+    fn default() -> Self {
+        UpstreamConf {
+            enabled: -1,
+            param: -1,
+            zone: null_mut(),
+            upstream_name: Vec::new(),
+            saved_init_peer: None,
+            primary: null_mut(),
+            slot_of: RefCell::new(Vec::new()),
+        }
+    }
+}
+
+#[repr(C)]
+struct TableHeader {
+    magic: u64,
+    slots: u64,
+}
+
+const MAGIC: u64 = 0x7064_6761_7465_0001;
+
+unsafe extern "C" fn zone_init(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: nginx calls this with the zone it created (its slab pool at
+    // shm.addr) and the previous cycle's `data` on reload.
+    unsafe {
+        if !data.is_null() {
+            // Reload: keep the counters (slots are found again by key).
+            (*zone).data = data;
+            return NGX_OK as ngx_int_t;
+        }
+        let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+        if (*zone).shm.exists != 0 && !(*shpool).data.is_null() {
+            (*zone).data = (*shpool).data;
+            return NGX_OK as ngx_int_t;
+        }
+        // Half the zone for slots leaves the slab allocator ample room.
+        let n = ((*zone).shm.size / 2 / SLOT_BYTES).max(1);
+        let bytes = std::mem::size_of::<TableHeader>() + n * SLOT_BYTES;
+        let h = ngx_slab_calloc(shpool, bytes) as *mut TableHeader;
+        if h.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        (*h).magic = MAGIC;
+        (*h).slots = n as u64;
+        (*shpool).data = h as *mut c_void;
+        (*zone).data = h as *mut c_void;
+    }
+    NGX_OK as ngx_int_t
+}
+
+fn table<'a>(zone: *mut ngx_shm_zone_t) -> Option<SlotTable<'a>> {
+    // SAFETY: zone->data is the header zone_init placed in the shared zone,
+    // followed by `slots` slots; the zone lives as long as the cycle.
+    unsafe {
+        let h = zone.as_ref()?.data as *const TableHeader;
+        let h = h.as_ref()?;
+        if h.magic != MAGIC {
+            return None;
+        }
+        let first = (h as *const TableHeader).add(1) as *const Slot;
+        Some(SlotTable::new(std::slice::from_raw_parts(first, h.slots as usize)))
+    }
+}
+
+/// Turns the balancer on for the `upstream {}` being parsed: accepts the
+/// usual `server` parameters and attaches the module's shared zone.
+///
+/// # Safety
+/// `cf` must be a directive handler's conf in `upstream {}` context.
+pub unsafe fn enable(
+    cf: *mut ngx_conf_t,
+    conf: &mut UpstreamConf,
+    module: &ngx_module_t,
+    zone_name: &'static str,
+) -> Result<(), &'static str> {
+    // SAFETY: in upstream context the upstream module's srv conf exists;
+    // the zone name is a static string.
+    unsafe {
+        let uscf = (*cf)
+            .http_server_conf_unchecked::<ngx_http_upstream_srv_conf_t>(&*std::ptr::addr_of!(
+                ngx_http_upstream_module
+            ))
+            .ok_or("is not allowed here")?
+            .as_ptr();
+        (*uscf).flags |= (NGX_HTTP_UPSTREAM_CREATE
+            | NGX_HTTP_UPSTREAM_WEIGHT
+            | NGX_HTTP_UPSTREAM_MAX_CONNS
+            | NGX_HTTP_UPSTREAM_MAX_FAILS
+            | NGX_HTTP_UPSTREAM_FAIL_TIMEOUT
+            | NGX_HTTP_UPSTREAM_DOWN
+            | NGX_HTTP_UPSTREAM_BACKUP) as ngx_uint_t;
+        let mut name = ngx_str_t { len: zone_name.len(), data: zone_name.as_ptr() as *mut u8 };
+        let zone = ngx_shared_memory_add(cf, &mut name, ZONE_SIZE, module as *const _ as *mut _);
+        if zone.is_null() {
+            return Err("cannot create its shared zone");
+        }
+        (*zone).init = Some(zone_init);
+        conf.zone = zone;
+        conf.upstream_name = str_bytes(&(*uscf).host).to_vec();
+    }
+    Ok(())
+}
+
+/// Wraps `peer.init` of every upstream where `conf_of` says the balancer is
+/// on. Call from postconfiguration.
+///
+/// # Safety
+/// `cf` must be the conf of an http postconfiguration callback; `conf_of`
+/// must return the module's srv conf of an upstream.
+pub unsafe fn install(
+    cf: *mut ngx_conf_t,
+    balancer: &Balancer,
+    conf_of: impl Fn(*mut ngx_http_upstream_srv_conf_t) -> *mut UpstreamConf,
+    init_peer: ngx_http_upstream_init_peer_pt,
+) -> ngx_int_t {
+    // SAFETY: the upstream main conf and its array of upstream confs are
+    // complete once http{} is parsed (init_main_conf ran before
+    // postconfiguration, so each peer.init is final).
+    unsafe {
+        let Some(umcf) = (*cf).http_main_conf_unchecked::<ngx_http_upstream_main_conf_t>(
+            &*std::ptr::addr_of!(ngx_http_upstream_module),
+        ) else {
+            return NGX_OK as ngx_int_t;
+        };
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = (*umcf.as_ptr()).upstreams.as_slice();
+        for &uscf in ups {
+            let conf = conf_of(uscf);
+            if conf.is_null() || (*conf).enabled != 1 {
+                continue;
+            }
+            let peers = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+            if !peers.is_null() && (*peers).number > MAX_PEERS {
+                ngx_conf_log_error!(
+                    NGX_LOG_WARN,
+                    cf,
+                    "{} in upstream \"{}\": more than {} servers, using round robin",
+                    balancer.name,
+                    String::from_utf8_lossy(&(*conf).upstream_name),
+                    MAX_PEERS
+                );
+                continue;
+            }
+            if (*uscf).peer.init.is_none() {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}: upstream has no peers", balancer.name);
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*conf).saved_init_peer = (*uscf).peer.init;
+            (*conf).primary = peers;
+            (*uscf).peer.init = init_peer;
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Per-request, per-upstream state.
+#[repr(C)]
+struct PeerData {
+    inner_get: ngx::ffi::ngx_event_get_peer_pt,
+    inner_free: ngx::ffi::ngx_event_free_peer_pt,
+    inner_set_session: ngx::ffi::ngx_event_set_peer_session_pt,
+    inner_save_session: ngx::ffi::ngx_event_save_peer_session_pt,
+    inner_data: *mut c_void,
+    rrp: *mut ngx_http_upstream_rr_peer_data_t,
+    conf: *const UpstreamConf,
+    balancer: *const Balancer,
+    tokens: u64,
+    /// Slot reserved by the current try, or usize::MAX.
+    slot: usize,
+}
+
+/// Round robin's peer data below `data`: `data` itself, or the third field
+/// of the keepalive module's peer data (stable since nginx 1.1.4).
+///
+/// # Safety
+/// `data` must be the peer data an init_peer chain over round robin set.
+unsafe fn find_rrp(
+    data: *mut c_void,
+    primary: *mut ngx_http_upstream_rr_peers_t,
+) -> *mut ngx_http_upstream_rr_peer_data_t {
+    // SAFETY: both candidate structs are at least five words long and were
+    // allocated by nginx; we only compare pointers read from them.
+    unsafe {
+        let rrp = data as *mut ngx_http_upstream_rr_peer_data_t;
+        if !rrp.is_null() && (*rrp).peers == primary {
+            return rrp;
+        }
+        let inner = *(data as *mut *mut c_void).add(2) as *mut ngx_http_upstream_rr_peer_data_t;
+        if !inner.is_null() && (*inner).peers == primary {
+            return inner;
+        }
+    }
+    null_mut()
+}
+
+/// The request-time init hook (behind [`balancer_hooks!`]).
+///
+/// # Safety
+/// nginx's init_peer contract: `r` has an upstream, `us` is its conf.
+pub unsafe fn init_peer(
+    r: *mut ngx_http_request_t,
+    us: *mut ngx_http_upstream_srv_conf_t,
+    conf: *mut UpstreamConf,
+    balancer: &'static Balancer,
+) -> ngx_int_t {
+    // SAFETY: nginx's contract; allocations are from the request pool.
+    unsafe {
+        let Some(conf) = conf.as_ref() else { return NGX_ERROR as ngx_int_t };
+        let init = conf.saved_init_peer.unwrap_or(ngx_http_upstream_init_round_robin_peer);
+        let rc = init(r, us);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        let u = (*r).upstream;
+        let pd = ngx_pcalloc((*r).pool, std::mem::size_of::<PeerData>()) as *mut PeerData;
+        if pd.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        let pc = &mut (*u).peer;
+        let cl = (*r).headers_in.content_length_n.max(0) as usize;
+        pd.write(PeerData {
+            inner_get: pc.get,
+            inner_free: pc.free,
+            inner_set_session: pc.set_session,
+            inner_save_session: pc.save_session,
+            inner_data: pc.data,
+            rrp: find_rrp(pc.data, conf.primary),
+            conf,
+            balancer,
+            tokens: tokens_for_bytes(cl),
+            slot: usize::MAX,
+        });
+        pc.data = pd as *mut c_void;
+        pc.get = Some(get_peer);
+        pc.free = Some(free_peer);
+        pc.set_session = Some(set_session);
+        pc.save_session = Some(save_session);
+    }
+    NGX_OK as ngx_int_t
+}
+
+fn tried(rrp: &ngx_http_upstream_rr_peer_data_t, i: usize) -> bool {
+    let bits = usize::BITS as usize;
+    // SAFETY: rr allocates `tried` with a bit for each peer of the list.
+    unsafe { *rrp.tried.add(i / bits) & (1 << (i % bits)) != 0 }
+}
+
+unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    crate::guard::catch("balancer get", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: `data` is our PeerData (set in init_peer).
+        unsafe { get(pc, &mut *(data as *mut PeerData)) }
+    })
+}
+
+unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
+    let Some(inner_get) = pd.inner_get else { return NGX_ERROR as ngx_int_t };
+    // SAFETY: rrp and conf were set by init_peer from live structures; the
+    // peer list is round robin's, walked as ngx_http_upstream_get_peer does.
+    unsafe {
+        let delegate = |pc| inner_get(pc, pd.inner_data);
+        let (Some(rrp), Some(conf)) = (pd.rrp.as_mut(), pd.conf.as_ref()) else {
+            return delegate(pc);
+        };
+        let peers = rrp.peers;
+        if peers != conf.primary || peers.is_null() {
+            return delegate(pc); // round robin moved on to the backup servers
+        }
+        let n = (*peers).number;
+        let Some(table) = table(conf.zone) else { return delegate(pc) };
+        if n == 0 || n > MAX_PEERS {
+            return delegate(pc);
+        }
+        // Slots of the peers, once per worker.
+        {
+            let mut slot_of = conf.slot_of.borrow_mut();
+            if slot_of.len() != n {
+                slot_of.clear();
+                let mut p = (*peers).peer;
+                while !p.is_null() {
+                    let key = peer_key(&conf.upstream_name, str_bytes(&(*p).name));
+                    slot_of.push(table.find_or_claim(key).unwrap_or(usize::MAX));
+                    p = (*p).next;
+                }
+            }
+        }
+        let slot_of = conf.slot_of.borrow();
+        let now = ngx::ffi::ngx_time();
+        let mut views = [PeerView::default(); MAX_PEERS];
+        let mut p = (*peers).peer;
+        let mut i = 0;
+        while !p.is_null() && i < n {
+            let peer = &*p;
+            let failed = peer.max_fails != 0
+                && peer.fails >= peer.max_fails
+                && now - peer.checked <= peer.fail_timeout;
+            let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
+            let (requests, tokens) = table.load(slot_of.get(i).copied().unwrap_or(usize::MAX));
+            views[i] = PeerView {
+                available: !tried(rrp, i) && peer.down == 0 && !failed && !full,
+                weight: peer.weight.max(1) as u32,
+                requests,
+                tokens,
+            };
+            p = peer.next;
+            i += 1;
+        }
+        let tie = crate::random::with_rng(|r| r.next_u64());
+        let b = &*pd.balancer;
+        let param = conf.param.max(0) as u64;
+        let Some(c) = (b.choose)(&views[..n], pd.tokens, param, tie) else {
+            return delegate(pc);
+        };
+        // Let the wrapped get take exactly `c`: everything else looks tried.
+        let bits = usize::BITS as usize;
+        let words = n.div_ceil(bits);
+        let mut saved = [0usize; MAX_PEERS / 64 + 1];
+        for (w, s) in saved.iter_mut().enumerate().take(words) {
+            *s = *rrp.tried.add(w);
+            let all = if (w + 1) * bits <= n { usize::MAX } else { (1usize << (n % bits)) - 1 };
+            *rrp.tried.add(w) = all & !(if c / bits == w { 1 << (c % bits) } else { 0 });
+        }
+        let rc = inner_get(pc, pd.inner_data);
+        if rrp.peers == peers {
+            for (w, s) in saved.iter().enumerate().take(words) {
+                let mine = if c / bits == w
+                    && (rc == NGX_OK as ngx_int_t || rc == NGX_DONE as ngx_int_t)
+                {
+                    1 << (c % bits)
+                } else {
+                    0
+                };
+                *rrp.tried.add(w) = *s | mine;
+            }
+        }
+        if rc == NGX_OK as ngx_int_t || rc == NGX_DONE as ngx_int_t {
+            let slot = slot_of.get(c).copied().unwrap_or(usize::MAX);
+            table.acquire(slot, pd.tokens);
+            pd.slot = slot;
+            ngx_log_debug!(
+                mask: DebugMask::Http,
+                (*pc).log,
+                "{}: peer {} of {}, load {} requests / {} tokens, request {} tokens, try {}",
+                b.name,
+                c,
+                n,
+                views[c].requests,
+                views[c].tokens,
+                pd.tokens,
+                (*pc).tries
+            );
+        }
+        rc
+    }
+}
+
+unsafe extern "C" fn free_peer(
+    pc: *mut ngx_peer_connection_t,
+    data: *mut c_void,
+    state: ngx_uint_t,
+) {
+    crate::guard::catch("balancer free", (), || {
+        // SAFETY: `data` is our PeerData.
+        unsafe {
+            let pd = &mut *(data as *mut PeerData);
+            if pd.slot != usize::MAX {
+                if let Some(t) = pd.conf.as_ref().and_then(|c| table(c.zone)) {
+                    t.release(pd.slot, pd.tokens);
+                }
+                pd.slot = usize::MAX;
+            }
+            if let Some(f) = pd.inner_free {
+                f(pc, pd.inner_data, state);
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: `data` is our PeerData; the wrapped hook gets its own data.
+    unsafe {
+        let pd = &*(data as *mut PeerData);
+        match pd.inner_set_session {
+            Some(f) => f(pc, pd.inner_data),
+            None => NGX_OK as ngx_int_t,
+        }
+    }
+}
+
+unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
+    // SAFETY: as in set_session.
+    unsafe {
+        let pd = &*(data as *mut PeerData);
+        if let Some(f) = pd.inner_save_session {
+            f(pc, pd.inner_data);
+        }
+    }
+}
+
+/// Logs a warning when a balancer directive replaces another method.
+///
+/// # Safety
+/// `cf` must be a directive handler's conf.
+pub unsafe fn warn(cf: *mut ngx_conf_t, msg: &str) {
+    // SAFETY: forwarded.
+    let log = unsafe { (*cf).log };
+    ngx_log_error!(NGX_LOG_WARN, log, "{}", msg);
+}
+
+/// Declares a balancer module's `init_peer` and postconfiguration hooks:
+/// `balancer_hooks!(init_peer_fn, postconf_fn, ngx_module_static, BALANCER)`.
+#[macro_export]
+macro_rules! balancer_hooks {
+    ($init_peer:ident, $postconf:ident, $module:ident, $balancer:expr) => {
+        unsafe fn __pdgate_conf_of(
+            us: *mut $crate::ffi::ngx_http_upstream_srv_conf_t,
+        ) -> *mut $crate::upstream::UpstreamConf {
+            // SAFETY: srv_conf of an `upstream {}` block has a slot per HTTP
+            // module, this module's holding an UpstreamConf; implicit
+            // upstreams (`proxy_pass http://address`) have none.
+            unsafe {
+                if us.is_null() || (*us).srv_conf.is_null() {
+                    return ::std::ptr::null_mut();
+                }
+                let idx = (*::std::ptr::addr_of!($module)).ctx_index;
+                *(*us).srv_conf.add(idx) as *mut $crate::upstream::UpstreamConf
+            }
+        }
+
+        unsafe extern "C" fn $init_peer(
+            r: *mut $crate::ffi::ngx_http_request_t,
+            us: *mut $crate::ffi::ngx_http_upstream_srv_conf_t,
+        ) -> $crate::ffi::ngx_int_t {
+            $crate::guard::catch(
+                "balancer init",
+                $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
+                || {
+                    // SAFETY: nginx's init_peer contract.
+                    unsafe { $crate::upstream::init_peer(r, us, __pdgate_conf_of(us), &$balancer) }
+                },
+            )
+        }
+
+        unsafe extern "C" fn $postconf(cf: *mut $crate::ffi::ngx_conf_t) -> $crate::ffi::ngx_int_t {
+            $crate::guard::catch(
+                "balancer postconfiguration",
+                $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
+                || {
+                    // SAFETY: nginx's postconfiguration contract.
+                    unsafe {
+                        $crate::upstream::install(
+                            cf,
+                            &$balancer,
+                            |us| __pdgate_conf_of(us),
+                            Some($init_peer),
+                        )
+                    }
+                },
+            )
+        }
+    };
+}
