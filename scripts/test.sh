@@ -37,11 +37,7 @@ fi
 
 step "Test::Nginx suites"
 export TEST_NGINX_BINARY="$ROOT/dist/sbin/nginx"
-TEST_NGINX_LOAD_MODULES=""
-for m in ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module \
-         ngx_http_upstream_least_total_load_module; do
-    TEST_NGINX_LOAD_MODULES+="$ROOT/dist/modules/$m.so "
-done
+TEST_NGINX_LOAD_MODULES=$(echo "$ROOT"/dist/modules/*.so)
 export TEST_NGINX_LOAD_MODULES
 export TEST_NGINX_SERVROOT="$ROOT/t/servroot"
 prove -I tests/lib "$@"

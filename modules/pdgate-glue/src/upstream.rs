@@ -19,11 +19,12 @@
 //! retry never gets a peer already tried.
 
 use std::cell::RefCell;
-use std::ffi::c_void;
+use std::ffi::{c_char, c_void};
 use std::ptr::null_mut;
 
+use ngx::core::NGX_CONF_ERROR;
 use ngx::ffi::{
-    ngx_conf_t, ngx_http_request_t, ngx_http_upstream_init_peer_pt,
+    ngx_command_t, ngx_conf_t, ngx_http_request_t, ngx_http_upstream_init_peer_pt,
     ngx_http_upstream_init_round_robin_peer, ngx_http_upstream_main_conf_t,
     ngx_http_upstream_module, ngx_http_upstream_rr_peer_data_t, ngx_http_upstream_rr_peers_t,
     ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t, ngx_pcalloc, ngx_peer_connection_t,
@@ -34,7 +35,7 @@ use ngx::ffi::{
 };
 use ngx::http::HttpModuleConfExt;
 use ngx::log::DebugMask;
-use ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error};
+use ngx::{ngx_conf_log_error, ngx_log_debug};
 use pdgate_core::balance::slots::{peer_key, Slot, SlotTable, SLOT_BYTES};
 use pdgate_core::balance::PeerView;
 use pdgate_core::tokens::tokens_for_bytes;
@@ -48,16 +49,29 @@ pub const MAX_PEERS: usize = 256;
 /// Size of a balancer's shared zone.
 pub const ZONE_SIZE: usize = 1 << 20;
 
-/// A policy: peers, this request's estimated tokens, the module's numeric
-/// parameter, and a random number for ties → the chosen index.
-pub type Choose = fn(&[PeerView], u64, u64, u64) -> Option<usize>;
+/// A policy: peers, this request's estimated tokens, the upstream's
+/// parameters, and a random number for ties → the chosen index.
+pub type Choose = fn(&[PeerView], u64, &Params, u64) -> Option<usize>;
 
 /// What a balancer module gives the glue.
 #[derive(Debug)]
 pub struct Balancer {
-    /// The directive name, for logs.
+    /// The on/off directive's name, for logs.
     pub name: &'static str,
+    /// The shared zone's name.
+    pub zone: &'static str,
     pub choose: Choose,
+    /// The module (for its shared zone).
+    pub module: fn() -> &'static ngx_module_t,
+}
+
+/// Numeric parameters of an upstream's balancer, set by directives.
+#[derive(Debug, Clone, Copy)]
+pub struct Params {
+    /// A whole number (e.g. a batch size); `None` when unset.
+    pub int: Option<u64>,
+    /// Up to two real numbers (e.g. cost coefficients); `None` when unset.
+    pub float: [Option<f64>; 2],
 }
 
 /// The per-`upstream {}` configuration of a balancer module (its srv conf).
@@ -65,8 +79,7 @@ pub struct Balancer {
 pub struct UpstreamConf {
     /// `NGX_CONF_UNSET` (-1), 0 or 1.
     pub enabled: isize,
-    /// The policy's numeric parameter (e.g. a batch size); -1 when unset.
-    pub param: isize,
+    pub params: Params,
     zone: *mut ngx_shm_zone_t,
     upstream_name: Vec<u8>,
     saved_init_peer: ngx_http_upstream_init_peer_pt,
@@ -80,7 +93,7 @@ impl Default for UpstreamConf {
     fn default() -> Self {
         UpstreamConf {
             enabled: -1,
-            param: -1,
+            params: Params { int: None, float: [None, None] },
             zone: null_mut(),
             upstream_name: Vec::new(),
             saved_init_peer: None,
@@ -384,8 +397,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         }
         let tie = crate::random::with_rng(|r| r.next_u64());
         let b = &*pd.balancer;
-        let param = conf.param.max(0) as u64;
-        let Some(c) = (b.choose)(&views[..n], pd.tokens, param, tie) else {
+        let Some(c) = (b.choose)(&views[..n], pd.tokens, &conf.params, tie) else {
             return delegate(pc);
         };
         // Let the wrapped get take exactly `c`: everything else looks tried.
@@ -474,14 +486,137 @@ unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_v
     }
 }
 
-/// Logs a warning when a balancer directive replaces another method.
+/// The argument of a one-argument directive.
 ///
 /// # Safety
 /// `cf` must be a directive handler's conf.
-pub unsafe fn warn(cf: *mut ngx_conf_t, msg: &str) {
+unsafe fn arg<'a>(cf: *mut ngx_conf_t) -> &'a [u8] {
     // SAFETY: forwarded.
-    let log = unsafe { (*cf).log };
-    ngx_log_error!(NGX_LOG_WARN, log, "{}", msg);
+    unsafe { crate::conf::args(cf).get(1).map(|a| str_bytes(a)).unwrap_or(&[]) }
+}
+
+/// `<balancer> on|off;` — `cmd->post` points at the module's [`Balancer`].
+///
+/// # Safety
+/// nginx's directive handler contract, with `conf` this module's
+/// [`UpstreamConf`].
+pub unsafe extern "C" fn cmd_flag(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
+        // SAFETY: as documented.
+        unsafe {
+            let c = &mut *(conf as *mut UpstreamConf);
+            let Some(b) = ((*cmd).post as *const Balancer).as_ref() else { return NGX_CONF_ERROR };
+            if c.enabled != -1 {
+                return crate::conf::error(cf, "is duplicate");
+            }
+            let on = match pdgate_core::conf::parse_flag(arg(cf)) {
+                Ok(on) => on,
+                Err(e) => return crate::conf::error(cf, &e.to_string()),
+            };
+            c.enabled = isize::from(on);
+            if on {
+                if let Err(e) = enable(cf, c, (b.module)(), b.zone) {
+                    return crate::conf::error(cf, e);
+                }
+            }
+            crate::conf::OK
+        }
+    })
+}
+
+/// `<balancer>_<name> N;` — a positive whole number into `params.int`.
+///
+/// # Safety
+/// As [`cmd_flag`].
+pub unsafe extern "C" fn cmd_int(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
+        // SAFETY: as documented.
+        unsafe {
+            let c = &mut *(conf as *mut UpstreamConf);
+            if c.params.int.is_some() {
+                return crate::conf::error(cf, "is duplicate");
+            }
+            let v = arg(cf);
+            match std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()) {
+                Some(n) if n > 0 => {
+                    c.params.int = Some(n);
+                    crate::conf::OK
+                }
+                _ => crate::conf::error(
+                    cf,
+                    &format!(
+                        "invalid value \"{}\", it must be a positive number",
+                        String::from_utf8_lossy(v)
+                    ),
+                ),
+            }
+        }
+    })
+}
+
+/// `<balancer>_<name> X;` — a non-negative real number into
+/// `params.float[cmd->offset]`.
+///
+/// # Safety
+/// As [`cmd_flag`].
+pub unsafe extern "C" fn cmd_float(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
+        // SAFETY: as documented.
+        unsafe {
+            let c = &mut *(conf as *mut UpstreamConf);
+            let Some(slot) = c.params.float.get_mut((*cmd).offset) else { return NGX_CONF_ERROR };
+            if slot.is_some() {
+                return crate::conf::error(cf, "is duplicate");
+            }
+            let v = arg(cf);
+            match std::str::from_utf8(v).ok().and_then(|s| s.parse::<f64>().ok()) {
+                Some(x) if x.is_finite() && x >= 0.0 => {
+                    *slot = Some(x);
+                    crate::conf::OK
+                }
+                _ => crate::conf::error(
+                    cf,
+                    &format!(
+                        "invalid value \"{}\", it must be a non-negative number",
+                        String::from_utf8_lossy(v)
+                    ),
+                ),
+            }
+        }
+    })
+}
+
+/// An upstream-context directive of a balancer module: `set` is one of
+/// [`cmd_flag`], [`cmd_int`], [`cmd_float`]; `offset` picks the float slot;
+/// `post` is the module's [`Balancer`].
+pub const fn command(
+    name: &'static std::ffi::CStr,
+    takes: u32,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+    offset: usize,
+    balancer: &'static Balancer,
+) -> ngx_command_t {
+    ngx_command_t {
+        // nginx compares directive names with strcmp: keep the NUL.
+        name: ngx_str_t { len: name.count_bytes(), data: name.as_ptr() as *mut u8 },
+        type_: (ngx::ffi::NGX_HTTP_UPS_CONF | takes) as ngx_uint_t,
+        set: Some(set),
+        conf: ngx::ffi::NGX_HTTP_SRV_CONF_OFFSET as ngx_uint_t,
+        offset,
+        post: balancer as *const Balancer as *mut c_void,
+    }
 }
 
 /// Declares a balancer module's `init_peer` and postconfiguration hooks:
@@ -535,5 +670,65 @@ macro_rules! balancer_hooks {
                 },
             )
         }
+    };
+}
+
+/// Everything a balancer module crate exports, from its [`Balancer`] static
+/// and its directives:
+///
+/// ```ignore
+/// pdgate_glue::balancer_module!(ngx_http_upstream_x_module, BALANCER, [
+///     command(c"x", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
+///     command(c"x_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
+/// ]);
+/// ```
+#[macro_export]
+macro_rules! balancer_module {
+    ($module:ident, $balancer:ident, [$($cmd:expr),* $(,)?]) => {
+        struct Module;
+
+        impl $crate::ngx::http::HttpModule for Module {
+            fn module() -> &'static $crate::ffi::ngx_module_t {
+                // SAFETY: the module static is only written by nginx while loading.
+                unsafe { &*::std::ptr::addr_of!($module) }
+            }
+        }
+
+        // SAFETY: ServerConf is the type create_srv_conf allocates here.
+        unsafe impl $crate::ngx::http::HttpModuleServerConf for Module {
+            type ServerConf = $crate::upstream::UpstreamConf;
+        }
+
+        fn __pdgate_module() -> &'static $crate::ffi::ngx_module_t {
+            <Module as $crate::ngx::http::HttpModule>::module()
+        }
+
+        $crate::balancer_hooks!(__pdgate_init_peer, __pdgate_postconfiguration, $module, $balancer);
+
+        static __PDGATE_CTX: $crate::ffi::ngx_http_module_t = $crate::ffi::ngx_http_module_t {
+            preconfiguration: None,
+            postconfiguration: Some(__pdgate_postconfiguration),
+            create_main_conf: None,
+            init_main_conf: None,
+            create_srv_conf: Some(<Module as $crate::ngx::http::HttpModule>::create_srv_conf),
+            // Upstream blocks are not merged.
+            merge_srv_conf: None,
+            create_loc_conf: None,
+            merge_loc_conf: None,
+        };
+
+        static mut __PDGATE_COMMANDS: [$crate::ffi::ngx_command_t; [$(stringify!($cmd)),*].len() + 1] =
+            [$($cmd,)* $crate::ffi::ngx_command_t::empty()];
+
+        #[no_mangle]
+        #[allow(non_upper_case_globals)]
+        pub static mut $module: $crate::ffi::ngx_module_t = $crate::ffi::ngx_module_t {
+            ctx: ::std::ptr::addr_of!(__PDGATE_CTX) as *mut ::std::ffi::c_void,
+            commands: ::std::ptr::addr_of_mut!(__PDGATE_COMMANDS) as *mut $crate::ffi::ngx_command_t,
+            type_: $crate::ffi::NGX_HTTP_MODULE as $crate::ffi::ngx_uint_t,
+            ..$crate::ffi::ngx_module_t::default()
+        };
+
+        $crate::ngx::ngx_modules!($module);
     };
 }

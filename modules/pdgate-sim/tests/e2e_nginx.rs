@@ -33,6 +33,14 @@ fn sim(role: Role, profile: Profile, faults: Faults) -> Arc<Sim> {
     .expect("simulator listens")
 }
 
+/// The load-aware balancers under test.
+const BALANCERS: [&str; 4] = [
+    "least_total_load",
+    "weighted_least_active",
+    "auto_balance_controller",
+    "prefill_score_balance",
+];
+
 /// A running nginx that is stopped on drop.
 struct Nginx {
     child: Child,
@@ -77,6 +85,9 @@ fn nginx(prefill: &Sim, decode: &Sim) -> Nginx {
         r#"load_module {m}/ngx_http_set_request_id_module.so;
 load_module {m}/ngx_http_prefill_module.so;
 load_module {m}/ngx_http_upstream_least_total_load_module.so;
+load_module {m}/ngx_http_upstream_weighted_least_active_module.so;
+load_module {m}/ngx_http_upstream_auto_balance_controller_module.so;
+load_module {m}/ngx_http_upstream_prefill_score_balance_module.so;
 daemon off;
 master_process off;
 worker_processes 1;
@@ -87,7 +98,7 @@ http {{
     access_log off;
     upstream prefill_servers {{ server 127.0.0.1:{p}; keepalive 8; }}
     upstream decode_servers {{ server 127.0.0.1:{d}; keepalive 8; }}
-    upstream both_servers {{ server 127.0.0.1:{p}; server 127.0.0.1:{d}; least_total_load on; keepalive 8; }}
+{balanced}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     server {{
@@ -105,13 +116,20 @@ http {{
             subrequest_output_buffer_size 64k;
         }}
         location /direct/ {{ proxy_pass http://decode_servers/; }}
-        location /lb/ {{ proxy_pass http://both_servers/; }}
+        location ~ ^/lb/(?<lb>[a-z_]+)(?<rest>/.*)$ {{ proxy_pass http://lb_$lb$rest; }}
     }}
 }}
 "#,
         m = m.display(),
         p = prefill.cfg.port,
         d = decode.cfg.port,
+        balanced = BALANCERS
+            .iter()
+            .map(|b| format!(
+                "    upstream lb_{b} {{ server 127.0.0.1:{}; server 127.0.0.1:{}; {b} on; keepalive 8; }}\n",
+                prefill.cfg.port, decode.cfg.port
+            ))
+            .collect::<String>(),
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     let child = Command::new(&bin)
@@ -260,38 +278,40 @@ fn a_failing_prefill_surfaces_to_the_client_and_decode_is_not_called() {
 }
 
 #[test]
-fn least_total_load_steers_around_a_busy_engine() {
-    // 5 ms per step: a 100-token answer keeps its engine busy for ~0.5 s.
-    let prof = Profile { step_base_us: 5_000.0, ..Profile::instant() };
-    let a = sim(Role::Both, prof.clone(), Faults::default());
-    let b = sim(Role::Both, prof, Faults::default());
-    let ngx = nginx(&a, &b);
-    let port = ngx.port;
-    let long = std::thread::spawn(move || {
-        post(port, "/lb/v1/completions", r#"{"prompt":"long","max_tokens":100,"ignore_eos":true}"#)
-    });
-    // Wait until the long request is running somewhere.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let busy = loop {
-        let running_a = metric(a.cfg.port, "vllm:num_requests_running");
-        let running_b = metric(b.cfg.port, "vllm:num_requests_running");
-        if running_a + running_b >= 1.0 {
-            break if running_a >= 1.0 { 'a' } else { 'b' };
+fn load_aware_balancers_steer_around_a_busy_engine() {
+    for lb in BALANCERS {
+        // 5 ms per step: a 100-token answer keeps its engine busy ~0.5 s.
+        let prof = Profile { step_base_us: 5_000.0, ..Profile::instant() };
+        let a = sim(Role::Both, prof.clone(), Faults::default());
+        let b = sim(Role::Both, prof, Faults::default());
+        let ngx = nginx(&a, &b);
+        let port = ngx.port;
+        let path = format!("/lb/{lb}/v1/completions");
+        let p2 = path.clone();
+        let long = std::thread::spawn(move || {
+            post(port, &p2, r#"{"prompt":"long","max_tokens":100,"ignore_eos":true}"#)
+        });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let busy = loop {
+            let running_a = metric(a.cfg.port, "vllm:num_requests_running");
+            let running_b = metric(b.cfg.port, "vllm:num_requests_running");
+            if running_a + running_b >= 1.0 {
+                break if running_a >= 1.0 { 'a' } else { 'b' };
+            }
+            assert!(Instant::now() < deadline, "{lb}: the long request never started");
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        for _ in 0..4 {
+            let (status, body, _) = post(port, &path, r#"{"prompt":"short","max_tokens":1}"#);
+            assert_eq!(status, 200, "{lb}: {body}");
         }
-        assert!(Instant::now() < deadline, "the long request never started");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    for _ in 0..4 {
-        let (status, _, _) =
-            post(port, "/lb/v1/completions", r#"{"prompt":"short","max_tokens":1}"#);
+        let (status, _, _) = long.join().unwrap();
         assert_eq!(status, 200);
+        let (busy_sim, idle_sim) = if busy == 'a' { (&a, &b) } else { (&b, &a) };
+        let on_idle = journal(idle_sim, 4).iter().filter(|r| r.output_tokens == 1).count();
+        let on_busy = journal(busy_sim, 1).iter().filter(|r| r.output_tokens == 1).count();
+        assert_eq!((on_idle, on_busy), (4, 0), "{lb}: round robin would split them 2/2");
     }
-    let (status, _, _) = long.join().unwrap();
-    assert_eq!(status, 200);
-    let (busy_sim, idle_sim) = if busy == 'a' { (&a, &b) } else { (&b, &a) };
-    let shorts_on_idle = journal(idle_sim, 4).iter().filter(|r| r.output_tokens == 1).count();
-    let shorts_on_busy = journal(busy_sim, 1).iter().filter(|r| r.output_tokens == 1).count();
-    assert_eq!((shorts_on_idle, shorts_on_busy), (4, 0), "round robin would split them 2/2");
 }
 
 /// A metric's value from a simulator's /metrics page.

@@ -6,7 +6,8 @@
 #   add_block_preprocessor(\&Pdgate::TestEnv::pd_defaults);   # P/D suites
 #
 # Loading it (before Test::Nginx::Socket) defaults TEST_NGINX_BINARY and
-# TEST_NGINX_LOAD_MODULES to this checkout's dist/ (./build.sh).
+# TEST_NGINX_LOAD_MODULES (every module in dist/modules) to this checkout's
+# dist/ (./build.sh).
 package Pdgate::TestEnv;
 
 use strict;
@@ -16,9 +17,7 @@ use File::Basename qw(dirname);
 
 my $dist = abs_path(dirname(__FILE__) . '/../../../dist');
 $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
-$ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', map { "$dist/modules/$_.so" }
-    qw(ngx_http_set_request_id_module ngx_http_prefill_module ngx_http_pdgate_echo_module
-       ngx_http_upstream_least_total_load_module);
+$ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', sort glob("$dist/modules/*.so");
 
 # Mock prefill and decode are pdgate_echo locations of the test server
 # itself, behind keepalive upstreams.

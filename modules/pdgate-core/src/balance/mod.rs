@@ -47,6 +47,62 @@ pub fn least_total_load(peers: &[PeerView], tokens: u64, batch: u64, tie: u64) -
     })
 }
 
+/// weighted_least_active: the fewest requests in flight (per unit of
+/// weight), then the fewest tokens in flight (per unit of weight), then the
+/// heavier peer; remaining ties at random. (The original
+/// kept a random candidate whenever the first one was minimal; this is the
+/// plain lexicographic minimum.)
+pub fn weighted_least_active(peers: &[PeerView], _tokens: u64, tie: u64) -> Option<usize> {
+    pick_min(peers, tie, |a, b| {
+        let (wa, wb) = (u128::from(a.weight.max(1)), u128::from(b.weight.max(1)));
+        let ra = u128::from(a.requests) * wb;
+        let rb = u128::from(b.requests) * wa;
+        ra.cmp(&rb)
+            .then((u128::from(a.tokens) * wb).cmp(&(u128::from(b.tokens) * wa)))
+            .then(b.weight.cmp(&a.weight))
+    })
+}
+
+/// auto_balance_controller: among peers with fewer than `batch` requests in
+/// flight, the fewest tokens in flight; when every peer has a full batch,
+/// the fewest requests. Then the heavier peer; remaining ties at random.
+pub fn auto_balance_controller(
+    peers: &[PeerView],
+    _tokens: u64,
+    batch: u64,
+    tie: u64,
+) -> Option<usize> {
+    let batch = batch.max(1);
+    let has_room = peers.iter().any(|p| p.available && p.requests < batch);
+    pick_min(peers, tie, |a, b| {
+        if has_room {
+            let full = |p: &PeerView| p.requests >= batch;
+            full(a).cmp(&full(b)).then(a.tokens.cmp(&b.tokens))
+        } else {
+            a.requests.cmp(&b.requests)
+        }
+        .then(b.weight.cmp(&a.weight))
+    })
+}
+
+/// prefill_score_balance: the peer where this request adds least to the
+/// sum of completion times. A request of `L` tokens costs `c = a·L + b`
+/// (a linear TTFT model, ms); a peer with `n` requests in flight costing
+/// `T` in all gains `Δ = T + c·(n + 1)`. `T` is derived from the shared
+/// counters as `a·S + b·n`. Ties at random.
+pub fn prefill_score(peers: &[PeerView], tokens: u64, a: f64, b: f64, tie: u64) -> Option<usize> {
+    let c = a * tokens as f64 + b;
+    let delta = |p: &PeerView| {
+        let t = a * p.tokens as f64 + b * p.requests as f64;
+        (t + c * (p.requests + 1) as f64) / f64::from(p.weight.max(1))
+    };
+    pick_min(peers, tie, |x, y| delta(x).total_cmp(&delta(y)))
+}
+
+/// The original's prefill cost model: `c = 0.0345 · tokens + 120.0745` ms.
+pub const PREFILL_SCORE_A: f64 = 0.0345;
+pub const PREFILL_SCORE_B: f64 = 120.0745;
+
 /// The available peer that is smallest by `cmp`; among equals, the
 /// `tie % count`-th.
 fn pick_min(
@@ -112,6 +168,42 @@ mod tests {
         let mut peers = [peer(2, 2000), peer(1, 1000)];
         peers[0].weight = 3; // 3000·2/3 = 2000 vs 1100·2 = 2200
         assert_eq!(least_total_load(&peers, 100, 16, 0), Some(0));
+    }
+
+    #[test]
+    fn weighted_least_active_orders_by_requests_then_tokens() {
+        let peers = [peer(2, 10), peer(1, 9000), peer(1, 500)];
+        assert_eq!(weighted_least_active(&peers, 1, 0), Some(2));
+        let mut peers = [peer(2, 10), peer(1, 10)];
+        peers[0].weight = 4; // 2/4 < 1/1
+        assert_eq!(weighted_least_active(&peers, 1, 0), Some(0));
+        // Idle: the heavier peer.
+        let mut peers = [peer(0, 0), peer(0, 0)];
+        peers[1].weight = 2;
+        assert_eq!(weighted_least_active(&peers, 1, 0), Some(1));
+        assert_eq!(auto_balance_controller(&peers, 1, 4, 0), Some(1));
+    }
+
+    #[test]
+    fn auto_balance_controller_fills_batches_by_tokens() {
+        // Room on 1 and 2: fewest tokens among them.
+        let peers = [peer(4, 10), peer(3, 900), peer(1, 800)];
+        assert_eq!(auto_balance_controller(&peers, 1, 4, 0), Some(2));
+        // All full: fewest requests.
+        let peers = [peer(6, 10), peer(5, 9000), peer(7, 1)];
+        assert_eq!(auto_balance_controller(&peers, 1, 4, 0), Some(1));
+    }
+
+    #[test]
+    fn prefill_score_is_the_marginal_waiting_time() {
+        // c = 0.0345·1000 + 120.0745 = 154.5745
+        // peer 0: n=2, S=4000 → T = 138 + 240.149 = 378.149; Δ = 378.149 + 3c = 841.87
+        // peer 1: n=0, S=0 → Δ = c = 154.57
+        // peer 2: n=1, S=100 → T = 3.45 + 120.07; Δ = 123.52 + 2c = 432.67
+        let peers = [peer(2, 4000), peer(0, 0), peer(1, 100)];
+        assert_eq!(prefill_score(&peers, 1000, PREFILL_SCORE_A, PREFILL_SCORE_B, 0), Some(1));
+        let peers = [peer(2, 4000), peer(1, 100)];
+        assert_eq!(prefill_score(&peers, 1000, PREFILL_SCORE_A, PREFILL_SCORE_B, 0), Some(1));
     }
 
     #[test]
