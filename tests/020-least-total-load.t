@@ -224,3 +224,24 @@ connect() failed (111: Connection refused) while connecting to upstream
 --- no_error_log
 [error]
 [alert]
+
+
+
+=== TEST 13: an upstream with a shared zone (peers in shared memory) is balanced too
+--- http_config
+    upstream pool {
+        zone pool_zone 64k;
+        server 127.0.0.1:$TEST_NGINX_RAND_PORT_1 weight=3;
+        server 127.0.0.1:$TEST_NGINX_RAND_PORT_2;
+        least_total_load on;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1; add_header X-Backend a; location / { pdgate_echo; } }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_2; add_header X-Backend b; location / { pdgate_echo; } }
+--- config
+    location = /t { proxy_pass http://pool/echo; }
+--- request eval
+["GET /t", "GET /t", "GET /t", "GET /t"]
+--- response_headers eval
+["X-Backend: a", "X-Backend: a", "X-Backend: a", "X-Backend: a"]
+--- no_error_log
+[error]

@@ -83,8 +83,6 @@ pub struct UpstreamConf {
     zone: *mut ngx_shm_zone_t,
     upstream_name: Vec<u8>,
     saved_init_peer: ngx_http_upstream_init_peer_pt,
-    /// Round robin's primary peer list, to recognise round robin's data.
-    primary: *mut ngx_http_upstream_rr_peers_t,
     /// Per worker: the slot of each primary peer, built on first use.
     slot_of: RefCell<Vec<usize>>,
 }
@@ -97,7 +95,6 @@ impl Default for UpstreamConf {
             zone: null_mut(),
             upstream_name: Vec::new(),
             saved_init_peer: None,
-            primary: null_mut(),
             slot_of: RefCell::new(Vec::new()),
         }
     }
@@ -237,12 +234,14 @@ pub unsafe fn install(
                 return NGX_ERROR as ngx_int_t;
             }
             (*conf).saved_init_peer = (*uscf).peer.init;
-            (*conf).primary = peers;
             (*uscf).peer.init = init_peer;
         }
     }
     NGX_OK as ngx_int_t
 }
+
+/// Whether this worker has warned about an upstream it cannot balance.
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Per-request, per-upstream state.
 #[repr(C)]
@@ -253,6 +252,8 @@ struct PeerData {
     inner_save_session: ngx::ffi::ngx_event_save_peer_session_pt,
     inner_data: *mut c_void,
     rrp: *mut ngx_http_upstream_rr_peer_data_t,
+    /// Round robin's primary peer list (in the shared zone with `zone`).
+    primary: *mut ngx_http_upstream_rr_peers_t,
     conf: *const UpstreamConf,
     balancer: *const Balancer,
     tokens: u64,
@@ -309,18 +310,31 @@ pub unsafe fn init_peer(
         }
         let pc = &mut (*u).peer;
         let cl = (*r).headers_in.content_length_n.max(0) as usize;
+        // Read now, not at configuration time: with `zone` round robin moves
+        // its peers into the shared zone after postconfiguration.
+        let primary = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
         pd.write(PeerData {
             inner_get: pc.get,
             inner_free: pc.free,
             inner_set_session: pc.set_session,
             inner_save_session: pc.save_session,
             inner_data: pc.data,
-            rrp: find_rrp(pc.data, conf.primary),
+            rrp: find_rrp(pc.data, primary),
+            primary,
             conf,
             balancer,
             tokens: tokens_for_bytes(cl),
             slot: usize::MAX,
         });
+        if (*pd).rrp.is_null() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                (*(*r).connection).log,
+                "{}: upstream \"{}\" is not balanced over round robin's peers (another module wraps them), using round robin",
+                balancer.name,
+                String::from_utf8_lossy(&conf.upstream_name)
+            );
+        }
         pc.data = pd as *mut c_void;
         pc.get = Some(get_peer);
         pc.free = Some(free_peer);
@@ -353,7 +367,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             return delegate(pc);
         };
         let peers = rrp.peers;
-        if peers != conf.primary || peers.is_null() {
+        if peers != pd.primary || peers.is_null() {
             return delegate(pc); // round robin moved on to the backup servers
         }
         let n = (*peers).number;
