@@ -19,10 +19,15 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 DUR=${BENCH_DURATION:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
+# Balancers compared with round robin on both P/D upstreams (empty: skip).
+BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance"}
 CONNS=${BENCH_CONNECTIONS:-"16 64"}
 PORT_PROXY=${BENCH_PORT:-18480}
-PORT_P=$((PORT_PROXY + 1))
-PORT_D=$((PORT_PROXY + 2))
+# Four prefill and four decode backend ports (one backend nginx).
+P_PORTS="$((PORT_PROXY + 10)) $((PORT_PROXY + 11)) $((PORT_PROXY + 12)) $((PORT_PROXY + 13))"
+D_PORTS="$((PORT_PROXY + 20)) $((PORT_PROXY + 21)) $((PORT_PROXY + 22)) $((PORT_PROXY + 23))"
+servers() { for p in $1; do printf 'server 127.0.0.1:%s; ' "$p"; done; }
+listens() { for p in $1; do printf 'listen 127.0.0.1:%s; ' "$p"; done; }
 
 . scripts/ensure-debs.sh
 ensure_debs wrk
@@ -55,20 +60,30 @@ http {
     access_log off;
     keepalive_requests 1000000;
     server {
-        listen 127.0.0.1:$PORT_P;
+        $(listens "$P_PORTS")
         location / { default_type application/json; return 200 "$(esc "$PREFILL_ANSWER")"; }
     }
     server {
-        listen 127.0.0.1:$PORT_D;
+        $(listens "$D_PORTS")
         location / { default_type application/json; return 200 "$(esc "$DECODE_ANSWER")"; }
         location /stream/ { default_type text/event-stream; return 200 "$(printf '%s' "$DECODE_SSE" | sed 's/"/\\"/g')"; }
     }
 }
 CONF
 
+LB_LOADS=""; LB_UPSTREAMS=""; LB_LOCATIONS=""
+for lb in $BALANCERS; do
+    LB_LOADS+="load_module $ROOT/dist/modules/ngx_http_upstream_${lb}_module.so;"$'\n'
+    LB_UPSTREAMS+="    upstream prefill_$lb { $(servers "$P_PORTS") $lb on; keepalive 128; keepalive_requests 1000000; }"$'\n'
+    LB_UPSTREAMS+="    upstream decode_$lb { $(servers "$D_PORTS") $lb on; keepalive 128; keepalive_requests 1000000; }"$'\n'
+    LB_LOCATIONS+="        location /pd-$lb/ { prefill /prefill_$lb; proxy_pass http://decode_$lb/; }"$'\n'
+    LB_LOCATIONS+="        location /prefill_$lb/ { internal; rewrite ^/prefill_$lb/[^/]+(/.*)\$ \$1 break; proxy_pass http://prefill_$lb; subrequest_output_buffer_size 16k; }"$'\n'
+done
+
 cat > "$W/proxy/nginx.conf" <<CONF
 load_module $ROOT/dist/modules/ngx_http_set_request_id_module.so;
 load_module $ROOT/dist/modules/ngx_http_prefill_module.so;
+$LB_LOADS
 worker_processes 1;
 worker_cpu_affinity 01;
 error_log logs/error.log error;
@@ -77,8 +92,9 @@ events { worker_connections 4096; }
 http {
     access_log off;
     keepalive_requests 1000000;
-    upstream prefill_servers { server 127.0.0.1:$PORT_P; keepalive 128; keepalive_requests 1000000; }
-    upstream decode_servers { server 127.0.0.1:$PORT_D; keepalive 128; keepalive_requests 1000000; }
+    upstream prefill_servers { $(servers "$P_PORTS") keepalive 128; keepalive_requests 1000000; }
+    upstream decode_servers { $(servers "$D_PORTS") keepalive 128; keepalive_requests 1000000; }
+$LB_UPSTREAMS
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     client_body_buffer_size 64k;
@@ -101,6 +117,7 @@ http {
             proxy_pass http://prefill_servers;
             subrequest_output_buffer_size 16k;
         }
+$LB_LOCATIONS
         # the baseline: one plain hop to the same decode backend
         location /hop/ {
             set_request_id off;
@@ -188,6 +205,27 @@ for stream in false true; do
             "$(awk -v a="$rps" -v b="$hrps" 'BEGIN{print a/b}')" "$(awk -v u="$cpu" 'BEGIN{print 1e6/u}')"
     done
 done
+if [ -n "$BALANCERS" ]; then
+    c=16
+    printf '\nP/D with a balancer on both upstreams (4 prefill + 4 decode servers),\n'
+    printf 'json, %s connections, vs round robin in the same run\n' "$c"
+    printf '%-26s | %10s %9s %11s | %8s\n' balancer req/s "p99 ms" "cpu us/req" "x rr"
+    R=""
+    declare -A L
+    for _ in $(seq "$ROUNDS"); do
+        R+="$(run pd false "$c" rr)"$'\n'
+        for lb in $BALANCERS; do L[$lb]+="$(run "pd-$lb" false "$c" "$lb")"$'\n'; done
+    done
+    R=$(sed '/^$/d' <<<"$R")
+    rrps=$(col 1 "$R")
+    printf '%-26s | %10.0f %9.3f %11.1f | %8s\n' round_robin "$rrps" "$(col 3 "$R")" "$(col 4 "$R")" 1.00
+    for lb in $BALANCERS; do
+        X=$(sed '/^$/d' <<<"${L[$lb]}")
+        printf '%-26s | %10.0f %9.3f %11.1f | %8.2f\n' "$lb" "$(col 1 "$X")" "$(col 3 "$X")" "$(col 4 "$X")" \
+            "$(awk -v a="$(col 1 "$X")" -v b="$rrps" 'BEGIN{print a/b}')"
+    done
+fi
+
 echo
 echo "req/s: measured with wrk and the backends sharing CPU 1; 1-core cap = 1e6 / (proxy CPU us per request):"
 echo "the P/D requests per second one fully busy proxy core sustains (a P/D request is two upstream legs)."
