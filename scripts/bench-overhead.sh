@@ -20,7 +20,7 @@ ROOT=$(pwd)
 DUR=${BENCH_DURATION:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 # Balancers compared with round robin on both P/D upstreams (empty: skip).
-BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance"}
+BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance greedy_timeout"}
 CONNS=${BENCH_CONNECTIONS:-"16 64"}
 PORT_PROXY=${BENCH_PORT:-18480}
 # Four prefill and four decode backend ports (one backend nginx).

@@ -26,6 +26,7 @@ static BALANCER: Balancer = Balancer {
     name: "auto_balance_controller",
     zone: "pdgate_auto_balance_controller",
     choose,
+    cost: None,
     module: __pdgate_module,
 };
 

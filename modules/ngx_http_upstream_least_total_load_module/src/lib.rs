@@ -31,6 +31,7 @@ static BALANCER: Balancer = Balancer {
     name: "least_total_load",
     zone: "pdgate_least_total_load",
     choose,
+    cost: None,
     module: __pdgate_module,
 };
 

@@ -27,6 +27,7 @@ static BALANCER: Balancer = Balancer {
     name: "prefill_score_balance",
     zone: "pdgate_prefill_score_balance",
     choose,
+    cost: None,
     module: __pdgate_module,
 };
 

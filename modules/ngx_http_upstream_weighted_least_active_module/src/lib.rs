@@ -19,6 +19,7 @@ static BALANCER: Balancer = Balancer {
     name: "weighted_least_active",
     zone: "pdgate_weighted_least_active",
     choose,
+    cost: None,
     module: __pdgate_module,
 };
 

@@ -61,6 +61,8 @@ pub struct Balancer {
     /// The shared zone's name.
     pub zone: &'static str,
     pub choose: Choose,
+    /// The cost a request adds to its peer's `cost` counter (None: 0).
+    pub cost: Option<fn(u64, &Params) -> u64>,
     /// The module (for its shared zone).
     pub module: fn() -> &'static ngx_module_t,
 }
@@ -257,6 +259,7 @@ struct PeerData {
     conf: *const UpstreamConf,
     balancer: *const Balancer,
     tokens: u64,
+    cost: u64,
     /// Slot reserved by the current try, or usize::MAX.
     slot: usize,
 }
@@ -324,6 +327,7 @@ pub unsafe fn init_peer(
             conf,
             balancer,
             tokens: tokens_for_bytes(cl),
+            cost: balancer.cost.map_or(0, |f| f(tokens_for_bytes(cl), &conf.params)),
             slot: usize::MAX,
         });
         if (*pd).rrp.is_null() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -399,12 +403,14 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
                 && peer.fails >= peer.max_fails
                 && now - peer.checked <= peer.fail_timeout;
             let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
-            let (requests, tokens) = table.load(slot_of.get(i).copied().unwrap_or(usize::MAX));
+            let (requests, tokens, cost) =
+                table.load(slot_of.get(i).copied().unwrap_or(usize::MAX));
             views[i] = PeerView {
                 available: !tried(rrp, i) && peer.down == 0 && !failed && !full,
                 weight: peer.weight.max(1) as u32,
                 requests,
                 tokens,
+                cost,
             };
             p = peer.next;
             i += 1;
@@ -438,7 +444,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         }
         if rc == NGX_OK as ngx_int_t || rc == NGX_DONE as ngx_int_t {
             let slot = slot_of.get(c).copied().unwrap_or(usize::MAX);
-            table.acquire(slot, pd.tokens);
+            table.acquire(slot, pd.tokens, pd.cost);
             pd.slot = slot;
             ngx_log_debug!(
                 mask: DebugMask::Http,
@@ -468,7 +474,7 @@ unsafe extern "C" fn free_peer(
             let pd = &mut *(data as *mut PeerData);
             if pd.slot != usize::MAX {
                 if let Some(t) = pd.conf.as_ref().and_then(|c| table(c.zone)) {
-                    t.release(pd.slot, pd.tokens);
+                    t.release(pd.slot, pd.tokens, pd.cost);
                 }
                 pd.slot = usize::MAX;
             }

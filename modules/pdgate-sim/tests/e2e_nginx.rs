@@ -88,6 +88,7 @@ load_module {m}/ngx_http_upstream_least_total_load_module.so;
 load_module {m}/ngx_http_upstream_weighted_least_active_module.so;
 load_module {m}/ngx_http_upstream_auto_balance_controller_module.so;
 load_module {m}/ngx_http_upstream_prefill_score_balance_module.so;
+load_module {m}/ngx_http_upstream_greedy_timeout_module.so;
 daemon off;
 master_process off;
 worker_processes 1;

@@ -20,6 +20,8 @@ pub struct PeerView {
     pub requests: u64,
     /// Estimated tokens of the requests in flight on this peer.
     pub tokens: u64,
+    /// Policy-defined cost in flight (see [`greedy_cost`]).
+    pub cost: u64,
 }
 
 /// least_total_load: the peer whose queue of work would drain first, the
@@ -99,6 +101,34 @@ pub fn prefill_score(peers: &[PeerView], tokens: u64, a: f64, b: f64, tie: u64) 
     pick_min(peers, tie, |x, y| delta(x).total_cmp(&delta(y)))
 }
 
+/// greedy_timeout's cost of a request: `warmup + tokens^exp` (work units;
+/// the original used bytes, and never read its two directives).
+pub fn greedy_cost(tokens: u64, warmup: f64, exp: f64) -> u64 {
+    let c = warmup + (tokens as f64).powf(exp);
+    if c.is_finite() && c > 0.0 {
+        c.min(u64::MAX as f64 / 4.0) as u64
+    } else {
+        0
+    }
+}
+
+/// greedy_timeout: the peer expected to finish its work in flight first
+/// once this request is added (virtual finish time `C_i + c`, per unit of
+/// weight). The original never took finished work off, so it degenerated
+/// into a history count; here each request's cost is released when it
+/// ends. Ties at random.
+pub fn greedy_timeout(peers: &[PeerView], cost: u64, tie: u64) -> Option<usize> {
+    pick_min(peers, tie, |a, b| {
+        let fa = u128::from(a.cost) + u128::from(cost);
+        let fb = u128::from(b.cost) + u128::from(cost);
+        (fa * u128::from(b.weight.max(1))).cmp(&(fb * u128::from(a.weight.max(1))))
+    })
+}
+
+/// The original's greedy_timeout defaults.
+pub const GREEDY_WARMUP: f64 = 5.0;
+pub const GREEDY_EXP: f64 = 1.8;
+
 /// The original's prefill cost model: `c = 0.0345 · tokens + 120.0745` ms.
 pub const PREFILL_SCORE_A: f64 = 0.0345;
 pub const PREFILL_SCORE_B: f64 = 120.0745;
@@ -140,7 +170,7 @@ mod tests {
     use super::*;
 
     fn peer(requests: u64, tokens: u64) -> PeerView {
-        PeerView { available: true, weight: 1, requests, tokens }
+        PeerView { available: true, weight: 1, requests, tokens, cost: 0 }
     }
 
     #[test]
@@ -204,6 +234,19 @@ mod tests {
         assert_eq!(prefill_score(&peers, 1000, PREFILL_SCORE_A, PREFILL_SCORE_B, 0), Some(1));
         let peers = [peer(2, 4000), peer(1, 100)];
         assert_eq!(prefill_score(&peers, 1000, PREFILL_SCORE_A, PREFILL_SCORE_B, 0), Some(1));
+    }
+
+    #[test]
+    fn greedy_timeout_takes_the_earliest_finish() {
+        assert_eq!(greedy_cost(0, 5.0, 1.8), 5);
+        assert_eq!(greedy_cost(100, 5.0, 2.0), 10_005);
+        let mut peers = [peer(3, 0), peer(1, 0), peer(9, 0)];
+        peers[0].cost = 500;
+        peers[1].cost = 900;
+        peers[2].cost = 100;
+        assert_eq!(greedy_timeout(&peers, 50, 0), Some(2));
+        peers[0].weight = 8; // 550/8 beats 150/1
+        assert_eq!(greedy_timeout(&peers, 50, 0), Some(0));
     }
 
     #[test]

@@ -20,6 +20,8 @@ pub struct Slot {
     pub tokens: AtomicU64,
     /// Requests ever placed (for status pages and tests).
     pub total: AtomicU64,
+    /// Policy-defined cost in flight (e.g. greedy_timeout's expected work).
+    pub cost: AtomicU64,
 }
 
 /// Bytes per slot.
@@ -70,30 +72,37 @@ impl<'a> SlotTable<'a> {
         None
     }
 
-    /// Counters of slot `i` (0, 0 for an index out of range).
-    pub fn load(&self, i: usize) -> (u64, u64) {
+    /// Counters of slot `i`: requests, tokens and cost in flight (zeros for
+    /// an index out of range).
+    pub fn load(&self, i: usize) -> (u64, u64, u64) {
         match self.slots.get(i) {
-            Some(s) => (s.requests.load(Ordering::Relaxed), s.tokens.load(Ordering::Relaxed)),
-            None => (0, 0),
+            Some(s) => (
+                s.requests.load(Ordering::Relaxed),
+                s.tokens.load(Ordering::Relaxed),
+                s.cost.load(Ordering::Relaxed),
+            ),
+            None => (0, 0, 0),
         }
     }
 
-    /// Places a request of `tokens` on slot `i`.
-    pub fn acquire(&self, i: usize, tokens: u64) {
+    /// Places a request of `tokens` and `cost` on slot `i`.
+    pub fn acquire(&self, i: usize, tokens: u64, cost: u64) {
         if let Some(s) = self.slots.get(i) {
             s.requests.fetch_add(1, Ordering::Relaxed);
             s.tokens.fetch_add(tokens, Ordering::Relaxed);
+            s.cost.fetch_add(cost, Ordering::Relaxed);
             s.total.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Takes a request of `tokens` off slot `i`; never below zero (a slot
-    /// reused after a reload may see frees of requests it never counted).
-    pub fn release(&self, i: usize, tokens: u64) {
+    /// Takes a request of `tokens` and `cost` off slot `i`; never below zero
+    /// (a slot reused after a reload may see frees it never counted).
+    pub fn release(&self, i: usize, tokens: u64, cost: u64) {
         if let Some(s) = self.slots.get(i) {
             let dec = |by: u64| move |v: u64| Some(v.saturating_sub(by));
             let _ = s.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(1));
             let _ = s.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(tokens));
+            let _ = s.cost.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(cost));
         }
     }
 }
@@ -127,12 +136,13 @@ mod tests {
     fn release_never_goes_below_zero() {
         let v = table(1);
         let t = SlotTable::new(&v);
-        t.release(0, 50);
-        assert_eq!(t.load(0), (0, 0));
-        t.acquire(0, 30);
-        t.release(0, 50);
-        assert_eq!(t.load(0), (0, 0));
-        t.acquire(9, 1); // out of range: ignored
+        t.release(0, 50, 5);
+        assert_eq!(t.load(0), (0, 0, 0));
+        t.acquire(0, 30, 7);
+        assert_eq!(t.load(0), (1, 30, 7));
+        t.release(0, 50, 9);
+        assert_eq!(t.load(0), (0, 0, 0));
+        t.acquire(9, 1, 1); // out of range: ignored
     }
 
     /// Any interleaving of picks and frees, on several threads, returns
@@ -145,27 +155,28 @@ mod tests {
             for seed in 0..4u64 {
                 s.spawn(move || {
                     let mut rng = Rng::new(seed);
-                    let mut held: Vec<(usize, u64)> = Vec::new();
+                    let mut held: Vec<(usize, u64, u64)> = Vec::new();
                     for _ in 0..20_000 {
                         if held.is_empty() || !rng.next_u64().is_multiple_of(3) {
                             let i = (rng.next_u64() % 8) as usize;
                             let tok = rng.next_u64() % 5000;
-                            t.acquire(i, tok);
-                            held.push((i, tok));
+                            let cost = rng.next_u64() % 100_000;
+                            t.acquire(i, tok, cost);
+                            held.push((i, tok, cost));
                         } else {
                             let k = (rng.next_u64() as usize) % held.len();
-                            let (i, tok) = held.swap_remove(k);
-                            t.release(i, tok);
+                            let (i, tok, cost) = held.swap_remove(k);
+                            t.release(i, tok, cost);
                         }
                     }
-                    for (i, tok) in held {
-                        t.release(i, tok);
+                    for (i, tok, cost) in held {
+                        t.release(i, tok, cost);
                     }
                 });
             }
         });
         for i in 0..8 {
-            assert_eq!(t.load(i), (0, 0));
+            assert_eq!(t.load(i), (0, 0, 0));
         }
         assert!(v.iter().map(|s| s.total.load(Ordering::Relaxed)).sum::<u64>() > 40_000);
     }
