@@ -34,6 +34,7 @@ ensure_debs wrk
 [ -x dist/sbin/nginx ] || ./build.sh
 NGINX="$ROOT/dist/sbin/nginx"
 W=$(mktemp -d /tmp/pdgate-bench.XXXXXX)
+chmod 755 "$W"   # nginx workers (nobody) must reach their temp dirs
 mkdir -p "$W/proxy/logs" "$W/back/logs"
 cleanup() {
     "$NGINX" -p "$W/proxy" -c nginx.conf -s stop 2>/dev/null || true
