@@ -245,3 +245,24 @@ connect() failed (111: Connection refused) while connecting to upstream
 ["X-Backend: a", "X-Backend: a", "X-Backend: a", "X-Backend: a"]
 --- no_error_log
 [error]
+
+
+
+=== TEST 14: the status page lists every peer, and the counters are back to zero once requests end
+--- http_config
+    upstream pool {
+        server 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        server 127.0.0.1:$TEST_NGINX_RAND_PORT_2;
+        least_total_load on;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1; location / { pdgate_echo; } }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_2; location / { pdgate_echo; } }
+--- config
+    location = /t { proxy_pass http://pool/echo; }
+    location = /status { least_total_load_status; }
+--- request eval
+["POST /t\n{\"prompt\":\"a long enough prompt\"}", "POST /t\n{\"prompt\":\"another\"}", "GET /status"]
+--- response_body_like eval
+[qr/"method":"POST"/, qr/"method":"POST"/, qr/\A# least_total_load upstream peer requests tokens cost total\npool 127\.0\.0\.1:\d+ 0 0 0 \d+\npool 127\.0\.0\.1:\d+ 0 0 0 \d+\n\z/]
+--- no_error_log
+[error]

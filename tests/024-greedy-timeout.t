@@ -132,3 +132,22 @@ connect() failed (111: Connection refused) while connecting to upstream
 --- must_die
 --- error_log
 "greedy_timeout_warmup" directive is duplicate
+
+
+
+=== TEST 8: the status page shows the cost counters back to zero once requests end
+--- http_config
+    upstream pool {
+        server 127.0.0.1:$TEST_NGINX_RAND_PORT_1;
+        greedy_timeout on;
+    }
+    server { listen 127.0.0.1:$TEST_NGINX_RAND_PORT_1; location / { pdgate_echo; } }
+--- config
+    location = /t { proxy_pass http://pool/echo; }
+    location = /status { greedy_timeout_status; }
+--- request eval
+["POST /t\n{\"prompt\":\"a prompt of some length\"}", "GET /status"]
+--- response_body_like eval
+[qr/"method":"POST"/, qr/\A# greedy_timeout upstream peer requests tokens cost total\npool 127\.0\.0\.1:\d+ 0 0 0 [1-9]\d*\n\z/]
+--- no_error_log
+[error]

@@ -30,10 +30,7 @@ static BALANCER: Balancer = Balancer {
     module: __pdgate_module,
 };
 
-pdgate_glue::balancer_module!(
-    ngx_http_upstream_auto_balance_controller_module,
-    BALANCER,
-    [
+pdgate_glue::balancer_module!(ngx_http_upstream_auto_balance_controller_module, BALANCER, status: c"auto_balance_controller_status", [
         command(c"auto_balance_controller", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
         command(c"auto_balance_controller_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
     ]

@@ -36,10 +36,7 @@ static BALANCER: Balancer = Balancer {
     module: __pdgate_module,
 };
 
-pdgate_glue::balancer_module!(
-    ngx_http_upstream_greedy_timeout_module,
-    BALANCER,
-    [
+pdgate_glue::balancer_module!(ngx_http_upstream_greedy_timeout_module, BALANCER, status: c"greedy_timeout_status", [
         command(c"greedy_timeout", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
         command(c"greedy_timeout_warmup", NGX_CONF_TAKE1, cmd_float, 0, &BALANCER),
         command(c"greedy_timeout_exp", NGX_CONF_TAKE1, cmd_float, 1, &BALANCER),

@@ -35,10 +35,7 @@ static BALANCER: Balancer = Balancer {
     module: __pdgate_module,
 };
 
-pdgate_glue::balancer_module!(
-    ngx_http_upstream_least_total_load_module,
-    BALANCER,
-    [
+pdgate_glue::balancer_module!(ngx_http_upstream_least_total_load_module, BALANCER, status: c"least_total_load_status", [
         command(c"least_total_load", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
         command(c"least_total_load_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
     ]

@@ -31,10 +31,7 @@ static BALANCER: Balancer = Balancer {
     module: __pdgate_module,
 };
 
-pdgate_glue::balancer_module!(
-    ngx_http_upstream_prefill_score_balance_module,
-    BALANCER,
-    [
+pdgate_glue::balancer_module!(ngx_http_upstream_prefill_score_balance_module, BALANCER, status: c"prefill_score_balance_status", [
         command(c"prefill_score_balance", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
         command(c"prefill_score_balance_a", NGX_CONF_TAKE1, cmd_float, 0, &BALANCER),
         command(c"prefill_score_balance_b", NGX_CONF_TAKE1, cmd_float, 1, &BALANCER),

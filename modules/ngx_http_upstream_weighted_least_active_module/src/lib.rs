@@ -23,8 +23,5 @@ static BALANCER: Balancer = Balancer {
     module: __pdgate_module,
 };
 
-pdgate_glue::balancer_module!(
-    ngx_http_upstream_weighted_least_active_module,
-    BALANCER,
-    [command(c"weighted_least_active", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),]
+pdgate_glue::balancer_module!(ngx_http_upstream_weighted_least_active_module, BALANCER, status: c"weighted_least_active_status", [command(c"weighted_least_active", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),]
 );

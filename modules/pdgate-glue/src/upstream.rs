@@ -618,6 +618,93 @@ pub unsafe extern "C" fn cmd_float(
     })
 }
 
+/// The balancer's counters as text, one line per peer of every upstream
+/// that uses it: `upstream peer requests tokens cost total`. Served by the
+/// `<balancer>_status` location directive (see [`balancer_module!`]).
+///
+/// # Safety
+/// `r` must be a live request; `conf_of` as for [`install`].
+pub unsafe fn status_text(
+    r: *mut ngx_http_request_t,
+    balancer: &Balancer,
+    conf_of: impl Fn(*mut ngx_http_upstream_srv_conf_t) -> *mut UpstreamConf,
+) -> String {
+    let mut out = format!("# {} upstream peer requests tokens cost total\n", balancer.name);
+    // SAFETY: the upstream main conf lives as long as the cycle; peer lists
+    // are round robin's (read without its lock: a status snapshot).
+    unsafe {
+        let idx = (*std::ptr::addr_of!(ngx_http_upstream_module)).ctx_index;
+        let umcf = *(*r).main_conf.add(idx) as *mut ngx_http_upstream_main_conf_t;
+        let Some(umcf) = umcf.as_ref() else { return out };
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
+        for &us in ups {
+            let Some(conf) = conf_of(us).as_ref() else { continue };
+            if conf.enabled != 1 {
+                continue;
+            }
+            let Some(table) = table(conf.zone) else { continue };
+            let mut p = ((*us).peer.data as *mut ngx_http_upstream_rr_peers_t)
+                .as_ref()
+                .map_or(null_mut(), |peers| peers.peer);
+            while let Some(peer) = p.as_ref() {
+                let key = peer_key(&conf.upstream_name, str_bytes(&peer.name));
+                let (requests, tokens, cost, total) = match table.find_or_claim(key) {
+                    Some(i) => {
+                        let (a, b, c) = table.load(i);
+                        (a, b, c, table.total(i))
+                    }
+                    None => (0, 0, 0, 0),
+                };
+                out.push_str(&format!(
+                    "{} {} {requests} {tokens} {cost} {total}\n",
+                    String::from_utf8_lossy(&conf.upstream_name),
+                    String::from_utf8_lossy(str_bytes(&peer.name)),
+                ));
+                p = peer.next;
+            }
+        }
+    }
+    out
+}
+
+/// A location-context, no-argument directive of a balancer module (its
+/// `_status` directive); `set` installs the content handler.
+pub const fn location_command(
+    name: &'static std::ffi::CStr,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+) -> ngx_command_t {
+    ngx_command_t {
+        name: ngx_str_t { len: name.count_bytes(), data: name.as_ptr() as *mut u8 },
+        type_: (ngx::ffi::NGX_HTTP_LOC_CONF | ngx::ffi::NGX_CONF_NOARGS) as ngx_uint_t,
+        set: Some(set),
+        conf: ngx::ffi::NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+        offset: 0,
+        post: null_mut(),
+    }
+}
+
+/// Sets the content handler of the location being parsed.
+///
+/// # Safety
+/// `cf` must be a location-context directive handler's conf.
+pub unsafe fn set_content_handler(
+    cf: *mut ngx_conf_t,
+    handler: ngx::ffi::ngx_http_handler_pt,
+) -> *mut c_char {
+    // SAFETY: in location context the core module's loc conf exists.
+    unsafe {
+        match (*cf).http_location_conf_unchecked::<ngx::ffi::ngx_http_core_loc_conf_t>(
+            &*std::ptr::addr_of!(ngx::ffi::ngx_http_core_module),
+        ) {
+            Some(clcf) => {
+                (*clcf.as_ptr()).handler = handler;
+                crate::conf::OK
+            }
+            None => NGX_CONF_ERROR,
+        }
+    }
+}
+
 /// An upstream-context directive of a balancer module: `set` is one of
 /// [`cmd_flag`], [`cmd_int`], [`cmd_float`]; `offset` picks the float slot;
 /// `post` is the module's [`Balancer`].
@@ -697,14 +784,14 @@ macro_rules! balancer_hooks {
 /// and its directives:
 ///
 /// ```ignore
-/// pdgate_glue::balancer_module!(ngx_http_upstream_x_module, BALANCER, [
+/// pdgate_glue::balancer_module!(ngx_http_upstream_x_module, BALANCER, status: c"x_status", [
 ///     command(c"x", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
 ///     command(c"x_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
 /// ]);
 /// ```
 #[macro_export]
 macro_rules! balancer_module {
-    ($module:ident, $balancer:ident, [$($cmd:expr),* $(,)?]) => {
+    ($module:ident, $balancer:ident, status: $status:literal, [$($cmd:expr),* $(,)?]) => {
         struct Module;
 
         impl $crate::ngx::http::HttpModule for Module {
@@ -737,8 +824,36 @@ macro_rules! balancer_module {
             merge_loc_conf: None,
         };
 
-        static mut __PDGATE_COMMANDS: [$crate::ffi::ngx_command_t; [$(stringify!($cmd)),*].len() + 1] =
-            [$($cmd,)* $crate::ffi::ngx_command_t::empty()];
+        unsafe extern "C" fn __pdgate_status_handler(
+            r: *mut $crate::ffi::ngx_http_request_t,
+        ) -> $crate::ffi::ngx_int_t {
+            $crate::guard::catch("balancer status", $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t, || {
+                // SAFETY: nginx calls content handlers with a live request.
+                unsafe {
+                    let rc = $crate::ffi::ngx_http_discard_request_body(r);
+                    if rc != $crate::ffi::NGX_OK as $crate::ffi::ngx_int_t {
+                        return rc;
+                    }
+                    let text = $crate::upstream::status_text(r, &$balancer, |us| __pdgate_conf_of(us));
+                    $crate::response::send(r, 200, b"text/plain", text.as_bytes())
+                }
+            })
+        }
+
+        unsafe extern "C" fn __pdgate_cmd_status(
+            cf: *mut $crate::ffi::ngx_conf_t,
+            _cmd: *mut $crate::ffi::ngx_command_t,
+            _conf: *mut ::std::ffi::c_void,
+        ) -> *mut ::std::ffi::c_char {
+            // SAFETY: nginx's directive handler contract (location context).
+            unsafe { $crate::upstream::set_content_handler(cf, Some(__pdgate_status_handler)) }
+        }
+
+        static mut __PDGATE_COMMANDS: [$crate::ffi::ngx_command_t; [$(stringify!($cmd)),*].len() + 2] = [
+            $($cmd,)*
+            $crate::upstream::location_command($status, __pdgate_cmd_status),
+            $crate::ffi::ngx_command_t::empty(),
+        ];
 
         #[no_mangle]
         #[allow(non_upper_case_globals)]

@@ -85,6 +85,11 @@ impl<'a> SlotTable<'a> {
         }
     }
 
+    /// Requests ever placed on slot `i`.
+    pub fn total(&self, i: usize) -> u64 {
+        self.slots.get(i).map_or(0, |s| s.total.load(Ordering::Relaxed))
+    }
+
     /// Places a request of `tokens` and `cost` on slot `i`.
     pub fn acquire(&self, i: usize, tokens: u64, cost: u64) {
         if let Some(s) = self.slots.get(i) {
