@@ -27,6 +27,7 @@ static BALANCER: Balancer = Balancer {
     zone: "pdgate_auto_balance_controller",
     choose,
     cost: None,
+    learn_usage: false,
     module: __pdgate_module,
 };
 

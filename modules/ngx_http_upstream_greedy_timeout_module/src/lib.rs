@@ -33,6 +33,7 @@ static BALANCER: Balancer = Balancer {
     zone: "pdgate_greedy_timeout",
     choose,
     cost: Some(cost),
+    learn_usage: false,
     module: __pdgate_module,
 };
 

@@ -32,6 +32,7 @@ static BALANCER: Balancer = Balancer {
     zone: "pdgate_least_total_load",
     choose,
     cost: None,
+    learn_usage: false,
     module: __pdgate_module,
 };
 

@@ -28,6 +28,7 @@ static BALANCER: Balancer = Balancer {
     zone: "pdgate_prefill_score_balance",
     choose,
     cost: None,
+    learn_usage: false,
     module: __pdgate_module,
 };
 

@@ -20,6 +20,7 @@ static BALANCER: Balancer = Balancer {
     zone: "pdgate_weighted_least_active",
     choose,
     cost: None,
+    learn_usage: true,
     module: __pdgate_module,
 };
 

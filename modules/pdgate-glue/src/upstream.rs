@@ -63,6 +63,8 @@ pub struct Balancer {
     pub choose: Choose,
     /// The cost a request adds to its peer's `cost` counter (None: 0).
     pub cost: Option<fn(u64, &Params) -> u64>,
+    /// Follow answers' `usage.total_tokens` (see [`learn_usage`]).
+    pub learn_usage: bool,
     /// The module (for its shared zone).
     pub module: fn() -> &'static ngx_module_t,
 }
@@ -245,9 +247,13 @@ pub unsafe fn install(
 /// Whether this worker has warned about an upstream it cannot balance.
 static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// First word of every [`PeerData`].
+const PEER_DATA_MAGIC: u64 = 0x7064_6761_7465_5044;
+
 /// Per-request, per-upstream state.
 #[repr(C)]
 struct PeerData {
+    magic: u64,
     inner_get: ngx::ffi::ngx_event_get_peer_pt,
     inner_free: ngx::ffi::ngx_event_free_peer_pt,
     inner_set_session: ngx::ffi::ngx_event_set_peer_session_pt,
@@ -317,6 +323,7 @@ pub unsafe fn init_peer(
         // its peers into the shared zone after postconfiguration.
         let primary = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
         pd.write(PeerData {
+            magic: PEER_DATA_MAGIC,
             inner_get: pc.get,
             inner_free: pc.free,
             inner_set_session: pc.set_session,
@@ -618,6 +625,55 @@ pub unsafe extern "C" fn cmd_float(
     })
 }
 
+/// Learns from an answer what its request now holds on the engine: when a
+/// piece of the answer of a request this balancer placed reports
+/// `usage.total_tokens` larger than what is counted, the difference is
+/// added to the peer's tokens in flight (and released with the rest when
+/// the request ends). Call from a body filter; `in_` is the chain passing.
+///
+/// # Safety
+/// `r` must be a live request and `in_` a valid chain (or NULL).
+pub unsafe fn learn_usage(
+    r: *mut ngx_http_request_t,
+    in_: *mut ngx::ffi::ngx_chain_t,
+    balancer: &Balancer,
+) {
+    // SAFETY: every peer data nginx's balancers allocate is at least a
+    // word long, so reading the first word is in bounds; ours starts with
+    // a magic word and names its balancer (a static, compared by address).
+    // Buffers are read, not changed.
+    unsafe {
+        let Some(u) = (*r).upstream.as_ref() else { return };
+        if u.peer.data.is_null() || *(u.peer.data as *const u64) != PEER_DATA_MAGIC {
+            return;
+        }
+        let pd = &mut *(u.peer.data as *mut PeerData);
+        if !std::ptr::eq(pd.balancer, balancer) {
+            return;
+        }
+        if pd.slot == usize::MAX {
+            return;
+        }
+        let Some(table) = pd.conf.as_ref().and_then(|c| table(c.zone)) else { return };
+        let mut cl = in_;
+        while let Some(link) = cl.as_ref() {
+            if let Some(b) = link.buf.as_ref() {
+                if b.in_file() == 0 && !b.pos.is_null() && b.last > b.pos {
+                    let len = b.last.offset_from(b.pos) as usize;
+                    let bytes = std::slice::from_raw_parts(b.pos, len);
+                    if let Some(total) = pdgate_core::balance::usage_total_tokens(bytes) {
+                        if total > pd.tokens {
+                            table.add_tokens(pd.slot, total - pd.tokens);
+                            pd.tokens = total;
+                        }
+                    }
+                }
+            }
+            cl = link.next;
+        }
+    }
+}
+
 /// The balancer's counters as text, one line per peer of every upstream
 /// that uses it: `upstream peer requests tokens cost total`. Served by the
 /// `<balancer>_status` location directive (see [`balancer_module!`]).
@@ -760,13 +816,38 @@ macro_rules! balancer_hooks {
             )
         }
 
+        static mut __PDGATE_NEXT_BODY_FILTER: $crate::ffi::ngx_http_output_body_filter_pt = None;
+
+        unsafe extern "C" fn __pdgate_body_filter(
+            r: *mut $crate::ffi::ngx_http_request_t,
+            in_: *mut $crate::ffi::ngx_chain_t,
+        ) -> $crate::ffi::ngx_int_t {
+            $crate::guard::catch("balancer body filter", (), || {
+                // SAFETY: nginx's body filter contract.
+                unsafe { $crate::upstream::learn_usage(r, in_, &$balancer) }
+            });
+            // SAFETY: the next filter was saved at postconfiguration.
+            unsafe {
+                match *::std::ptr::addr_of!(__PDGATE_NEXT_BODY_FILTER) {
+                    Some(next) => next(r, in_),
+                    None => $crate::ffi::NGX_OK as $crate::ffi::ngx_int_t,
+                }
+            }
+        }
+
         unsafe extern "C" fn $postconf(cf: *mut $crate::ffi::ngx_conf_t) -> $crate::ffi::ngx_int_t {
             $crate::guard::catch(
                 "balancer postconfiguration",
                 $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
                 || {
-                    // SAFETY: nginx's postconfiguration contract.
+                    // SAFETY: nginx's postconfiguration contract; the body
+                    // filter chain is only changed here, single-threaded.
                     unsafe {
+                        if $balancer.learn_usage {
+                            *::std::ptr::addr_of_mut!(__PDGATE_NEXT_BODY_FILTER) =
+                                $crate::ffi::ngx_http_top_body_filter;
+                            $crate::ffi::ngx_http_top_body_filter = Some(__pdgate_body_filter);
+                        }
                         $crate::upstream::install(
                             cf,
                             &$balancer,

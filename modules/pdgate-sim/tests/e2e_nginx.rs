@@ -117,7 +117,8 @@ http {{
             subrequest_output_buffer_size 64k;
         }}
         location /direct/ {{ proxy_pass http://decode_servers/; }}
-        location ~ ^/lb/(?<lb>[a-z_]+)(?<rest>/.*)$ {{ proxy_pass http://lb_$lb$rest; }}
+        location ~ ^/lb/(?<lb>[a-z_]+)(?<rest>/.*)$ {{ proxy_buffering off; proxy_pass http://lb_$lb$rest; }}
+        location = /status/weighted_least_active {{ weighted_least_active_status; }}
     }}
 }}
 "#,
@@ -326,4 +327,36 @@ fn metric(port: u16, name: &str) -> f64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0.0)
+}
+
+#[test]
+fn weighted_least_active_learns_resident_tokens_from_streamed_usage() {
+    let prof = Profile { step_base_us: 5_000.0, ..Profile::instant() };
+    let a = sim(Role::Both, prof.clone(), Faults::default());
+    let b = sim(Role::Both, prof, Faults::default());
+    let ngx = nginx(&a, &b);
+    let port = ngx.port;
+    let body = format!(
+        r#"{{"prompt":"{}","max_tokens":200,"ignore_eos":true,"stream":true,"stream_options":{{"include_usage":true,"continuous_usage_stats":true}}}}"#,
+        "x".repeat(400)
+    );
+    let estimate = pdgate_core::tokens::tokens_for_bytes(body.len());
+    let long =
+        std::thread::spawn(move || post(port, "/lb/weighted_least_active/v1/completions", &body));
+    std::thread::sleep(Duration::from_millis(600));
+    let (_, mid, _) = post(port, "/status/weighted_least_active", "");
+    let (status, _, _) = long.join().unwrap();
+    assert_eq!(status, 200);
+    let (_, after, _) = post(port, "/status/weighted_least_active", "");
+    // `upstream peer requests tokens cost total` per line.
+    let held: Vec<u64> = mid
+        .lines()
+        .filter(|l| l.starts_with("lb_weighted_least_active "))
+        .map(|l| l.split(' ').nth(3).unwrap().parse().unwrap())
+        .collect();
+    assert!(held.iter().any(|&t| t > estimate + 20), "estimate {estimate}, status:\n{mid}");
+    for l in after.lines().filter(|l| l.starts_with("lb_weighted_least_active ")) {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!((f[2], f[3]), ("0", "0"), "{after}");
+    }
 }

@@ -133,6 +133,28 @@ pub const GREEDY_EXP: f64 = 1.8;
 pub const PREFILL_SCORE_A: f64 = 0.0345;
 pub const PREFILL_SCORE_B: f64 = 120.0745;
 
+/// The last `"total_tokens": N` in a piece of an answer (vLLM's `usage`, in
+/// every SSE chunk with `continuous_usage_stats`): how many tokens the
+/// request holds on its engine now.
+pub fn usage_total_tokens(chunk: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"total_tokens\":";
+    let mut found = None;
+    let mut rest = chunk;
+    while let Some(pos) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        let after = &rest[pos + KEY.len()..];
+        let digits: &[u8] = {
+            let start = after.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(after.len());
+            let s = &after[start..];
+            &s[..s.iter().position(|c| !c.is_ascii_digit()).unwrap_or(s.len())]
+        };
+        if let Some(v) = std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()) {
+            found = Some(v);
+        }
+        rest = after;
+    }
+    found
+}
+
 /// The available peer that is smallest by `cmp`; among equals, the
 /// `tie % count`-th.
 fn pick_min(
@@ -247,6 +269,17 @@ mod tests {
         assert_eq!(greedy_timeout(&peers, 50, 0), Some(2));
         peers[0].weight = 8; // 550/8 beats 150/1
         assert_eq!(greedy_timeout(&peers, 50, 0), Some(0));
+    }
+
+    #[test]
+    fn usage_is_read_from_answer_chunks() {
+        let c = br#"data: {"choices":[],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens":7}}"#;
+        assert_eq!(usage_total_tokens(c), Some(12));
+        let two =
+            b"data: {\"usage\":{\"total_tokens\": 3}}\n\ndata: {\"usage\":{\"total_tokens\":40}}";
+        assert_eq!(usage_total_tokens(two), Some(40));
+        assert_eq!(usage_total_tokens(b"data: [DONE]"), None);
+        assert_eq!(usage_total_tokens(b"\"total_tokens\":x"), None);
     }
 
     #[test]

@@ -85,6 +85,14 @@ impl<'a> SlotTable<'a> {
         }
     }
 
+    /// Adds `tokens` to slot `i`'s tokens in flight (what a request holds
+    /// grew while it ran).
+    pub fn add_tokens(&self, i: usize, tokens: u64) {
+        if let Some(s) = self.slots.get(i) {
+            s.tokens.fetch_add(tokens, Ordering::Relaxed);
+        }
+    }
+
     /// Requests ever placed on slot `i`.
     pub fn total(&self, i: usize) -> u64 {
         self.slots.get(i).map_or(0, |s| s.total.load(Ordering::Relaxed))
