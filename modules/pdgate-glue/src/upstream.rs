@@ -704,7 +704,7 @@ pub unsafe fn status_text(
                 .map_or(null_mut(), |peers| peers.peer);
             while let Some(peer) = p.as_ref() {
                 let key = peer_key(&conf.upstream_name, str_bytes(&peer.name));
-                let (requests, tokens, cost, total) = match table.find_or_claim(key) {
+                let (requests, tokens, cost, total) = match table.find(key) {
                     Some(i) => {
                         let (a, b, c) = table.load(i);
                         (a, b, c, table.total(i))

@@ -48,6 +48,23 @@ impl<'a> SlotTable<'a> {
         SlotTable { slots }
     }
 
+    /// The slot of `key` if it has one (read only: status pages must not
+    /// claim slots).
+    pub fn find(&self, key: u64) -> Option<usize> {
+        let n = self.slots.len();
+        if n == 0 {
+            return None;
+        }
+        let start = (key % n as u64) as usize;
+        (0..n).map(|step| (start + step) % n).find_map(|i| {
+            match self.slots[i].key.load(Ordering::Acquire) {
+                k if k == key => Some(Some(i)),
+                0 => Some(None),
+                _ => None,
+            }
+        })?
+    }
+
     /// The slot of `key`, claiming a free one if it has none (open
     /// addressing, linear probing). `None` when the table is full.
     pub fn find_or_claim(&self, key: u64) -> Option<usize> {
@@ -137,6 +154,8 @@ mod tests {
         let b = t.find_or_claim(peer_key(b"up", b"10.0.0.2:80")).unwrap();
         assert_ne!(a, b);
         assert_eq!(t.find_or_claim(peer_key(b"up", b"10.0.0.1:80")), Some(a));
+        assert_eq!(t.find(peer_key(b"up", b"10.0.0.1:80")), Some(a));
+        assert_eq!(t.find(peer_key(b"up", b"unseen")), None);
         // Two upstreams never share a slot for the same address.
         let c = t.find_or_claim(peer_key(b"other", b"10.0.0.1:80")).unwrap();
         assert!(c != a && c != b);
