@@ -7,6 +7,8 @@
 //! ([`slots::SlotTable::acquire`]) before the next worker looks, and releases
 //! it when the try ends.
 
+pub mod pending;
+pub mod prefix;
 pub mod slots;
 
 /// One peer as a policy sees it.
@@ -22,6 +24,10 @@ pub struct PeerView {
     pub tokens: u64,
     /// Policy-defined cost in flight (see [`greedy_cost`]).
     pub cost: u64,
+    /// Requests placed here, decayed (see [`length_balance`]).
+    pub hist_requests: u64,
+    /// Tokens placed here, decayed with `hist_requests`.
+    pub hist_tokens: u64,
 }
 
 /// least_total_load: the peer whose queue of work would drain first, the
@@ -125,6 +131,162 @@ pub fn greedy_timeout(peers: &[PeerView], cost: u64, tie: u64) -> Option<usize> 
     })
 }
 
+/// length_balance: the peer that received the least recent work, scored
+/// as the Global Proxy did, `R + S` with `R` the requests and `S` the
+/// tokens placed on it (each scaled by the request-length weight when
+/// recorded), both divided by `decay` every `merge_threshold` placements
+/// (see [`slots::SlotTable::decay`]); per unit of weight. Unlike the
+/// original this history is shared by all workers at once (no per-worker
+/// batches merged with a lossy compare-and-set), the request's own length
+/// counts, and ties go at random.
+pub fn length_balance(peers: &[PeerView], tie: u64) -> Option<usize> {
+    pick_min(peers, tie, |a, b| {
+        let sa = u128::from(a.hist_requests) + u128::from(a.hist_tokens);
+        let sb = u128::from(b.hist_requests) + u128::from(b.hist_tokens);
+        (sa * u128::from(b.weight.max(1))).cmp(&(sb * u128::from(a.weight.max(1))))
+    })
+}
+
+/// The length_balance defaults: merge (decay) every 32 placements, halve,
+/// and count a request's tokens once.
+pub const LENGTH_MERGE_THRESHOLD: u64 = 32;
+pub const LENGTH_DECAY_FACTOR: u64 = 2;
+pub const LENGTH_REQ_LEN_WEIGHT: f64 = 1.0;
+
+/// The pd_score_balance per-instance concurrency caps (the original's
+/// defaults: 16 on prefill, 32 on decode).
+pub const PD_SCORE_MAX_SEQS_PREFILL: u64 = 16;
+pub const PD_SCORE_MAX_SEQS_DECODE: u64 = 32;
+
+/// Most requests in prefill the decode look-ahead simulates.
+pub const PD_SCORE_LOOKAHEAD: usize = 64;
+
+/// pd_score_balance on a prefill upstream: among peers running fewer than
+/// `cap` requests, the fewest tokens in flight (the work queued before this
+/// request's prefill can start); when every peer is at its cap, the fewest
+/// requests. Per unit of weight; ties at random. (The original reserved
+/// the choice outside its lock, so concurrent workers herded onto one peer.)
+pub fn pd_score_prefill(peers: &[PeerView], cap: u64, tie: u64) -> Option<usize> {
+    let cap = cap.max(1);
+    let room = peers.iter().any(|p| p.available && p.requests < cap);
+    pick_min(peers, tie, |a, b| {
+        let (wa, wb) = (u128::from(a.weight.max(1)), u128::from(b.weight.max(1)));
+        if room {
+            let full = |p: &PeerView| p.requests >= cap;
+            full(a)
+                .cmp(&full(b))
+                .then((u128::from(a.tokens) * wb).cmp(&(u128::from(b.tokens) * wa)))
+        } else {
+            (u128::from(a.requests) * wb).cmp(&(u128::from(b.requests) * wa))
+        }
+    })
+}
+
+/// pd_score_balance on a decode upstream: places this request (`tokens`
+/// long) by simulating longest-processing-time-first over the requests now
+/// in prefill (`pending`, their lengths in tokens: they reach decode soon)
+/// and this one. Longest first, each simulated request goes to the peer
+/// with room (fewer than `cap` requests, counting those simulated) and the
+/// least tokens resident (in flight, plus simulated), per unit of weight;
+/// when no peer has room, to the fewest requests. The answer is where this
+/// request lands, placed before pending requests of equal length. With
+/// nothing pending it is the least-loaded peer with room. (The original
+/// used the simulated loads but the real counts for its cap, and fell back
+/// to least active whenever counts differed by more than one.)
+pub fn pd_score_decode(
+    peers: &[PeerView],
+    tokens: u64,
+    pending: &[u64],
+    cap: u64,
+    tie: u64,
+) -> Option<usize> {
+    const MAX: usize = 256;
+    if peers.len() > MAX {
+        return weighted_least_active(peers, tokens, tie);
+    }
+    let cap = cap.max(1);
+    let mut sim = [PeerView::default(); MAX];
+    sim[..peers.len()].copy_from_slice(peers);
+    let sim = &mut sim[..peers.len()];
+    // Longer pending requests are placed first; this one precedes equals.
+    let mut longer = [0u64; PD_SCORE_LOOKAHEAD];
+    let mut n = 0;
+    for &x in pending.iter().filter(|&&x| x > tokens).take(PD_SCORE_LOOKAHEAD) {
+        longer[n] = x;
+        n += 1;
+    }
+    let longer = &mut longer[..n];
+    longer.sort_unstable_by(|a, b| b.cmp(a));
+    let place = |sim: &[PeerView], tie: u64| {
+        let room = sim.iter().any(|p| p.available && p.requests < cap);
+        pick_min(sim, tie, |a, b| {
+            let (wa, wb) = (u128::from(a.weight.max(1)), u128::from(b.weight.max(1)));
+            if room {
+                let full = |p: &PeerView| p.requests >= cap;
+                full(a)
+                    .cmp(&full(b))
+                    .then((u128::from(a.tokens) * wb).cmp(&(u128::from(b.tokens) * wa)))
+            } else {
+                (u128::from(a.requests) * wb).cmp(&(u128::from(b.requests) * wa))
+            }
+        })
+    };
+    for &x in longer.iter() {
+        let j = place(sim, 0)?;
+        sim[j].tokens = sim[j].tokens.saturating_add(x);
+        sim[j].requests += 1;
+    }
+    place(sim, tie)
+}
+
+/// The prefix_cache_affinity defaults: 10000 index entries per peer,
+/// 640-byte prompt blocks, and the least_total_load batch size of 16 for
+/// scoring and for deciding that loads diverge.
+pub const PCA_DICT_SIZE: u64 = 10_000;
+pub const PCA_BLOCK_SIZE: u64 = 640;
+pub const PCA_BATCH_SIZE: u64 = 16;
+
+/// prefix_cache_affinity: `affinity[i]` is how many leading blocks of this
+/// request's prompt were last placed on peer `i` (0: none; see
+/// [`prefix::PrefixIndex`]). The peer with the longest match wins (the
+/// least total load among equals), unless it runs more than `batch`
+/// requests beyond the least busy available peer: then, as when nothing
+/// matches, [`least_total_load`] decides. (The original fell back only
+/// when the whole pool's spread exceeded 15, and its fallback scored with
+/// an uninitialised batch size of 0.)
+pub fn prefix_cache_affinity(
+    peers: &[PeerView],
+    tokens: u64,
+    affinity: &[u32],
+    batch: u64,
+    tie: u64,
+) -> Option<usize> {
+    let aff = |i: usize| affinity.get(i).copied().unwrap_or(0);
+    let best = peers
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.available)
+        .map(|(i, _)| aff(i))
+        .max()
+        .unwrap_or(0);
+    if best == 0 {
+        return least_total_load(peers, tokens, batch, tie);
+    }
+    let mut only = [PeerView::default(); 256];
+    if peers.len() > only.len() {
+        return least_total_load(peers, tokens, batch, tie);
+    }
+    for (i, p) in peers.iter().enumerate() {
+        only[i] = PeerView { available: p.available && aff(i) == best, ..*p };
+    }
+    let c = least_total_load(&only[..peers.len()], tokens, batch, tie)?;
+    let least = peers.iter().filter(|p| p.available).map(|p| p.requests).min().unwrap_or(0);
+    if peers[c].requests > least + batch.max(1) {
+        return least_total_load(peers, tokens, batch, tie);
+    }
+    Some(c)
+}
+
 /// The original's greedy_timeout defaults.
 pub const GREEDY_WARMUP: f64 = 5.0;
 pub const GREEDY_EXP: f64 = 1.8;
@@ -192,7 +354,7 @@ mod tests {
     use super::*;
 
     fn peer(requests: u64, tokens: u64) -> PeerView {
-        PeerView { available: true, weight: 1, requests, tokens, cost: 0 }
+        PeerView { available: true, weight: 1, requests, tokens, ..Default::default() }
     }
 
     #[test]
@@ -293,5 +455,79 @@ mod tests {
         for c in counts {
             assert!((9_000..11_000).contains(&c), "{counts:?}");
         }
+    }
+
+    #[test]
+    fn length_balance_takes_the_least_recent_work() {
+        let hist = |r, t| PeerView { hist_requests: r, hist_tokens: t, ..peer(0, 0) };
+        assert_eq!(length_balance(&[hist(3, 300), hist(2, 100), hist(9, 0)], 0), Some(2));
+        assert_eq!(length_balance(&[hist(3, 300), hist(2, 100)], 0), Some(1));
+        // Weight 4 makes 400 look like 100.
+        let heavy = PeerView { weight: 4, ..hist(0, 400) };
+        assert_eq!(length_balance(&[hist(0, 150), heavy], 0), Some(1));
+        let mut gone = hist(0, 0);
+        gone.available = false;
+        assert_eq!(length_balance(&[gone, hist(5, 5)], 0), Some(1));
+    }
+
+    #[test]
+    fn pd_score_prefill_respects_the_cap_then_tokens() {
+        // Fewest tokens among peers under the cap of 2.
+        let p = [peer(2, 10), peer(1, 500), peer(0, 900)];
+        assert_eq!(pd_score_prefill(&p, 2, 0), Some(1));
+        // All at the cap: fewest requests.
+        let p = [peer(3, 10), peer(2, 500), peer(2, 900)];
+        assert_eq!(pd_score_prefill(&p, 2, 0), Some(1));
+        assert_eq!(pd_score_prefill(&p, 2, 1), Some(2));
+    }
+
+    #[test]
+    fn pd_score_decode_looks_ahead_over_prefills() {
+        let idle = [peer(0, 0), peer(0, 0)];
+        // Nothing pending: the tie decides between idle peers.
+        assert_eq!(pd_score_decode(&idle, 100, &[], 32, 0), Some(0));
+        assert_eq!(pd_score_decode(&idle, 100, &[], 32, 1), Some(1));
+        // A longer request in prefill will take one idle peer (the first,
+        // deterministically in the simulation); this one goes to the other
+        // whatever the tie.
+        for tie in 0..4 {
+            assert_eq!(pd_score_decode(&idle, 100, &[5000], 32, tie), Some(1));
+        }
+        // Shorter pending requests are placed after this one: no effect.
+        assert_eq!(pd_score_decode(&idle, 100, &[50, 60], 32, 1), Some(1));
+        // LPT: peer 0 is idle, peer 1 holds 500 tokens, and a 900-token
+        // request is in prefill. Least tokens now would pick peer 0; the
+        // look-ahead places the 900 there first, so this one takes peer 1.
+        let p = [peer(0, 0), peer(1, 500)];
+        assert_eq!(pd_score_decode(&p, 100, &[900], 32, 0), Some(1));
+        assert_eq!(pd_score_decode(&p, 100, &[], 32, 0), Some(0));
+        // Peers at the cap are skipped while another has room, counting
+        // the simulated placements: cap 1, the pending request fills peer
+        // 1, so this one goes to the fullest-by-tokens but open peer 2.
+        let p = [peer(1, 0), peer(0, 0), peer(0, 9000)];
+        assert_eq!(pd_score_decode(&p, 100, &[200], 1, 0), Some(2));
+        // Everything full: fewest requests.
+        let p = [peer(3, 0), peer(2, 9000)];
+        assert_eq!(pd_score_decode(&p, 100, &[], 2, 0), Some(1));
+        let mut gone = peer(0, 0);
+        gone.available = false;
+        assert_eq!(pd_score_decode(&[gone], 100, &[], 2, 0), None);
+    }
+
+    #[test]
+    fn prefix_cache_affinity_follows_the_cache_until_loads_diverge() {
+        let p = [peer(2, 400), peer(0, 0), peer(1, 100)];
+        // No match: least total load (the idle peer).
+        assert_eq!(prefix_cache_affinity(&p, 10, &[0, 0, 0], 16, 0), Some(1));
+        // Longest match wins even when busier.
+        assert_eq!(prefix_cache_affinity(&p, 10, &[3, 0, 1], 16, 0), Some(0));
+        // Equal matches: least total load among them.
+        assert_eq!(prefix_cache_affinity(&p, 10, &[2, 0, 2], 16, 0), Some(2));
+        // More than `batch` requests beyond the least busy: load wins.
+        assert_eq!(prefix_cache_affinity(&p, 10, &[3, 0, 1], 1, 0), Some(1));
+        // An unavailable peer's match does not count.
+        let mut q = p;
+        q[0].available = false;
+        assert_eq!(prefix_cache_affinity(&q, 10, &[3, 0, 1], 16, 0), Some(2));
     }
 }

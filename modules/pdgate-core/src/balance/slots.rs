@@ -22,6 +22,10 @@ pub struct Slot {
     pub total: AtomicU64,
     /// Policy-defined cost in flight (e.g. greedy_timeout's expected work).
     pub cost: AtomicU64,
+    /// Requests placed, decayed now and then (length_balance's history).
+    pub hist_requests: AtomicU64,
+    /// Tokens placed, decayed with `hist_requests`.
+    pub hist_tokens: AtomicU64,
 }
 
 /// Bytes per slot.
@@ -125,6 +129,41 @@ impl<'a> SlotTable<'a> {
         }
     }
 
+    /// Adds a placed request of `tokens` to slot `i`'s decayed history.
+    pub fn record(&self, i: usize, tokens: u64) {
+        if let Some(s) = self.slots.get(i) {
+            s.hist_requests.fetch_add(1, Ordering::Relaxed);
+            s.hist_tokens.fetch_add(tokens, Ordering::Relaxed);
+        }
+    }
+
+    /// Slot `i`'s decayed history: requests and tokens.
+    pub fn history(&self, i: usize) -> (u64, u64) {
+        match self.slots.get(i) {
+            Some(s) => {
+                (s.hist_requests.load(Ordering::Relaxed), s.hist_tokens.load(Ordering::Relaxed))
+            }
+            None => (0, 0),
+        }
+    }
+
+    /// Divides slot `i`'s history by `by` (at least 1), atomically per
+    /// counter so concurrent [`record`](Self::record)s are never lost.
+    pub fn decay(&self, i: usize, by: u64) {
+        if let Some(s) = self.slots.get(i) {
+            let by = by.max(1);
+            for c in [&s.hist_requests, &s.hist_tokens] {
+                let _ = c.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v / by));
+            }
+        }
+    }
+
+    /// Counts one event on slot `i` (used as a per-upstream clock) and
+    /// returns the new count.
+    pub fn tick(&self, i: usize) -> u64 {
+        self.slots.get(i).map_or(0, |s| s.total.fetch_add(1, Ordering::Relaxed) + 1)
+    }
+
     /// Takes a request of `tokens` and `cost` off slot `i`; never below zero
     /// (a slot reused after a reload may see frees it never counted).
     pub fn release(&self, i: usize, tokens: u64, cost: u64) {
@@ -175,6 +214,37 @@ mod tests {
         t.release(0, 50, 9);
         assert_eq!(t.load(0), (0, 0, 0));
         t.acquire(9, 1, 1); // out of range: ignored
+    }
+
+    #[test]
+    fn history_decays_without_losing_records() {
+        let v = table(2);
+        let t = SlotTable::new(&v);
+        for _ in 0..10 {
+            t.record(0, 100);
+        }
+        assert_eq!(t.history(0), (10, 1000));
+        t.decay(0, 2);
+        assert_eq!(t.history(0), (5, 500));
+        t.decay(0, 0); // treated as 1
+        assert_eq!(t.history(0), (5, 500));
+        assert_eq!(t.history(1), (0, 0));
+        assert_eq!((t.tick(1), t.tick(1)), (1, 2));
+        // Concurrent records and decays: the records after the last decay
+        // are all there.
+        std::thread::scope(|s| {
+            s.spawn(|| (0..10_000).for_each(|_| t.record(1, 3)));
+            s.spawn(|| (0..100).for_each(|_| t.decay(1, 2)));
+        });
+        for _ in 0..7 {
+            t.record(1, 3);
+        }
+        t.decay(1, 1 << 40);
+        assert_eq!(t.history(1), (0, 0));
+        for _ in 0..7 {
+            t.record(1, 3);
+        }
+        assert_eq!(t.history(1), (7, 21));
     }
 
     /// Any interleaving of picks and frees, on several threads, returns
