@@ -163,7 +163,7 @@ mod tests {
                     let mut rng = Rng::new(seed);
                     let mut held = Vec::new();
                     for k in 0..20_000u64 {
-                        if held.is_empty() || rng.next_u64() % 3 != 0 {
+                        if held.is_empty() || !rng.next_u64().is_multiple_of(3) {
                             let id = (seed << 32) | (k + 1);
                             if let Some(i) = t.add(id, 1 + k % 50, k, rng.next_u64()) {
                                 held.push((i, id));
