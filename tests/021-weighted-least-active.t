@@ -6,6 +6,8 @@ use lib "$FindBin::Bin/common";
 use Pdgate::TestEnv;
 BEGIN {
     $ENV{TEST_NGINX_BALANCER} = 'weighted_least_active';
+    $ENV{TEST_NGINX_BALANCER_ON} = 'weighted_least_active on';
+    $ENV{TEST_NGINX_BALANCER_VALUES} = '"on" or "off"';
     $ENV{TEST_NGINX_BALANCER_PARAMS} = '';
 }
 use Test::Nginx::Socket 'no_plan';

@@ -6,6 +6,8 @@ use lib "$FindBin::Bin/common";
 use Pdgate::TestEnv;
 BEGIN {
     $ENV{TEST_NGINX_BALANCER} = 'auto_balance_controller';
+    $ENV{TEST_NGINX_BALANCER_ON} = 'auto_balance_controller on';
+    $ENV{TEST_NGINX_BALANCER_VALUES} = '"on" or "off"';
     $ENV{TEST_NGINX_BALANCER_PARAMS} = 'auto_balance_controller_batch_size 8;';
 }
 use Test::Nginx::Socket 'no_plan';

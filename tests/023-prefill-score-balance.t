@@ -6,6 +6,8 @@ use lib "$FindBin::Bin/common";
 use Pdgate::TestEnv;
 BEGIN {
     $ENV{TEST_NGINX_BALANCER} = 'prefill_score_balance';
+    $ENV{TEST_NGINX_BALANCER_ON} = 'prefill_score_balance on';
+    $ENV{TEST_NGINX_BALANCER_VALUES} = '"on" or "off"';
     $ENV{TEST_NGINX_BALANCER_PARAMS} = 'prefill_score_balance_a 0.05; prefill_score_balance_b 100;';
 }
 use Test::Nginx::Socket 'no_plan';

@@ -6,6 +6,8 @@ use lib "$FindBin::Bin/common";
 use Pdgate::TestEnv;
 BEGIN {
     $ENV{TEST_NGINX_BALANCER} = 'greedy_timeout';
+    $ENV{TEST_NGINX_BALANCER_ON} = 'greedy_timeout on';
+    $ENV{TEST_NGINX_BALANCER_VALUES} = '"on" or "off"';
     $ENV{TEST_NGINX_BALANCER_PARAMS} = 'greedy_timeout_warmup 10; greedy_timeout_exp 1.5;';
 }
 use Test::Nginx::Socket 'no_plan';

@@ -13,13 +13,16 @@
 
 use pdgate_glue::core::balance::{auto_balance_controller, PeerView};
 use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{cmd_flag, cmd_int, command, Balancer, Params};
+use pdgate_glue::upstream::{
+    cmd_flag, cmd_int, cmd_shm_size, command, main_command, Balancer, Request,
+};
 
 /// The batch size when none is configured (the original's default).
 const DEFAULT_BATCH: u64 = 24;
 
-fn choose(peers: &[PeerView], tokens: u64, p: &Params, tie: u64) -> Option<usize> {
-    auto_balance_controller(peers, tokens, p.int.unwrap_or(DEFAULT_BATCH), tie)
+fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
+    let (tokens, p, tie) = (r.tokens, r.params, r.tie);
+    auto_balance_controller(peers, tokens, p.int[0].unwrap_or(DEFAULT_BATCH), tie)
 }
 
 static BALANCER: Balancer = Balancer {
@@ -28,10 +31,13 @@ static BALANCER: Balancer = Balancer {
     choose,
     cost: None,
     learn_usage: false,
+    history: false,
+    prefix: false,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_auto_balance_controller_module, BALANCER, status: c"auto_balance_controller_status", [
+        main_command(c"auto_balance_controller_shm_size", cmd_shm_size),
         command(c"auto_balance_controller", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
         command(c"auto_balance_controller_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
     ]

@@ -18,13 +18,16 @@
 
 use pdgate_glue::core::balance::{least_total_load, PeerView};
 use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{cmd_flag, cmd_int, command, Balancer, Params};
+use pdgate_glue::upstream::{
+    cmd_flag, cmd_int, cmd_shm_size, command, main_command, Balancer, Request,
+};
 
 /// The batch size when none is configured (the original's default).
 const DEFAULT_BATCH: u64 = 16;
 
-fn choose(peers: &[PeerView], tokens: u64, p: &Params, tie: u64) -> Option<usize> {
-    least_total_load(peers, tokens, p.int.unwrap_or(DEFAULT_BATCH), tie)
+fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
+    let (tokens, p, tie) = (r.tokens, r.params, r.tie);
+    least_total_load(peers, tokens, p.int[0].unwrap_or(DEFAULT_BATCH), tie)
 }
 
 static BALANCER: Balancer = Balancer {
@@ -33,10 +36,13 @@ static BALANCER: Balancer = Balancer {
     choose,
     cost: None,
     learn_usage: false,
+    history: false,
+    prefix: false,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_least_total_load_module, BALANCER, status: c"least_total_load_status", [
+        main_command(c"least_total_load_shm_size", cmd_shm_size),
         command(c"least_total_load", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
         command(c"least_total_load_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
     ]

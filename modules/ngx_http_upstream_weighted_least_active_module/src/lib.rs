@@ -9,9 +9,10 @@
 
 use pdgate_glue::core::balance::{weighted_least_active, PeerView};
 use pdgate_glue::ffi::NGX_CONF_FLAG;
-use pdgate_glue::upstream::{cmd_flag, command, Balancer, Params};
+use pdgate_glue::upstream::{cmd_flag, cmd_shm_size, command, main_command, Balancer, Request};
 
-fn choose(peers: &[PeerView], tokens: u64, _: &Params, tie: u64) -> Option<usize> {
+fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
+    let (tokens, tie) = (r.tokens, r.tie);
     weighted_least_active(peers, tokens, tie)
 }
 
@@ -21,8 +22,13 @@ static BALANCER: Balancer = Balancer {
     choose,
     cost: None,
     learn_usage: true,
+    history: false,
+    prefix: false,
     module: __pdgate_module,
 };
 
-pdgate_glue::balancer_module!(ngx_http_upstream_weighted_least_active_module, BALANCER, status: c"weighted_least_active_status", [command(c"weighted_least_active", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),]
+pdgate_glue::balancer_module!(ngx_http_upstream_weighted_least_active_module, BALANCER, status: c"weighted_least_active_status", [
+        main_command(c"weighted_least_active_shm_size", cmd_shm_size),
+        command(c"weighted_least_active", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
+    ]
 );

@@ -46,6 +46,23 @@ pub fn parse_flag(value: &[u8]) -> Result<bool, ConfError> {
     }
 }
 
+/// A size as nginx writes it: a number of bytes, or kilobytes (`k`/`K`),
+/// megabytes (`m`/`M`) or gigabytes (`g`/`G`). `None` if malformed or
+/// overflowing.
+pub fn parse_size(value: &[u8]) -> Option<usize> {
+    let (digits, shift) = match value.last()? {
+        b'k' | b'K' => (&value[..value.len() - 1], 10),
+        b'm' | b'M' => (&value[..value.len() - 1], 20),
+        b'g' | b'G' => (&value[..value.len() - 1], 30),
+        _ => (value, 0),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    n.checked_mul(1usize << shift)
+}
+
 /// A `prefill` URI prefix: absolute, trailing slashes removed (the request
 /// URI already starts with one). `off` or the empty string disable the module.
 pub fn parse_prefix(value: &[u8]) -> Result<Option<Vec<u8>>, ConfError> {
@@ -87,5 +104,16 @@ mod tests {
         assert_eq!(parse_prefix(b"off"), Ok(None));
         assert_eq!(parse_prefix(b""), Ok(None));
         assert!(parse_prefix(b"prefill").unwrap_err().to_string().contains("must start with"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size(b"4096"), Some(4096));
+        assert_eq!(parse_size(b"64k"), Some(64 << 10));
+        assert_eq!(parse_size(b"2M"), Some(2 << 20));
+        assert_eq!(parse_size(b"1g"), Some(1 << 30));
+        for bad in [&b""[..], b"k", b"-1k", b"1.5m", b"12x", b"99999999999999999999g"] {
+            assert_eq!(parse_size(bad), None, "{:?}", bad);
+        }
     }
 }

@@ -36,9 +36,12 @@ use ngx::ffi::{
 use ngx::http::HttpModuleConfExt;
 use ngx::log::DebugMask;
 use ngx::{ngx_conf_log_error, ngx_log_debug};
+use pdgate_core::balance::pending::{Pending, PendingTable, PENDING_BYTES};
+use pdgate_core::balance::prefix::{self, PrefixIndex, ENTRY_BYTES, MAX_BLOCKS};
 use pdgate_core::balance::slots::{peer_key, Slot, SlotTable, SLOT_BYTES};
-use pdgate_core::balance::PeerView;
+use pdgate_core::balance::{PeerView, PD_SCORE_LOOKAHEAD};
 use pdgate_core::tokens::tokens_for_bytes;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::conf::str_bytes;
 
@@ -46,12 +49,41 @@ use crate::conf::str_bytes;
 /// to round robin (with a warning at startup).
 pub const MAX_PEERS: usize = 256;
 
-/// Size of a balancer's shared zone.
+/// Default (and least) size of a balancer's shared zone; `<name>_shm_size`
+/// sets another, and a zone too small for the prefix index grows to fit.
 pub const ZONE_SIZE: usize = 1 << 20;
 
-/// A policy: peers, this request's estimated tokens, the upstream's
-/// parameters, and a random number for ties → the chosen index.
-pub type Choose = fn(&[PeerView], u64, &Params, u64) -> Option<usize>;
+/// Slots of a zone: (upstream, peer) identities, all upstreams together.
+pub const SLOTS: usize = 2048;
+
+/// Entries of a zone's table of requests in prefill (pd_score_balance).
+pub const PENDING: usize = 1024;
+
+/// What a policy knows of the request being placed.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// Estimated tokens of the body this leg sends.
+    pub tokens: u64,
+    /// The request's cost (see [`Balancer::cost`]).
+    pub cost: u64,
+    /// The upstream's parameters.
+    pub params: &'a Params,
+    /// A random number for ties.
+    pub tie: u64,
+    /// Lengths of the oldest requests now in prefill (pd_score decode).
+    pub pending: &'a [u64],
+    /// Per peer: leading prompt blocks last placed there (prefix affinity).
+    pub affinity: &'a [u32],
+}
+
+/// A policy: peers and the request → the chosen index.
+pub type Choose = fn(&[PeerView], &Request) -> Option<usize>;
+
+/// `Params::mode` of an upstream whose requests are prefills (their
+/// lengths are shared with decode upstreams while they run).
+pub const MODE_PREFILL: u8 = 1;
+/// `Params::mode` of an upstream whose placement looks ahead over them.
+pub const MODE_DECODE: u8 = 2;
 
 /// What a balancer module gives the glue.
 #[derive(Debug)]
@@ -65,6 +97,13 @@ pub struct Balancer {
     pub cost: Option<fn(u64, &Params) -> u64>,
     /// Follow answers' `usage.total_tokens` (see [`learn_usage`]).
     pub learn_usage: bool,
+    /// Keep a decayed history of placements (length_balance): `int[0]`
+    /// placements between decays (default 32), `int[1]` the divisor
+    /// (default 2), `float[0]` the weight of a request's tokens (1.0).
+    pub history: bool,
+    /// Fingerprint prompts into the prefix index (prefix_cache_affinity):
+    /// `int[1]` index entries per peer, `int[2]` block bytes.
+    pub prefix: bool,
     /// The module (for its shared zone).
     pub module: fn() -> &'static ngx_module_t,
 }
@@ -72,10 +111,13 @@ pub struct Balancer {
 /// Numeric parameters of an upstream's balancer, set by directives.
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
-    /// A whole number (e.g. a batch size); `None` when unset.
-    pub int: Option<u64>,
+    /// Up to three whole numbers (e.g. a batch size); `None` when unset.
+    pub int: [Option<u64>; 3],
     /// Up to two real numbers (e.g. cost coefficients); `None` when unset.
     pub float: [Option<f64>; 2],
+    /// A role word (pd_score_balance): [`MODE_PREFILL`], [`MODE_DECODE`],
+    /// or 0.
+    pub mode: u8,
 }
 
 /// The per-`upstream {}` configuration of a balancer module (its srv conf).
@@ -95,7 +137,7 @@ impl Default for UpstreamConf {
     fn default() -> Self {
         UpstreamConf {
             enabled: -1,
-            params: Params { int: None, float: [None, None] },
+            params: Params { int: [None; 3], float: [None, None], mode: 0 },
             zone: null_mut(),
             upstream_name: Vec::new(),
             saved_init_peer: None,
@@ -104,13 +146,34 @@ impl Default for UpstreamConf {
     }
 }
 
+/// The start of a balancer's zone; the slots, the pending table and the
+/// prefix index follow, in that order.
 #[repr(C)]
 struct TableHeader {
     magic: u64,
     slots: u64,
+    pending: u64,
+    index: u64,
+    /// The prefix index's LRU clock.
+    clock: AtomicU64,
 }
 
-const MAGIC: u64 = 0x7064_6761_7465_0001;
+const MAGIC: u64 = 0x7064_6761_7465_0002;
+
+/// Entries of the prefix index a new zone gets (set at postconfiguration;
+/// each balancer module has its own copy of this crate's statics).
+static INDEX_ENTRIES: AtomicUsize = AtomicUsize::new(0);
+
+/// `<name>_shm_size`, or 0.
+static SHM_SIZE: AtomicUsize = AtomicUsize::new(0);
+
+/// Bytes of the zone's layout with `index` prefix-index entries.
+fn layout_bytes(index: usize) -> usize {
+    std::mem::size_of::<TableHeader>()
+        + SLOTS * SLOT_BYTES
+        + PENDING * PENDING_BYTES
+        + index * ENTRY_BYTES
+}
 
 unsafe extern "C" fn zone_init(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
     // SAFETY: nginx calls this with the zone it created (its slab pool at
@@ -126,33 +189,51 @@ unsafe extern "C" fn zone_init(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
             (*zone).data = (*shpool).data;
             return NGX_OK as ngx_int_t;
         }
-        // Half the zone for slots leaves the slab allocator ample room.
-        let n = ((*zone).shm.size / 2 / SLOT_BYTES).max(1);
-        let bytes = std::mem::size_of::<TableHeader>() + n * SLOT_BYTES;
-        let h = ngx_slab_calloc(shpool, bytes) as *mut TableHeader;
+        let index = INDEX_ENTRIES.load(Ordering::Relaxed);
+        let h = ngx_slab_calloc(shpool, layout_bytes(index)) as *mut TableHeader;
         if h.is_null() {
             return NGX_ERROR as ngx_int_t;
         }
         (*h).magic = MAGIC;
-        (*h).slots = n as u64;
+        (*h).slots = SLOTS as u64;
+        (*h).pending = PENDING as u64;
+        (*h).index = index as u64;
         (*shpool).data = h as *mut c_void;
         (*zone).data = h as *mut c_void;
     }
     NGX_OK as ngx_int_t
 }
 
-fn table<'a>(zone: *mut ngx_shm_zone_t) -> Option<SlotTable<'a>> {
-    // SAFETY: zone->data is the header zone_init placed in the shared zone,
-    // followed by `slots` slots; the zone lives as long as the cycle.
+/// The zone's structures.
+struct Zone<'a> {
+    slots: SlotTable<'a>,
+    pending: PendingTable<'a>,
+    index: PrefixIndex<'a>,
+}
+
+fn zone<'a>(zone: *mut ngx_shm_zone_t) -> Option<Zone<'a>> {
+    // SAFETY: zone->data is the header zone_init placed in the shared zone
+    // (checked by its magic), followed by the arrays it counts, each of
+    // 8-byte aligned atomics; the zone lives as long as the cycle.
     unsafe {
         let h = zone.as_ref()?.data as *const TableHeader;
         let h = h.as_ref()?;
         if h.magic != MAGIC {
             return None;
         }
-        let first = (h as *const TableHeader).add(1) as *const Slot;
-        Some(SlotTable::new(std::slice::from_raw_parts(first, h.slots as usize)))
+        let slots = (h as *const TableHeader).add(1) as *const Slot;
+        let pending = slots.add(h.slots as usize) as *const Pending;
+        let index = pending.add(h.pending as usize) as *const prefix::Entry;
+        Some(Zone {
+            slots: SlotTable::new(std::slice::from_raw_parts(slots, h.slots as usize)),
+            pending: PendingTable::new(std::slice::from_raw_parts(pending, h.pending as usize)),
+            index: PrefixIndex::new(std::slice::from_raw_parts(index, h.index as usize), &h.clock),
+        })
     }
+}
+
+fn table<'a>(z: *mut ngx_shm_zone_t) -> Option<SlotTable<'a>> {
+    zone(z).map(|z| z.slots)
 }
 
 /// Turns the balancer on for the `upstream {}` being parsed: accepts the
@@ -216,6 +297,42 @@ pub unsafe fn install(
             return NGX_OK as ngx_int_t;
         };
         let ups: &[*mut ngx_http_upstream_srv_conf_t] = (*umcf.as_ptr()).upstreams.as_slice();
+        let mut index = 0usize;
+        let mut zone = null_mut();
+        for &uscf in ups {
+            let conf = conf_of(uscf);
+            if conf.is_null() || (*conf).enabled != 1 {
+                continue;
+            }
+            zone = (*conf).zone;
+            let peers = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+            if balancer.prefix && !peers.is_null() {
+                let per_peer = (*conf).params.int[1].unwrap_or(pdgate_core::balance::PCA_DICT_SIZE);
+                index = index.saturating_add((per_peer as usize).saturating_mul((*peers).number));
+            }
+        }
+        if !zone.is_null() {
+            let layout = layout_bytes(index);
+            let need = layout + layout / 8 + (64 << 10);
+            let size = match SHM_SIZE.load(Ordering::Relaxed) {
+                0 => need.max(ZONE_SIZE),
+                set if set >= need => set,
+                set => {
+                    ngx_conf_log_error!(
+                        NGX_LOG_EMERG,
+                        cf,
+                        "\"{}_shm_size\" of {}k is too small, at least {}k are needed ({} prefix index entries)",
+                        balancer.name,
+                        set >> 10,
+                        need.div_ceil(1024),
+                        index
+                    );
+                    return NGX_ERROR as ngx_int_t;
+                }
+            };
+            INDEX_ENTRIES.store(index, Ordering::Relaxed);
+            (*zone).shm.size = size;
+        }
         for &uscf in ups {
             let conf = conf_of(uscf);
             if conf.is_null() || (*conf).enabled != 1 {
@@ -268,6 +385,12 @@ struct PeerData {
     cost: u64,
     /// Slot reserved by the current try, or usize::MAX.
     slot: usize,
+    /// The prompt's block keys (prefix affinity), in the request pool.
+    keys: *const u64,
+    nkeys: usize,
+    /// Entry of this request in the pending table, or usize::MAX.
+    pending: usize,
+    pending_id: u64,
 }
 
 /// Round robin's peer data below `data`: `data` itself, or the third field
@@ -336,7 +459,14 @@ pub unsafe fn init_peer(
             tokens: tokens_for_bytes(cl),
             cost: balancer.cost.map_or(0, |f| f(tokens_for_bytes(cl), &conf.params)),
             slot: usize::MAX,
+            keys: std::ptr::null(),
+            nkeys: 0,
+            pending: usize::MAX,
+            pending_id: 0,
         });
+        if balancer.prefix {
+            fingerprint(r, &mut *pd, conf);
+        }
         if (*pd).rrp.is_null() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             ngx::ngx_log_error!(
                 NGX_LOG_WARN,
@@ -353,6 +483,59 @@ pub unsafe fn init_peer(
         pc.save_session = Some(save_session);
     }
     NGX_OK as ngx_int_t
+}
+
+/// Computes the block keys of the request's prompt (prefix affinity) into
+/// the request pool. Bodies without a prompt get none.
+///
+/// # Safety
+/// `r` must be a live request whose body (if any) is read.
+unsafe fn fingerprint(r: *mut ngx_http_request_t, pd: &mut PeerData, conf: &UpstreamConf) {
+    // SAFETY: the body and the key array live in the request pool, as long
+    // as the peer data; the array is word-aligned (ngx_palloc).
+    unsafe {
+        let Ok(body) = crate::body::bytes(r) else { return };
+        let Some(text) = prefix::prompt_bytes(body) else { return };
+        let block = conf.params.int[2].unwrap_or(pdgate_core::balance::PCA_BLOCK_SIZE).max(1);
+        let n = (text.len() / block as usize).min(MAX_BLOCKS);
+        if n == 0 {
+            return;
+        }
+        let keys = ngx::ffi::ngx_palloc((*r).pool, n * 8) as *mut u64;
+        if keys.is_null() {
+            return;
+        }
+        let out = std::slice::from_raw_parts_mut(keys, n);
+        let seed = peer_key(&conf.upstream_name, b"");
+        pd.nkeys = prefix::block_hashes(text, block as usize, seed, out);
+        pd.keys = keys;
+    }
+}
+
+/// length_balance's bookkeeping after a placement on `slot`: the history
+/// grows by the request, and every `int[0]` placements on the upstream
+/// (counted on its clock slot) all its peers' history is divided by
+/// `int[1]`.
+fn record_history(
+    table: &SlotTable,
+    slots: &[usize],
+    clock: usize,
+    slot: usize,
+    pd: &PeerData,
+    p: &Params,
+) {
+    let w = p.float[0].unwrap_or(pdgate_core::balance::LENGTH_REQ_LEN_WEIGHT);
+    table.record(slot, pdgate_core::balance::weighted_tokens(pd.tokens, w));
+    if clock == usize::MAX {
+        return;
+    }
+    let every = p.int[0].unwrap_or(pdgate_core::balance::LENGTH_MERGE_THRESHOLD).max(1);
+    if table.tick(clock).is_multiple_of(every) {
+        let by = p.int[1].unwrap_or(pdgate_core::balance::LENGTH_DECAY_FACTOR);
+        for &s in slots {
+            table.decay(s, by);
+        }
+    }
 }
 
 fn tried(rrp: &ngx_http_upstream_rr_peer_data_t, i: usize) -> bool {
@@ -382,14 +565,17 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             return delegate(pc); // round robin moved on to the backup servers
         }
         let n = (*peers).number;
-        let Some(table) = table(conf.zone) else { return delegate(pc) };
+        let Some(z) = zone(conf.zone) else { return delegate(pc) };
+        let table = z.slots;
+        let b = &*pd.balancer;
         if n == 0 || n > MAX_PEERS {
             return delegate(pc);
         }
         // Slots of the peers, once per worker.
         {
+            // One slot per peer, then (length_balance) the upstream's clock.
             let mut slot_of = conf.slot_of.borrow_mut();
-            if slot_of.len() != n {
+            if slot_of.len() != n + 1 {
                 slot_of.clear();
                 let mut p = (*peers).peer;
                 while !p.is_null() {
@@ -397,6 +583,12 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
                     slot_of.push(table.find_or_claim(key).unwrap_or(usize::MAX));
                     p = (*p).next;
                 }
+                let clock = if b.history {
+                    table.find_or_claim(peer_key(&conf.upstream_name, b"")).unwrap_or(usize::MAX)
+                } else {
+                    usize::MAX
+                };
+                slot_of.push(clock);
             }
         }
         let slot_of = conf.slot_of.borrow();
@@ -410,21 +602,47 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
                 && peer.fails >= peer.max_fails
                 && now - peer.checked <= peer.fail_timeout;
             let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
-            let (requests, tokens, cost) =
-                table.load(slot_of.get(i).copied().unwrap_or(usize::MAX));
+            let slot = slot_of.get(i).copied().unwrap_or(usize::MAX);
+            let (requests, tokens, cost) = table.load(slot);
+            let (hist_requests, hist_tokens) = if b.history { table.history(slot) } else { (0, 0) };
             views[i] = PeerView {
                 available: !tried(rrp, i) && peer.down == 0 && !failed && !full,
                 weight: peer.weight.max(1) as u32,
                 requests,
                 tokens,
                 cost,
+                hist_requests,
+                hist_tokens,
             };
             p = peer.next;
             i += 1;
         }
         let tie = crate::random::with_rng(|r| r.next_u64());
-        let b = &*pd.balancer;
-        let Some(c) = (b.choose)(&views[..n], pd.tokens, &conf.params, tie) else {
+        // Requests in prefill, for a decode upstream's look-ahead.
+        let mut pending = [0u64; PD_SCORE_LOOKAHEAD];
+        let mut npending = 0;
+        if conf.params.mode == MODE_DECODE {
+            let mut scratch = [(0u64, 0u64); PENDING];
+            npending = z.pending.oldest(&mut pending, &mut scratch);
+        }
+        // The peer holding the longest prefix of this prompt.
+        let mut affinity = [0u32; MAX_PEERS];
+        let keys: &[u64] =
+            if pd.keys.is_null() { &[] } else { std::slice::from_raw_parts(pd.keys, pd.nkeys) };
+        if let Some((blocks, slot)) = z.index.longest(keys) {
+            if let Some(i) = slot_of.iter().take(n).position(|&s| s == slot) {
+                affinity[i] = blocks as u32;
+            }
+        }
+        let req = Request {
+            tokens: pd.tokens,
+            cost: pd.cost,
+            params: &conf.params,
+            tie,
+            pending: &pending[..npending],
+            affinity: &affinity[..n],
+        };
+        let Some(c) = (b.choose)(&views[..n], &req) else {
             return delegate(pc);
         };
         // Let the wrapped get take exactly `c`: everything else looks tried.
@@ -453,16 +671,36 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             let slot = slot_of.get(c).copied().unwrap_or(usize::MAX);
             table.acquire(slot, pd.tokens, pd.cost);
             pd.slot = slot;
+            if b.history {
+                let clock = slot_of.get(n).copied().unwrap_or(usize::MAX);
+                record_history(&table, &slot_of[..n], clock, slot, pd, &conf.params);
+            }
+            if conf.params.mode == MODE_PREFILL && pd.pending == usize::MAX {
+                let id = crate::random::with_rng(|r| r.next_u64()).max(1);
+                let now = *std::ptr::addr_of!(ngx::ffi::ngx_current_msec) as u64;
+                pd.pending = z.pending.add(id, pd.tokens, now, id).unwrap_or(usize::MAX);
+                pd.pending_id = id;
+            }
+            if !keys.is_empty() && slot != usize::MAX {
+                z.index.insert(keys, slot);
+            }
             ngx_log_debug!(
                 mask: DebugMask::Http,
                 (*pc).log,
-                "{}: peer {} of {}, load {} requests / {} tokens, request {} tokens, try {}",
+                "{}: peer {} of {} ({}), load {} requests / {} tokens / cost {} / history {}+{}, request {} tokens, {} in prefill, prefix match {} of {} blocks, try {}",
                 b.name,
                 c,
                 n,
+                String::from_utf8_lossy((*pc).name.as_ref().map_or(&[][..], |s| str_bytes(s))),
                 views[c].requests,
                 views[c].tokens,
+                views[c].cost,
+                views[c].hist_requests,
+                views[c].hist_tokens,
                 pd.tokens,
+                npending,
+                affinity[c],
+                keys.len(),
                 (*pc).tries
             );
         }
@@ -479,11 +717,18 @@ unsafe extern "C" fn free_peer(
         // SAFETY: `data` is our PeerData.
         unsafe {
             let pd = &mut *(data as *mut PeerData);
+            let z = pd.conf.as_ref().and_then(|c| zone(c.zone));
             if pd.slot != usize::MAX {
-                if let Some(t) = pd.conf.as_ref().and_then(|c| table(c.zone)) {
-                    t.release(pd.slot, pd.tokens, pd.cost);
+                if let Some(z) = &z {
+                    z.slots.release(pd.slot, pd.tokens, pd.cost);
                 }
                 pd.slot = usize::MAX;
+            }
+            if pd.pending != usize::MAX {
+                if let Some(z) = &z {
+                    z.pending.remove(pd.pending, pd.pending_id);
+                }
+                pd.pending = usize::MAX;
             }
             if let Some(f) = pd.inner_free {
                 f(pc, pd.inner_data, state);
@@ -535,46 +780,177 @@ pub unsafe extern "C" fn cmd_flag(
     crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
         // SAFETY: as documented.
         unsafe {
-            let c = &mut *(conf as *mut UpstreamConf);
-            let Some(b) = ((*cmd).post as *const Balancer).as_ref() else { return NGX_CONF_ERROR };
-            if c.enabled != -1 {
-                return crate::conf::error(cf, "is duplicate");
+            match pdgate_core::conf::parse_flag(arg(cf)) {
+                Ok(on) => set_enabled(cf, cmd, conf, on),
+                Err(e) => crate::conf::error(cf, &e.to_string()),
             }
-            let on = match pdgate_core::conf::parse_flag(arg(cf)) {
-                Ok(on) => on,
-                Err(e) => return crate::conf::error(cf, &e.to_string()),
-            };
-            c.enabled = isize::from(on);
-            if on {
-                if let Err(e) = enable(cf, c, (b.module)(), b.zone) {
-                    return crate::conf::error(cf, e);
-                }
-            }
-            crate::conf::OK
         }
     })
 }
 
-/// `<balancer>_<name> N;` — a positive whole number into `params.int`.
+/// Turns the balancer on or off for the upstream being parsed, once.
+///
+/// # Safety
+/// As [`cmd_flag`].
+unsafe fn set_enabled(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+    on: bool,
+) -> *mut c_char {
+    // SAFETY: as documented.
+    unsafe {
+        let c = &mut *(conf as *mut UpstreamConf);
+        let Some(b) = ((*cmd).post as *const Balancer).as_ref() else { return NGX_CONF_ERROR };
+        if c.enabled != -1 {
+            return crate::conf::error(cf, "is duplicate");
+        }
+        c.enabled = isize::from(on);
+        if on {
+            if let Err(e) = enable(cf, c, (b.module)(), b.zone) {
+                return crate::conf::error(cf, e);
+            }
+        }
+        crate::conf::OK
+    }
+}
+
+/// `<balancer>` with no argument, `on` or `off` (length_balance's form;
+/// the bare directive turns it on, as in the original).
+///
+/// # Safety
+/// As [`cmd_flag`].
+pub unsafe extern "C" fn cmd_flag_or_bare(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: as documented.
+    unsafe {
+        if crate::conf::args(cf).len() == 1 {
+            return set_enabled(cf, cmd, conf, true);
+        }
+        cmd_flag(cf, cmd, conf)
+    }
+}
+
+/// `<balancer> prefill|decode|off;` (pd_score_balance's role word).
+///
+/// # Safety
+/// As [`cmd_flag`].
+pub unsafe extern "C" fn cmd_mode(
+    cf: *mut ngx_conf_t,
+    cmd: *mut ngx_command_t,
+    conf: *mut c_void,
+) -> *mut c_char {
+    crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
+        // SAFETY: as documented.
+        unsafe {
+            let mode = match arg(cf) {
+                b"prefill" => MODE_PREFILL,
+                b"decode" => MODE_DECODE,
+                b"off" => 0,
+                v => {
+                    return crate::conf::error(
+                        cf,
+                        &format!(
+                            "invalid value \"{}\", it must be \"prefill\", \"decode\" or \"off\"",
+                            String::from_utf8_lossy(v)
+                        ),
+                    )
+                }
+            };
+            let rc = set_enabled(cf, cmd, conf, mode != 0);
+            if rc.is_null() {
+                (*(conf as *mut UpstreamConf)).params.mode = mode;
+            }
+            rc
+        }
+    })
+}
+
+/// `<balancer>_shm_size SIZE;` at http level: the size of the module's
+/// shared zone (the default fits, and a prefix index grows it to fit).
+///
+/// # Safety
+/// nginx's directive handler contract (http main context).
+pub unsafe extern "C" fn cmd_shm_size(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
+        // SAFETY: as documented.
+        unsafe {
+            if SHM_SIZE.load(Ordering::Relaxed) != 0 {
+                return crate::conf::error(cf, "is duplicate");
+            }
+            let v = arg(cf);
+            match pdgate_core::conf::parse_size(v) {
+                Some(n) if n >= 64 << 10 => {
+                    SHM_SIZE.store(n, Ordering::Relaxed);
+                    crate::conf::OK
+                }
+                Some(_) => crate::conf::error(
+                    cf,
+                    &format!(
+                        "size \"{}\" is too small, the least is 64k",
+                        String::from_utf8_lossy(v)
+                    ),
+                ),
+                None => crate::conf::error(
+                    cf,
+                    &format!("invalid size \"{}\"", String::from_utf8_lossy(v)),
+                ),
+            }
+        }
+    })
+}
+
+/// Forgets this module's http-level settings (preconfiguration: a reload
+/// parses the configuration again in the same process).
+pub fn reset_main_settings() {
+    SHM_SIZE.store(0, Ordering::Relaxed);
+    INDEX_ENTRIES.store(0, Ordering::Relaxed);
+}
+
+/// An http-level directive of a balancer module (`<name>_shm_size`).
+pub const fn main_command(
+    name: &'static std::ffi::CStr,
+    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+) -> ngx_command_t {
+    ngx_command_t {
+        name: ngx_str_t { len: name.count_bytes(), data: name.as_ptr() as *mut u8 },
+        type_: (ngx::ffi::NGX_HTTP_MAIN_CONF | ngx::ffi::NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(set),
+        conf: ngx::ffi::NGX_HTTP_MAIN_CONF_OFFSET as ngx_uint_t,
+        offset: 0,
+        post: null_mut(),
+    }
+}
+
+/// `<balancer>_<name> N;` — a positive whole number into
+/// `params.int[cmd->offset]`.
 ///
 /// # Safety
 /// As [`cmd_flag`].
 pub unsafe extern "C" fn cmd_int(
     cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
+    cmd: *mut ngx_command_t,
     conf: *mut c_void,
 ) -> *mut c_char {
     crate::guard::catch("balancer directive", NGX_CONF_ERROR, || {
         // SAFETY: as documented.
         unsafe {
             let c = &mut *(conf as *mut UpstreamConf);
-            if c.params.int.is_some() {
+            let Some(slot) = c.params.int.get_mut((*cmd).offset) else { return NGX_CONF_ERROR };
+            if slot.is_some() {
                 return crate::conf::error(cf, "is duplicate");
             }
             let v = arg(cf);
             match std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()) {
                 Some(n) if n > 0 => {
-                    c.params.int = Some(n);
+                    *slot = Some(n);
                     crate::conf::OK
                 }
                 _ => crate::conf::error(
@@ -685,7 +1061,13 @@ pub unsafe fn status_text(
     balancer: &Balancer,
     conf_of: impl Fn(*mut ngx_http_upstream_srv_conf_t) -> *mut UpstreamConf,
 ) -> String {
-    let mut out = format!("# {} upstream peer requests tokens cost total\n", balancer.name);
+    let mut out = format!(
+        "# {} upstream peer requests tokens cost total{}\n",
+        balancer.name,
+        if balancer.history { " hist_requests hist_tokens" } else { "" }
+    );
+    let mut modes = false;
+    let mut zone_seen = null_mut();
     // SAFETY: the upstream main conf lives as long as the cycle; peer lists
     // are round robin's (read without its lock: a status snapshot).
     unsafe {
@@ -699,6 +1081,8 @@ pub unsafe fn status_text(
                 continue;
             }
             let Some(table) = table(conf.zone) else { continue };
+            modes |= conf.params.mode != 0;
+            zone_seen = conf.zone;
             let mut p = ((*us).peer.data as *mut ngx_http_upstream_rr_peers_t)
                 .as_ref()
                 .map_or(null_mut(), |peers| peers.peer);
@@ -712,11 +1096,24 @@ pub unsafe fn status_text(
                     None => (0, 0, 0, 0),
                 };
                 out.push_str(&format!(
-                    "{} {} {requests} {tokens} {cost} {total}\n",
+                    "{} {} {requests} {tokens} {cost} {total}",
                     String::from_utf8_lossy(&conf.upstream_name),
                     String::from_utf8_lossy(str_bytes(&peer.name)),
                 ));
+                if balancer.history {
+                    let (r, t) = table.find(key).map_or((0, 0), |i| table.history(i));
+                    out.push_str(&format!(" {r} {t}"));
+                }
+                out.push('\n');
                 p = peer.next;
+            }
+        }
+        if let Some(z) = zone(zone_seen) {
+            if modes {
+                out.push_str(&format!("# in prefill {}\n", z.pending.len()));
+            }
+            if balancer.prefix {
+                out.push_str(&format!("# prefix index entries {}\n", z.index.used()));
             }
         }
     }
@@ -893,8 +1290,15 @@ macro_rules! balancer_module {
 
         $crate::balancer_hooks!(__pdgate_init_peer, __pdgate_postconfiguration, $module, $balancer);
 
+        unsafe extern "C" fn __pdgate_preconfiguration(
+            _cf: *mut $crate::ffi::ngx_conf_t,
+        ) -> $crate::ffi::ngx_int_t {
+            $crate::upstream::reset_main_settings();
+            $crate::ffi::NGX_OK as $crate::ffi::ngx_int_t
+        }
+
         static __PDGATE_CTX: $crate::ffi::ngx_http_module_t = $crate::ffi::ngx_http_module_t {
-            preconfiguration: None,
+            preconfiguration: Some(__pdgate_preconfiguration),
             postconfiguration: Some(__pdgate_postconfiguration),
             create_main_conf: None,
             init_main_conf: None,

@@ -34,12 +34,23 @@ fn sim(role: Role, profile: Profile, faults: Faults) -> Arc<Sim> {
 }
 
 /// The load-aware balancers under test.
-const BALANCERS: [&str; 4] = [
+const BALANCERS: [&str; 6] = [
     "least_total_load",
     "weighted_least_active",
     "auto_balance_controller",
     "prefill_score_balance",
+    "prefix_cache_affinity",
+    "pd_score_balance",
 ];
+
+/// A balancer's "on" directive.
+fn on(b: &str) -> String {
+    if b == "pd_score_balance" {
+        "pd_score_balance decode;".into()
+    } else {
+        format!("{b} on;")
+    }
+}
 
 /// A running nginx that is stopped on drop.
 struct Nginx {
@@ -74,6 +85,26 @@ fn free_port() -> u16 {
 }
 
 fn nginx(prefill: &Sim, decode: &Sim) -> Nginx {
+    let upstreams = format!(
+        "    upstream prefill_servers {{ server 127.0.0.1:{p}; keepalive 8; }}\n    upstream decode_servers {{ server 127.0.0.1:{d}; keepalive 8; }}\n{balanced}",
+        p = prefill.cfg.port,
+        d = decode.cfg.port,
+        balanced = BALANCERS
+            .iter()
+            .map(|b| format!(
+                "    upstream lb_{b} {{ server 127.0.0.1:{}; server 127.0.0.1:{}; {} keepalive 8; }}\n",
+                prefill.cfg.port,
+                decode.cfg.port,
+                on(b)
+            ))
+            .collect::<String>(),
+    );
+    start_nginx(&upstreams)
+}
+
+/// nginx with the P/D server block and these upstreams (which must define
+/// prefill_servers and decode_servers).
+fn start_nginx(upstreams: &str) -> Nginx {
     let bin = dist().join("sbin/nginx");
     assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
     let dir =
@@ -89,6 +120,8 @@ load_module {m}/ngx_http_upstream_weighted_least_active_module.so;
 load_module {m}/ngx_http_upstream_auto_balance_controller_module.so;
 load_module {m}/ngx_http_upstream_prefill_score_balance_module.so;
 load_module {m}/ngx_http_upstream_greedy_timeout_module.so;
+load_module {m}/ngx_http_upstream_prefix_cache_affinity_module.so;
+load_module {m}/ngx_http_upstream_pd_score_balance_module.so;
 daemon off;
 master_process off;
 worker_processes 1;
@@ -97,9 +130,7 @@ pid logs/nginx.pid;
 events {{ worker_connections 256; }}
 http {{
     access_log off;
-    upstream prefill_servers {{ server 127.0.0.1:{p}; keepalive 8; }}
-    upstream decode_servers {{ server 127.0.0.1:{d}; keepalive 8; }}
-{balanced}
+{upstreams}
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     server {{
@@ -119,19 +150,11 @@ http {{
         location /direct/ {{ proxy_pass http://decode_servers/; }}
         location ~ ^/lb/(?<lb>[a-z_]+)(?<rest>/.*)$ {{ proxy_buffering off; proxy_pass http://lb_$lb$rest; }}
         location = /status/weighted_least_active {{ weighted_least_active_status; }}
+        location = /status/pd_score_balance {{ pd_score_balance_status; }}
     }}
 }}
 "#,
         m = m.display(),
-        p = prefill.cfg.port,
-        d = decode.cfg.port,
-        balanced = BALANCERS
-            .iter()
-            .map(|b| format!(
-                "    upstream lb_{b} {{ server 127.0.0.1:{}; server 127.0.0.1:{}; {b} on; keepalive 8; }}\n",
-                prefill.cfg.port, decode.cfg.port
-            ))
-            .collect::<String>(),
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     let child = Command::new(&bin)
@@ -356,6 +379,87 @@ fn weighted_least_active_learns_resident_tokens_from_streamed_usage() {
         .collect();
     assert!(held.iter().any(|&t| t > estimate + 20), "estimate {estimate}, status:\n{mid}");
     for l in after.lines().filter(|l| l.starts_with("lb_weighted_least_active ")) {
+        let f: Vec<&str> = l.split(' ').collect();
+        assert_eq!((f[2], f[3]), ("0", "0"), "{after}");
+    }
+}
+
+/// pd_score_balance places a decode looking ahead over the requests still
+/// in prefill: a long prompt in prefill will want the idle decode engine,
+/// so a short request that overtakes it goes to the busier one (a plain
+/// least-loaded choice would take the idle one).
+#[test]
+fn pd_score_balance_decode_looks_ahead_over_prefills() {
+    // Prefill 200 µs per token: a 2000-token prompt takes ~0.4 s.
+    let pprof = Profile { prefill_token_us: 200.0, ..Profile::instant() };
+    let dprof = Profile { step_base_us: 5_000.0, ..Profile::instant() };
+    let p1 = sim(Role::Prefill, pprof.clone(), Faults::default());
+    let p2 = sim(Role::Prefill, pprof, Faults::default());
+    let da = sim(Role::Decode, dprof.clone(), Faults::default());
+    let db = sim(Role::Decode, dprof, Faults::default());
+    let ngx = start_nginx(&format!(
+        "    upstream prefill_servers {{ server 127.0.0.1:{}; server 127.0.0.1:{}; pd_score_balance prefill; keepalive 8; }}\n    upstream decode_servers {{ server 127.0.0.1:{}; server 127.0.0.1:{}; pd_score_balance decode; keepalive 8; }}\n",
+        p1.cfg.port, p2.cfg.port, da.cfg.port, db.cfg.port
+    ));
+    let port = ngx.port;
+    // A decode that keeps one engine busy for ~1 s.
+    let busy = std::thread::spawn(move || {
+        post(port, "/v1/completions", r#"{"prompt":"busy","max_tokens":200,"ignore_eos":true}"#)
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let busy_is_a = loop {
+        let (ra, rb) = (
+            metric(da.cfg.port, "vllm:num_requests_running"),
+            metric(db.cfg.port, "vllm:num_requests_running"),
+        );
+        if ra + rb >= 1.0 {
+            break ra >= 1.0;
+        }
+        assert!(Instant::now() < deadline, "the busy request never started");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    // A long prompt enters prefill...
+    let long_prompt = "x".repeat(8000);
+    let long = std::thread::spawn(move || {
+        let body = format!(r#"{{"prompt":"{long_prompt}","max_tokens":1}}"#);
+        post(port, "/v1/completions", &body)
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, status, _) = post(port, "/status/pd_score_balance", "");
+        if status.contains("# in prefill 1") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the long prefill never showed:\n{status}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // ...and a short one overtakes it on the other prefill engine.
+    let (status, body, _) = post(port, "/v1/completions", r#"{"prompt":"short","max_tokens":1}"#);
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = long.join().unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(busy.join().unwrap().0, 200);
+    let (busy_sim, idle_sim) = if busy_is_a { (&da, &db) } else { (&db, &da) };
+    let short_on = |s: &Sim| {
+        journal(s, 1).iter().filter(|r| r.prompt_tokens < 100 && r.output_tokens == 1).count()
+    };
+    let long_on = |s: &Sim| journal(s, 1).iter().filter(|r| r.prompt_tokens >= 1000).count();
+    assert_eq!(
+        (short_on(busy_sim), short_on(idle_sim)),
+        (1, 0),
+        "the short request went to the idle engine"
+    );
+    assert_eq!(
+        (long_on(idle_sim), long_on(busy_sim)),
+        (1, 0),
+        "the long request did not get the idle engine"
+    );
+    // Both prefill engines were used (the short prefill avoided the busy one).
+    assert_eq!(journal(&p1, 1).len() + journal(&p2, 1).len(), 3);
+    assert!(!journal(&p1, 1).is_empty() && !journal(&p2, 1).is_empty());
+    let (_, after, _) = post(port, "/status/pd_score_balance", "");
+    assert!(after.contains("# in prefill 0"), "{after}");
+    for l in after.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = l.split(' ').collect();
         assert_eq!((f[2], f[3]), ("0", "0"), "{after}");
     }

@@ -133,18 +133,35 @@ pub fn greedy_timeout(peers: &[PeerView], cost: u64, tie: u64) -> Option<usize> 
 
 /// length_balance: the peer that received the least recent work, scored
 /// as the Global Proxy did, `R + S` with `R` the requests and `S` the
-/// tokens placed on it (each scaled by the request-length weight when
-/// recorded), both divided by `decay` every `merge_threshold` placements
-/// (see [`slots::SlotTable::decay`]); per unit of weight. Unlike the
-/// original this history is shared by all workers at once (no per-worker
-/// batches merged with a lossy compare-and-set), the request's own length
-/// counts, and ties go at random.
-pub fn length_balance(peers: &[PeerView], tie: u64) -> Option<usize> {
+/// tokens placed on it (each request's tokens scaled by the request-length
+/// weight), both divided by `decay` every `merge_threshold` placements
+/// (see [`slots::SlotTable::decay`]) — here counted with this request added
+/// (`1 + weighted_tokens`, the original's `L·w` term, which it added to
+/// every peer alike so that it changed nothing) and divided by the weight,
+/// so that weights share the history smoothly; then the heavier peer; ties
+/// at random. Unlike the original the history is shared by all workers at
+/// once (no per-worker batches merged with a lossy compare-and-set).
+pub fn length_balance(peers: &[PeerView], weighted_tokens: u64, tie: u64) -> Option<usize> {
+    let score = |p: &PeerView| {
+        u128::from(p.hist_requests) + 1 + u128::from(p.hist_tokens) + u128::from(weighted_tokens)
+    };
     pick_min(peers, tie, |a, b| {
-        let sa = u128::from(a.hist_requests) + u128::from(a.hist_tokens);
-        let sb = u128::from(b.hist_requests) + u128::from(b.hist_tokens);
-        (sa * u128::from(b.weight.max(1))).cmp(&(sb * u128::from(a.weight.max(1))))
+        (score(a) * u128::from(b.weight.max(1)))
+            .cmp(&(score(b) * u128::from(a.weight.max(1))))
+            .then(b.weight.cmp(&a.weight))
     })
+}
+
+/// A request's tokens times length_balance's request-length weight (what
+/// its history records and its score adds), saturating; 0 for a weight
+/// that is not a positive number.
+pub fn weighted_tokens(tokens: u64, weight: f64) -> u64 {
+    let w = tokens as f64 * weight;
+    if w.is_finite() && w > 0.0 {
+        w.min(u64::MAX as f64 / 4.0) as u64
+    } else {
+        0
+    }
 }
 
 /// The length_balance defaults: merge (decay) every 32 placements, halve,
@@ -164,7 +181,7 @@ pub const PD_SCORE_LOOKAHEAD: usize = 64;
 /// pd_score_balance on a prefill upstream: among peers running fewer than
 /// `cap` requests, the fewest tokens in flight (the work queued before this
 /// request's prefill can start); when every peer is at its cap, the fewest
-/// requests. Per unit of weight; ties at random. (The original reserved
+/// requests. Per unit of weight, then the heavier peer; ties at random. (The original reserved
 /// the choice outside its lock, so concurrent workers herded onto one peer.)
 pub fn pd_score_prefill(peers: &[PeerView], cap: u64, tie: u64) -> Option<usize> {
     let cap = cap.max(1);
@@ -179,6 +196,7 @@ pub fn pd_score_prefill(peers: &[PeerView], cap: u64, tie: u64) -> Option<usize>
         } else {
             (u128::from(a.requests) * wb).cmp(&(u128::from(b.requests) * wa))
         }
+        .then(b.weight.cmp(&a.weight))
     })
 }
 
@@ -229,6 +247,7 @@ pub fn pd_score_decode(
             } else {
                 (u128::from(a.requests) * wb).cmp(&(u128::from(b.requests) * wa))
             }
+            .then(b.weight.cmp(&a.weight))
         })
     };
     for &x in longer.iter() {
@@ -460,14 +479,23 @@ mod tests {
     #[test]
     fn length_balance_takes_the_least_recent_work() {
         let hist = |r, t| PeerView { hist_requests: r, hist_tokens: t, ..peer(0, 0) };
-        assert_eq!(length_balance(&[hist(3, 300), hist(2, 100), hist(9, 0)], 0), Some(2));
-        assert_eq!(length_balance(&[hist(3, 300), hist(2, 100)], 0), Some(1));
-        // Weight 4 makes 400 look like 100.
+        assert_eq!(length_balance(&[hist(3, 300), hist(2, 100), hist(9, 0)], 10, 0), Some(2));
+        assert_eq!(length_balance(&[hist(3, 300), hist(2, 100)], 10, 0), Some(1));
+        // Weight 4 makes 400 (+1 +10 for this request) look like ~103.
         let heavy = PeerView { weight: 4, ..hist(0, 400) };
-        assert_eq!(length_balance(&[hist(0, 150), heavy], 0), Some(1));
+        assert_eq!(length_balance(&[hist(0, 150), heavy], 10, 0), Some(1));
+        // Counting the request itself: weight 3 takes 3 of 4 equal requests.
+        let mut p = [PeerView { weight: 3, ..hist(0, 0) }, hist(0, 0)];
+        let mut got = Vec::new();
+        for _ in 0..8 {
+            let c = length_balance(&p, 0, 1).unwrap();
+            p[c].hist_requests += 1;
+            got.push(c);
+        }
+        assert_eq!(got, [0, 0, 0, 1, 0, 0, 0, 1]);
         let mut gone = hist(0, 0);
         gone.available = false;
-        assert_eq!(length_balance(&[gone, hist(5, 5)], 0), Some(1));
+        assert_eq!(length_balance(&[gone, hist(5, 5)], 10, 0), Some(1));
     }
 
     #[test]
