@@ -145,13 +145,17 @@ say() { printf '%s: %s\n' "$PROG" "$*"; }
 
 # --- flag parsing -----------------------------------------------------------
 parse_args() {
-    local arg val
+    local arg val inline
     while [ $# -gt 0 ]; do
         arg=$1
-        val=""
+        inline=0
         shift
         case "$arg" in
-            --*=*) val=${arg#*=}; arg=${arg%%=*}; set -- "$val" "$@" ;;
+            --*=*) val=${arg#*=}; arg=${arg%%=*}; inline=1; set -- "$val" "$@" ;;
+        esac
+        case "$arg" in
+            --enable-attention-ffn-disaggregation|-d|--dry-run|-S|--stop|-R|--rollback|-h|--help)
+                [ "$inline" = 0 ] || bad "$arg: takes no value" ;;
         esac
         case "$arg" in
             -f|--nginx-conf-file) need_value "$arg" "$@"; CONF_FILE=$1; shift ;;
@@ -342,8 +346,20 @@ validate() {
     [ -z "$METRICS_SIZE" ] || require_feature internal_metrics --enable-internal-metrics "$METRICS_SIZE"
     [ "$ENGINE" = vllm ] || require_feature sglang --engine-type "$ENGINE"
     [ -z "$ENCODE_LIST" ] || require_feature encode --encode-servers-list "$ENCODE_LIST"
+    # Their directives are not settled yet: no template lines to write them.
+    # Remove these two lines when render() has them (issue 6).
+    [ "$ENGINE" = vllm ] || bad "--engine-type $ENGINE: this script has no SGLang template yet"
+    [ -z "$ENCODE_LIST" ] || bad "--encode-servers-list $ENCODE_LIST: this script has no E/P/D template yet"
     is_builtin_lb "$PREFILL_LB" || require_feature "lb:$PREFILL_LB" --prefill-lb-sdk "$PREFILL_LB"
     is_builtin_lb "$DECODE_LB" || require_feature "lb:$DECODE_LB" --decode-lb-sdk "$DECODE_LB"
+
+    # Not an error: the file may be meant for a bigger machine.
+    local cpus
+    cpus=$(nproc 2> /dev/null || echo 0)
+    if [ "$cpus" -gt 0 ] && [ $((START_CORE + CORE_NUM)) -gt "$cpus" ]; then
+        printf '%s: warning: workers pinned to CPUs %d-%d, this machine has %d (nginx will log an alert for each missing one)\n' \
+            "$PROG" "$START_CORE" $((START_CORE + CORE_NUM - 1)) "$cpus" >&2
+    fi
     return 0
 }
 

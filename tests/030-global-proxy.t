@@ -109,6 +109,7 @@ my @BAD = (
     [ "$SERVERS --modules-dir /nonexistent" => qr/^--modules-dir \/nonexistent: not a directory/ ],
     [ "$SERVERS --frobnicate" => qr/^unknown flag "--frobnicate"/ ],
     [ "$SERVERS --listen-port" => qr/^--listen-port: missing value$/ ],
+    [ "$SERVERS --dry-run=yes" => qr/^--dry-run: takes no value$/ ],
 );
 
 for my $bad (@BAD) {
