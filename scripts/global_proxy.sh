@@ -284,7 +284,9 @@ validate() {
     if [ -n "$LISTEN_ADDRESS" ]; then
         [[ $LISTEN_ADDRESS =~ ^(\*|[0-9.]+|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$ ]] \
             || bad "--listen-address $LISTEN_ADDRESS: not an address"
-        [[ $LISTEN_ADDRESS == *:* && $LISTEN_ADDRESS != \[* ]] && LISTEN_ADDRESS="[$LISTEN_ADDRESS]"
+        if [[ $LISTEN_ADDRESS == *:* && $LISTEN_ADDRESS != \[* ]]; then
+            LISTEN_ADDRESS="[$LISTEN_ADDRESS]"     # IPv6, as nginx writes it
+        fi
     fi
 
     is_lb_name "$PREFILL_LB" || bad "--prefill-lb-sdk $PREFILL_LB: unknown balancer (see --help)"
@@ -651,39 +653,49 @@ rollback() {
     say "restored $CONF_FILE from $backup"
 }
 
-# install_conf CONTENT: write CONF_FILE (atomically) unless it already holds
-# CONTENT; keep the file it first replaces as FILE_bak. Sets CHANGED.
-install_conf() {
-    local content=$1 tmp
-    CHANGED=1
-    if [ -f "$CONF_FILE" ] && [ "$(cat "$CONF_FILE"; printf x)" = "${content}x" ]; then
-        CHANGED=0
-        return 0
-    fi
+# same_content CONTENT: whether CONF_FILE already holds exactly CONTENT.
+same_content() {
+    [ -f "$CONF_FILE" ] && [ "$(cat "$CONF_FILE"; printf x)" = "${1}x" ]
+}
+
+# stage_conf CONTENT: write CONTENT next to CONF_FILE; prints that path.
+stage_conf() {
+    local tmp
     mkdir -p "$(dirname "$CONF_FILE")"
+    tmp=$(mktemp "$CONF_FILE.XXXXXX")
+    printf '%s' "$1" > "$tmp"
+    chmod 644 "$tmp"
+    printf '%s\n' "$tmp"
+}
+
+# install_conf STAGED: move STAGED over CONF_FILE, keeping the first file it
+# replaces as FILE_bak (later runs never overwrite that backup).
+install_conf() {
     if [ -f "$CONF_FILE" ] && [ ! -e "${CONF_FILE}_bak" ]; then
         cp -p "$CONF_FILE" "${CONF_FILE}_bak"
         say "kept the previous $CONF_FILE as ${CONF_FILE}_bak"
     fi
-    tmp=$(mktemp "$CONF_FILE.XXXXXX")
-    printf '%s' "$content" > "$tmp"
-    chmod 644 "$tmp"
-    mv -f "$tmp" "$CONF_FILE"
+    mv -f "$1" "$CONF_FILE"
 }
 
+# nginx_test FILE: nginx -t on FILE (its paths are absolute, so a staged copy
+# tests exactly what CONF_FILE will be); nginx's message and status 1 when
+# it refuses.
 nginx_test() {
     local out
-    if ! out=$("$NGINX_BIN" -t -q -p "$PREFIX/" -c "$CONF_FILE" 2>&1); then
+    if ! out=$("$NGINX_BIN" -t -q -p "$PREFIX/" -c "$1" 2>&1); then
         printf '%s\n' "$out" >&2
-        fail "nginx -t refused $CONF_FILE (message above)"
+        return 1
     fi
     [ -z "$out" ] || printf '%s\n' "$out" >&2
 }
 
+# start_or_reload CHANGED RUNNING_PID: reload the nginx already running from
+# CONF_FILE when the file changed, else start one.
 start_or_reload() {
-    local pid waited
-    if pid=$(running_pid "$CONF_FILE"); then
-        if [ "$CHANGED" = 0 ]; then
+    local changed=$1 pid=$2 waited
+    if [ -n "$pid" ]; then
+        if [ "$changed" = 0 ]; then
             say "nginx $pid is already running from $CONF_FILE (unchanged)"
         else
             kill -HUP "$pid"
@@ -734,18 +746,37 @@ main() {
     [ -z "$ACCESS_LOG" ] || [ "$ACCESS_LOG" = off ] || ACCESS_LOG=$(abs_path "$ACCESS_LOG")
     validate
 
-    local content
+    local content staged running
     content=$(render)$'\n'
+    if same_content "$content"; then
+        say "$CONF_FILE unchanged"
+        [ "$DRY_RUN" = 1 ] && return 0
+        running=$(running_pid "$CONF_FILE") || running=""
+        if [ -z "$running" ]; then
+            make_runtime_dirs
+            nginx_test "$CONF_FILE" || fail "nginx -t refused $CONF_FILE (message above)"
+        fi
+        start_or_reload 0 "$running"
+        return 0
+    fi
+    staged=$(stage_conf "$content")
+    STAGED=$staged
+    trap 'rm -f "$STAGED"' EXIT     # a no-op once it is moved into place
     if [ "$DRY_RUN" = 1 ]; then
-        install_conf "$content"
+        install_conf "$staged"
         say "wrote $CONF_FILE (dry run: not tested, nothing started)"
         return 0
     fi
+    # The nginx running from the file as it is now, before it changes.
+    running=$(running_pid "$CONF_FILE") || running=""
     make_runtime_dirs
-    install_conf "$content"
-    if [ "$CHANGED" = 1 ]; then say "wrote $CONF_FILE"; else say "$CONF_FILE unchanged"; fi
-    nginx_test
-    start_or_reload
+    if ! nginx_test "$staged"; then
+        mv -f "$staged" "$CONF_FILE.rejected"
+        fail "nginx -t refused the new configuration (message above); it is $CONF_FILE.rejected, $CONF_FILE is unchanged"
+    fi
+    install_conf "$staged"
+    say "wrote $CONF_FILE"
+    start_or_reload 1 "$running"
 }
 
 main "$@"

@@ -162,7 +162,7 @@ subtest 'the first file replaced is kept as FILE_bak; --rollback restores it' =>
     like($err, qr/no backup \Q$tmp\E\/none\.conf_bak/, 'and says why');
 };
 
-subtest 'nginx -t refusing the configuration shows its message, starts nothing' => sub {
+subtest 'nginx -t refusing the configuration shows its message, installs and starts nothing' => sub {
     my $tmp = tempdir(CLEANUP => 1);
     chmod 0755, $tmp;
     mkdir "$tmp/dir";
@@ -170,7 +170,8 @@ subtest 'nginx -t refusing the configuration shows its message, starts nothing' 
         . " --prefill-lb-sdk least_conn --decode-lb-sdk least_conn --access-log-file $tmp/dir");
     is($rc, 1, 'exit 1');
     like($err, qr/\[emerg\] open\(\) "\Q$tmp\E\/dir" failed \(21: Is a directory\)/, "nginx's message");
-    like($err, qr/nginx -t refused \Q$tmp\E\/gp\.conf/, 'and ours');
+    like($err, qr/nginx -t refused the new configuration \(message above\); it is \Q$tmp\E\/gp\.conf\.rejected, \Q$tmp\E\/gp\.conf is unchanged/, 'and ours');
+    ok(!-e "$tmp/gp.conf" && -f "$tmp/gp.conf.rejected", 'the refused file is set aside, none installed');
     ok(!-s "$tmp/logs/gp.pid", 'no nginx started');
 };
 

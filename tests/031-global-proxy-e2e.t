@@ -149,6 +149,14 @@ is($http->get("http://127.0.0.1:$oport/")->{content}, "other\n", 'and still answ
 is($rc, 0, '--stop again');
 like($out, qr/no nginx is running/, 'nothing to stop');
 
+# The same flags after --stop: the file is unchanged, nginx starts again.
+($rc, $out, $err) = run_gp("$flags --decode-lb-sdk least_conn");
+is($rc, 0, 'restart with the file as it is') or diag($err);
+like($out, qr/unchanged.*\n.*started nginx \d+/s, 'unchanged, started');
+ok(wait_port($port, 5), 'serving again');
+($rc, $out) = run_gp("--stop -f $conf");
+like($out, qr/stopped nginx/, 'stopped again');
+
 my $script = slurp("$FindBin::Bin/../scripts/global_proxy.sh");
 unlike($script, qr/\b(pgrep|pkill|killall|pidof)\b/, 'the script never looks processes up by name');
 
