@@ -82,7 +82,13 @@ like($json->{choices}[0]{message}{content} // '', qr/\S/, 'with a completion');
 my $metrics = $http->get("http://127.0.0.1:$d_port/metrics")->{content} // '';
 like($metrics, qr/^engine_sim:kv_transfers_total\S* [1-9]/m, 'decode fetched the KV from the prefill');
 like($metrics, qr/^engine_sim:kv_recompute_total\S* 0$/m, 'and recomputed nothing');
-like(slurp("$tmp/prefix/logs/access.log") // '', qr/"request_id":"[0-9a-f-]{36}".*"status":"200".*"upstream_addr":"127\.0\.0\.1:$d_port"/,
+my $log = '';
+for (1 .. 40) {   # written in the log phase, after the client has its answer
+    $log = slurp("$tmp/prefix/logs/access.log") // '';
+    last if $log =~ /"status":"200"/;
+    select undef, undef, undef, 0.05;
+}
+like($log, qr/"request_id":"[0-9a-f-]{36}".*"status":"200".*"upstream_addr":"127\.0\.0\.1:$d_port"/,
     'JSON access log line with the request id and the decode peer');
 is($http->get("http://127.0.0.1:$port/v1/models")->{status}, 200, '/v1/models answered by the prefill');
 
