@@ -82,8 +82,13 @@ if [ "$external" = 0 ]; then
     install -m 0755 "$out/objs/nginx" "$DIST/sbin/nginx"
     # Sample configuration: the self-contained demo, with absolute module paths.
     sed "s|@DIST@|$DIST|g" "$ROOT/nginx-conf/pdgate-demo.conf" > "$DIST/conf/nginx.conf"
-    for c in pdgate-vllm pdgate-2p2d; do
+    # Every other sample too (tests/032-nginx-conf-samples.t checks them all).
+    for c in "$ROOT"/nginx-conf/*.conf; do
+        c=$(basename "$c" .conf)
+        [ "$c" = pdgate-demo ] && continue
         sed "s|@DIST@|$DIST|g" "$ROOT/nginx-conf/$c.conf" > "$DIST/conf/$c.conf"
+    done
+    for c in pdgate-vllm pdgate-2p2d; do
         "$DIST/sbin/nginx" -p "$DIST" -c "conf/$c.conf" -t -q
     done
     "$DIST/sbin/nginx" -p "$DIST" -c conf/nginx.conf -t -q

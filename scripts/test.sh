@@ -14,11 +14,14 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 # Perl modules the Test::Nginx-format runner (tests/lib) uses: all Debian's.
 . scripts/ensure-debs.sh
 ensure_debs libtest-base-perl libtext-diff-perl libtest-longstring-perl libwww-perl \
-    libhttp-message-perl liburi-perl
+    libhttp-message-perl liburi-perl shellcheck
 
 if [ $# -eq 0 ]; then
     step "cargo fmt --check"
     cargo fmt --all -- --check
+
+    step "shellcheck scripts/global_proxy.sh"
+    shellcheck scripts/global_proxy.sh
 
     step "build (nginx + modules, release) and stage dist/"
     ./build.sh

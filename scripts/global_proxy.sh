@@ -1,0 +1,782 @@
+#!/usr/bin/env bash
+# scripts/global_proxy.sh — write an nginx configuration that makes nginx +
+# pdgate's modules the global proxy of a prefill/decode cluster, check it with
+# `nginx -t`, and start (or reload) that nginx. The same command line as
+# omni-infer's global_proxy.sh; see --help, and README.md for the differences.
+#
+#   scripts/global_proxy.sh --prefill-servers-list 10.0.0.1:8100,10.0.0.2:8100 \
+#       --decode-servers-list 10.0.0.3:8200 \
+#       --prefill-lb-sdk least_total_load --decode-lb-sdk weighted_least_active
+#   scripts/global_proxy.sh --stop        # stops the nginx started from that config
+#
+# Exit status: 0 done, 1 nginx refused or failed, 2 bad flags (nothing written).
+set -euo pipefail
+
+PROG=global_proxy.sh
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+# --- what this build can do: the one table to edit when a module lands ------
+#
+# feature               module (.so in --modules-dir)                  directive it must define
+# A feature is available when its module file exists and contains the
+# directive's name. The generator emits one load_module line per distinct
+# module among the features a configuration uses, in this table's order.
+# Names marked (issue 6) are the original Global Proxy's; confirm them when
+# those modules land.
+FEATURE_TABLE='
+request_id              ngx_http_set_request_id_module                 set_request_id
+prefill                 ngx_http_prefill_module                        prefill
+stream_ops              ngx_http_prefill_module                        stream_ops
+internal_metrics        ngx_http_prefill_module                        enable_internal_metrics
+sglang                  ngx_http_prefill_refactor_module               prefill_refactor
+encode                  ngx_http_prefill_module                        prefill_encode
+lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
+lb:weighted_least_active ngx_http_upstream_weighted_least_active_module weighted_least_active
+lb:auto_balance_controller ngx_http_upstream_auto_balance_controller_module auto_balance_controller
+lb:prefill_score_balance ngx_http_upstream_prefill_score_balance_module prefill_score_balance
+lb:greedy_timeout       ngx_http_upstream_greedy_timeout_module        greedy_timeout
+lb:length_balance       ngx_http_upstream_length_balance_module        length_balance
+lb:pd_score_balance     ngx_http_upstream_pd_score_balance_module      pd_score_balance
+lb:prefix_cache_affinity ngx_http_upstream_prefix_cache_affinity_module prefix_cache_affinity
+'
+# Balancers built into nginx: no module, always available.
+BUILTIN_LBS="round_robin least_conn"
+# --- defaults (the original's where they are sane; see usage) --------------
+CONF_FILE="$ROOT/dist/conf/global_proxy.conf"
+PREFIX="$ROOT/dist"
+MODULES_DIR="$ROOT/dist/modules"
+NGINX_BIN="$ROOT/dist/sbin/nginx"
+START_CORE=0
+CORE_NUM=4
+LISTEN_PORT=8080
+LISTEN_ADDRESS=""
+PREFILL_LIST=""
+DECODE_LIST=""
+METRICS_LIST=""
+ENCODE_LIST=""
+PREFILL_LB=pd_score_balance
+DECODE_LB=pd_score_balance
+PREFILL_MAX_SEQS=16
+DECODE_MAX_SEQS=32
+ENGINE=vllm
+BOOTSTRAP_PORTS=""
+METRICS_SIZE=""
+AFD=0
+ATTENTION_NUM=""
+STREAM_OPS=off
+BODY_BUFFER=1024K
+LOG_FILE=""
+LOG_LEVEL=""
+ACCESS_LOG=""
+DRY_RUN=0
+STOP=0
+ROLLBACK=0
+
+usage() {
+    cat <<EOF
+Usage: $PROG --prefill-servers-list H:P[,H:P…] --decode-servers-list H:P[,H:P…] [options]
+       $PROG --stop [-f FILE]        $PROG --rollback [-f FILE]
+
+Writes an nginx configuration for a P/D cluster (pdgate's prefill and
+set_request_id modules, one balancer per side), checks it with nginx -t and
+starts nginx with it, or reloads the nginx already running from it.
+
+Servers and balancing
+  --prefill-servers-list LIST   prefill servers, host:port[,host:port…] (required)
+  --decode-servers-list LIST    decode servers (required)
+  --metrics-servers-list LIST   upstream metrics_servers behind location /metrics
+  --encode-servers-list LIST    encoder servers (E/P/D; needs a build with it)
+  --prefill-lb-sdk NAME         prefill balancer (default pd_score_balance)
+  --decode-lb-sdk NAME          decode balancer (default pd_score_balance)
+        NAME: least_total_load weighted_least_active auto_balance_controller
+              prefill_score_balance greedy_timeout length_balance
+              pd_score_balance prefix_cache_affinity round_robin least_conn
+  --prefill-max-num-seqs N      pd_score_balance_max_num_seqs on P (default 16)
+  --decode-max-num-seqs N       pd_score_balance_max_num_seqs on D (default 32)
+  --enable-attention-ffn-disaggregation
+                                keep only the last --attention-num decode servers
+  --attention-num N             attention servers with AFD (required with it)
+
+Engines and request handling
+  --engine-type vllm|sglang     default vllm (sglang needs a build with it)
+  --bootstrap-port P[,P…]       sglang: one port, or one per prefill server
+  --stream-ops add|set_opt|off  stream_ops in the completions location (default off)
+  --enable-internal-metrics [SIZE]
+                                internal metrics zone of SIZE (default 128k)
+  --client-body-buffer-size SIZE  default 1024K
+
+nginx process
+  -f, --nginx-conf-file FILE    the file written (default dist/conf/global_proxy.conf);
+                                the first time it replaces a file, that file is
+                                kept as FILE_bak
+      --prefix DIR              nginx prefix (-p): pid file DIR/logs/<name>.pid,
+                                logs, temp files (default dist/)
+      --nginx-bin PATH          nginx binary (default dist/sbin/nginx)
+      --modules-dir DIR         the .so files (default dist/modules)
+  -s, --start-core-index N      first CPU of worker_cpu_affinity (default 0)
+  -c, --core-num N              worker processes, one per CPU (default 4)
+  -p, --listen-port PORT        default 8080
+      --listen-address ADDR     default: every address
+  -l, --log-file FILE           error log (default PREFIX/logs/error.log)
+      --log-level LEVEL         debug|info|notice|warn|error|crit|alert|emerg (default error)
+      --access-log-file FILE    JSON access log (default PREFIX/logs/access.log; off: none)
+  -d, --dry-run                 write the configuration and exit (no nginx -t, no start)
+  -S, --stop                    stop the nginx running from FILE (its pid file only)
+  -R, --rollback                stop it as --stop does, then restore FILE_bak
+  -h, --help                    this text
+
+Flags take their value as the next argument or after '='. Exit status: 0 done,
+1 nginx refused the configuration or did not start/stop, 2 bad flags (nothing
+written).
+EOF
+}
+
+# --- messages ---------------------------------------------------------------
+# A bad flag: one line naming it and its value, exit 2, nothing written.
+bad() {
+    printf '%s: %s\n' "$PROG" "$*" >&2
+    exit 2
+}
+fail() {
+    printf '%s: %s\n' "$PROG" "$*" >&2
+    exit 1
+}
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+
+# --- flag parsing -----------------------------------------------------------
+parse_args() {
+    local arg val inline
+    while [ $# -gt 0 ]; do
+        arg=$1
+        inline=0
+        shift
+        case "$arg" in
+            --*=*) val=${arg#*=}; arg=${arg%%=*}; inline=1; set -- "$val" "$@" ;;
+        esac
+        case "$arg" in
+            --enable-attention-ffn-disaggregation|-d|--dry-run|-S|--stop|-R|--rollback|-h|--help)
+                [ "$inline" = 0 ] || bad "$arg: takes no value" ;;
+        esac
+        case "$arg" in
+            -f|--nginx-conf-file) need_value "$arg" "$@"; CONF_FILE=$1; shift ;;
+            --prefix) need_value "$arg" "$@"; PREFIX=$1; shift ;;
+            --nginx-bin) need_value "$arg" "$@"; NGINX_BIN=$1; shift ;;
+            --modules-dir) need_value "$arg" "$@"; MODULES_DIR=$1; shift ;;
+            -s|--start-core-index) need_value "$arg" "$@"; START_CORE=$1; shift ;;
+            -c|--core-num) need_value "$arg" "$@"; CORE_NUM=$1; shift ;;
+            -p|--listen-port) need_value "$arg" "$@"; LISTEN_PORT=$1; shift ;;
+            --listen-address) need_value "$arg" "$@"; LISTEN_ADDRESS=$1; shift ;;
+            --prefill-servers-list) need_value "$arg" "$@"; PREFILL_LIST=$1; shift ;;
+            --decode-servers-list) need_value "$arg" "$@"; DECODE_LIST=$1; shift ;;
+            --metrics-servers-list) need_value "$arg" "$@"; METRICS_LIST=$1; shift ;;
+            --encode-servers-list) need_value "$arg" "$@"; ENCODE_LIST=$1; shift ;;
+            --prefill-lb-sdk) need_value "$arg" "$@"; PREFILL_LB=$1; shift ;;
+            --decode-lb-sdk) need_value "$arg" "$@"; DECODE_LB=$1; shift ;;
+            --prefill-max-num-seqs) need_value "$arg" "$@"; PREFILL_MAX_SEQS=$1; shift ;;
+            --decode-max-num-seqs) need_value "$arg" "$@"; DECODE_MAX_SEQS=$1; shift ;;
+            --engine-type) need_value "$arg" "$@"; ENGINE=$1; shift ;;
+            --bootstrap-port) need_value "$arg" "$@"; BOOTSTRAP_PORTS=$1; shift ;;
+            --enable-internal-metrics)
+                # The size is optional: take the next argument only when it
+                # is not a flag.
+                METRICS_SIZE=128k
+                if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then METRICS_SIZE=$1; shift; fi ;;
+            --enable-attention-ffn-disaggregation) AFD=1 ;;
+            --attention-num) need_value "$arg" "$@"; ATTENTION_NUM=$1; shift ;;
+            --stream-ops) need_value "$arg" "$@"; STREAM_OPS=$1; shift ;;
+            --client-body-buffer-size) need_value "$arg" "$@"; BODY_BUFFER=$1; shift ;;
+            -l|--log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
+            --log-level) need_value "$arg" "$@"; LOG_LEVEL=$1; shift ;;
+            --access-log-file) need_value "$arg" "$@"; ACCESS_LOG=$1; shift ;;
+            -d|--dry-run) DRY_RUN=1 ;;
+            -S|--stop) STOP=1 ;;
+            -R|--rollback) ROLLBACK=1 ;;
+            -h|--help) usage; exit 0 ;;
+            *) bad "unknown flag \"$arg\" (see --help)" ;;
+        esac
+    done
+}
+
+need_value() {
+    if [ $# -lt 2 ] || [ -z "$2" ]; then bad "$1: missing value"; fi
+}
+
+# --- validation (before anything is written) --------------------------------
+is_uint() { [[ $1 =~ ^[0-9]+$ ]] && [ ${#1} -le 9 ]; }
+is_port() { is_uint "$1" && [ "$((10#$1))" -ge 1 ] && [ "$((10#$1))" -le 65535 ]; }
+is_size() { [[ $1 =~ ^[0-9]+[kKmMgG]?$ ]] && [ ${#1} -le 12 ]; }
+
+# parse_servers FLAG LIST ARRAY: every entry host:port, no duplicates; the
+# entries (whitespace around commas dropped) go into ARRAY.
+parse_servers() {
+    local flag=$1 list=$2 entry host port
+    local -n into=$3
+    local -A seen=()
+    into=()
+    [ -n "$list" ] || bad "$flag: empty list"
+    [[ $list != *, && $list != ,* && $list != *,,* ]] || bad "$flag $list: empty entry"
+    local entries
+    IFS=, read -r -a entries <<< "$list"
+    for entry in "${entries[@]}"; do
+        entry=${entry//[[:space:]]/}
+        if [[ $entry =~ ^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?):([^:]*)$ ]]; then
+            host=${BASH_REMATCH[1]}
+            port=${BASH_REMATCH[3]}
+        else
+            bad "$flag $list: \"$entry\" is not host:port"
+        fi
+        is_port "$port" || bad "$flag $list: port \"$port\" of \"$entry\" is not in 1-65535"
+        [ -z "${seen[$entry]:-}" ] || bad "$flag $list: \"$entry\" is listed twice"
+        seen[$entry]=1
+        into+=("$host:$((10#$port))")
+    done
+}
+
+# Lines of FEATURE_TABLE as "feature module directive".
+feature_row() {
+    local name=$1 f m d
+    while read -r f m d; do
+        [ "$f" = "$name" ] && { printf '%s %s\n' "$m" "$d"; return 0; }
+    done <<< "$FEATURE_TABLE"
+    return 1
+}
+
+is_lb_name() {
+    local n=$1
+    [[ " $BUILTIN_LBS " == *" $n "* ]] && return 0
+    feature_row "lb:$n" > /dev/null
+}
+
+# require_feature NAME FLAG VALUE: exit 2 unless the module of NAME is in
+# MODULES_DIR and defines its directive.
+require_feature() {
+    local name=$1 flag=$2 value=$3 row module directive so
+    row=$(feature_row "$name") || bad "internal: no feature \"$name\""
+    module=${row% *}
+    directive=${row#* }
+    so="$MODULES_DIR/$module.so"
+    [ -f "$so" ] || bad "$flag $value: not available in this build ($so not found)"
+    grep -qaF -- "$directive" "$so" \
+        || bad "$flag $value: not available in this build ($module.so has no \"$directive\" directive)"
+}
+
+validate() {
+    local n
+    [ -n "$PREFILL_LIST" ] || bad "--prefill-servers-list: required"
+    [ -n "$DECODE_LIST" ] || bad "--decode-servers-list: required"
+    parse_servers --prefill-servers-list "$PREFILL_LIST" PREFILL
+    parse_servers --decode-servers-list "$DECODE_LIST" DECODE
+    METRICS=()
+    [ -z "$METRICS_LIST" ] || parse_servers --metrics-servers-list "$METRICS_LIST" METRICS
+    # shellcheck disable=SC2034  # checked now; the E/P/D template will use it
+    ENCODE=()
+    [ -z "$ENCODE_LIST" ] || parse_servers --encode-servers-list "$ENCODE_LIST" ENCODE
+
+    is_uint "$START_CORE" || bad "--start-core-index $START_CORE: not a non-negative integer"
+    { is_uint "$CORE_NUM" && [ "$((10#$CORE_NUM))" -ge 1 ]; } \
+        || bad "--core-num $CORE_NUM: not a positive integer"
+    START_CORE=$((10#$START_CORE))
+    CORE_NUM=$((10#$CORE_NUM))
+    [ $((START_CORE + CORE_NUM)) -le 64 ] \
+        || bad "--core-num $CORE_NUM: CPUs $START_CORE-$((START_CORE + CORE_NUM - 1)) exceed worker_cpu_affinity's 64"
+    is_port "$LISTEN_PORT" || bad "--listen-port $LISTEN_PORT: not a port in 1-65535"
+    LISTEN_PORT=$((10#$LISTEN_PORT))
+    if [ -n "$LISTEN_ADDRESS" ]; then
+        [[ $LISTEN_ADDRESS =~ ^(\*|[0-9.]+|[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*)$ ]] \
+            || bad "--listen-address $LISTEN_ADDRESS: not an address"
+        if [[ $LISTEN_ADDRESS == *:* && $LISTEN_ADDRESS != \[* ]]; then
+            LISTEN_ADDRESS="[$LISTEN_ADDRESS]"     # IPv6, as nginx writes it
+        fi
+    fi
+
+    is_lb_name "$PREFILL_LB" || bad "--prefill-lb-sdk $PREFILL_LB: unknown balancer (see --help)"
+    is_lb_name "$DECODE_LB" || bad "--decode-lb-sdk $DECODE_LB: unknown balancer (see --help)"
+    for n in PREFILL_MAX_SEQS:--prefill-max-num-seqs DECODE_MAX_SEQS:--decode-max-num-seqs; do
+        local var=${n%%:*} flag=${n#*:}
+        { is_uint "${!var}" && [ "$((10#${!var}))" -ge 1 ]; } || bad "$flag ${!var}: not a positive integer"
+        printf -v "$var" '%d' "$((10#${!var}))"
+    done
+
+    case "$ENGINE" in
+        vllm|sglang) ;;
+        *) bad "--engine-type $ENGINE: not vllm or sglang" ;;
+    esac
+    BOOTSTRAP=()
+    if [ -n "$BOOTSTRAP_PORTS" ]; then
+        [ "$ENGINE" = sglang ] || bad "--bootstrap-port $BOOTSTRAP_PORTS: only with --engine-type sglang"
+        [[ $BOOTSTRAP_PORTS != *, && $BOOTSTRAP_PORTS != ,* && $BOOTSTRAP_PORTS != *,,* ]] \
+            || bad "--bootstrap-port $BOOTSTRAP_PORTS: empty entry"
+        IFS=, read -r -a BOOTSTRAP <<< "${BOOTSTRAP_PORTS//[[:space:]]/}"
+        for n in "${BOOTSTRAP[@]}"; do
+            is_port "$n" || bad "--bootstrap-port $BOOTSTRAP_PORTS: \"$n\" is not a port in 1-65535"
+        done
+        [ ${#BOOTSTRAP[@]} -eq 1 ] || [ ${#BOOTSTRAP[@]} -eq ${#PREFILL[@]} ] \
+            || bad "--bootstrap-port $BOOTSTRAP_PORTS: ${#BOOTSTRAP[@]} ports for ${#PREFILL[@]} prefill servers (give 1 or ${#PREFILL[@]})"
+    fi
+
+    if [ -n "$METRICS_SIZE" ]; then
+        is_size "$METRICS_SIZE" || bad "--enable-internal-metrics $METRICS_SIZE: not a size (e.g. 128k, 1m)"
+    fi
+    if [ "$AFD" = 1 ]; then
+        [ -n "$ATTENTION_NUM" ] || bad "--enable-attention-ffn-disaggregation: needs --attention-num"
+        { is_uint "$ATTENTION_NUM" && [ "$((10#$ATTENTION_NUM))" -ge 1 ]; } \
+            || bad "--attention-num $ATTENTION_NUM: not a positive integer"
+        ATTENTION_NUM=$((10#$ATTENTION_NUM))
+        [ "$ATTENTION_NUM" -le ${#DECODE[@]} ] \
+            || bad "--attention-num $ATTENTION_NUM: more than the ${#DECODE[@]} decode servers"
+        DECODE=("${DECODE[@]: -$ATTENTION_NUM}")
+    elif [ -n "$ATTENTION_NUM" ]; then
+        bad "--attention-num $ATTENTION_NUM: only with --enable-attention-ffn-disaggregation"
+    fi
+    case "$STREAM_OPS" in
+        add|set_opt|off) ;;
+        *) bad "--stream-ops $STREAM_OPS: not add, set_opt or off" ;;
+    esac
+    is_size "$BODY_BUFFER" || bad "--client-body-buffer-size $BODY_BUFFER: not a size (e.g. 1024K, 1m)"
+    case "$LOG_LEVEL" in
+        ""|debug|info|notice|warn|error|crit|alert|emerg) ;;
+        *) bad "--log-level $LOG_LEVEL: not debug, info, notice, warn, error, crit, alert or emerg" ;;
+    esac
+    [ -d "$CONF_FILE" ] && bad "--nginx-conf-file $CONF_FILE: is a directory"
+
+    # The build: nginx, the modules, then each optional feature in use.
+    [ -x "$NGINX_BIN" ] || bad "--nginx-bin $NGINX_BIN: not an executable (run ./build.sh?)"
+    [ -d "$MODULES_DIR" ] || bad "--modules-dir $MODULES_DIR: not a directory (run ./build.sh?)"
+    require_feature request_id --modules-dir "$MODULES_DIR"
+    require_feature prefill --modules-dir "$MODULES_DIR"
+    [ "$STREAM_OPS" = off ] || require_feature stream_ops --stream-ops "$STREAM_OPS"
+    [ -z "$METRICS_SIZE" ] || require_feature internal_metrics --enable-internal-metrics "$METRICS_SIZE"
+    [ "$ENGINE" = vllm ] || require_feature sglang --engine-type "$ENGINE"
+    [ -z "$ENCODE_LIST" ] || require_feature encode --encode-servers-list "$ENCODE_LIST"
+    # Their directives are not settled yet: no template lines to write them.
+    # Remove these two lines when render() has them (issue 6).
+    [ "$ENGINE" = vllm ] || bad "--engine-type $ENGINE: this script has no SGLang template yet"
+    [ -z "$ENCODE_LIST" ] || bad "--encode-servers-list $ENCODE_LIST: this script has no E/P/D template yet"
+    is_builtin_lb "$PREFILL_LB" || require_feature "lb:$PREFILL_LB" --prefill-lb-sdk "$PREFILL_LB"
+    is_builtin_lb "$DECODE_LB" || require_feature "lb:$DECODE_LB" --decode-lb-sdk "$DECODE_LB"
+
+    # Not an error: the file may be meant for a bigger machine.
+    local cpus
+    cpus=$(nproc 2> /dev/null || echo 0)
+    if [ "$cpus" -gt 0 ] && [ $((START_CORE + CORE_NUM)) -gt "$cpus" ]; then
+        printf '%s: warning: workers pinned to CPUs %d-%d, this machine has %d (nginx will log an alert for each missing one)\n' \
+            "$PROG" "$START_CORE" $((START_CORE + CORE_NUM - 1)) "$cpus" >&2
+    fi
+    return 0
+}
+
+is_builtin_lb() { [[ " $BUILTIN_LBS " == *" $1 "* ]]; }
+
+# Paths become absolute (the configuration must not depend on the directory
+# nginx is started from); no characters that would need nginx quoting.
+check_path_value() {
+    local flag=$1 value=$2
+    [ -z "$value" ] && return 0
+    [[ $value =~ ^[A-Za-z0-9._/@+=,-]+$ ]] || bad "$flag $value: path has characters other than A-Z a-z 0-9 . _ / @ + = , -"
+}
+
+abs_path() {
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s/%s\n' "$(pwd)" "$1" ;;
+    esac
+}
+
+# --- the configuration ------------------------------------------------------
+# Every line the generated file has is below; nothing is edited in place.
+
+# The modules the configuration uses, in FEATURE_TABLE order, each once.
+used_modules() {
+    local -A used=()
+    local f m d
+    used[request_id]=1
+    used[prefill]=1
+    [ "$STREAM_OPS" = off ] || used[stream_ops]=1
+    [ -z "$METRICS_SIZE" ] || used[internal_metrics]=1
+    [ "$ENGINE" = vllm ] || used[sglang]=1
+    [ -z "$ENCODE_LIST" ] || used[encode]=1
+    used[lb:$PREFILL_LB]=1
+    used[lb:$DECODE_LB]=1
+    local -A emitted=()
+    while read -r f m d; do
+        if [ -z "$f" ] || [ -z "${used[$f]:-}" ] || [ -n "${emitted[$m]:-}" ]; then continue; fi
+        emitted[$m]=1
+        printf '%s\n' "$m"
+    done <<< "$FEATURE_TABLE"
+}
+
+# worker_cpu_affinity: worker i on CPU start+i, masks of equal width.
+cpu_masks() {
+    local width=$((START_CORE + CORE_NUM)) i bit masks="" mask
+    for ((i = 0; i < CORE_NUM; i++)); do
+        mask=""
+        for ((bit = width - 1; bit >= 0; bit--)); do
+            if [ "$bit" -eq $((START_CORE + i)) ]; then mask+=1; else mask+=0; fi
+        done
+        masks+=" $mask"
+    done
+    printf '%s\n' "${masks# }"
+}
+
+# lb_lines NAME SIDE: the balancer's lines inside upstream{} (SIDE prefill|decode).
+lb_lines() {
+    local name=$1 side=$2 seqs
+    [ "$side" = prefill ] && seqs=$PREFILL_MAX_SEQS || seqs=$DECODE_MAX_SEQS
+    case "$name" in
+        round_robin) echo "        # round robin (nginx's default balancer)" ;;
+        least_conn) echo "        least_conn;" ;;
+        least_total_load)
+            echo "        least_total_load on;"
+            echo "        least_total_load_batch_size 16;" ;;
+        auto_balance_controller)
+            echo "        auto_balance_controller on;"
+            echo "        auto_balance_controller_batch_size 32;" ;;
+        prefix_cache_affinity)
+            echo "        prefix_cache_affinity on;"
+            echo "        prefix_cache_affinity_block_size 640;" ;;
+        pd_score_balance)
+            echo "        pd_score_balance $side;"
+            echo "        pd_score_balance_max_num_seqs $seqs;" ;;
+        length_balance) echo "        length_balance;" ;;
+        *) echo "        $name on;" ;;
+    esac
+}
+
+# upstream_block NAME LB SIDE SERVER…: balancer first (nginx wants it before
+# keepalive), then servers, then connection reuse.
+upstream_block() {
+    local name=$1 lb=$2 side=$3 s
+    shift 3
+    echo "    upstream $name {"
+    [ -n "$lb" ] && lb_lines "$lb" "$side"
+    for s in "$@"; do
+        echo "        server $s max_fails=3 fail_timeout=10s;"
+    done
+    echo "        keepalive 2048;"
+    echo "        keepalive_timeout 110s;"
+    echo "        keepalive_requests 20000;"
+    echo "    }"
+    echo
+}
+
+render() {
+    local m pid_file error_log access_log listen
+    pid_file="$PREFIX/logs/$(conf_name).pid"
+    error_log=${LOG_FILE:-$PREFIX/logs/error.log}
+    access_log=${ACCESS_LOG:-$PREFIX/logs/access.log}
+    listen=${LISTEN_ADDRESS:+$LISTEN_ADDRESS:}$LISTEN_PORT
+
+    cat <<EOF
+# Written by scripts/global_proxy.sh; re-run it to change this file.
+# engine $ENGINE; prefill_servers: $PREFILL_LB over ${#PREFILL[@]}; decode_servers: $DECODE_LB over ${#DECODE[@]}
+
+EOF
+    for m in $(used_modules); do
+        echo "load_module $MODULES_DIR/$m.so;"
+    done
+    cat <<EOF
+
+pid $pid_file;
+error_log $error_log ${LOG_LEVEL:-error};
+worker_processes $CORE_NUM;
+worker_cpu_affinity $(cpu_masks);
+worker_rlimit_nofile 102400;
+
+events {
+    use epoll;
+    accept_mutex off;
+    multi_accept on;
+    worker_connections 102400;
+}
+
+http {
+EOF
+    [ ${#METRICS[@]} -eq 0 ] || upstream_block metrics_servers "" metrics "${METRICS[@]}"
+    upstream_block prefill_servers "$PREFILL_LB" prefill "${PREFILL[@]}"
+    upstream_block decode_servers "$DECODE_LB" decode "${DECODE[@]}"
+    cat <<EOF
+    # Both legs: HTTP/1.1 with keepalive to the engines.
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_connect_timeout 10s;
+    proxy_send_timeout 300s;
+    proxy_read_timeout 14400s;
+
+    # Prompts are read whole before the prefill; larger ones spill to disk.
+    client_max_body_size 100m;
+    client_body_buffer_size $BODY_BUFFER;
+    client_header_buffer_size 512k;
+    large_client_header_buffers 4 512k;
+    keepalive_requests 20000;
+    tcp_nodelay on;
+
+EOF
+    if [ "$access_log" = off ]; then
+        echo "    access_log off;"
+    else
+        # One JSON object per request. $http_x_request_id is the id both
+        # engines saw; upstream_* are the decode leg's.
+        cat <<'EOF'
+    log_format pdgate_json escape=json '{"time":"$time_iso8601",'
+        '"request_id":"$http_x_request_id",'
+        '"remote_addr":"$remote_addr",'
+        '"request":"$request",'
+        '"status":"$status",'
+        '"request_length":"$request_length",'
+        '"body_bytes_sent":"$body_bytes_sent",'
+        '"request_time":"$request_time",'
+        '"upstream_addr":"$upstream_addr",'
+        '"upstream_status":"$upstream_status",'
+        '"upstream_connect_time":"$upstream_connect_time",'
+        '"upstream_header_time":"$upstream_header_time",'
+        '"upstream_response_time":"$upstream_response_time",'
+        '"upstream_bytes_received":"$upstream_bytes_received",'
+        '"connection":"$connection",'
+        '"connection_requests":"$connection_requests"'
+EOF
+        # Per-request P/D timings (prompt/completion tokens, prefill sent/done,
+        # decode sent/done, TTFT, TPOT, E2E) go here, as
+        #   ',"prompt_tokens":"$…"'
+        # lines, once the prefill module defines those variables (issue 6).
+        cat <<EOF
+        '}';
+    access_log $access_log pdgate_json;
+EOF
+    fi
+    cat <<EOF
+
+    server {
+        listen $listen reuseport;
+
+        # Chat and text completions: prefill first (the internal location
+        # below), then this location's proxy_pass sends the decode request.
+        location ~ ^/v1(/chat)?/completions\$ {
+            set_request_id on;
+            set_trace_headers_force off;
+EOF
+    [ "$STREAM_OPS" = off ] || echo "            stream_ops $STREAM_OPS;"
+    echo "            prefill /prefill_internal;"
+    [ -z "$METRICS_SIZE" ] || echo "            enable_internal_metrics $METRICS_SIZE;"
+    cat <<EOF
+            proxy_pass http://decode_servers;
+            proxy_buffering off;        # stream tokens as they come
+        }
+
+        location /prefill_internal/ {
+            internal;
+            rewrite ^/prefill_internal(/.*)\$ \$1 break;
+            proxy_pass http://prefill_servers;
+            subrequest_output_buffer_size 2m;   # the prefill answer, read in memory
+        }
+
+        # Everything else under /v1 (/v1/models, …) is answered by a prefill server.
+        location /v1 {
+            proxy_pass http://prefill_servers;
+        }
+EOF
+    if [ ${#METRICS[@]} -gt 0 ]; then
+        cat <<EOF
+
+        location /metrics {
+            proxy_pass http://metrics_servers;
+        }
+EOF
+    fi
+    if [ -n "$METRICS_SIZE" ]; then
+        cat <<EOF
+
+        location /internal/metrics {
+        }
+EOF
+    fi
+    cat <<EOF
+
+        location / {
+            return 404;
+        }
+    }
+}
+EOF
+}
+
+# --- files and processes ----------------------------------------------------
+
+# The configuration's name without directory and .conf: names the pid file.
+conf_name() {
+    local n
+    n=$(basename "$CONF_FILE")
+    printf '%s\n' "${n%.conf}"
+}
+
+# The pid file a configuration file names (empty when none).
+conf_pid_file() {
+    [ -f "$1" ] || return 0
+    sed -n 's/^[[:space:]]*pid[[:space:]]\{1,\}\([^;[:space:]]*\)[[:space:]]*;.*/\1/p' "$1" | head -n 1
+}
+
+# running_pid CONF: the pid of the nginx master started from CONF, from the
+# pid file CONF names, when that process is alive and is an nginx master
+# whose command line names CONF. Never looks at any other process.
+running_pid() {
+    local conf=$1 pid_file pid cmdline
+    pid_file=$(conf_pid_file "$conf")
+    [ -n "$pid_file" ] && [ -s "$pid_file" ] || return 1
+    pid=$(head -c 32 "$pid_file" | tr -dc 0-9)
+    [ -n "$pid" ] && kill -0 "$pid" 2> /dev/null || return 1
+    cmdline=$(tr '\0' ' ' < "/proc/$pid/cmdline" 2> /dev/null) || return 1
+    [[ $cmdline == *"nginx: master process"* && $cmdline == *" -c $conf"* ]] || return 1
+    printf '%s\n' "$pid"
+}
+
+# Stop the nginx of CONF_FILE: graceful (QUIT), then fast (TERM).
+stop_nginx() {
+    local pid sig waited
+    if ! pid=$(running_pid "$CONF_FILE"); then
+        say "no nginx is running from $CONF_FILE"
+        return 0
+    fi
+    for sig in QUIT TERM; do
+        kill -s "$sig" "$pid" 2> /dev/null || true
+        for ((waited = 0; waited < 100; waited++)); do
+            kill -0 "$pid" 2> /dev/null || { say "stopped nginx $pid ($CONF_FILE)"; return 0; }
+            sleep 0.1
+        done
+    done
+    fail "nginx $pid ($CONF_FILE) is still running after QUIT and TERM"
+}
+
+rollback() {
+    local backup="${CONF_FILE}_bak"
+    [ -f "$backup" ] || fail "--rollback: no backup $backup (the file did not exist before this script first wrote it)"
+    stop_nginx
+    cp -p "$backup" "$CONF_FILE"
+    say "restored $CONF_FILE from $backup"
+}
+
+# same_content CONTENT: whether CONF_FILE already holds exactly CONTENT.
+same_content() {
+    [ -f "$CONF_FILE" ] && [ "$(cat "$CONF_FILE"; printf x)" = "${1}x" ]
+}
+
+# stage_conf CONTENT: write CONTENT next to CONF_FILE; prints that path.
+stage_conf() {
+    local tmp
+    mkdir -p "$(dirname "$CONF_FILE")"
+    tmp=$(mktemp "$CONF_FILE.XXXXXX")
+    printf '%s' "$1" > "$tmp"
+    chmod 644 "$tmp"
+    printf '%s\n' "$tmp"
+}
+
+# install_conf STAGED: move STAGED over CONF_FILE, keeping the first file it
+# replaces as FILE_bak (later runs never overwrite that backup).
+install_conf() {
+    if [ -f "$CONF_FILE" ] && [ ! -e "${CONF_FILE}_bak" ]; then
+        cp -p "$CONF_FILE" "${CONF_FILE}_bak"
+        say "kept the previous $CONF_FILE as ${CONF_FILE}_bak"
+    fi
+    mv -f "$1" "$CONF_FILE"
+}
+
+# nginx_test FILE: nginx -t on FILE (its paths are absolute, so a staged copy
+# tests exactly what CONF_FILE will be); nginx's message and status 1 when
+# it refuses.
+nginx_test() {
+    local out
+    if ! out=$("$NGINX_BIN" -t -q -p "$PREFIX/" -c "$1" 2>&1); then
+        printf '%s\n' "$out" >&2
+        return 1
+    fi
+    [ -z "$out" ] || printf '%s\n' "$out" >&2
+}
+
+# start_or_reload CHANGED RUNNING_PID: reload the nginx already running from
+# CONF_FILE when the file changed, else start one.
+start_or_reload() {
+    local changed=$1 pid=$2 waited
+    if [ -n "$pid" ]; then
+        if [ "$changed" = 0 ]; then
+            say "nginx $pid is already running from $CONF_FILE (unchanged)"
+        else
+            kill -HUP "$pid"
+            say "reloaded nginx $pid with $CONF_FILE"
+        fi
+        return 0
+    fi
+    "$NGINX_BIN" -p "$PREFIX/" -c "$CONF_FILE" || fail "nginx did not start (see $(error_log_of))"
+    for ((waited = 0; waited < 50; waited++)); do
+        if pid=$(running_pid "$CONF_FILE"); then
+            say "started nginx $pid: $CONF_FILE, listening on ${LISTEN_ADDRESS:-*}:$LISTEN_PORT"
+            return 0
+        fi
+        sleep 0.1
+    done
+    fail "nginx did not write its pid file $(conf_pid_file "$CONF_FILE") (see $(error_log_of))"
+}
+
+error_log_of() { printf '%s\n' "${LOG_FILE:-$PREFIX/logs/error.log}"; }
+
+# Directories nginx writes into: created here, readable by its workers.
+make_runtime_dirs() {
+    local d
+    for d in "$PREFIX/logs" "$(dirname "$(error_log_of)")" \
+        "$(dirname "${ACCESS_LOG:-$PREFIX/logs/access.log}")"; do
+        [ -d "$d" ] || { mkdir -p "$d"; chmod 755 "$d"; }
+    done
+}
+
+main() {
+    parse_args "$@"
+    check_path_value --nginx-conf-file "$CONF_FILE"
+    check_path_value --prefix "$PREFIX"
+    check_path_value --nginx-bin "$NGINX_BIN"
+    check_path_value --modules-dir "$MODULES_DIR"
+    check_path_value --log-file "$LOG_FILE"
+    check_path_value --access-log-file "$ACCESS_LOG"
+    CONF_FILE=$(abs_path "$CONF_FILE")
+    if [ "$STOP" = 1 ] || [ "$ROLLBACK" = 1 ]; then
+        if [ "$ROLLBACK" = 1 ]; then rollback; else stop_nginx; fi
+        return 0
+    fi
+    PREFIX=$(abs_path "$PREFIX")
+    PREFIX=${PREFIX%/}
+    MODULES_DIR=$(abs_path "$MODULES_DIR")
+    NGINX_BIN=$(abs_path "$NGINX_BIN")
+    [ -z "$LOG_FILE" ] || LOG_FILE=$(abs_path "$LOG_FILE")
+    [ -z "$ACCESS_LOG" ] || [ "$ACCESS_LOG" = off ] || ACCESS_LOG=$(abs_path "$ACCESS_LOG")
+    validate
+
+    local content staged running
+    content=$(render)$'\n'
+    if same_content "$content"; then
+        say "$CONF_FILE unchanged"
+        [ "$DRY_RUN" = 1 ] && return 0
+        running=$(running_pid "$CONF_FILE") || running=""
+        if [ -z "$running" ]; then
+            make_runtime_dirs
+            nginx_test "$CONF_FILE" || fail "nginx -t refused $CONF_FILE (message above)"
+        fi
+        start_or_reload 0 "$running"
+        return 0
+    fi
+    staged=$(stage_conf "$content")
+    STAGED=$staged
+    trap 'rm -f "$STAGED"' EXIT     # a no-op once it is moved into place
+    if [ "$DRY_RUN" = 1 ]; then
+        install_conf "$staged"
+        say "wrote $CONF_FILE (dry run: not tested, nothing started)"
+        return 0
+    fi
+    # The nginx running from the file as it is now, before it changes.
+    running=$(running_pid "$CONF_FILE") || running=""
+    make_runtime_dirs
+    if ! nginx_test "$staged"; then
+        mv -f "$staged" "$CONF_FILE.rejected"
+        fail "nginx -t refused the new configuration (message above); it is $CONF_FILE.rejected, $CONF_FILE is unchanged"
+    fi
+    install_conf "$staged"
+    say "wrote $CONF_FILE"
+    start_or_reload 1 "$running"
+}
+
+main "$@"

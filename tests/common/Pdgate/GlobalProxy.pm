@@ -1,0 +1,96 @@
+# Pdgate::GlobalProxy — helpers for the scripts/global_proxy.sh tests:
+# run the script, read and write files, normalize paths for golden files,
+# find free ports.
+package Pdgate::GlobalProxy;
+
+use strict;
+use warnings;
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+use File::Find ();
+use File::Temp qw(tempfile);
+use IO::Socket::INET;
+use Exporter 'import';
+
+our @EXPORT_OK = qw(run_gp normalize slurp spit tree dist free_port wait_port);
+
+my $root = abs_path(dirname(__FILE__) . '/../../..');
+sub dist { "$root/dist" }
+
+# run_gp("flags as a shell string") -> (exit status, stdout, stderr)
+sub run_gp {
+    my ($flags) = @_;
+    my (undef, $out) = tempfile(UNLINK => 1);
+    my (undef, $err) = tempfile(UNLINK => 1);
+    system("$root/scripts/global_proxy.sh $flags >$out 2>$err");
+    return ($? >> 8, slurp($out), slurp($err));
+}
+
+# Golden files say @DIST@ for this checkout's dist/ and @TMP@ for the test's
+# temporary directory.
+sub normalize {
+    my ($text, $tmp) = @_;
+    my $d = dist();
+    $text =~ s/\Q$tmp\E/\@TMP\@/g;
+    $text =~ s/\Q$d\E/\@DIST\@/g;
+    return $text;
+}
+
+sub slurp {
+    my ($path) = @_;
+    open my $fh, '<', $path or return undef;
+    local $/;
+    my $s = <$fh>;
+    return $s;
+}
+
+sub spit {
+    my ($path, $text) = @_;
+    open my $fh, '>', $path or die "$path: $!";
+    print $fh $text;
+    close $fh;
+}
+
+# Every path under $dir, relative, sorted.
+sub tree {
+    my ($dir) = @_;
+    my @paths;
+    File::Find::find({ no_chdir => 1, wanted => sub {
+        push @paths, substr($File::Find::name, length($dir) + 1) if $File::Find::name ne $dir;
+    } }, $dir);
+    return sort @paths;
+}
+
+# A port nothing listens on, with port + $also (e.g. a side channel) free
+# too; 127.0.0.1.
+sub free_port {
+    my ($also) = @_;
+    for (1 .. 200) {
+        my $p = 20000 + int(rand(30000));
+        my @need = ($p, defined $also ? $p + $also : ());
+        next if grep { !_bindable($_) } @need;
+        return $p;
+    }
+    die "no free port";
+}
+
+sub _bindable {
+    my ($port) = @_;
+    my $s = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => $port, Proto => 'tcp', ReuseAddr => 1, Listen => 1);
+    return 0 unless $s;
+    close $s;
+    return 1;
+}
+
+# Wait until something accepts on 127.0.0.1:$port (up to $secs).
+sub wait_port {
+    my ($port, $secs) = @_;
+    for (1 .. ($secs // 10) * 20) {
+        my $c = IO::Socket::INET->new(PeerAddr => '127.0.0.1', PeerPort => $port, Proto => 'tcp');
+        return 1 if $c;
+        select undef, undef, undef, 0.05;
+    }
+    return 0;
+}
+
+1;
