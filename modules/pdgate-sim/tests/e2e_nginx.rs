@@ -59,6 +59,22 @@ struct Nginx {
     dir: PathBuf,
 }
 
+impl Nginx {
+    /// Rewrites the configuration with these upstreams and reloads.
+    fn reload(&self, upstreams: &str) {
+        std::fs::write(self.dir.join("nginx.conf"), conf_text(upstreams, self.port, true)).unwrap();
+        let st = Command::new(dist().join("sbin/nginx"))
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg("nginx.conf")
+            .args(["-s", "reload"])
+            .status()
+            .expect("nginx -s reload runs");
+        assert!(st.success(), "reload failed");
+    }
+}
+
 impl Drop for Nginx {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -105,14 +121,15 @@ fn nginx(prefill: &Sim, decode: &Sim) -> Nginx {
 /// nginx with the P/D server block and these upstreams (which must define
 /// prefill_servers and decode_servers).
 fn start_nginx(upstreams: &str) -> Nginx {
-    let bin = dist().join("sbin/nginx");
-    assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
-    let dir =
-        std::env::temp_dir().join(format!("pdgate-e2e-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = free_port();
+    start_nginx_opts(upstreams, false)
+}
+
+/// The test configuration: the P/D server block over `upstreams`, on
+/// `port`, with or without a master process (reload tests need one).
+fn conf_text(upstreams: &str, port: u16, master: bool) -> String {
     let m = dist().join("modules");
-    let conf = format!(
+    let master = if master { "on" } else { "off" };
+    format!(
         r#"load_module {m}/ngx_http_set_request_id_module.so;
 load_module {m}/ngx_http_prefill_module.so;
 load_module {m}/ngx_http_upstream_least_total_load_module.so;
@@ -123,7 +140,7 @@ load_module {m}/ngx_http_upstream_greedy_timeout_module.so;
 load_module {m}/ngx_http_upstream_prefix_cache_affinity_module.so;
 load_module {m}/ngx_http_upstream_pd_score_balance_module.so;
 daemon off;
-master_process off;
+master_process {master};
 worker_processes 1;
 error_log logs/error.log info;
 pid logs/nginx.pid;
@@ -151,12 +168,22 @@ http {{
         location ~ ^/lb/(?<lb>[a-z_]+)(?<rest>/.*)$ {{ proxy_buffering off; proxy_pass http://lb_$lb$rest; }}
         location = /status/weighted_least_active {{ weighted_least_active_status; }}
         location = /status/pd_score_balance {{ pd_score_balance_status; }}
+        location = /status/least_total_load {{ least_total_load_status; }}
     }}
 }}
 "#,
         m = m.display(),
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+    )
+}
+
+fn start_nginx_opts(upstreams: &str, master: bool) -> Nginx {
+    let bin = dist().join("sbin/nginx");
+    assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
+    let dir =
+        std::env::temp_dir().join(format!("pdgate-e2e-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(dir.join("logs")).unwrap();
+    let port = free_port();
+    std::fs::write(dir.join("nginx.conf"), conf_text(upstreams, port, master)).unwrap();
     let child = Command::new(&bin)
         .arg("-p")
         .arg(&dir)
@@ -462,5 +489,95 @@ fn pd_score_balance_decode_looks_ahead_over_prefills() {
     for l in after.lines().filter(|l| !l.starts_with('#')) {
         let f: Vec<&str> = l.split(' ').collect();
         assert_eq!((f[2], f[3]), ("0", "0"), "{after}");
+    }
+}
+
+/// A reload keeps the balancer's shared counters: the new workers see the
+/// request an old worker still serves (and avoid its peer), a peer added
+/// by the reload gets a fresh slot, and when the old worker finishes the
+/// request its count goes back to zero.
+#[test]
+fn balancer_state_survives_reload() {
+    let prof = Profile { step_base_us: 5_000.0, ..Profile::instant() };
+    let a = sim(Role::Both, prof.clone(), Faults::default());
+    let b = sim(Role::Both, prof, Faults::default());
+    let pd = |extra: &str| {
+        format!(
+            "    upstream prefill_servers {{ server 127.0.0.1:{a}; }}\n    upstream decode_servers {{ server 127.0.0.1:{a}; }}\n    upstream lb_least_total_load {{ server 127.0.0.1:{a}; {extra} least_total_load on; keepalive 8; }}\n",
+            a = a.cfg.port
+        )
+    };
+    let ngx = start_nginx_opts(&pd(""), true);
+    let port = ngx.port;
+    let long = std::thread::spawn(move || {
+        post(
+            port,
+            "/lb/least_total_load/v1/completions",
+            r#"{"prompt":"long","max_tokens":200,"ignore_eos":true}"#,
+        )
+    });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(a.cfg.port, "vllm:num_requests_running") < 1.0 {
+        assert!(Instant::now() < deadline, "the long request never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let line_of = |status: &str, peer: u16| -> Vec<String> {
+        status
+            .lines()
+            .find(|l| l.starts_with("lb_least_total_load ") && l.contains(&format!(":{peer} ")))
+            .map(|l| l.split(' ').map(str::to_owned).collect())
+            .unwrap_or_default()
+    };
+    let (_, before, _) = post(port, "/status/least_total_load", "");
+    assert_eq!(line_of(&before, a.cfg.port)[2], "1", "{before}");
+    // Reload with a second peer.
+    ngx.reload(&pd(&format!("server 127.0.0.1:{};", b.cfg.port)));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let (_, st, _) = post(port, "/status/least_total_load", "");
+        if !line_of(&st, b.cfg.port).is_empty() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "the reload never took effect:\n{st}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // nginx starts the new workers 100 ms before it tells the old one to
+    // stop accepting: wait for that.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(ngx.dir.join("logs/error.log"))
+        .unwrap_or_default()
+        .contains("gracefully shutting down")
+    {
+        assert!(Instant::now() < deadline, "the old worker was never told to stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The old worker's request is still counted; the new peer starts empty.
+    assert_eq!(line_of(&after, a.cfg.port)[2], "1", "{after}");
+    assert_eq!(line_of(&after, b.cfg.port)[2..6], ["0", "0", "0", "0"], "{after}");
+    // So new requests avoid the busy peer.
+    for _ in 0..3 {
+        let (status, body, _) =
+            post(port, "/lb/least_total_load/v1/completions", r#"{"prompt":"s","max_tokens":1}"#);
+        assert_eq!(status, 200, "{body}");
+    }
+    let (_, st, _) = post(port, "/status/least_total_load", "");
+    assert_eq!(
+        journal(&b, 3).iter().filter(|r| r.output_tokens == 1).count(),
+        3,
+        "status:\n{st}\nA: {:?}\nB: {:?}",
+        journal(&a, 1),
+        journal(&b, 1)
+    );
+    assert_eq!(long.join().unwrap().0, 200);
+    // The old worker released its request in the same slot.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, st, _) = post(port, "/status/least_total_load", "");
+        if line_of(&st, a.cfg.port)[2] == "0" {
+            assert_eq!(line_of(&st, a.cfg.port)[3], "0", "{st}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the in-flight count never returned to zero:\n{st}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
