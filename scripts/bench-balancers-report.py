@@ -125,7 +125,21 @@ def mean(xs):
     return statistics.fmean(xs) if xs else math.nan
 
 
+def to_model(f, scale):
+    """Wall-clock figures of a run whose engines ran `scale` times faster
+    than real time, in the engines' model time."""
+    if scale == 1:
+        return f
+    g = dict(f)
+    for k in ("ttft_p50", "ttft_p99", "tpot_p50", "tpot_p99"):
+        g[k] = f[k] * scale
+    for k in ("tok_s", "req_s"):
+        g[k] = f[k] / scale
+    return g
+
+
 def report(out, capacity, command, elapsed, time_scale, output_len):
+    scale = float(time_scale or 1)
     with open(os.path.join(out, "runs.tsv"), encoding="utf-8") as f:
         runs = list(csv.DictReader(f, delimiter="\t"))
     probes = [r for r in runs if r["kind"] == "probe"]
@@ -141,8 +155,18 @@ def report(out, capacity, command, elapsed, time_scale, output_len):
         f"--output-len {output_len}` (Poisson arrivals, streaming) for {', '.join(seconds)} s of "
         f"arrivals per run, seeds {', '.join(seeds)}; every figure is the mean over the seeds. "
         "Everything (8 simulators, nginx, pd-bench) shares one host, whose CPU use during each run "
-        "is the `cpu %` column: near 100 %, the host rather than the simulated cluster is the limit.",
+        "(all processes, ours or not) is the `cpu %` column: near 100 %, the host rather than the "
+        "simulated cluster is the limit.",
         "",
+    ]
+    if scale != 1:
+        lines += [
+            f"The engines ran at time scale {time_scale} (`engine-sim --time-scale`): times below are "
+            f"model times (measured x {time_scale}), rates and throughputs model rates (measured / "
+            f"{time_scale}).",
+            "",
+        ]
+    lines += [
         f"Command: `{command}` ({elapsed} s in all). JSON per run: `bench-out/balancers/`.",
         "",
     ]
@@ -159,12 +183,25 @@ def report(out, capacity, command, elapsed, time_scale, output_len):
             "| rate (req/s) | finished / arrived | TTFT p50 growth | TTFT p50 (ms) | cpu % | sustained |",
             "|---:|---:|---:|---:|---:|:---|",
         ]
+        cap_cpu = None
         for r in probes:
             ok, ratio, growth, p50 = probe(load(r["json"]))
+            if capacity and float(r["rate"]) == float(capacity):
+                cap_cpu = float(r["cpu"])
             lines.append(
-                f"| {r['rate']} | {ratio:.3f} | {growth:.2f} | {p50:.1f} | {r['cpu']} | {'yes' if ok else 'no'} |"
+                f"| {float(r['rate']) / scale:g} | {ratio:.3f} | {growth:.2f} | {p50 * scale:.1f} | "
+                f"{r['cpu']} | {'yes' if ok else 'no'} |"
             )
-        lines += ["", f"**Capacity: {capacity} req/s.**", ""]
+        lines += ["", f"**Capacity: {float(capacity) / scale:g} req/s.**" if capacity else "", ""]
+        if cap_cpu is not None and cap_cpu >= 90:
+            lines += [
+                f"The host was {cap_cpu:.0f} % busy at that rate: this capacity is (at least partly) "
+                "the host's, not the simulated cluster's. `BENCH_TIME_SCALE` below 1 slows the "
+                "engines so that the host keeps up.",
+                "",
+            ]
+    elif capacity:
+        lines += [f"Capacity: {float(capacity) / scale:g} req/s (given, `BENCH_CAPACITY`).", ""]
     # Mean over seeds per (load, balancer), in run order.
     groups = {}
     for r in main:
@@ -178,20 +215,28 @@ def report(out, capacity, command, elapsed, time_scale, output_len):
     ]
     agg = {}
     for (ld, lb), rs in groups.items():
-        fs = [figures(load(r["json"])) for r in rs]
+        fs = [to_model(figures(load(r["json"])), scale) for r in rs]
         agg[(ld, lb)] = {k: mean([f[k] for f in fs]) for k in fs[0]}
+        p99s = [f["ttft_p99"] for f in fs]
+        agg[(ld, lb)]["p99_spread"] = (max(p99s) - min(p99s)) / 2 if len(p99s) > 1 else None
         agg[(ld, lb)]["errors"] = sum(f["errors"] for f in fs)
         agg[(ld, lb)]["cpu"] = mean([float(r["cpu"]) for r in rs])
-        agg[(ld, lb)]["rate"] = rs[0]["rate"]
+        agg[(ld, lb)]["rate"] = f"{float(rs[0]['rate']) / scale:g}"
     for (ld, lb), a in agg.items():
         rr = agg.get((ld, "round_robin"), {}).get("ttft_p99")
         vs = f"{a['ttft_p99'] / rr:.2f}" if rr else "n/a"
+        p99 = f"{a['ttft_p99']:.1f}"
+        if a["p99_spread"] is not None:
+            p99 += f" ± {a['p99_spread']:.1f}"
         lines.append(
-            f"| {lb} | {ld} | {a['rate']} | {a['ttft_p50']:.1f} | {a['ttft_p99']:.1f} | "
+            f"| {lb} | {ld} | {a['rate']} | {a['ttft_p50']:.1f} | {p99} | "
             f"{a['tpot_p50']:.2f} | {a['tpot_p99']:.2f} | {a['tok_s']:.0f} | {a['errors']} | {vs} | "
             f"{a['cpu']:.0f} |"
         )
-    lines += ["", "Plot: [balancers-cluster.svg](balancers-cluster.svg).", ""]
+    lines += [""]
+    if len(seeds) > 1:
+        lines += ["TTFT p99: mean ± half the range over the seeds.", ""]
+    lines += ["Plot: [balancers-cluster.svg](balancers-cluster.svg).", ""]
     return "\n".join(lines)
 
 

@@ -13,8 +13,9 @@
 # and with BENCH_DOCS=1 (the default for a full run) copies the report and the
 # plot to docs/balancers-cluster.{md,svg}.
 #
-#   scripts/bench-balancers.sh                    full run (see the estimate it prints)
-#   QUICK=1 scripts/bench-balancers.sh            smoke run, ~4 min: 4 s runs, 60 and
+#   scripts/bench-balancers.sh                    full run, ~35 min for 7 balancers on
+#                                                 2 cores (it prints its estimate)
+#   QUICK=1 scripts/bench-balancers.sh            smoke run, ~3 min: 4 s runs, 60 and
 #                                                 95 %, short answers, no docs/
 #   BENCH_RATES="50 100" scripts/bench-balancers.sh
 #                                                 fixed rates in req/s, no capacity probe
@@ -192,7 +193,11 @@ nlb=$(wc -w <<<"$LBS")
 npoints=$(wc -w <<<"${RATES:-$LOADS}")
 nseeds=$(wc -w <<<"$SEEDS")
 echo "balancers: $LBS"
-echo "runs: $nlb balancers x $npoints loads x $nseeds seeds of ${SECONDS_PER}s (+ the answers' tail, ~5-15 s each)"
+nruns=$((nlb * npoints * nseeds))
+# ~8 s per run on top of its arrivals: the answers' tail and fresh engines.
+est=$((nruns * (SECONDS_PER + 8)))
+[ -z "$RATES" ] && [ -z "$CAPACITY" ] && est=$((est + 7 * (CAP_SECONDS + 8)))
+echo "runs: $nlb balancers x $npoints loads x $nseeds seeds of ${SECONDS_PER}s; estimate ~$(( (est + 59) / 60 )) min"
 t_start=$(date +%s)
 
 # --- capacity ------------------------------------------------------------------
