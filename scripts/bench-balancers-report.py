@@ -167,7 +167,7 @@ def report(out, capacity, command, elapsed, time_scale, output_len):
             "",
         ]
     lines += [
-        f"Command: `{command}` ({elapsed} s in all). JSON per run: `bench-out/balancers/`.",
+        f"Command: `{command}` ({elapsed} s in all). JSON per run: `{os.path.relpath(out)}/`.",
         "",
     ]
     if probes:
@@ -222,7 +222,13 @@ def report(out, capacity, command, elapsed, time_scale, output_len):
         agg[(ld, lb)]["errors"] = sum(f["errors"] for f in fs)
         agg[(ld, lb)]["cpu"] = mean([float(r["cpu"]) for r in rs])
         agg[(ld, lb)]["rate"] = f"{float(rs[0]['rate']) / scale:g}"
-    for (ld, lb), a in agg.items():
+    # Rows by load, then balancer, each in order of first appearance (the
+    # script rotates the balancers' order from block to block).
+    lb_order = list(dict.fromkeys(r["balancer"] for r in main))
+    ld_order = list(dict.fromkeys(r["load"] for r in main))
+    keys = sorted(agg, key=lambda k: (ld_order.index(k[0]), lb_order.index(k[1])))
+    for ld, lb in keys:
+        a = agg[(ld, lb)]
         rr = agg.get((ld, "round_robin"), {}).get("ttft_p99")
         vs = f"{a['ttft_p99'] / rr:.2f}" if rr else "n/a"
         p99 = f"{a['ttft_p99']:.1f}"

@@ -9,7 +9,8 @@
 # Poisson rate it sustains, see "Capacity" below), then runs every balancer
 # at 60, 80 and 95 % of it, nginx's round robin and least_conn included as
 # baselines. Prints a table as it goes; writes the pd-bench JSON, a markdown
-# report (results.md) and an SVG plot (balancers.svg) to bench-out/balancers/,
+# report (results.md) and an SVG plot (balancers.svg) to bench-out/balancers/
+# (QUICK: bench-out/balancers-quick/),
 # and with BENCH_DOCS=1 (the default for a full run) copies the report and the
 # plot to docs/balancers-cluster.{md,svg}.
 #
@@ -35,6 +36,8 @@
 #                      hosts too small to drive the cluster to its capacity) [1]
 #   BENCH_OUTPUT_LEN   median output tokens of the ShareGPT-like mix [150; QUICK 60]
 #   BENCH_DOCS         1: copy the report and plot to docs/ [1; 0 with QUICK or BENCH_RATES]
+#   BENCH_OUT          output directory, emptied first [bench-out/balancers; QUICK
+#                      bench-out/balancers-quick]
 #
 # Capacity: a probe step runs round robin at a Poisson rate for
 # BENCH_CAP_SECONDS. The rate is sustained when (1) the requests that finished
@@ -89,8 +92,9 @@ else
     done
 fi
 
-OUT="$ROOT/bench-out/balancers"
-rm -rf "$OUT"
+if [ "$QUICK" = 1 ]; then d_out=bench-out/balancers-quick; else d_out=bench-out/balancers; fi
+OUT="$ROOT/${BENCH_OUT:-$d_out}"
+rm -rf "$OUT"   # runs.tsv, the report and the plot describe this run only
 mkdir -p "$OUT"
 W=$(mktemp -d /tmp/pdgate-bench-lb.XXXXXX)
 chmod 755 "$W"   # nginx workers (nobody) write request-body temp files below it
@@ -189,14 +193,27 @@ run_one() {
     LAST_CPU=$cpu
 }
 
+# Every balancer's configuration must pass nginx -t before the long part.
+for lb in $LBS; do
+    conf "$lb"
+    if ! "$ROOT/dist/sbin/nginx" -p "$W" -c nginx.conf -t -q 2>"$W/logs/t.log"; then
+        echo "bench-balancers.sh: nginx rejects the configuration of $lb:" >&2
+        cat "$W/logs/t.log" >&2
+        echo "(its directives come from directive() in this script)" >&2
+        exit 1
+    fi
+done
+
 nlb=$(wc -w <<<"$LBS")
 npoints=$(wc -w <<<"${RATES:-$LOADS}")
 nseeds=$(wc -w <<<"$SEEDS")
 echo "balancers: $LBS"
 nruns=$((nlb * npoints * nseeds))
-# ~8 s per run on top of its arrivals: the answers' tail and fresh engines.
-est=$((nruns * (SECONDS_PER + 8)))
-[ -z "$RATES" ] && [ -z "$CAPACITY" ] && est=$((est + 7 * (CAP_SECONDS + 8)))
+# On top of its arrivals a run waits for the answers' tail and fresh engines:
+# ~8 s (median output 150 tokens; ~4 s at QUICK's 60).
+over=$((OUTPUT_LEN >= 100 ? 8 : 4))
+est=$((nruns * (SECONDS_PER + over)))
+[ -z "$RATES" ] && [ -z "$CAPACITY" ] && est=$((est + 7 * (CAP_SECONDS + over)))
 echo "runs: $nlb balancers x $npoints loads x $nseeds seeds of ${SECONDS_PER}s; estimate ~$(( (est + 59) / 60 )) min"
 t_start=$(date +%s)
 
@@ -232,6 +249,7 @@ fi
 echo
 printf '%-24s %6s %7s %4s | %9s %9s %9s %9s | %9s %9s | %6s %4s\n' balancer load rate seed \
     "ttft p50" "ttft p99" "tpot p50" "tpot p99" "tok/s" "req/s" errors cpu%
+block=0
 for seed in $SEEDS; do
     for point in $points; do
         if [ -n "$RATES" ]; then
@@ -239,7 +257,12 @@ for seed in $SEEDS; do
         else
             rate=$(python3 -c "print(f'{$CAPACITY * $point / 100:.4g}')") load="$point%"
         fi
-        for lb in $LBS; do
+        # Rotate the order from block to block so that no balancer always
+        # runs first (or right after the probe).
+        read -ra order <<<"$LBS"
+        rot=$((block % ${#order[@]}))
+        block=$((block + 1))
+        for lb in "${order[@]:rot}" "${order[@]:0:rot}"; do
             json="$OUT/$lb-${point}-seed$seed.json"
             run_one run "$lb" "$load" "$rate" "$seed" "$SECONDS_PER" "$json"
             "${REPORT[@]}" row "$json" "$lb" "$load" "$rate" "$seed" "$LAST_CPU"
