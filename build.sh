@@ -67,7 +67,7 @@ for m in $MODULES; do
     install -m 0755 "$CARGO_TARGET_DIR/release/lib$m.so" "$DIST/modules/$m.so"
 done
 BINS=""
-for b in engine-sim pd-bench; do
+for b in engine-sim pd-bench balance-bench; do
     if [ -x "$CARGO_TARGET_DIR/release/$b" ]; then
         install -m 0755 "$CARGO_TARGET_DIR/release/$b" "$DIST/bin/$b"
         BINS="$BINS $b"

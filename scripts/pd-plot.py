@@ -12,6 +12,13 @@ Python 3 standard library only.
 
 A run is labelled by --label (in file order), else the label it was run with
 (pd-bench --label), else its file name.
+
+With --lines, runs labelled "NAME @ X" (X a number, e.g. "60%" or "50/s")
+become point X of the line NAME, in four panels: TTFT p50, TTFT p99, TPOT
+p50 and output token throughput against X. Runs with the same label (several
+seeds) are averaged.
+
+    scripts/pd-plot.py --lines -o loads.svg bench-out/balancers/*-seed*.json
 """
 
 import argparse
@@ -26,6 +33,8 @@ import tempfile
 
 # Colours per series (Okabe-Ito, readable by colour-blind people).
 COLOURS = ["#56B4E9", "#0072B2", "#E69F00", "#009E73", "#CC79A7", "#D55E00"]
+# --lines: the Okabe-Ito colours but yellow (too pale on white), then the same dashed.
+LINE_COLOURS = ["#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7"]
 PANEL_W, PANEL_H = 520, 300
 MARGIN_L, MARGIN_R, MARGIN_T, MARGIN_B = 70, 20, 50, 80
 
@@ -175,6 +184,108 @@ def svg(labels, docs, title):
     return "\n".join(out) + "\n"
 
 
+def leading_number(s):
+    """The number a string starts with ("60%" -> 60.0), or None."""
+    digits = ""
+    for c in s.strip():
+        if c.isdigit() or (c in ".-" and not digits.count(c)):
+            digits += c
+        else:
+            break
+    try:
+        return float(digits)
+    except ValueError:
+        return None
+
+
+def lines_svg(labels, docs, title):
+    """One line per series across x values, from labels "NAME @ X"."""
+    series, xs = {}, {}
+    for label, d in zip(labels, docs):
+        name, at, x = label.rpartition("@")
+        xv = leading_number(x)
+        if not at or not name.strip() or xv is None:
+            sys.exit(f'pd-plot: --lines needs labels "NAME @ X" with X a number, not "{label}"')
+        xs[xv] = x.strip()
+        series.setdefault(name.strip(), {}).setdefault(xv, []).append(d["summary"])
+    xvals = sorted(xs)
+
+    def mean_of(summaries, *keys):
+        vals = [v for v in (pick(s, *keys) for s in summaries) if v is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    panels = [
+        ("TTFT p50", "ms", ("ttft_ms", "p50")),
+        ("TTFT p99", "ms", ("ttft_ms", "p99")),
+        ("TPOT p50", "ms", ("tpot_ms", "p50")),
+        ("Output token throughput", "tokens/s", ("output_throughput",)),
+    ]
+    names = list(series)
+    per_row = 4
+    legend_h = 24 * math.ceil(len(names) / per_row) + 10
+    head = 40 if title else 0
+    width, height = 2 * PANEL_W, 2 * PANEL_H + head + legend_h
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" font-family="DejaVu Sans, Helvetica, Arial, sans-serif">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+    ]
+    if title:
+        out.append(text(width / 2, 28, title, size=18, weight="bold"))
+
+    def style(j):
+        dash = ' stroke-dasharray="6 4"' if j >= len(LINE_COLOURS) else ""
+        return LINE_COLOURS[j % len(LINE_COLOURS)], dash
+
+    for k, (pname, unit, keys) in enumerate(panels):
+        ox, oy = (k % 2) * PANEL_W, head + (k // 2) * PANEL_H
+        out.append(f'<g transform="translate({ox},{oy})">')
+        out.append(text(PANEL_W / 2, 22, pname, size=15, weight="bold"))
+        pw, ph = PANEL_W - MARGIN_L - MARGIN_R, PANEL_H - MARGIN_T - MARGIN_B
+        x0, y0 = MARGIN_L, MARGIN_T + ph
+        vals = {n: [mean_of(series[n].get(x, []), *keys) for x in xvals] for n in names}
+        top, step = nice_ceiling(max([v for vs in vals.values() for v in vs if v is not None], default=0))
+        t = 0.0
+        while t <= top + step / 2:
+            y = y0 - ph * t / top
+            out.append(f'<line x1="{x0}" y1="{y:.1f}" x2="{x0 + pw}" y2="{y:.1f}" stroke="#ddd"/>')
+            out.append(text(x0 - 6, y + 4, fmt(t), size=11, anchor="end"))
+            t += step
+        out.append(text(16, MARGIN_T + ph / 2, unit, size=12, rotate=-90))
+        out.append(f'<line x1="{x0}" y1="{y0}" x2="{x0 + pw}" y2="{y0}" stroke="#444"/>')
+        lo, hi = xvals[0], xvals[-1]
+
+        def px(x):
+            return x0 + pw / 2 if hi == lo else x0 + 20 + (pw - 40) * (x - lo) / (hi - lo)
+
+        for x in xvals:
+            out.append(text(px(x), y0 + 18, xs[x], size=11))
+        for j, n in enumerate(names):
+            colour, dash = style(j)
+            pts = [(px(x), y0 - ph * v / top) for x, v in zip(xvals, vals[n]) if v is not None]
+            if len(pts) > 1:
+                path = " ".join(f"{a:.1f},{b:.1f}" for a, b in pts)
+                out.append(
+                    f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"{dash}/>'
+                )
+            for a, b in pts:
+                out.append(f'<circle cx="{a:.1f}" cy="{b:.1f}" r="3" fill="{colour}"/>')
+        out.append("</g>")
+    # Legend under the panels.
+    ly0 = head + 2 * PANEL_H
+    col_w = width / per_row
+    for j, n in enumerate(names):
+        colour, dash = style(j)
+        lx, ly = 20 + col_w * (j % per_row), ly0 + 14 + 24 * (j // per_row)
+        out.append(
+            f'<line x1="{lx:.1f}" y1="{ly:.1f}" x2="{lx + 28:.1f}" y2="{ly:.1f}" '
+            f'stroke="{colour}" stroke-width="3"{dash}/>'
+        )
+        out.append(text(lx + 34, ly + 4, n, size=12, anchor="start"))
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
 def main():
     ap = argparse.ArgumentParser(
         description="Draw pd-bench --json results side by side (SVG, or PNG via rsvg-convert)."
@@ -187,6 +298,11 @@ def main():
         "--label", action="append", default=[], help="a run's name, in file order (repeat)"
     )
     ap.add_argument("--title", default="", help="a title above the panels")
+    ap.add_argument(
+        "--lines",
+        action="store_true",
+        help='lines across loads: runs labelled "NAME @ X" are point X of line NAME',
+    )
     a = ap.parse_args()
     if len(a.label) > len(a.files):
         ap.error("more --label than files")
@@ -199,7 +315,7 @@ def main():
             labels.append(str(d["label"]))
         else:
             labels.append(os.path.splitext(os.path.basename(f))[0])
-    doc = svg(labels, docs, a.title)
+    doc = lines_svg(labels, docs, a.title) if a.lines else svg(labels, docs, a.title)
     if a.output.endswith(".png"):
         conv = shutil.which("rsvg-convert")
         if not conv:
