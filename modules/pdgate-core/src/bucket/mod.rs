@@ -340,6 +340,49 @@ impl BucketZone {
     }
 }
 
+/// One bucket set's part of a status page:
+///
+/// ```text
+/// dynamic_bucket $prefill_bucket zone=prefill_len alpha=0.1 window=32
+/// requests 1200 folds 37
+/// boundaries 1843
+/// bucket 1 prefill_short requests 640 tokens 301233 share 0.497
+/// bucket 2 prefill_long requests 560 tokens 304530 share 0.503
+/// ```
+///
+/// `requests` counts recorded requests (known, non-zero length) and `folds`
+/// the windows folded; `boundaries` are in tokens (`-` before the first
+/// fold); per bucket, the requests (unknown lengths included) and tokens
+/// sent to it since the zone was created, and its share of those tokens.
+pub fn status_text(out: &mut String, c: &conf::BucketConf, s: &Snapshot, cut: &Cut) {
+    use std::fmt::Write;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let _ = writeln!(
+        out,
+        "dynamic_bucket ${} zone={} alpha={} window={}",
+        text(&c.variable),
+        text(&c.zone),
+        c.params.alpha,
+        c.params.window
+    );
+    let _ = writeln!(out, "requests {} folds {}", s.recorded, s.folds);
+    let lengths: Vec<String> = cut.lengths().map(|l| l.to_string()).collect();
+    let lengths = if lengths.is_empty() { "-".to_string() } else { lengths.join(" ") };
+    let _ = writeln!(out, "boundaries {lengths}");
+    let total: u64 = s.routed_tokens.iter().take(c.upstreams.len()).sum();
+    for (i, name) in c.upstreams.iter().enumerate() {
+        let (r, t) = (s.routed_requests.get(i).copied(), s.routed_tokens.get(i).copied());
+        let (r, t) = (r.unwrap_or(0), t.unwrap_or(0));
+        let share = if total > 0 { t as f64 / total as f64 } else { 0.0 };
+        let _ = writeln!(
+            out,
+            "bucket {} {} requests {r} tokens {t} share {share:.3}",
+            i + 1,
+            text(name)
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -591,6 +634,29 @@ mod tests {
         assert_eq!(z.snapshot().folds, 2);
         assert_eq!(z.fold_owner.load(Ordering::Relaxed), 0);
         assert_eq!(cut.generation, 4);
+    }
+
+    #[test]
+    fn status_page() {
+        let args: Vec<&[u8]> =
+            "$b zone=z:64k alpha=0.5 window=2 s l".split(' ').map(str::as_bytes).collect();
+        let c = conf::parse(&args).unwrap();
+        let z = BucketZone::default();
+        let mut cut = Cut::default();
+        let mut out = String::new();
+        status_text(&mut out, &c, &z.snapshot(), &cut);
+        assert_eq!(
+            out,
+            "dynamic_bucket $b zone=z alpha=0.5 window=2\nrequests 0 folds 0\nboundaries -\n\
+             bucket 1 s requests 0 tokens 0 share 0.000\nbucket 2 l requests 0 tokens 0 share 0.000\n"
+        );
+        for t in [100, 100, 100, 100] {
+            z.decide(Some(t), &c.params, &mut cut);
+        }
+        out.clear();
+        status_text(&mut out, &c, &z.snapshot(), &cut);
+        assert!(out.contains("requests 4 folds 2\nboundaries 100\n"), "{out}");
+        assert!(out.contains("bucket 1 s requests 3 tokens 300 share 0.750\n"), "{out}");
     }
 
     #[test]
