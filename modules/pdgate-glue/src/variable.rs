@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_index, ngx_http_get_variable_pt,
-    ngx_str_t, ngx_variable_value_t,
+    ngx_str_t, ngx_variable_value_t, NGX_LOG_EMERG,
 };
 
 /// Declares `$name` (without the `$`) with `get` as its handler and `data`
@@ -13,7 +13,8 @@ use ngx::ffi::{
 /// per-request cache: the handler then runs once per request, its value
 /// being shared with the request's subrequests (`ngx_http_subrequest` gives
 /// them the parent's variable array). Fails when the name is taken; nginx
-/// has then logged `the duplicate "name" variable`.
+/// has then logged `the duplicate "name" variable` (so do we, when an
+/// earlier `map` or `set` declared it).
 ///
 /// # Safety
 /// `cf` must be a directive handler's conf in http context; `data` must stay
@@ -32,6 +33,17 @@ pub unsafe fn add(
     unsafe {
         let v = ngx_http_add_variable(cf, &mut s, 0);
         if v.is_null() {
+            return Err(crate::NgxError);
+        }
+        // A changeable variable declared earlier (`map`, `set`) is handed
+        // back as is: refuse it as nginx refuses the other order.
+        if (*v).get_handler.is_some() {
+            ngx::ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "the duplicate \"{}\" variable",
+                String::from_utf8_lossy(name)
+            );
             return Err(crate::NgxError);
         }
         (*v).get_handler = get;
