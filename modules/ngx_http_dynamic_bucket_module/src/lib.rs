@@ -56,6 +56,8 @@ struct BucketSet {
 /// The http-level configuration: every bucket set.
 #[derive(Default)]
 struct MainConf {
+    // Boxed: each variable keeps a pointer to its set while the vector grows.
+    #[allow(clippy::vec_box)]
     sets: Vec<Box<BucketSet>>,
 }
 

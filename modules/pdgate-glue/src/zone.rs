@@ -103,7 +103,10 @@ unsafe extern "C" fn init<T: ZoneState>(zone: *mut ngx_shm_zone_t, data: *mut c_
 }
 
 /// The state of a zone declared with [`add`], once nginx initialised it.
-pub fn state<'a, T: ZoneState>(zone: *const ngx_shm_zone_t) -> Option<&'a T> {
+///
+/// # Safety
+/// `zone` must be NULL or a zone [`add`] returned for this `T`.
+pub unsafe fn state<'a, T: ZoneState>(zone: *const ngx_shm_zone_t) -> Option<&'a T> {
     // SAFETY: zone->data is NULL or the T placed by `init` in the shared
     // mapping, which lives as long as the cycle (and beyond, on reload).
     unsafe { (zone.as_ref()?.data as *const T).as_ref() }

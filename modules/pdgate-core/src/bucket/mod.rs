@@ -95,14 +95,14 @@ fn weyl(seq: u64) -> u64 {
 pub fn boundaries(mass: &[f64; BINS], buckets: usize, out: &mut [u64; MAX_BUCKETS - 1]) -> bool {
     let n = buckets.clamp(1, MAX_BUCKETS) - 1;
     let total: f64 = mass.iter().sum();
-    if !(total > 0.0) || !total.is_finite() {
+    if !(total.is_finite() && total > 0.0) {
         return false;
     }
     let mut i = 0;
     let mut cum = 0.0;
     let mut last = 0;
     for (bin, &m) in mass.iter().enumerate() {
-        if !(m > 0.0) {
+        if m.is_nan() || m <= 0.0 {
             continue;
         }
         last = bin;
@@ -246,7 +246,7 @@ impl BucketZone {
             w.fetch_add(t, Ordering::Relaxed);
         }
         let seq = self.recorded.fetch_add(1, Ordering::Relaxed) + 1;
-        if seq % p.window.max(1) == 0 {
+        if seq.checked_rem(p.window) == Some(0) {
             self.fold(p.alpha, seq);
         }
         self.refresh(cut, p.buckets);
@@ -281,7 +281,7 @@ impl BucketZone {
         }
         // Odd while writing. A dead owner may have left it odd already.
         let mut g = self.generation.load(Ordering::Relaxed);
-        if g % 2 == 0 {
+        if g & 1 == 0 {
             g += 1;
             self.generation.store(g, Ordering::Relaxed);
         }
@@ -291,7 +291,7 @@ impl BucketZone {
             let w = w.swap(0, Ordering::Relaxed) as f64;
             let old = f64::from_bits(h.load(Ordering::Relaxed));
             let mut new = (1.0 - alpha) * old + alpha * w;
-            if !(new >= 1e-9) || !new.is_finite() {
+            if !(new.is_finite() && new >= 1e-9) {
                 new = 0.0; // long forgotten (or never seen)
             }
             h.store(new.to_bits(), Ordering::Relaxed);
@@ -304,7 +304,7 @@ impl BucketZone {
     /// `H` can be read consistently now (otherwise the old cut stays).
     pub fn refresh(&self, cut: &mut Cut, buckets: usize) {
         let g1 = self.generation.load(Ordering::Acquire);
-        if g1 == cut.generation || g1 % 2 == 1 {
+        if g1 == cut.generation || g1 & 1 == 1 {
             return;
         }
         let mut mass = [0.0f64; BINS];
