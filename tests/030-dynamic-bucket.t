@@ -25,6 +25,9 @@ sub lengths {
 }
 our @MIXED = lengths(256);
 
+# Debug lines exist only in an nginx built --with-debug (./build.sh --debug).
+our $DEBUG = `$ENV{TEST_NGINX_BINARY} -V 2>&1` =~ /--with-debug/;
+
 # The workers that decided the requests of the "shared" block.
 my %pids;
 add_response_body_check(sub {
@@ -224,7 +227,28 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 8: an unknown parameter
+=== TEST 8: each decision is logged at debug level
+--- http_config
+    dynamic_bucket $len_bucket zone=len8:64k alpha=1 window=2 short_pool long_pool;
+    $TEST_NGINX_POOLS
+--- config
+    location = /t { proxy_pass http://$len_bucket; }
+--- request eval
+[main::post(400), main::post(40000), main::post(400000), "GET /t"]
+--- response_body_like eval
+[qr/^short /, qr/^(short|long) /, qr/^long /, qr/^short /]
+--- error_log eval
+$main::DEBUG ? [qr/dynamic_bucket: \$len_bucket length 100 tokens, boundaries \[\], bucket 1 "short_pool"/,
+                qr/dynamic_bucket: \$len_bucket length 100000 tokens, boundaries \[\d+\], bucket 2 "long_pool"/,
+                qr/dynamic_bucket: \$len_bucket length unknown, boundaries \[\d+\], bucket 1 "short_pool"/]
+             : []
+--- no_error_log
+[error]
+[alert]
+
+
+
+=== TEST 9: an unknown parameter
 --- http_config
     dynamic_bucket $b zone=z:64k beta=2 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -235,7 +259,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 9: alpha must be in (0, 1]
+=== TEST 10: alpha must be in (0, 1]
 --- http_config
     dynamic_bucket $b zone=z:64k alpha=1.5 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -246,7 +270,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 10: the window must be a positive number
+=== TEST 11: the window must be a positive number
 --- http_config
     dynamic_bucket $b zone=z:64k window=0 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -257,7 +281,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 11: at least two upstreams
+=== TEST 12: at least two upstreams
 --- http_config
     dynamic_bucket $b zone=z:64k alpha=0.5 short_pool;
     $TEST_NGINX_POOLS
@@ -268,7 +292,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 12: the zone is required
+=== TEST 13: the zone is required
 --- http_config
     dynamic_bucket $b alpha=0.5 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -279,7 +303,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 13: a zone needs at least 32k
+=== TEST 14: a zone needs at least 32k
 --- http_config
     dynamic_bucket $b zone=z:8k short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -290,7 +314,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 14: a zone size must be a size
+=== TEST 15: a zone size must be a size
 --- http_config
     dynamic_bucket $c zone=y:lots short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -301,7 +325,7 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 15: a variable is declared once
+=== TEST 16: a variable is declared once
 --- http_config
     dynamic_bucket $b zone=z:64k short_pool long_pool;
     dynamic_bucket $b zone=y:64k short_pool long_pool;
@@ -313,7 +337,7 @@ the duplicate "b" variable
 
 
 
-=== TEST 16: the variable cannot also be a map or set variable
+=== TEST 17: the variable cannot also be a map or set variable
 --- http_config
     map $uri $b { default x; }
     dynamic_bucket $b zone=z:64k short_pool long_pool;
@@ -325,7 +349,7 @@ the duplicate "b" variable
 
 
 
-=== TEST 17: two bucket sets cannot share a zone
+=== TEST 18: two bucket sets cannot share a zone
 --- http_config
     dynamic_bucket $b zone=z:64k short_pool long_pool;
     dynamic_bucket $c zone=z:64k short_pool long_pool;
@@ -337,7 +361,7 @@ the duplicate "b" variable
 
 
 
-=== TEST 18: every name must be an upstream block
+=== TEST 19: every name must be an upstream block
 --- http_config
     dynamic_bucket $b zone=z:64k short_pool lnog_pool;
     $TEST_NGINX_POOLS
@@ -348,7 +372,7 @@ qr/\[emerg\] .*dynamic_bucket \$b: no upstream "lnog_pool" block in .*nginx\.con
 
 
 
-=== TEST 19: the directive belongs in http
+=== TEST 20: the directive belongs in http
 --- http_config
     $TEST_NGINX_POOLS
 --- config
@@ -359,7 +383,7 @@ qr/\[emerg\] .*dynamic_bucket \$b: no upstream "lnog_pool" block in .*nginx\.con
 
 
 
-=== TEST 20: the variable must be a variable
+=== TEST 21: the variable must be a variable
 --- http_config
     dynamic_bucket b zone=z:64k short_pool long_pool;
     $TEST_NGINX_POOLS

@@ -252,9 +252,9 @@ unsafe extern "C" fn ngx_http_dynamic_bucket_variable(
             ngx_log_debug!(
                 mask: DebugMask::Http,
                 (*(*r).connection).log,
-                "dynamic_bucket: ${} length {} tokens, boundaries [{}], bucket {} \"{}\"",
+                "dynamic_bucket: ${} length {}, boundaries [{}], bucket {} \"{}\"",
                 String::from_utf8_lossy(&set.conf.variable),
-                tokens.map_or("unknown".to_string(), |t| t.to_string()),
+                tokens.map_or("unknown".to_string(), |t| format!("{t} tokens")),
                 set.cut.get().lengths().map(|l| l.to_string()).collect::<Vec<_>>().join(" "),
                 bucket + 1,
                 String::from_utf8_lossy(name)
