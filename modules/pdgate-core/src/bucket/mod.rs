@@ -288,8 +288,15 @@ impl BucketZone {
         fence(Ordering::Release);
         let alpha = if alpha > 0.0 && alpha <= 1.0 { alpha } else { 1.0 };
         for (w, h) in self.window.iter().zip(self.smoothed.iter()) {
-            let w = w.swap(0, Ordering::Relaxed) as f64;
+            // Most bins are empty: read before paying for a locked swap.
+            let w = match w.load(Ordering::Relaxed) {
+                0 => 0.0,
+                _ => w.swap(0, Ordering::Relaxed) as f64,
+            };
             let old = f64::from_bits(h.load(Ordering::Relaxed));
+            if old == 0.0 && w == 0.0 {
+                continue;
+            }
             let mut new = (1.0 - alpha) * old + alpha * w;
             if !(new.is_finite() && new >= 1e-9) {
                 new = 0.0; // long forgotten (or never seen)
