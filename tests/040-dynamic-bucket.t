@@ -242,11 +242,11 @@ qr/dynamic_bucket: \$len_bucket length [^,]+, boundaries \[[\d ]*\], bucket \d "
 --- grep_error_log_out eval
 # One line per request (checked after each; the runner indexes arrays by repeat, not request).
 $main::DEBUG
-? qr/^dynamic_bucket: \$len_bucket (${\ join '|',
+? qr/^dynamic_bucket: \$len_bucket (${\ CORE::join('|',
       'length 100 tokens, boundaries \[\], bucket 1 "short_pool"',
       'length 10000 tokens, boundaries \[\d+\], bucket [12] "\w+"',
       'length 100000 tokens, boundaries \[\d+\], bucket 2 "long_pool"',
-      'length unknown, boundaries \[\d+\], bucket 1 "short_pool"'})\n$/
+      'length unknown, boundaries \[\d+\], bucket 1 "short_pool"')})\n$/
 : ""
 --- no_error_log
 [error]
