@@ -227,7 +227,46 @@ bucket 3 c_pool requests 2 tokens 3000 share 0.556
 
 
 
-=== TEST 8: each decision is logged at debug level
+=== TEST 8: a chunked body counts once read (prefill), and is unknown before
+With prefill the body is read before the prefill leg is sent, so a chunked
+prompt has its length; a plain proxy_pass decides before reading the body.
+--- http_config
+    dynamic_bucket $prefill_bucket zone=len_chunked:64k alpha=1 window=2 prefill_short prefill_long;
+    upstream prefill_short { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; }
+    upstream prefill_long { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; }
+    upstream decode_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; }
+    client_body_buffer_size 1m;
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://$prefill_bucket;
+        subrequest_output_buffer_size 1m;
+    }
+    location = /plain { proxy_pass http://$prefill_bucket/mock/decode/; }
+    location /mock/prefill/ { pdgate_echo prefill; }
+    location /mock/decode/ { pdgate_echo; }
+--- request eval
+my $json = sub { "{\"model\":\"m\",\"max_tokens\":5,\"prompt\":\"" . ('p' x $_[0]) . "\"}" };
+my $chunked = sub { sprintf "%x\r\n%s\r\n0\r\n\r\n", length $_[0], $_[0] };
+["POST /v1/completions\n" . $json->(400), "POST /v1/completions\n" . $json->(400),
+ "POST /v1/completions\n" . $chunked->($json->(40000)), "POST /plain\n" . $chunked->($json->(40000))]
+--- more_headers eval
+["", "", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"]
+--- response_body_like eval
+[qr/"prefill_request":\{.*"host":"prefill_short"/, qr/"prefill_request":\{.*"host":"prefill_short"/,
+ qr/"prefill_request":\{.*"host":"prefill_long"/, qr/"host":"prefill_short"/]
+--- no_error_log
+[error]
+[alert]
+
+
+
+=== TEST 9: each decision is logged at debug level
 --- http_config
     dynamic_bucket $len_bucket zone=len8:64k alpha=1 window=2 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -254,7 +293,7 @@ $main::DEBUG
 
 
 
-=== TEST 9: an unknown parameter
+=== TEST 10: an unknown parameter
 --- http_config
     dynamic_bucket $b zone=z:64k beta=2 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -265,7 +304,7 @@ $main::DEBUG
 
 
 
-=== TEST 10: alpha must be in (0, 1]
+=== TEST 11: alpha must be in (0, 1]
 --- http_config
     dynamic_bucket $b zone=z:64k alpha=1.5 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -276,7 +315,7 @@ $main::DEBUG
 
 
 
-=== TEST 11: the window must be a positive number
+=== TEST 12: the window must be a positive number
 --- http_config
     dynamic_bucket $b zone=z:64k window=0 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -287,7 +326,7 @@ $main::DEBUG
 
 
 
-=== TEST 12: at least two upstreams
+=== TEST 13: at least two upstreams
 --- http_config
     dynamic_bucket $b zone=z:64k alpha=0.5 short_pool;
     $TEST_NGINX_POOLS
@@ -298,7 +337,7 @@ $main::DEBUG
 
 
 
-=== TEST 13: the zone is required
+=== TEST 14: the zone is required
 --- http_config
     dynamic_bucket $b alpha=0.5 short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -309,7 +348,7 @@ $main::DEBUG
 
 
 
-=== TEST 14: a zone needs at least 32k
+=== TEST 15: a zone needs at least 32k
 --- http_config
     dynamic_bucket $b zone=z:8k short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -320,7 +359,7 @@ $main::DEBUG
 
 
 
-=== TEST 15: a zone size must be a size
+=== TEST 16: a zone size must be a size
 --- http_config
     dynamic_bucket $c zone=y:lots short_pool long_pool;
     $TEST_NGINX_POOLS
@@ -331,7 +370,7 @@ $main::DEBUG
 
 
 
-=== TEST 16: a variable is declared once
+=== TEST 17: a variable is declared once
 --- http_config
     dynamic_bucket $b zone=z:64k short_pool long_pool;
     dynamic_bucket $b zone=y:64k short_pool long_pool;
@@ -343,7 +382,7 @@ the duplicate "b" variable
 
 
 
-=== TEST 17: the variable cannot also be a map or set variable
+=== TEST 18: the variable cannot also be a map or set variable
 --- http_config
     map $uri $b { default x; }
     dynamic_bucket $b zone=z:64k short_pool long_pool;
@@ -355,7 +394,7 @@ the duplicate "b" variable
 
 
 
-=== TEST 18: two bucket sets cannot share a zone
+=== TEST 19: two bucket sets cannot share a zone
 --- http_config
     dynamic_bucket $b zone=z:64k short_pool long_pool;
     dynamic_bucket $c zone=z:64k short_pool long_pool;
@@ -367,7 +406,7 @@ the duplicate "b" variable
 
 
 
-=== TEST 19: every name must be an upstream block
+=== TEST 20: every name must be an upstream block
 --- http_config
     dynamic_bucket $b zone=z:64k short_pool lnog_pool;
     $TEST_NGINX_POOLS
@@ -378,7 +417,7 @@ qr/\[emerg\] .*dynamic_bucket \$b: no upstream "lnog_pool" block in .*nginx\.con
 
 
 
-=== TEST 20: the directive belongs in http
+=== TEST 21: the directive belongs in http
 --- http_config
     $TEST_NGINX_POOLS
 --- config
@@ -389,7 +428,7 @@ qr/\[emerg\] .*dynamic_bucket \$b: no upstream "lnog_pool" block in .*nginx\.con
 
 
 
-=== TEST 21: the variable must be a variable
+=== TEST 22: the variable must be a variable
 --- http_config
     dynamic_bucket b zone=z:64k short_pool long_pool;
     $TEST_NGINX_POOLS
