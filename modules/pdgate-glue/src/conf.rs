@@ -55,3 +55,24 @@ pub unsafe fn error(cf: *mut ngx_conf_t, msg: &str) -> *mut c_char {
 
 /// The value nginx expects from a directive handler that succeeded.
 pub const OK: *mut c_char = std::ptr::null_mut();
+
+/// A directive name for a command table. nginx compares names with
+/// `strcmp`, so the `ngx_str_t` must point at NUL-terminated bytes.
+pub const fn name(s: &'static std::ffi::CStr) -> ngx_str_t {
+    ngx_str_t { len: s.count_bytes(), data: s.as_ptr() as *mut u8 }
+}
+
+/// `file:line` of the directive being parsed, for errors reported later
+/// (in postconfiguration), in nginx's `in file:line` form.
+///
+/// # Safety
+/// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
+pub unsafe fn place(cf: *mut ngx_conf_t) -> String {
+    // SAFETY: while parsing, cf->conf_file is the file being read.
+    unsafe {
+        match (*cf).conf_file.as_ref() {
+            Some(f) => format!("{}:{}", String::from_utf8_lossy(str_bytes(&f.file.name)), f.line),
+            None => String::new(),
+        }
+    }
+}

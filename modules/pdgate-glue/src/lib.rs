@@ -12,6 +12,7 @@ pub mod body;
 pub mod conf;
 pub mod guard;
 pub mod headers;
+pub mod length;
 pub mod phase;
 pub mod pool;
 pub mod random;
@@ -19,6 +20,8 @@ pub mod response;
 pub mod subrequest;
 pub mod timer;
 pub mod upstream;
+pub mod variable;
+pub mod zone;
 
 pub use ngx::ffi;
 

@@ -1,0 +1,85 @@
+//! Registering variables and answering their evaluation (ngx-rust 0.5.1
+//! only has macros for the handler signature).
+
+use std::ffi::c_void;
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_index, ngx_http_get_variable_pt,
+    ngx_str_t, ngx_variable_value_t, NGX_LOG_EMERG,
+};
+
+/// Declares `$name` (without the `$`) with `get` as its handler and `data`
+/// passed to it, and indexes it, so that every lookup goes through nginx's
+/// per-request cache: the handler then runs once per request, its value
+/// being shared with the request's subrequests (`ngx_http_subrequest` gives
+/// them the parent's variable array). Fails when the name is taken; nginx
+/// has then logged `the duplicate "name" variable` (so do we, when an
+/// earlier `map` or `set` declared it).
+///
+/// # Safety
+/// `cf` must be a directive handler's conf in http context; `data` must stay
+/// valid as long as the configuration.
+pub unsafe fn add(
+    cf: *mut ngx_conf_t,
+    name: &[u8],
+    get: ngx_http_get_variable_pt,
+    data: *const c_void,
+) -> Result<(), crate::NgxError> {
+    // nginx copies the name into the configuration pool.
+    let mut s = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+    // SAFETY: cf is live; ngx_http_add_variable returns NULL or a variable
+    // of the main conf's table (flags 0: neither changeable nor weak, so a
+    // `set` or `map` of the same name is refused).
+    unsafe {
+        let v = ngx_http_add_variable(cf, &mut s, 0);
+        if v.is_null() {
+            return Err(crate::NgxError);
+        }
+        // A changeable variable declared earlier (`map`, `set`) is handed
+        // back as is: refuse it as nginx refuses the other order.
+        if (*v).get_handler.is_some() {
+            ngx::ngx_conf_log_error!(
+                NGX_LOG_EMERG,
+                cf,
+                "the duplicate \"{}\" variable",
+                String::from_utf8_lossy(name)
+            );
+            return Err(crate::NgxError);
+        }
+        (*v).get_handler = get;
+        (*v).data = data as usize;
+        if ngx_http_get_variable_index(cf, &mut s) < 0 {
+            return Err(crate::NgxError);
+        }
+    }
+    Ok(())
+}
+
+/// Gives a variable the value `bytes`, cacheable for the request.
+///
+/// # Safety
+/// `v` must be the value nginx passed to a get handler; `bytes` must live as
+/// long as the request (configuration memory does).
+pub unsafe fn set(v: *mut ngx_variable_value_t, bytes: &[u8]) {
+    // SAFETY: v is valid per the caller; the length fits the 28-bit field
+    // for any name nginx accepts as an argument.
+    unsafe {
+        (*v).set_len(bytes.len() as u32);
+        (*v).set_valid(1);
+        (*v).set_no_cacheable(0);
+        (*v).set_not_found(0);
+        (*v).data = bytes.as_ptr() as *mut u8;
+    }
+}
+
+/// Marks a variable as not found (an empty value in scripts).
+///
+/// # Safety
+/// As [`set`].
+pub unsafe fn not_found(v: *mut ngx_variable_value_t) {
+    // SAFETY: v is valid per the caller.
+    unsafe {
+        (*v).set_valid(0);
+        (*v).set_not_found(1);
+    }
+}

@@ -1,0 +1,113 @@
+//! A shared zone holding one fixed-size state shared by every worker, kept
+//! across `nginx -s reload` while the zone's name and size are unchanged.
+//!
+//! The state is a pdgate-core type made of atomics only, for which all-zero
+//! bytes are a valid empty state; it is placed by `ngx_slab_calloc` when the
+//! zone is first created (the init callback runs in the master, before the
+//! workers exist) and found again through `zone->data` on reload, as
+//! nginx's `limit_req` and upstream zones do.
+
+use std::ffi::c_void;
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shared_memory_add, ngx_shm_zone_t, ngx_slab_calloc,
+    ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_LOG_EMERG, NGX_OK,
+};
+
+/// A state that can live in a shared zone.
+///
+/// # Safety
+/// The type must be `#[repr(C)]`, `Sync`, without pointers or `Drop`, and
+/// valid when all its bytes are zero; `attach` turns such memory into a live
+/// state and says whether existing memory holds a compatible one.
+pub unsafe trait ZoneState: Sync + Sized {
+    fn attach(&self) -> bool;
+}
+
+// SAFETY: BucketZone is #[repr(C)], made of AtomicU64 only (zero = empty).
+unsafe impl ZoneState for pdgate_core::bucket::BucketZone {
+    fn attach(&self) -> bool {
+        pdgate_core::bucket::BucketZone::attach(self)
+    }
+}
+
+/// Declares the zone `name` of `size` bytes for `module` with a `T` in it;
+/// `Ok(None)` when this configuration already declared it (with this size),
+/// which callers treat as a duplicate.
+///
+/// # Safety
+/// `cf` must be a directive handler's conf.
+pub unsafe fn add<T: ZoneState>(
+    cf: *mut ngx_conf_t,
+    name: &[u8],
+    size: usize,
+    module: &ngx_module_t,
+) -> Result<Option<*mut ngx_shm_zone_t>, crate::NgxError> {
+    let mut s = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+    // SAFETY: cf is live; nginx copies the name, logs its own errors (size
+    // conflict, zone of another module) and returns NULL for them.
+    unsafe {
+        let zone = ngx_shared_memory_add(cf, &mut s, size, module as *const _ as *mut c_void);
+        if zone.is_null() {
+            return Err(crate::NgxError);
+        }
+        if (*zone).init.is_some() {
+            return Ok(None);
+        }
+        (*zone).init = Some(init::<T>);
+        Ok(Some(zone))
+    }
+}
+
+unsafe extern "C" fn init<T: ZoneState>(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> ngx_int_t {
+    crate::guard::catch("shared zone init", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls this with the zone it mapped (a slab pool at
+        // shm.addr) and, on reload of an unchanged zone, the previous
+        // cycle's `data`: our state in that same mapping.
+        unsafe {
+            let log = (*zone).shm.log;
+            if let Some(old) = (data as *const T).as_ref() {
+                if old.attach() {
+                    (*zone).data = data;
+                    return NGX_OK as ngx_int_t;
+                }
+            }
+            let shpool = (*zone).shm.addr as *mut ngx_slab_pool_t;
+            if (*zone).shm.exists != 0 {
+                if let Some(old) = ((*shpool).data as *const T).as_ref() {
+                    if old.attach() {
+                        (*zone).data = (*shpool).data;
+                        return NGX_OK as ngx_int_t;
+                    }
+                }
+            }
+            let p = ngx_slab_calloc(shpool, std::mem::size_of::<T>()) as *const T;
+            match p.as_ref() {
+                Some(state) if state.attach() => {
+                    (*shpool).data = p as *mut c_void;
+                    (*zone).data = p as *mut c_void;
+                    NGX_OK as ngx_int_t
+                }
+                _ => {
+                    ngx::ngx_log_error!(
+                        NGX_LOG_EMERG,
+                        log,
+                        "zone \"{}\" is too small",
+                        String::from_utf8_lossy(crate::conf::str_bytes(&(*zone).shm.name))
+                    );
+                    NGX_ERROR as ngx_int_t
+                }
+            }
+        }
+    })
+}
+
+/// The state of a zone declared with [`add`], once nginx initialised it.
+///
+/// # Safety
+/// `zone` must be NULL or a zone [`add`] returned for this `T`.
+pub unsafe fn state<'a, T: ZoneState>(zone: *const ngx_shm_zone_t) -> Option<&'a T> {
+    // SAFETY: zone->data is NULL or the T placed by `init` in the shared
+    // mapping, which lives as long as the cycle (and beyond, on reload).
+    unsafe { (zone.as_ref()?.data as *const T).as_ref() }
+}
