@@ -27,7 +27,7 @@ for arg in "$@"; do
 done
 [ "${PDGATE_DEBUG:-0}" = 1 ] && DEBUG=1
 
-MODULES="ngx_http_prefill_module ngx_http_set_request_id_module ngx_http_pdgate_echo_module ngx_http_upstream_least_total_load_module ngx_http_upstream_weighted_least_active_module ngx_http_upstream_auto_balance_controller_module ngx_http_upstream_prefill_score_balance_module ngx_http_upstream_greedy_timeout_module ngx_http_upstream_length_balance_module ngx_http_upstream_pd_score_balance_module ngx_http_upstream_prefix_cache_affinity_module"
+MODULES="ngx_http_prefill_module ngx_http_prefill_refactor_module ngx_http_set_request_id_module ngx_http_pdgate_echo_module ngx_http_upstream_least_total_load_module ngx_http_upstream_weighted_least_active_module ngx_http_upstream_auto_balance_controller_module ngx_http_upstream_prefill_score_balance_module ngx_http_upstream_greedy_timeout_module ngx_http_upstream_length_balance_module ngx_http_upstream_pd_score_balance_module ngx_http_upstream_prefix_cache_affinity_module"
 
 log() { printf '\033[1m[build]\033[0m %s\n' "$*"; }
 
