@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicPtr, Ordering};
 
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
 use pdgate_glue::core::bootstrap::{
-    self, bootstrap_members, bootstrap_port, check_ports, check_request, leg_plan, least_active,
+    self, bootstrap_members, bootstrap_port, check_ports, check_request, least_active, leg_plan,
     parse_backend, parse_distribution, parse_ports, parse_servers, Distribution, Leg, Server,
 };
 use pdgate_glue::core::json::Object;
@@ -137,6 +137,13 @@ impl HttpModule for Module {
                     })
                     .and_then(|()| {
                         var::add(cf, "bootstrap_room", Some(ngx_http_bootstrap_room_variable))
+                    })
+                    .and_then(|()| {
+                        var::add(
+                            cf,
+                            "prefill_refactor_counters",
+                            Some(ngx_http_prefill_refactor_counters_variable),
+                        )
                     })
             };
             match added {
@@ -720,7 +727,8 @@ unsafe fn start(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<Distributio
     }
 }
 
-type PostHandler = unsafe extern "C" fn(*mut ngx_http_request_t, *mut c_void, ngx_int_t) -> ngx_int_t;
+type PostHandler =
+    unsafe extern "C" fn(*mut ngx_http_request_t, *mut c_void, ngx_int_t) -> ngx_int_t;
 
 /// Post-subrequest handler of the prefill leg (both modes).
 unsafe extern "C" fn ngx_http_prefill_refactor_done(
@@ -833,7 +841,11 @@ unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t
                 (*main).set_count((*main).count() + 1);
                 leg::cancel_upstream(main);
                 match failure {
-                    Err(status) => pass_prefill_answer(main, status, answer, content_type),
+                    Err(status) => response::finish_with_error(
+                        main,
+                        status as u16,
+                        &format!("prefill server answered {status}"),
+                    ),
                     Ok(f) => response::finish_with_error(main, f.http_status(), &f.to_string()),
                 }
                 NGX_OK as ngx_int_t
@@ -950,5 +962,57 @@ unsafe extern "C" fn ngx_http_bootstrap_room_variable(
     guard::catch("$bootstrap_room", NGX_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls variable getters with a live request and value.
         unsafe { variable(r, v, |c| Some(c.room.as_str())) }
+    })
+}
+
+/// The counters of the servers of `list` under `role`, as JSON:
+/// `{"host:port":{"active":N,"total":M},…}`.
+fn counters_json(out: &mut String, list: &[Server], role: &[u8]) {
+    let table = counters::table(ZONE.load(Ordering::Relaxed));
+    out.push('{');
+    for (k, s) in list.iter().enumerate() {
+        let slot = table.and_then(|t| t.find(peer_key(role, s.addr.as_bytes())).map(|i| (t, i)));
+        let (active, total) = slot.map_or((0, 0), |(t, i)| (t.load(i).0, t.total(i)));
+        if k > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("\"{}\":{{\"active\":{active},\"total\":{total}}}", s.addr));
+    }
+    out.push('}');
+}
+
+unsafe extern "C" fn ngx_http_prefill_refactor_counters_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_http_variable_value_t,
+    _data: usize,
+) -> ngx_int_t {
+    guard::catch("$prefill_refactor_counters", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls variable getters with a live request and
+        // value; the text is copied into the request pool.
+        unsafe {
+            let v = &mut *v;
+            let Some(lcf) = Module::location_conf(&*r) else {
+                var::not_found(v);
+                return NGX_OK as ngx_int_t;
+            };
+            let mut out = String::from("{\"prefill\":");
+            counters_json(
+                &mut out,
+                lcf.prefill.as_deref().unwrap_or(&[]),
+                b"prefill_refactor:prefill",
+            );
+            out.push_str(",\"decode\":");
+            counters_json(
+                &mut out,
+                lcf.decode.as_deref().unwrap_or(&[]),
+                b"prefill_refactor:decode",
+            );
+            out.push('}');
+            match pdgate_glue::headers::pool_str(r, out.as_bytes()) {
+                Some(s) => var::set(v, pdgate_glue::response::str_of(&s)),
+                None => return NGX_ERROR as ngx_int_t,
+            }
+            NGX_OK as ngx_int_t
+        }
     })
 }

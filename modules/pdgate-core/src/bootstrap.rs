@@ -355,9 +355,8 @@ mod tests {
 
     fn leg(src: &str, leg: Leg) -> (Value, Plan<'static>) {
         let obj = Object::parse(src.as_bytes()).unwrap();
-        let m: &'static [u8] = Box::leak(
-            bootstrap_members("10.0.0.1", 8998, 42).into_bytes().into_boxed_slice(),
-        );
+        let m: &'static [u8] =
+            Box::leak(bootstrap_members("10.0.0.1", 8998, 42).into_bytes().into_boxed_slice());
         let plan = leg_plan(&obj, m, leg);
         let out = plan.to_vec(src.as_bytes());
         assert_eq!(out.len(), plan.len());
@@ -442,10 +441,22 @@ mod tests {
     fn servers() {
         let s = parse_servers(b" 10.0.0.1:8000 , host-b.local:9000,[::1]:80").unwrap();
         assert_eq!(s.len(), 3);
-        assert_eq!((s[0].addr.as_str(), s[0].host.as_str(), s[0].port), ("10.0.0.1:8000", "10.0.0.1", 8000));
+        assert_eq!(
+            (s[0].addr.as_str(), s[0].host.as_str(), s[0].port),
+            ("10.0.0.1:8000", "10.0.0.1", 8000)
+        );
         assert_eq!((s[1].host.as_str(), s[1].port), ("host-b.local", 9000));
         assert_eq!((s[2].addr.as_str(), s[2].host.as_str(), s[2].port), ("[::1]:80", "::1", 80));
-        for bad in [&b"10.0.0.1"[..], b"h:0", b"h:70000", b"h:x", b"a b:1", b"10.0.0.1:1,,h:2", b"::1:80", b"h\":1"] {
+        for bad in [
+            &b"10.0.0.1"[..],
+            b"h:0",
+            b"h:70000",
+            b"h:x",
+            b"a b:1",
+            b"10.0.0.1:1,,h:2",
+            b"::1:80",
+            b"h\":1",
+        ] {
             assert!(parse_servers(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
         assert_eq!(parse_servers(b" , "), Err(BootstrapConfError::NoServers));

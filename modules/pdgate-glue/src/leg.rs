@@ -1,15 +1,15 @@
 //! The request-level pieces of a parallel P/D flow (SGLang's bootstrap
-//! mode): a *background* in-memory subrequest that runs beside the main
-//! request (mirror-style: it is not in the parent's postponed list, so the
-//! main request's answer is never held back by it), cancelling a request's
+//! mode): a *background* subrequest that runs beside the main request
+//! (mirror-style: it is not in the parent's postponed list, so the main
+//! request's answer is never held back by it), cancelling a request's
 //! upstream, and chaining a header filter.
 
 use std::ffi::c_void;
 
 use ngx::ffi::{
     ngx_chain_t, ngx_http_output_header_filter_pt, ngx_http_post_subrequest_pt,
-    ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t,
-    ngx_http_subrequest, ngx_palloc, ngx_pcalloc, ngx_str_t, NGX_HTTP_SUBREQUEST_BACKGROUND,
+    ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest,
+    ngx_palloc, ngx_pcalloc, ngx_str_t, NGX_HTTP_SUBREQUEST_BACKGROUND,
     NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_HTTP_SUBREQUEST_WAITED, NGX_OK,
 };
 
@@ -23,14 +23,19 @@ pub enum Mode {
     Waited,
     /// Beside the parent (mirror style): the parent goes on at once and may
     /// even answer the client first; the connection stays open until the
-    /// subrequest is done, as nginx counts it in `r->main->count`.
+    /// subrequest is done, as nginx counts it in `r->main->count`. Only the
+    /// answer's status is kept (`header_only`, as mirror does): the upstream
+    /// is finalized when the header arrives, so an answer larger than
+    /// `subrequest_output_buffer_size` cannot wedge the subrequest (an
+    /// in-memory background subrequest whose capture overflows is never
+    /// finalized by nginx 1.28).
     Background,
 }
 
-/// Starts an in-memory subrequest of `r` to `uri` (with `r`'s query string
-/// and method) whose request body is `body` of `len` bytes. `handler(sr,
-/// data, rc)` runs when it finishes (for a background subrequest too); its
-/// answer is then in `sr->out`. The subrequest shares the parent's header
+/// Starts a subrequest of `r` to `uri` (with `r`'s query string and
+/// method) whose request body is `body` of `len` bytes. `handler(sr, data,
+/// rc)` runs when it finishes (for a background subrequest too); a waited
+/// subrequest's answer is then in `sr->out` (in memory). The subrequest shares the parent's header
 /// list (so `X-Request-Id` goes along) and gets its own `Content-Length`.
 ///
 /// # Safety
@@ -60,16 +65,18 @@ pub unsafe fn start(
         }
         (*ps).handler = handler;
         (*ps).data = data;
-        let flags = NGX_HTTP_SUBREQUEST_IN_MEMORY
-            | match mode {
-                Mode::Waited => NGX_HTTP_SUBREQUEST_WAITED,
-                Mode::Background => NGX_HTTP_SUBREQUEST_BACKGROUND,
-            };
+        let flags = match mode {
+            Mode::Waited => NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY,
+            Mode::Background => NGX_HTTP_SUBREQUEST_BACKGROUND,
+        };
         let mut sr: *mut ngx_http_request_t = std::ptr::null_mut();
         let args: *mut ngx_str_t = &mut (*r).args;
         let rc = ngx_http_subrequest(r, &mut uri, args, &mut sr, ps, flags as usize);
         if rc != NGX_OK as isize || sr.is_null() {
             return Err(crate::NgxError);
+        }
+        if mode == Mode::Background {
+            (*sr).set_header_only(1);
         }
         (*sr).method = (*r).method;
         (*sr).method_name = (*r).method_name;
