@@ -28,8 +28,8 @@
 //! request-pool cleanup) on every other path.
 
 use std::ffi::{c_char, c_void};
+use std::ptr::NonNull;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
-use std::sync::atomic::{AtomicPtr, Ordering};
 
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
 use pdgate_glue::core::bootstrap::{
@@ -53,8 +53,12 @@ use pdgate_glue::ngx::log::DebugMask;
 use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error, ngx_string};
 use pdgate_glue::{body, conf, counters, guard, phase, pool, random, response, var};
 
-/// The shared zone of in-flight counters (one per configuration cycle).
-static ZONE: AtomicPtr<ngx_shm_zone_t> = AtomicPtr::new(null_mut());
+/// The counters of `zone` (the shared zone of this configuration).
+fn zone_table<'a>(zone: Option<NonNull<ngx_shm_zone_t>>) -> Option<SlotTable<'a>> {
+    // SAFETY: the zone comes from counters::add_zone for the configuration
+    // the request runs under, which outlives the request.
+    unsafe { counters::table(zone?.as_ptr()) }
+}
 
 /// The header filter after ours.
 static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
@@ -69,6 +73,9 @@ pub struct LocConf {
     ports: Option<Vec<u16>>,
     distribution: Option<Distribution>,
     backend: Option<()>,
+    /// The shared counters zone (`prefill_refactor`), attached by the
+    /// directives that need it, per configuration cycle.
+    zone: Option<NonNull<ngx_shm_zone_t>>,
 }
 
 impl Merge for LocConf {
@@ -90,6 +97,9 @@ impl Merge for LocConf {
         }
         if self.backend.is_none() {
             self.backend = prev.backend;
+        }
+        if self.zone.is_none() {
+            self.zone = prev.zone;
         }
         Ok(())
     }
@@ -273,6 +283,21 @@ unsafe fn directive(
     })
 }
 
+/// Attaches the shared counters zone of the configuration being parsed
+/// (`ngx_shared_memory_add` returns the same zone for every call of a cycle).
+///
+/// # Safety
+/// `cf` must be the conf of a directive handler.
+unsafe fn attach_zone(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), String> {
+    if lcf.zone.is_none() {
+        // SAFETY: forwarded from the caller; the name is static.
+        let z = unsafe { counters::add_zone(cf, "prefill_refactor", Module::module()) }
+            .map_err(|_| "cannot create its shared zone".to_owned())?;
+        lcf.zone = NonNull::new(z);
+    }
+    Ok(())
+}
+
 fn dup<T>(v: &Option<T>) -> Result<(), String> {
     if v.is_some() {
         Err("is duplicate".into())
@@ -292,11 +317,7 @@ unsafe extern "C" fn cmd_prefill_refactor(
         directive("prefill_refactor directive", cf, lcf, |lcf, v| {
             dup(&lcf.prefix)?;
             let p = pdgate_glue::core::conf::parse_prefix(v).map_err(|e| e.to_string())?;
-            if p.is_some() && ZONE.load(Ordering::Relaxed).is_null() {
-                let z = counters::add_zone(cf, "prefill_refactor", Module::module())
-                    .map_err(|_| "cannot create its shared zone".to_owned())?;
-                ZONE.store(z, Ordering::Relaxed);
-            }
+            attach_zone(cf, lcf)?;
             lcf.prefix = Some(p);
             Ok(())
         })
@@ -314,6 +335,7 @@ unsafe extern "C" fn cmd_prefill_servers_list(
         directive("prefill_servers_list directive", cf, lcf, |lcf, v| {
             dup(&lcf.prefill)?;
             lcf.prefill = Some(parse_servers(v).map_err(|e| e.to_string())?);
+            attach_zone(cf, lcf)?;
             Ok(())
         })
     }
@@ -330,6 +352,7 @@ unsafe extern "C" fn cmd_decode_servers_list(
         directive("decode_servers_list directive", cf, lcf, |lcf, v| {
             dup(&lcf.decode)?;
             lcf.decode = Some(parse_servers(v).map_err(|e| e.to_string())?);
+            attach_zone(cf, lcf)?;
             Ok(())
         })
     }
@@ -427,20 +450,21 @@ struct Ctx {
     p: Option<Chosen>,
     d: Option<Chosen>,
     room: String,
+    zone: Option<NonNull<ngx_shm_zone_t>>,
 }
 
 impl Ctx {
     /// Releases the prefill's counter (its leg ended).
     fn release_prefill(&mut self) {
         if let Some(i) = self.p.as_mut().and_then(|c| c.slot.take()) {
-            release(i);
+            release(self.zone, i);
         }
     }
 }
 
 /// Takes one request off counter slot `i`.
-fn release(i: usize) {
-    if let Some(t) = counters::table(ZONE.load(Ordering::Relaxed)) {
+fn release(zone: Option<NonNull<ngx_shm_zone_t>>, i: usize) {
+    if let Some(t) = zone_table(zone) {
         t.release(i, 0, 0);
     }
 }
@@ -449,7 +473,7 @@ impl Drop for Ctx {
     fn drop(&mut self) {
         self.release_prefill();
         if let Some(i) = self.d.as_mut().and_then(|c| c.slot.take()) {
-            release(i);
+            release(self.zone, i);
         }
     }
 }
@@ -502,6 +526,7 @@ unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
                 p: None,
                 d: None,
                 room: String::new(),
+                zone: lcf.zone,
             };
             let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
                 return NGX_ERROR as ngx_int_t;
@@ -624,8 +649,13 @@ unsafe fn on_body(r: *mut ngx_http_request_t) {
 
 /// The least busy server of `list` (counted under `role`), now holding one
 /// more request.
-fn choose(list: &[Server], role: &[u8], tie: u64) -> Option<(usize, Chosen)> {
-    let table: Option<SlotTable<'_>> = counters::table(ZONE.load(Ordering::Relaxed));
+fn choose(
+    zone: Option<NonNull<ngx_shm_zone_t>>,
+    list: &[Server],
+    role: &[u8],
+    tie: u64,
+) -> Option<(usize, Chosen)> {
+    let table: Option<SlotTable<'_>> = zone_table(zone);
     let slots: Vec<Option<usize>> = list
         .iter()
         .map(|s| table.and_then(|t| t.find_or_claim(peer_key(role, s.addr.as_bytes()))))
@@ -666,12 +696,12 @@ unsafe fn start(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<Distributio
         check_request(&obj).map_err(|e| (400, e.to_string()))?;
 
         let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
-        let (pi, p) = choose(plist, b"prefill_refactor:prefill", tie)
+        let (pi, p) = choose(lcf.zone, plist, b"prefill_refactor:prefill", tie)
             .ok_or((500, "no prefill server".to_owned()))?;
         let server = plist.get(pi).ok_or((500, "no prefill server".to_owned()))?;
         ctx.p = Some(p);
         if let Some(dlist) = &lcf.decode {
-            ctx.d = choose(dlist, b"prefill_refactor:decode", tie >> 17).map(|(_, c)| c);
+            ctx.d = choose(lcf.zone, dlist, b"prefill_refactor:decode", tie >> 17).map(|(_, c)| c);
         }
         ctx.room = room.to_string();
         let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);
@@ -843,7 +873,7 @@ unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t
                 match failure {
                     Err(status) => response::finish_with_error(
                         main,
-                        status as u16,
+                        status,
                         &format!("prefill server answered {status}"),
                     ),
                     Ok(f) => response::finish_with_error(main, f.http_status(), &f.to_string()),
@@ -967,8 +997,13 @@ unsafe extern "C" fn ngx_http_bootstrap_room_variable(
 
 /// The counters of the servers of `list` under `role`, as JSON:
 /// `{"host:port":{"active":N,"total":M},…}`.
-fn counters_json(out: &mut String, list: &[Server], role: &[u8]) {
-    let table = counters::table(ZONE.load(Ordering::Relaxed));
+fn counters_json(
+    out: &mut String,
+    zone: Option<NonNull<ngx_shm_zone_t>>,
+    list: &[Server],
+    role: &[u8],
+) {
+    let table = zone_table(zone);
     out.push('{');
     for (k, s) in list.iter().enumerate() {
         let slot = table.and_then(|t| t.find(peer_key(role, s.addr.as_bytes())).map(|i| (t, i)));
@@ -998,12 +1033,14 @@ unsafe extern "C" fn ngx_http_prefill_refactor_counters_variable(
             let mut out = String::from("{\"prefill\":");
             counters_json(
                 &mut out,
+                lcf.zone,
                 lcf.prefill.as_deref().unwrap_or(&[]),
                 b"prefill_refactor:prefill",
             );
             out.push_str(",\"decode\":");
             counters_json(
                 &mut out,
+                lcf.zone,
                 lcf.decode.as_deref().unwrap_or(&[]),
                 b"prefill_refactor:decode",
             );

@@ -77,7 +77,11 @@ pub unsafe fn add_zone(
 }
 
 /// The zone's slot table, once the zone is initialised.
-pub fn table<'a>(zone: *mut ngx_shm_zone_t) -> Option<SlotTable<'a>> {
+///
+/// # Safety
+/// `zone` must be NULL or a zone returned by [`add_zone`] in the running
+/// configuration cycle.
+pub unsafe fn table<'a>(zone: *mut ngx_shm_zone_t) -> Option<SlotTable<'a>> {
     // SAFETY: zone->data is the header zone_init placed in the shared zone
     // (checked by its magic), followed by `slots` 8-byte aligned slots of
     // atomics; the zone lives as long as the cycle.
