@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod balance;
+pub mod bootstrap;
 pub mod bucket;
 pub mod conf;
 pub mod echo;

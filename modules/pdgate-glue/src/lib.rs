@@ -10,8 +10,10 @@ pub use pdgate_core as core;
 
 pub mod body;
 pub mod conf;
+pub mod counters;
 pub mod guard;
 pub mod headers;
+pub mod leg;
 pub mod length;
 pub mod phase;
 pub mod pool;
@@ -20,6 +22,7 @@ pub mod response;
 pub mod subrequest;
 pub mod timer;
 pub mod upstream;
+pub mod var;
 pub mod variable;
 pub mod zone;
 
