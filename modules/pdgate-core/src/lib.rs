@@ -7,6 +7,7 @@
 pub mod balance;
 pub mod conf;
 pub mod echo;
+pub mod encode;
 pub mod error;
 pub mod json;
 pub mod pd;
