@@ -154,6 +154,8 @@ pub(crate) struct Stage {
     fan: FanOut,
     /// Each item's content-part type, for the error message.
     kinds: Vec<&'static str>,
+    /// Each item's subrequest (null until started).
+    requests: Vec<*mut ngx_http_request_t>,
     /// Set when the stage is decided; the main request acts on it.
     result: Option<Result<(), (usize, EncodeFailure)>>,
 }
@@ -214,6 +216,7 @@ pub(crate) unsafe fn start(
         let stage = Stage {
             fan: FanOut::new(items.len()),
             kinds: items.iter().map(|it| it.kind).collect(),
+            requests: vec![null_mut(); items.len()],
             result: None,
         };
         let stage = pool::alloc_value((*r).pool, stage).ok_or_else(oom)?;
@@ -231,6 +234,9 @@ pub(crate) unsafe fn start(
                     slot as *mut c_void,
                 )
                 .ok()?;
+                if let Some(r) = (&mut (*stage).requests).get_mut(k) {
+                    *r = sr;
+                }
                 if let Some(id) = &id {
                     fanout::own_header_in(
                         sr,
@@ -301,6 +307,7 @@ pub(crate) unsafe fn resume(
     // and has sent nothing yet.
     unsafe {
         let log = (*(*r).connection).log;
+        (*log).action = c"processing the encoder answers".as_ptr() as *mut c_char;
         let st = &mut *stage;
         match st.result.take() {
             None => {
@@ -311,6 +318,24 @@ pub(crate) unsafe fn resume(
                 let kind = st.kinds.get(index).copied().unwrap_or("media");
                 let message = failure_message(index, kind, &failure);
                 ngx_log_error!(NGX_LOG_ERR, log, "{}", message);
+                // The other items are of no use now: stop their encoder
+                // requests, so that neither the encoders nor the client's
+                // connection wait for them.
+                let pending: Vec<usize> = st.fan.unanswered().collect();
+                let mut aborted = 0;
+                for k in pending {
+                    if let Some(&sr) = st.requests.get(k) {
+                        if !sr.is_null() && fanout::abort(sr) {
+                            aborted += 1;
+                        }
+                    }
+                }
+                ngx_log_debug!(
+                    mask: DebugMask::Http,
+                    log,
+                    "prefill: {} encoder requests stopped",
+                    aborted
+                );
                 response::finish_with_error(r, 502, &message);
                 NGX_DONE as ngx_int_t
             }

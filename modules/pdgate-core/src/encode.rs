@@ -262,6 +262,11 @@ impl FanOut {
         self.decided = true;
     }
 
+    /// The items not answered yet.
+    pub fn unanswered(&self) -> impl Iterator<Item = usize> + '_ {
+        self.done.iter().enumerate().filter(|(_, d)| !**d).map(|(k, _)| k)
+    }
+
     /// Items not answered yet.
     pub fn pending(&self) -> usize {
         self.pending
@@ -591,6 +596,7 @@ mod tests {
         // The first failure decides; later answers, good or bad, are ignored.
         let mut f = FanOut::new(3);
         assert_eq!(f.record(2, &bad), Decision::Fail { index: 2, failure: EncodeFailure::Timeout });
+        assert_eq!(f.unanswered().collect::<Vec<_>>(), [0, 1]);
         assert_eq!(f.record(0, &ok), Decision::Ignore);
         assert_eq!(f.record(1, &bad), Decision::Ignore);
         assert_eq!(f.pending(), 0);

@@ -159,6 +159,30 @@ pub unsafe fn wake(r: *mut ngx_http_request_t) -> Result<(), crate::NgxError> {
     }
 }
 
+/// Stops a subrequest's upstream request now (closing its connection, so
+/// the server sees the client go away) and ends the subrequest without
+/// calling its post handler: what `ngx_http_terminate_request` does to the
+/// upstream requests of a dying request, through the same cleanup handler
+/// (`ngx_http_upstream_cleanup`). Returns false when the subrequest has no
+/// running upstream request (it has not started yet, or has finished).
+///
+/// # Safety
+/// `sr` must be a subrequest of a live request, still running.
+pub unsafe fn abort(sr: *mut ngx_http_request_t) -> bool {
+    // SAFETY: `u->cleanup` points at the handler slot of the request's
+    // cleanup entry while the upstream request runs, and is NULL once it is
+    // finalized (ngx_http_upstream_finalize_request clears both).
+    unsafe {
+        let u = (*sr).upstream;
+        if u.is_null() || (*u).cleanup.is_null() {
+            return false;
+        }
+        let Some(handler) = *(*u).cleanup else { return false };
+        handler(sr as *mut c_void);
+        true
+    }
+}
+
 /// The `subrequest_output_buffer_size` of the location a subrequest runs in.
 ///
 /// # Safety
