@@ -234,7 +234,8 @@ pub(crate) unsafe fn start(
                     slot as *mut c_void,
                 )
                 .ok()?;
-                if let Some(r) = (&mut (*stage).requests).get_mut(k) {
+                let requests: &mut Vec<_> = &mut (*stage).requests;
+                if let Some(r) = requests.get_mut(k) {
                     *r = sr;
                 }
                 if let Some(id) = &id {

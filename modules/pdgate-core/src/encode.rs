@@ -530,7 +530,8 @@ mod tests {
     fn classification() {
         use EncodeFailure::*;
         let err = br#"{"error":{"message":"bad image","type":"BadRequestError","code":400}}"#;
-        let cases: Vec<((i64, u64, bool, &[u8]), EncodeOutcome)> = vec![
+        type Case<'a> = ((i64, u64, bool, &'a [u8]), EncodeOutcome);
+        let cases: Vec<Case> = vec![
             ((0, 200, false, b"{}"), EncodeOutcome::Ok),
             ((-1, 200, true, b""), EncodeOutcome::Ok),
             ((0, 200, true, b""), EncodeOutcome::Ok),
