@@ -310,3 +310,41 @@ invalid number of arguments in "prefill_encode" directive
 --- must_die
 --- error_log
 "prefill_encode_max_items" directive is duplicate
+
+
+
+=== TEST 16: a client that leaves while its items are encoded ends them; no prefill, no decode, nothing left behind
+--- config
+    set_request_id on;
+    location /v1/ {
+        prefill /prefill_internal;
+        prefill_encode /encode_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /encode_internal/ {
+        internal;
+        rewrite ^/encode_internal(/.*)$ /mock/slow_encode$1 break;
+        proxy_pass http://encode_pool;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/slow_encode/ { set_request_id off; pdgate_echo delay=500; }
+    location /mock/prefill/ { set_request_id off; pdgate_echo prefill; }
+    location /mock/decode/ { set_request_id off; pdgate_echo; }
+--- request
+POST /v1/chat/completions
+{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"a"}},{"type":"image_url","image_url":{"url":"b"}}]}]}
+--- timeout: 150ms
+--- abort
+--- ignore_response
+--- wait: 0.8
+--- error_log
+client prematurely closed connection
+--- no_error_log
+subrequest: "/prefill_internal
+pdgate_echo: POST /mock/decode
+[alert]
+[crit]

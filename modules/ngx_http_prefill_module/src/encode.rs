@@ -266,6 +266,7 @@ pub(crate) unsafe fn start(
         }
         ctx.body = src;
         ctx.obj = Some(obj);
+        fanout::watch_client(r);
         Ok(State::Encoding(stage))
     }
 }
@@ -316,6 +317,7 @@ pub(crate) unsafe fn resume(
                 NGX_DONE as ngx_int_t
             }
             Some(Err((index, failure))) => {
+                fanout::unwatch_client(r);
                 let kind = st.kinds.get(index).copied().unwrap_or("media");
                 let message = failure_message(index, kind, &failure);
                 ngx_log_error!(NGX_LOG_ERR, log, "{}", message);
@@ -341,6 +343,7 @@ pub(crate) unsafe fn resume(
                 NGX_DONE as ngx_int_t
             }
             Some(Ok(())) => {
+                fanout::unwatch_client(r);
                 ngx_log_debug!(
                     mask: DebugMask::Http,
                     log,

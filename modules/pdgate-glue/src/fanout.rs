@@ -14,11 +14,11 @@
 use std::ffi::c_void;
 
 use ngx::ffi::{
-    ngx_chain_t, ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_post_request,
-    ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t, ngx_http_request_body_t,
-    ngx_http_request_t, ngx_http_subrequest, ngx_list_init, ngx_list_part_t, ngx_list_push,
-    ngx_list_t, ngx_palloc, ngx_pcalloc, ngx_str_t, ngx_table_elt_t,
-    NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_OK,
+    ngx_chain_t, ngx_http_block_reading, ngx_http_core_loc_conf_t, ngx_http_core_module,
+    ngx_http_post_request, ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t,
+    ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest, ngx_http_test_reading,
+    ngx_list_init, ngx_list_part_t, ngx_list_push, ngx_list_t, ngx_palloc, ngx_pcalloc, ngx_str_t,
+    ngx_table_elt_t, NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_OK,
 };
 
 use crate::headers::pool_str;
@@ -157,6 +157,29 @@ pub unsafe fn wake(r: *mut ngx_http_request_t) -> Result<(), crate::NgxError> {
     } else {
         Err(crate::NgxError)
     }
+}
+
+/// Watches the client connection of main request `r` while only background
+/// subrequests run: nginx's upstream module watches the connection for its
+/// active request only, so without this a client that leaves goes unnoticed
+/// until the next leg. `ngx_http_test_reading` (what nginx itself installs
+/// for such waits) ends the request as 499 when the client closes, and
+/// nginx then terminates the subrequests with it.
+///
+/// # Safety
+/// `r` must be a live main request whose body has been read.
+pub unsafe fn watch_client(r: *mut ngx_http_request_t) {
+    // SAFETY: r is live; the handler is nginx's own.
+    unsafe { (*r).read_event_handler = Some(ngx_http_test_reading) }
+}
+
+/// Stops [`watch_client`]: back to nginx's default after a body was read.
+///
+/// # Safety
+/// `r` must be a live main request.
+pub unsafe fn unwatch_client(r: *mut ngx_http_request_t) {
+    // SAFETY: r is live; the handler is nginx's own.
+    unsafe { (*r).read_event_handler = Some(ngx_http_block_reading) }
 }
 
 /// Stops a subrequest's upstream request now (closing its connection, so
