@@ -13,6 +13,7 @@ use Pdgate::TestEnv;
 use Test::Nginx::Socket 'no_plan';
 
 repeat_each(2);
+worker_connections(512);   # TEST 15: 40 encoder requests, both ends in this nginx
 no_shuffle();
 
 our $HTTP_CONFIG = $Pdgate::TestEnv::HTTP_CONFIG . <<'_EOC_';
@@ -366,3 +367,32 @@ pdgate_echo: POST /mock/decode/v1/chat/completions (120877 body bytes)
 a client request body is buffered to a temporary file
 --- no_error_log
 [error]
+
+
+
+=== TEST 15: forty items: forty encoder requests, all answered, then the decode
+--- config
+    set_request_id on;
+    location /v1/ {
+        prefill_encode /encode_internal;
+        prefill_encode_max_items 64;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /encode_internal/ {
+        internal;
+        rewrite ^/encode_internal(/.*)$ /mock/encode$1 break;
+        proxy_pass http://encode_pool;
+    }
+    location /mock/encode/ { set_request_id off; access_log logs/access.log enc; pdgate_echo delay=50; }
+    location /mock/decode/ { set_request_id off; pdgate_echo; }
+--- more_headers
+X-Request-Id: forty
+--- request eval
+"POST /v1/chat/completions\n{\"messages\":[{\"role\":\"user\",\"content\":[" . join(",", map { "{\"type\":\"image_url\",\"image_url\":{\"url\":\"u$_\"}}" } 0..39) . "]}]}"
+--- response_body_like eval
+qr/"uri":"\/mock\/decode\/v1\/chat\/completions"\}$/
+--- access_log eval
+[map { qr/^ENC forty-enc$_ \{"messages":\[\{"role":"user","content":\[\{"type":"image_url","image_url":\{"url":"u$_"\}\}\]\}\]/ } 0..39]
+--- no_error_log
+[error]
+[alert]
