@@ -388,7 +388,7 @@ a client request body is buffered to a temporary file
 --- more_headers
 X-Request-Id: forty
 --- request eval
-"POST /v1/chat/completions\n{\"messages\":[{\"role\":\"user\",\"content\":[" . join(",", map { "{\"type\":\"image_url\",\"image_url\":{\"url\":\"u$_\"}}" } 0..39) . "]}]}"
+"POST /v1/chat/completions\n{\"messages\":[{\"role\":\"user\",\"content\":[" . CORE::join(",", map { "{\"type\":\"image_url\",\"image_url\":{\"url\":\"u$_\"}}" } 0..39) . "]}]}"
 --- response_body_like eval
 qr/"uri":"\/mock\/decode\/v1\/chat\/completions"\}$/
 --- access_log eval
