@@ -37,6 +37,9 @@ use pdgate_glue::ngx::log::DebugMask;
 use pdgate_glue::ngx::{ngx_log_debug, ngx_log_error, ngx_string};
 use pdgate_glue::{body, conf, guard, phase, pool, response, subrequest};
 
+// E/P/D: the encoder stage before the prefill (`prefill_encode`).
+mod encode;
+
 const NGX_CONF_UNSET: ngx_flag_t = -1;
 
 /// Per-location configuration.
@@ -46,11 +49,13 @@ pub struct LocConf {
     prefix: Option<Option<Vec<u8>>>,
     /// `prefill_kv_transfer_params on|off`.
     kv_params: ngx_flag_t,
+    /// `prefill_encode`, `prefill_encode_max_items` (encode.rs).
+    encode: encode::Conf,
 }
 
 impl Default for LocConf {
     fn default() -> Self {
-        LocConf { prefix: None, kv_params: NGX_CONF_UNSET }
+        LocConf { prefix: None, kv_params: NGX_CONF_UNSET, encode: encode::Conf::default() }
     }
 }
 
@@ -62,6 +67,7 @@ impl Merge for LocConf {
         if self.kv_params == NGX_CONF_UNSET {
             self.kv_params = if prev.kv_params == NGX_CONF_UNSET { 1 } else { prev.kv_params };
         }
+        self.encode.merge(&prev.encode);
         Ok(())
     }
 }
@@ -110,7 +116,7 @@ static NGX_HTTP_PREFILL_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
 
 const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
-static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 3] = [
+static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 5] = [
     ngx_command_t {
         name: ngx_string!("prefill"),
         type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -127,6 +133,8 @@ static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 3] = [
         offset: offset_of!(LocConf, kv_params),
         post: null_mut(),
     },
+    encode::CMD_PREFILL_ENCODE,
+    encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
     ngx_command_t::empty(),
 ];
 
@@ -171,6 +179,8 @@ unsafe extern "C" fn cmd_prefill(
 enum State {
     /// Waiting for the client body.
     ReadingBody,
+    /// The encoder requests are running (encode.rs).
+    Encoding(*mut encode::Stage),
     /// The prefill subrequest is running.
     Prefilling,
     /// The prefill finished; re-entry acts on the outcome.
@@ -218,7 +228,9 @@ unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
             return NGX_DECLINED as ngx_int_t;
         }
         let Some(lcf) = Module::location_conf(&*r) else { return NGX_DECLINED as ngx_int_t };
-        let Some(Some(_)) = &lcf.prefix else { return NGX_DECLINED as ngx_int_t };
+        if !matches!(&lcf.prefix, Some(Some(_))) && lcf.encode.prefix().is_none() {
+            return NGX_DECLINED as ngx_int_t;
+        }
 
         let Some(ctx) = ctx_of(r) else {
             let ctx = Ctx { state: State::ReadingBody, body: &[], obj: None };
@@ -240,6 +252,7 @@ unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
                 ctx.state = s;
                 NGX_DONE as ngx_int_t
             }
+            State::Encoding(stage) => encode::resume(r, ctx, stage),
             State::Passed => NGX_DECLINED as ngx_int_t,
             State::Reject { status, message } => {
                 response::finish_with_error(r, status, &message);
@@ -365,8 +378,15 @@ unsafe fn on_body(r: *mut ngx_http_request_t) {
         (*r).set_preserve_body(1);
         (*r).write_event_handler = Some(ngx_http_core_run_phases);
         let log = (*(*r).connection).log;
-        match start_prefill(r, ctx) {
-            Ok(()) => ctx.state = State::Prefilling,
+        // The encoder stage (encode.rs) when configured, then the prefill.
+        match encode::start(r, ctx) {
+            Ok(state) => {
+                let pass = matches!(state, State::Passed);
+                ctx.state = state;
+                if pass {
+                    ngx_http_core_run_phases(r);
+                }
+            }
             Err((status, message)) => {
                 ngx_log_error!(NGX_LOG_ERR, log, "{}", message);
                 ctx.state = State::Reject { status, message };
@@ -388,10 +408,17 @@ unsafe fn start_prefill(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<(),
         let Some(Some(prefix)) = &lcf.prefix else {
             return Err((500, "no prefill configuration".to_owned()));
         };
-        let src: &'static [u8] =
-            body::bytes(r).map_err(|e| (500, format!("cannot read the request body: {e:?}")))?;
-        let obj = Object::parse(src)
-            .map_err(|e| (400, format!("request body is not a JSON object: {e}")))?;
+        // The encoder stage may have parsed the body already.
+        let (src, obj): (&'static [u8], _) = match ctx.obj.take() {
+            Some(obj) => (ctx.body, obj),
+            None => {
+                let src = body::bytes(r)
+                    .map_err(|e| (500, format!("cannot read the request body: {e:?}")))?;
+                let obj = Object::parse(src)
+                    .map_err(|e| (400, format!("request body is not a JSON object: {e}")))?;
+                (src, obj)
+            }
+        };
         let uri = response::str_of(&(*r).uri);
         let opts = PrefillOptions {
             endpoint: Endpoint::from_uri(uri),

@@ -9,6 +9,7 @@ pub mod bootstrap;
 pub mod bucket;
 pub mod conf;
 pub mod echo;
+pub mod encode;
 pub mod error;
 pub mod json;
 pub mod pd;
