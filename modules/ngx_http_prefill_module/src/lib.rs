@@ -21,7 +21,8 @@ use std::ptr::{addr_of, addr_of_mut, null_mut};
 use pdgate_glue::core::json::Object;
 use pdgate_glue::core::pd::{classify_prefill, PrefillFailure, PrefillOutcome};
 use pdgate_glue::core::rewrite::{
-    decode_plan, kv_params_of, prefill_plan, Endpoint, KvParams, PrefillOptions,
+    decode_plan, kv_params_of, pd_refusal, prefill_plan, Endpoint, KvParams, PrefillOptions,
+    StreamOps,
 };
 use pdgate_glue::ffi::{
     ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_flag_t, ngx_http_core_module,
@@ -51,11 +52,18 @@ pub struct LocConf {
     kv_params: ngx_flag_t,
     /// `prefill_encode`, `prefill_encode_max_items` (encode.rs).
     encode: encode::Conf,
+    /// `stream_ops off|add|set_opt`: `None` when not set at this level.
+    stream_ops: Option<StreamOps>,
 }
 
 impl Default for LocConf {
     fn default() -> Self {
-        LocConf { prefix: None, kv_params: NGX_CONF_UNSET, encode: encode::Conf::default() }
+        LocConf {
+            prefix: None,
+            kv_params: NGX_CONF_UNSET,
+            encode: encode::Conf::default(),
+            stream_ops: None,
+        }
     }
 }
 
@@ -68,6 +76,9 @@ impl Merge for LocConf {
             self.kv_params = if prev.kv_params == NGX_CONF_UNSET { 1 } else { prev.kv_params };
         }
         self.encode.merge(&prev.encode);
+        if self.stream_ops.is_none() {
+            self.stream_ops = prev.stream_ops;
+        }
         Ok(())
     }
 }
@@ -116,7 +127,7 @@ static NGX_HTTP_PREFILL_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
 
 const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
-static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 5] = [
+static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 6] = [
     ngx_command_t {
         name: ngx_string!("prefill"),
         type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -135,6 +146,14 @@ static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 5] = [
     },
     encode::CMD_PREFILL_ENCODE,
     encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
+    ngx_command_t {
+        name: ngx_string!("stream_ops"),
+        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
+        set: Some(cmd_stream_ops),
+        conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+        offset: 0,
+        post: null_mut(),
+    },
     ngx_command_t::empty(),
 ];
 
@@ -148,6 +167,37 @@ pub static mut ngx_http_prefill_module: ngx_module_t = ngx_module_t {
 };
 
 pdgate_glue::ngx::ngx_modules!(ngx_http_prefill_module);
+
+/// `stream_ops off | add | set_opt;`
+unsafe extern "C" fn cmd_stream_ops(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    lcf: *mut c_void,
+) -> *mut c_char {
+    guard::catch("stream_ops directive", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
+        // SAFETY: nginx passes this module's location conf and the parsed args.
+        unsafe {
+            let lcf = &mut *(lcf as *mut LocConf);
+            if lcf.stream_ops.is_some() {
+                return conf::error(cf, "is duplicate");
+            }
+            let v = conf::args(cf).get(1).map(|a| conf::str_bytes(a)).unwrap_or(&[]);
+            match StreamOps::parse(v) {
+                Some(ops) => {
+                    lcf.stream_ops = Some(ops);
+                    conf::OK
+                }
+                None => conf::error(
+                    cf,
+                    &format!(
+                        "invalid value \"{}\", it must be \"off\", \"add\" or \"set_opt\"",
+                        String::from_utf8_lossy(v)
+                    ),
+                ),
+            }
+        }
+    })
+}
 
 /// `prefill <uri-prefix> | off;`
 unsafe extern "C" fn cmd_prefill(
@@ -310,7 +360,11 @@ unsafe fn after_prefill(
                     None
                 }
             };
-            let plan = decode_plan(obj, kv);
+            // SAFETY: r is live; its location conf outlives it.
+            let ops = unsafe { Module::location_conf(&*r) }
+                .and_then(|c| c.stream_ops)
+                .unwrap_or_default();
+            let plan = decode_plan(obj, kv, ops);
             // SAFETY: the body and answer live in the request pool, as does
             // the chain; r's request_body exists since the body was read.
             unsafe {
@@ -419,6 +473,9 @@ unsafe fn start_prefill(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<(),
                 (src, obj)
             }
         };
+        if let Some(why) = pd_refusal(&obj) {
+            return Err((400, why));
+        }
         let uri = response::str_of(&(*r).uri);
         let opts = PrefillOptions {
             endpoint: Endpoint::from_uri(uri),

@@ -107,7 +107,19 @@ pub struct PrefillOptions {
     pub kv_transfer_params: bool,
 }
 
-/// Keys the prefill leg replaces or must not see.
+/// Keys that only the proxy or the prefill answer may set: whatever a
+/// client sends under these names reaches no leg (a client could otherwise
+/// point a decode engine at any KV source, or pick SGLang rooms).
+pub const PD_RESERVED: &[&str] = &[
+    "kv_transfer_params",
+    "bootstrap_host",
+    "bootstrap_port",
+    "bootstrap_room",
+    "disaggregated_params",
+    "migration_request",
+];
+
+/// Keys the prefill leg replaces or must not see (besides [`PD_RESERVED`]).
 const PREFILL_DROPPED: &[&str] = &[
     "stream",
     "stream_options",
@@ -115,8 +127,69 @@ const PREFILL_DROPPED: &[&str] = &[
     "max_completion_tokens",
     "min_tokens",
     "min_completion_tokens",
-    "kv_transfer_params",
 ];
+
+/// Whether member `m` of `obj` is one of `keys`.
+fn is_one_of(obj: &Object<'_>, m: &crate::json::Member, keys: &[&str]) -> bool {
+    keys.iter().any(|k| obj.key_is(m, k))
+}
+
+/// Why a request cannot go through P/D as one request, as an error message
+/// for a 400: `n` or `best_of` above 1 (one KV handoff serves one sequence;
+/// the engines would recompute or fail), or a batch of prompts.
+pub fn pd_refusal(obj: &Object<'_>) -> Option<String> {
+    for key in ["n", "best_of"] {
+        if let Some(v) = obj.get(key) {
+            match std::str::from_utf8(v).ok().and_then(|t| t.parse::<f64>().ok()) {
+                Some(x) if x > 1.0 => {
+                    return Some(format!(
+                        "\"{key}\": {} is not supported through prefill/decode disaggregation (one KV transfer serves one sequence); send separate requests",
+                        String::from_utf8_lossy(v)
+                    ))
+                }
+                _ => {}
+            }
+        }
+    }
+    if let Some(p) = obj.get("prompt") {
+        // A list of strings or of token lists is a batch; a flat list of
+        // token ids is one prompt.
+        let inner = p.strip_prefix(b"[").map(|r| r.trim_ascii_start());
+        if matches!(inner.and_then(|r| r.first()), Some(b'"') | Some(b'[')) {
+            return Some(
+                "a batch of prompts is not supported through prefill/decode disaggregation; send one request per prompt".into(),
+            );
+        }
+    }
+    None
+}
+
+/// `stream_ops`: what the decode leg is told about usage reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StreamOps {
+    /// The client's request as it is.
+    #[default]
+    Off,
+    /// A streaming request gets `stream_options` with `include_usage` and
+    /// `continuous_usage_stats` on (merged into the client's own, other
+    /// options kept), so every chunk carries `usage` for the balancers.
+    SetOpt,
+    /// As `SetOpt`, and a non-streaming request is made streaming (the
+    /// client then receives server-sent events).
+    Add,
+}
+
+impl StreamOps {
+    /// Parses the directive's value.
+    pub fn parse(v: &[u8]) -> Option<StreamOps> {
+        match v {
+            b"off" => Some(StreamOps::Off),
+            b"set_opt" => Some(StreamOps::SetOpt),
+            b"add" => Some(StreamOps::Add),
+            _ => None,
+        }
+    }
+}
 
 /// Copies `obj` into `plan` without the members for which `drop` holds,
 /// keeping runs of untouched members (and their separators) as single ranges.
@@ -166,7 +239,7 @@ pub fn prefill_plan<'a>(obj: &Object<'_>, opts: PrefillOptions) -> Plan<'a> {
                 has_max_completion = true;
                 return true;
             }
-            PREFILL_DROPPED.iter().any(|k| obj.key_is(m, k))
+            is_one_of(obj, m, PREFILL_DROPPED) || is_one_of(obj, m, PD_RESERVED)
         })
         .collect();
     let any = kept_members(obj, &mut plan, |i| drop[i]);
@@ -213,23 +286,61 @@ pub fn kv_params_of(answer: &[u8]) -> KvParams<'_> {
     }
 }
 
-/// The decode body: the client's request without any client-supplied
-/// `kv_transfer_params`, plus the prefill's when there is one. In the common
-/// case this is one source range up to the closing brace and a short tail.
-pub fn decode_plan<'a>(obj: &Object<'_>, kv: Option<&'a [u8]>) -> Plan<'a> {
+/// The decode body: the client's request without the keys of
+/// [`PD_RESERVED`], with usage reporting per `ops`, plus the prefill's
+/// `kv_transfer_params` when there is one. In the common case (nothing to
+/// drop, `ops` off) this is one source range up to the closing brace and a
+/// short tail; the prompt is never copied.
+pub fn decode_plan<'a>(obj: &Object<'a>, kv: Option<&'a [u8]>, ops: StreamOps) -> Plan<'a> {
     let mut plan = Plan::default();
-    let any = if obj.has("kv_transfer_params") {
-        kept_members(obj, &mut plan, |i| obj.key_is(&obj.members[i], "kv_transfer_params"))
+    let streaming = obj.get("stream").is_some_and(|v| v == b"true");
+    let force_stream = ops == StreamOps::Add && !streaming;
+    let set_options = match ops {
+        StreamOps::Off => false,
+        StreamOps::SetOpt => streaming,
+        StreamOps::Add => true,
+    };
+    let drop = |m: &crate::json::Member| {
+        is_one_of(obj, m, PD_RESERVED)
+            || (set_options && obj.key_is(m, "stream_options"))
+            || (force_stream && obj.key_is(m, "stream"))
+    };
+    let any = if obj.members.iter().any(drop) {
+        kept_members(obj, &mut plan, |i| drop(&obj.members[i]))
     } else {
         // Keep everything, including whitespace, up to the closing brace.
         plan.push(Piece::Src(obj.open..obj.close));
         !obj.members.is_empty()
     };
-    if let Some(kv) = kv {
-        plan.push(Piece::Lit(if any {
-            ",\"kv_transfer_params\":"
+    let mut sep = if any { "," } else { "" };
+    if force_stream {
+        plan.push(Piece::Lit(if any { ",\"stream\":true" } else { "\"stream\":true" }));
+        sep = ",";
+    }
+    if set_options {
+        plan.push(Piece::Lit(if sep.is_empty() {
+            "\"stream_options\":{"
         } else {
+            ",\"stream_options\":{"
+        }));
+        // The client's other stream options, kept as they are.
+        if let Some(Ok(opts)) = obj.get("stream_options").map(Object::parse) {
+            for m in &opts.members {
+                if opts.key_is(m, "include_usage") || opts.key_is(m, "continuous_usage_stats") {
+                    continue;
+                }
+                plan.push(Piece::Ext(&opts.src()[m.key.start..m.value.end]));
+                plan.push(Piece::Lit(","));
+            }
+        }
+        plan.push(Piece::Lit("\"include_usage\":true,\"continuous_usage_stats\":true}"));
+        sep = ",";
+    }
+    if let Some(kv) = kv {
+        plan.push(Piece::Lit(if sep.is_empty() {
             "\"kv_transfer_params\":"
+        } else {
+            ",\"kv_transfer_params\":"
         }));
         plan.push(Piece::Ext(kv));
     }
@@ -252,11 +363,108 @@ mod tests {
     }
 
     fn decode(src: &str, kv: Option<&str>) -> (Vec<u8>, Plan<'static>) {
-        let obj = Object::parse(src.as_bytes()).unwrap();
+        decode_ops(src, kv, StreamOps::Off)
+    }
+
+    fn decode_ops(src: &str, kv: Option<&str>, ops: StreamOps) -> (Vec<u8>, Plan<'static>) {
+        let src: &'static [u8] = Box::leak(src.as_bytes().to_vec().into_boxed_slice());
+        let obj = Object::parse(src).unwrap();
         let kv: Option<&'static [u8]> =
             kv.map(|s| &*Box::leak(s.as_bytes().to_vec().into_boxed_slice()));
-        let plan = decode_plan(&obj, kv);
-        (plan.to_vec(src.as_bytes()), plan)
+        let plan = decode_plan(&obj, kv, ops);
+        (plan.to_vec(src), plan)
+    }
+
+    /// Parses `out` and checks it has no duplicate top-level keys.
+    fn parsed(out: &[u8]) -> Value {
+        let obj = Object::parse(out)
+            .unwrap_or_else(|e| panic!("{e:?}: {}", String::from_utf8_lossy(out)));
+        let mut keys: Vec<&[u8]> = obj.members.iter().map(|m| &out[m.key.clone()]).collect();
+        let n = keys.len();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), n, "duplicate keys in {}", String::from_utf8_lossy(out));
+        serde_json::from_slice(out).unwrap()
+    }
+
+    #[test]
+    fn stream_ops_set_opt_merges_into_the_clients_options() {
+        let src = r#"{"prompt":"p","stream":true,"stream_options":{"include_usage":false,"x":1}}"#;
+        let (out, _) = decode_ops(src, Some("{}"), StreamOps::SetOpt);
+        let v = parsed(&out);
+        assert_eq!(
+            v["stream_options"],
+            json!({"x":1,"include_usage":true,"continuous_usage_stats":true})
+        );
+        assert_eq!(v["stream"], json!(true));
+        assert_eq!(v["kv_transfer_params"], json!({}));
+        // Not streaming: set_opt leaves the request alone (one source range).
+        let src = r#"{"prompt":"p","stream":false}"#;
+        let (out, plan) = decode_ops(src, None, StreamOps::SetOpt);
+        assert_eq!(out, src.as_bytes());
+        assert_eq!(plan.pieces.len(), 2);
+        // Streaming without options: added.
+        let (out, _) = decode_ops(r#"{"stream":true}"#, None, StreamOps::SetOpt);
+        assert_eq!(
+            parsed(&out),
+            json!({"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}})
+        );
+    }
+
+    #[test]
+    fn stream_ops_add_makes_the_request_stream() {
+        for src in [
+            r#"{"prompt":"p"}"#,
+            r#"{"prompt":"p","stream":false}"#,
+            r#"{"stream":null,"prompt":"p"}"#,
+        ] {
+            let (out, _) = decode_ops(src, Some(r#"{"a":1}"#), StreamOps::Add);
+            let v = parsed(&out);
+            assert_eq!(v["stream"], json!(true), "{src}");
+            assert_eq!(v["stream_options"]["continuous_usage_stats"], json!(true));
+            assert_eq!(v["prompt"], json!("p"));
+            assert_eq!(v["kv_transfer_params"], json!({"a":1}));
+        }
+        let (out, _) = decode_ops("{}", None, StreamOps::Add);
+        assert_eq!(
+            parsed(&out),
+            json!({"stream":true,"stream_options":{"include_usage":true,"continuous_usage_stats":true}})
+        );
+        // A stream_options that is not an object is replaced.
+        let (out, _) = decode_ops(r#"{"stream":true,"stream_options":null}"#, None, StreamOps::Add);
+        assert_eq!(parsed(&out)["stream_options"]["include_usage"], json!(true));
+        // Off: untouched.
+        let (out, _) = decode_ops(r#"{"prompt":"p"}"#, None, StreamOps::Off);
+        assert_eq!(out, br#"{"prompt":"p"}"#);
+        assert_eq!(StreamOps::parse(b"set_opt"), Some(StreamOps::SetOpt));
+        assert_eq!(StreamOps::parse(b"stream_option"), None);
+    }
+
+    #[test]
+    fn reserved_keys_reach_no_leg() {
+        let src = r#"{"prompt":"p","bootstrap_host":"evil","bootstrap_port":1,"bootstrap_room":2,"disaggregated_params":{},"migration_request":true,"kv_transfer_params":{"remote_host":"evil"},"max_tokens":9}"#;
+        let (out, _) = decode(src, Some(r#"{"remote_host":"good"}"#));
+        let v = parsed(&out);
+        assert_eq!(
+            v,
+            json!({"prompt":"p","max_tokens":9,"kv_transfer_params":{"remote_host":"good"}})
+        );
+        let p = prefill(src, Endpoint::Completions, false);
+        for k in PD_RESERVED {
+            assert!(p.get(k).is_none(), "{k} reached the prefill");
+        }
+    }
+
+    #[test]
+    fn refusals() {
+        let r = |s: &str| pd_refusal(&Object::parse(s.as_bytes()).unwrap());
+        assert!(r(r#"{"n":2}"#).unwrap().contains("\"n\": 2"));
+        assert!(r(r#"{"best_of":3}"#).unwrap().contains("best_of"));
+        assert!(r(r#"{"prompt":["a","b"]}"#).unwrap().contains("batch"));
+        assert!(r(r#"{"prompt":[[1,2],[3]]}"#).is_some());
+        assert_eq!(r(r#"{"n":1,"best_of":1,"prompt":"a"}"#), None);
+        assert_eq!(r(r#"{"prompt":[1,2,3]}"#), None);
+        assert_eq!(r(r#"{"n":null}"#), None);
     }
 
     fn kv_prefill() -> Value {

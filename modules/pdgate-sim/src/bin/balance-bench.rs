@@ -54,8 +54,7 @@ struct Req {
     /// Estimated tokens of its body.
     tokens: u64,
     /// A hash of its prompt's prefix (one of 256 groups), for policies that
-    /// keep affinity (none yet).
-    #[allow(dead_code)]
+    /// keep affinity.
     prefix: u64,
 }
 
@@ -117,8 +116,23 @@ fn policies() -> Vec<Policy> {
             )
         }),
         p("greedy_timeout", greedy_cost, |v, _, cost, tie| balance::greedy_timeout(v, cost, tie)),
-        // New policies: one line each, e.g.
-        // p("length_balance", no_cost, |v, r, _, tie| balance::length_balance(v, r.tokens, tie)),
+        p("length_balance", no_cost, |v, r, _, tie| balance::length_balance(v, r.tokens, tie)),
+        p("pd_score_balance prefill", no_cost, |v, _, _, tie| {
+            balance::pd_score_prefill(v, balance::PD_SCORE_MAX_SEQS_PREFILL, tie)
+        }),
+        // The decode look-ahead over 8 requests in prefill (the glue reads
+        // them from the shared pending table; that read is not included).
+        p("pd_score_balance decode", no_cost, |v, r, _, tie| {
+            let pending = [900, 50, 4000, 120, 700, 64, 2000, 300];
+            balance::pd_score_decode(v, r.tokens, &pending, balance::PD_SCORE_MAX_SEQS_DECODE, tie)
+        }),
+        // Affinity as the glue passes it: the longest match on one peer
+        // (the shared index lookup itself is not included).
+        p("prefix_cache_affinity", no_cost, |v, r, _, tie| {
+            let mut affinity = [0u32; 256];
+            affinity[(r.prefix as usize) % v.len()] = 3;
+            balance::prefix_cache_affinity(v, r.tokens, &affinity[..v.len()], 16, tie)
+        }),
     ]
 }
 
@@ -204,7 +218,15 @@ impl Picker {
                     for (i, v) in views.iter_mut().enumerate().take(n) {
                         let (requests, tokens, cost) =
                             table.load(self.slot_of.get(i).copied().unwrap_or(usize::MAX));
-                        *v = PeerView { available: true, weight: 1, requests, tokens, cost };
+                        *v = PeerView {
+                            available: true,
+                            weight: 1,
+                            requests,
+                            tokens,
+                            cost,
+                            hist_requests: requests * 7,
+                            hist_tokens: tokens * 7,
+                        };
                     }
                     let tie = self.rng.next_u64();
                     pick(black_box(&views[..n]), &req, cost, tie)
