@@ -592,57 +592,15 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             }
         }
         let slot_of = conf.slot_of.borrow();
-        let now = ngx::ffi::ngx_time();
-        let mut views = [PeerView::default(); MAX_PEERS];
-        let mut p = (*peers).peer;
-        let mut i = 0;
-        while !p.is_null() && i < n {
-            let peer = &*p;
-            let failed = peer.max_fails != 0
-                && peer.fails >= peer.max_fails
-                && now - peer.checked <= peer.fail_timeout;
-            let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
-            let slot = slot_of.get(i).copied().unwrap_or(usize::MAX);
-            let (requests, tokens, cost) = table.load(slot);
-            let (hist_requests, hist_tokens) = if b.history { table.history(slot) } else { (0, 0) };
-            views[i] = PeerView {
-                available: !tried(rrp, i) && peer.down == 0 && !failed && !full,
-                weight: peer.weight.max(1) as u32,
-                requests,
-                tokens,
-                cost,
-                hist_requests,
-                hist_tokens,
-            };
-            p = peer.next;
-            i += 1;
-        }
-        let tie = crate::random::with_rng(|r| r.next_u64());
-        // Requests in prefill, for a decode upstream's look-ahead.
-        let mut pending = [0u64; PD_SCORE_LOOKAHEAD];
-        let mut npending = 0;
-        if conf.params.mode == MODE_DECODE {
-            let mut scratch = [(0u64, 0u64); PENDING];
-            npending = z.pending.oldest(&mut pending, &mut scratch);
-        }
-        // The peer holding the longest prefix of this prompt.
-        let mut affinity = [0u32; MAX_PEERS];
         let keys: &[u64] =
             if pd.keys.is_null() { &[] } else { std::slice::from_raw_parts(pd.keys, pd.nkeys) };
-        if let Some((blocks, slot)) = z.index.longest(keys) {
-            if let Some(i) = slot_of.iter().take(n).position(|&s| s == slot) {
-                affinity[i] = blocks as u32;
-            }
-        }
-        let req = Request {
-            tokens: pd.tokens,
-            cost: pd.cost,
-            params: &conf.params,
-            tie,
-            pending: &pending[..npending],
-            affinity: &affinity[..n],
+        // Small pools (the usual case) decide on small stack arrays.
+        let decided = if n <= SMALL_POOL {
+            decide::<SMALL_POOL>(rrp, peers, n, &z, &slot_of, b, conf, pd, keys)
+        } else {
+            decide::<MAX_PEERS>(rrp, peers, n, &z, &slot_of, b, conf, pd, keys)
         };
-        let Some(c) = (b.choose)(&views[..n], &req) else {
+        let Some(Decision { c, view, affinity, npending }) = decided else {
             return delegate(pc);
         };
         // Let the wrapped get take exactly `c`: everything else looks tried.
@@ -692,19 +650,109 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
                 c,
                 n,
                 String::from_utf8_lossy((*pc).name.as_ref().map_or(&[][..], |s| str_bytes(s))),
-                views[c].requests,
-                views[c].tokens,
-                views[c].cost,
-                views[c].hist_requests,
-                views[c].hist_tokens,
+                view.requests,
+                view.tokens,
+                view.cost,
+                view.hist_requests,
+                view.hist_tokens,
                 pd.tokens,
                 npending,
-                affinity[c],
+                affinity,
                 keys.len(),
                 (*pc).tries
             );
         }
         rc
+    }
+}
+
+/// Pools up to this size decide on small stack arrays.
+const SMALL_POOL: usize = 16;
+
+/// Most requests in prefill a decode placement reads (of the table's
+/// [`PENDING`]; in table order).
+const PENDING_SEEN: usize = 256;
+
+/// What a policy decided, with what the debug line reports.
+struct Decision {
+    c: usize,
+    view: PeerView,
+    affinity: u32,
+    npending: usize,
+}
+
+/// Builds the peers' views (at most `N`), gathers what the policy needs and
+/// asks it.
+///
+/// # Safety
+/// `peers` must be round robin's live list of `n ≤ N` primary peers and
+/// `rrp` this request's round robin data over it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn decide<const N: usize>(
+    rrp: &ngx_http_upstream_rr_peer_data_t,
+    peers: *mut ngx_http_upstream_rr_peers_t,
+    n: usize,
+    z: &Zone,
+    slot_of: &[usize],
+    b: &Balancer,
+    conf: &UpstreamConf,
+    pd: &PeerData,
+    keys: &[u64],
+) -> Option<Decision> {
+    let table = &z.slots;
+    // SAFETY: the peer list is round robin's, walked as
+    // ngx_http_upstream_get_peer does, for at most n ≤ N entries.
+    unsafe {
+        let now = ngx::ffi::ngx_time();
+        let mut views = [PeerView::default(); N];
+        let mut p = (*peers).peer;
+        let mut i = 0;
+        while !p.is_null() && i < n {
+            let peer = &*p;
+            let failed = peer.max_fails != 0
+                && peer.fails >= peer.max_fails
+                && now - peer.checked <= peer.fail_timeout;
+            let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
+            let slot = slot_of.get(i).copied().unwrap_or(usize::MAX);
+            let (requests, tokens, cost) = table.load(slot);
+            let (hist_requests, hist_tokens) = if b.history { table.history(slot) } else { (0, 0) };
+            views[i] = PeerView {
+                available: !tried(rrp, i) && peer.down == 0 && !failed && !full,
+                weight: peer.weight.max(1) as u32,
+                requests,
+                tokens,
+                cost,
+                hist_requests,
+                hist_tokens,
+            };
+            p = peer.next;
+            i += 1;
+        }
+        let tie = crate::random::with_rng(|r| r.next_u64());
+        // Requests in prefill, for a decode upstream's look-ahead.
+        let mut pending = [0u64; PD_SCORE_LOOKAHEAD];
+        let mut npending = 0;
+        if conf.params.mode == MODE_DECODE {
+            let mut scratch = [(0u64, 0u64); PENDING_SEEN];
+            npending = z.pending.oldest(&mut pending, &mut scratch);
+        }
+        // The peer holding the longest prefix of this prompt.
+        let mut affinity = [0u32; N];
+        if let Some((blocks, slot)) = z.index.longest(keys) {
+            if let Some(i) = slot_of.iter().take(n).position(|&s| s == slot) {
+                affinity[i] = blocks as u32;
+            }
+        }
+        let req = Request {
+            tokens: pd.tokens,
+            cost: pd.cost,
+            params: &conf.params,
+            tie,
+            pending: &pending[..npending],
+            affinity: &affinity[..n],
+        };
+        let c = (b.choose)(&views[..n], &req)?;
+        Some(Decision { c, view: views[c], affinity: affinity[c], npending })
     }
 }
 

@@ -196,9 +196,10 @@ fn both_distributions_hand_the_kv_over_through_matching_rooms() {
     let recomputes =
         d1.metrics.kv_recomputes.load(Relaxed) + d2.metrics.kv_recomputes.load(Relaxed);
     assert_eq!((transfers, recomputes), (n as u64, 0));
-    // Sequential requests never overlap, so least-active ties rotate over
-    // both prefills and both decodes.
-    assert!(journal(&p1, 1).len() >= 2 && journal(&p2, 1).len() >= 2, "{pj:?}");
+    // Least-active ties are broken at random (a pd_together prefill may
+    // still be finishing when the next request comes): both prefills get
+    // some of the 12 (all on one would be a 1 in 2048 accident).
+    assert!(!journal(&p1, 1).is_empty() && !journal(&p2, 1).is_empty(), "{pj:?}");
 }
 
 #[test]
