@@ -178,10 +178,11 @@ pub const PD_SCORE_MAX_SEQS_DECODE: u64 = 32;
 /// Most requests in prefill the decode look-ahead simulates.
 pub const PD_SCORE_LOOKAHEAD: usize = 64;
 
-/// pd_score_balance on a prefill upstream: among peers running fewer than
-/// `cap` requests, the fewest tokens in flight (the work queued before this
-/// request's prefill can start); when every peer is at its cap, the fewest
-/// requests. Per unit of weight, then the heavier peer; ties at random. (The original reserved
+/// pd_score_balance on a prefill upstream (and each step of the decode
+/// look-ahead): among peers running fewer than `cap` requests, the fewest
+/// tokens in flight (the work queued before this request's prefill can
+/// start); when every peer is at its cap, the fewest requests. Per unit of
+/// weight, then the heavier peer; ties at random. (The original reserved
 /// the choice outside its lock, so concurrent workers herded onto one peer.)
 pub fn pd_score_prefill(peers: &[PeerView], cap: u64, tie: u64) -> Option<usize> {
     let cap = cap.max(1);
@@ -222,7 +223,6 @@ pub fn pd_score_decode(
     if peers.len() > MAX {
         return weighted_least_active(peers, tokens, tie);
     }
-    let cap = cap.max(1);
     let mut sim = [PeerView::default(); MAX];
     sim[..peers.len()].copy_from_slice(peers);
     let sim = &mut sim[..peers.len()];
@@ -235,27 +235,12 @@ pub fn pd_score_decode(
     }
     let longer = &mut longer[..n];
     longer.sort_unstable_by(|a, b| b.cmp(a));
-    let place = |sim: &[PeerView], tie: u64| {
-        let room = sim.iter().any(|p| p.available && p.requests < cap);
-        pick_min(sim, tie, |a, b| {
-            let (wa, wb) = (u128::from(a.weight.max(1)), u128::from(b.weight.max(1)));
-            if room {
-                let full = |p: &PeerView| p.requests >= cap;
-                full(a)
-                    .cmp(&full(b))
-                    .then((u128::from(a.tokens) * wb).cmp(&(u128::from(b.tokens) * wa)))
-            } else {
-                (u128::from(a.requests) * wb).cmp(&(u128::from(b.requests) * wa))
-            }
-            .then(b.weight.cmp(&a.weight))
-        })
-    };
     for &x in longer.iter() {
-        let j = place(sim, 0)?;
+        let j = pd_score_prefill(sim, cap, 0)?;
         sim[j].tokens = sim[j].tokens.saturating_add(x);
         sim[j].requests += 1;
     }
-    place(sim, tie)
+    pd_score_prefill(sim, cap, tie)
 }
 
 /// The prefix_cache_affinity defaults: 10000 index entries per peer,
