@@ -89,8 +89,10 @@ Usage: $PROG --prefill-servers-list H:P[,H:P…] --decode-servers-list H:P[,H:P�
        $PROG --stop [-f FILE]        $PROG --rollback [-f FILE]
 
 Writes an nginx configuration for a P/D cluster (pdgate's prefill and
-set_request_id modules, one balancer per side), checks it with nginx -t and
-starts nginx with it, or reloads the nginx already running from it.
+set_request_id modules, one balancer per side; prefill_refactor with
+--engine-type sglang; an encoder stage with --encode-servers-list), checks it
+with nginx -t and starts nginx with it, or reloads the nginx already running
+from it.
 
 Servers and balancing
   --prefill-servers-list LIST   prefill servers, host:port[,host:port…] (required)
