@@ -18,16 +18,18 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # --- what this build can do: the one table to edit when a module lands ------
 #
 # feature               module (.so in --modules-dir)                  directive it must define
-# A feature is available when its module file exists and contains the
-# directive's name. The generator emits one load_module line per distinct
-# module among the features a configuration uses, in this table's order.
-# Names marked (issue 6) are the original Global Proxy's; confirm them when
-# those modules land.
+# A feature is available when its module file exists and defines the
+# directive (its name as a NUL-terminated string in the .so, as nginx's
+# command table holds it). The generator emits one load_module line per
+# distinct module among the features a configuration uses, in this table's
+# order. stream_ops and pd_metrics are being added to the prefill module:
+# until a build has them, --stream-ops and --enable-internal-metrics are
+# refused by this table (and metrics also by METRICS_TEMPLATE below).
 FEATURE_TABLE='
 request_id              ngx_http_set_request_id_module                 set_request_id
 prefill                 ngx_http_prefill_module                        prefill
 stream_ops              ngx_http_prefill_module                        stream_ops
-internal_metrics        ngx_http_prefill_module                        enable_internal_metrics
+internal_metrics        ngx_http_prefill_module                        pd_metrics
 sglang                  ngx_http_prefill_refactor_module               prefill_refactor
 encode                  ngx_http_prefill_module                        prefill_encode
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
@@ -41,6 +43,13 @@ lb:prefix_cache_affinity ngx_http_upstream_prefix_cache_affinity_module prefix_c
 '
 # Balancers built into nginx: no module, always available.
 BUILTIN_LBS="round_robin least_conn"
+# The encoder upstream takes only these (the P/D balancers model prefill or
+# decode load, not one-token encoder requests).
+ENCODE_LBS="round_robin least_conn"
+# Whether render() has lines for the metrics directives. The module's
+# pd_metrics is not settled yet (another branch): set this to 1 when the
+# metrics lines in render() are written for it.
+METRICS_TEMPLATE=0
 # --- defaults (the original's where they are sane; see usage) --------------
 CONF_FILE="$ROOT/dist/conf/global_proxy.conf"
 PREFIX="$ROOT/dist"
@@ -56,6 +65,8 @@ METRICS_LIST=""
 ENCODE_LIST=""
 PREFILL_LB=pd_score_balance
 DECODE_LB=pd_score_balance
+ENCODE_LB=""
+PREFILL_LB_GIVEN=""
 PREFILL_MAX_SEQS=16
 DECODE_MAX_SEQS=32
 ENGINE=vllm
@@ -78,19 +89,26 @@ Usage: $PROG --prefill-servers-list H:P[,H:P…] --decode-servers-list H:P[,H:P�
        $PROG --stop [-f FILE]        $PROG --rollback [-f FILE]
 
 Writes an nginx configuration for a P/D cluster (pdgate's prefill and
-set_request_id modules, one balancer per side), checks it with nginx -t and
-starts nginx with it, or reloads the nginx already running from it.
+set_request_id modules, one balancer per side; prefill_refactor with
+--engine-type sglang; an encoder stage with --encode-servers-list), checks it
+with nginx -t and starts nginx with it, or reloads the nginx already running
+from it.
 
 Servers and balancing
   --prefill-servers-list LIST   prefill servers, host:port[,host:port…] (required)
   --decode-servers-list LIST    decode servers (required)
   --metrics-servers-list LIST   upstream metrics_servers behind location /metrics
-  --encode-servers-list LIST    encoder servers (E/P/D; needs a build with it)
-  --prefill-lb-sdk NAME         prefill balancer (default pd_score_balance)
+  --encode-servers-list LIST    E/P/D: encoder servers (upstream encode_servers); each
+                                media item of a chat request is encoded there first
+                                (prefill_encode), then the P/D legs run (vllm only)
+  --prefill-lb-sdk NAME         prefill balancer (default pd_score_balance; not
+                                used with sglang: prefill_refactor chooses)
   --decode-lb-sdk NAME          decode balancer (default pd_score_balance)
         NAME: least_total_load weighted_least_active auto_balance_controller
               prefill_score_balance greedy_timeout length_balance
               pd_score_balance prefix_cache_affinity round_robin least_conn
+  --encode-lb-sdk round_robin|least_conn
+                                encoder balancer (default round_robin)
   --prefill-max-num-seqs N      pd_score_balance_max_num_seqs on P (default 16)
   --decode-max-num-seqs N       pd_score_balance_max_num_seqs on D (default 32)
   --enable-attention-ffn-disaggregation
@@ -98,11 +116,16 @@ Servers and balancing
   --attention-num N             attention servers with AFD (required with it)
 
 Engines and request handling
-  --engine-type vllm|sglang     default vllm (sglang needs a build with it)
+  --engine-type vllm|sglang     default vllm; sglang: SGLang's bootstrap P/D
+                                (prefill_refactor, both legs at once)
   --bootstrap-port P[,P…]       sglang: one port, or one per prefill server
-  --stream-ops add|set_opt|off  stream_ops in the completions location (default off)
+                                (default: the module's, 8998)
+  --stream-ops add|set_opt|off  stream_ops in the completions location (default off;
+                                vllm only; needs a prefill module with stream_ops)
   --enable-internal-metrics [SIZE]
-                                internal metrics zone of SIZE (default 128k)
+                                internal metrics of SIZE (default 128k; refused until
+                                the prefill module has pd_metrics and this script
+                                writes it)
   --client-body-buffer-size SIZE  default 1024K
 
 nginx process
@@ -170,8 +193,9 @@ parse_args() {
             --decode-servers-list) need_value "$arg" "$@"; DECODE_LIST=$1; shift ;;
             --metrics-servers-list) need_value "$arg" "$@"; METRICS_LIST=$1; shift ;;
             --encode-servers-list) need_value "$arg" "$@"; ENCODE_LIST=$1; shift ;;
-            --prefill-lb-sdk) need_value "$arg" "$@"; PREFILL_LB=$1; shift ;;
+            --prefill-lb-sdk) need_value "$arg" "$@"; PREFILL_LB=$1; PREFILL_LB_GIVEN=1; shift ;;
             --decode-lb-sdk) need_value "$arg" "$@"; DECODE_LB=$1; shift ;;
+            --encode-lb-sdk) need_value "$arg" "$@"; ENCODE_LB=$1; shift ;;
             --prefill-max-num-seqs) need_value "$arg" "$@"; PREFILL_MAX_SEQS=$1; shift ;;
             --decode-max-num-seqs) need_value "$arg" "$@"; DECODE_MAX_SEQS=$1; shift ;;
             --engine-type) need_value "$arg" "$@"; ENGINE=$1; shift ;;
@@ -256,8 +280,15 @@ require_feature() {
     directive=${row#* }
     so="$MODULES_DIR/$module.so"
     [ -f "$so" ] || bad "$flag $value: not available in this build ($so not found)"
-    grep -qaF -- "$directive" "$so" \
+    has_directive "$so" "$directive" \
         || bad "$flag $value: not available in this build ($module.so has no \"$directive\" directive)"
+}
+
+# has_directive SO NAME: whether SO holds NAME as a whole NUL-terminated
+# string, as a directive's name sits in the module's command table (a
+# substring would also find "prefill" in "prefill_encode" or in a file name).
+has_directive() {
+    LC_ALL=C grep -qaxF -- "$2" < <(tr '\0' '\n' < "$1")
 }
 
 validate() {
@@ -268,7 +299,6 @@ validate() {
     parse_servers --decode-servers-list "$DECODE_LIST" DECODE
     METRICS=()
     [ -z "$METRICS_LIST" ] || parse_servers --metrics-servers-list "$METRICS_LIST" METRICS
-    # shellcheck disable=SC2034  # checked now; the E/P/D template will use it
     ENCODE=()
     [ -z "$ENCODE_LIST" ] || parse_servers --encode-servers-list "$ENCODE_LIST" ENCODE
 
@@ -297,18 +327,39 @@ validate() {
         printf -v "$var" '%d' "$((10#${!var}))"
     done
 
+    if [ -n "$ENCODE_LB" ]; then
+        [ -n "$ENCODE_LIST" ] || bad "--encode-lb-sdk $ENCODE_LB: only with --encode-servers-list"
+        [[ " $ENCODE_LBS " == *" $ENCODE_LB "* ]] || bad "--encode-lb-sdk $ENCODE_LB: not round_robin or least_conn"
+    fi
+    ENCODE_LB=${ENCODE_LB:-round_robin}
+
     case "$ENGINE" in
         vllm|sglang) ;;
         *) bad "--engine-type $ENGINE: not vllm or sglang" ;;
     esac
+    if [ "$ENGINE" = sglang ]; then
+        # The encoder stage and stream_ops are the vLLM prefill module's:
+        # prefill_refactor does not run them.
+        [ -z "$ENCODE_LIST" ] \
+            || bad "--encode-servers-list $ENCODE_LIST: only with --engine-type vllm (the encoder stage is the prefill module's, not prefill_refactor's)"
+        [ "$STREAM_OPS" = off ] \
+            || bad "--stream-ops $STREAM_OPS: only with --engine-type vllm (stream_ops is the prefill module's, not prefill_refactor's)"
+        # The internal prefill location proxies to $prefill_server: nginx
+        # would need a resolver for a name there (it has none), so IPs only.
+        for n in "${PREFILL[@]}"; do
+            [[ ${n%:*} =~ ^([0-9]{1,3}\.){3}[0-9]{1,3}$|^\[.*\]$ ]] \
+                || bad "--prefill-servers-list $PREFILL_LIST: \"$n\" is not an IP address (with --engine-type sglang nginx connects to the chosen prefill server by variable, without a resolver)"
+        done
+    fi
     BOOTSTRAP=()
     if [ -n "$BOOTSTRAP_PORTS" ]; then
         [ "$ENGINE" = sglang ] || bad "--bootstrap-port $BOOTSTRAP_PORTS: only with --engine-type sglang"
         [[ $BOOTSTRAP_PORTS != *, && $BOOTSTRAP_PORTS != ,* && $BOOTSTRAP_PORTS != *,,* ]] \
             || bad "--bootstrap-port $BOOTSTRAP_PORTS: empty entry"
         IFS=, read -r -a BOOTSTRAP <<< "${BOOTSTRAP_PORTS//[[:space:]]/}"
-        for n in "${BOOTSTRAP[@]}"; do
-            is_port "$n" || bad "--bootstrap-port $BOOTSTRAP_PORTS: \"$n\" is not a port in 1-65535"
+        for n in "${!BOOTSTRAP[@]}"; do
+            is_port "${BOOTSTRAP[n]}" || bad "--bootstrap-port $BOOTSTRAP_PORTS: \"${BOOTSTRAP[n]}\" is not a port in 1-65535"
+            BOOTSTRAP[n]=$((10#${BOOTSTRAP[n]}))
         done
         [ ${#BOOTSTRAP[@]} -eq 1 ] || [ ${#BOOTSTRAP[@]} -eq ${#PREFILL[@]} ] \
             || bad "--bootstrap-port $BOOTSTRAP_PORTS: ${#BOOTSTRAP[@]} ports for ${#PREFILL[@]} prefill servers (give 1 or ${#PREFILL[@]})"
@@ -343,16 +394,26 @@ validate() {
     [ -x "$NGINX_BIN" ] || bad "--nginx-bin $NGINX_BIN: not an executable (run ./build.sh?)"
     [ -d "$MODULES_DIR" ] || bad "--modules-dir $MODULES_DIR: not a directory (run ./build.sh?)"
     require_feature request_id --modules-dir "$MODULES_DIR"
-    require_feature prefill --modules-dir "$MODULES_DIR"
+    if [ "$ENGINE" = vllm ]; then
+        require_feature prefill --modules-dir "$MODULES_DIR"
+    else
+        require_feature sglang --engine-type "$ENGINE"
+    fi
     [ "$STREAM_OPS" = off ] || require_feature stream_ops --stream-ops "$STREAM_OPS"
-    [ -z "$METRICS_SIZE" ] || require_feature internal_metrics --enable-internal-metrics "$METRICS_SIZE"
-    [ "$ENGINE" = vllm ] || require_feature sglang --engine-type "$ENGINE"
+    if [ -n "$METRICS_SIZE" ]; then
+        require_feature internal_metrics --enable-internal-metrics "$METRICS_SIZE"
+        [ "$METRICS_TEMPLATE" = 1 ] \
+            || bad "--enable-internal-metrics $METRICS_SIZE: this script cannot write pd_metrics yet (the module has it; the template does not)"
+    fi
     [ -z "$ENCODE_LIST" ] || require_feature encode --encode-servers-list "$ENCODE_LIST"
-    # Their directives are not settled yet: no template lines to write them.
-    # Remove these two lines when render() has them (issue 6).
-    [ "$ENGINE" = vllm ] || bad "--engine-type $ENGINE: this script has no SGLang template yet"
-    [ -z "$ENCODE_LIST" ] || bad "--encode-servers-list $ENCODE_LIST: this script has no E/P/D template yet"
-    is_builtin_lb "$PREFILL_LB" || require_feature "lb:$PREFILL_LB" --prefill-lb-sdk "$PREFILL_LB"
+    # With sglang the prefill upstream only serves /v1 (round robin): the
+    # completions' prefill server is prefill_refactor's choice.
+    if [ "$ENGINE" = vllm ]; then
+        is_builtin_lb "$PREFILL_LB" || require_feature "lb:$PREFILL_LB" --prefill-lb-sdk "$PREFILL_LB"
+    elif [ -n "$PREFILL_LB_GIVEN" ]; then
+        printf '%s: warning: --prefill-lb-sdk %s is not used with --engine-type sglang: prefill_refactor chooses the prefill server (fewest requests in flight)\n' \
+            "$PROG" "$PREFILL_LB" >&2
+    fi
     is_builtin_lb "$DECODE_LB" || require_feature "lb:$DECODE_LB" --decode-lb-sdk "$DECODE_LB"
 
     # Not an error: the file may be meant for a bigger machine.
@@ -390,12 +451,15 @@ used_modules() {
     local -A used=()
     local f m d
     used[request_id]=1
-    used[prefill]=1
+    if [ "$ENGINE" = vllm ]; then
+        used[prefill]=1
+        used[lb:$PREFILL_LB]=1
+    else
+        used[sglang]=1
+    fi
     [ "$STREAM_OPS" = off ] || used[stream_ops]=1
     [ -z "$METRICS_SIZE" ] || used[internal_metrics]=1
-    [ "$ENGINE" = vllm ] || used[sglang]=1
     [ -z "$ENCODE_LIST" ] || used[encode]=1
-    used[lb:$PREFILL_LB]=1
     used[lb:$DECODE_LB]=1
     local -A emitted=()
     while read -r f m d; do
@@ -466,9 +530,12 @@ render() {
     access_log=${ACCESS_LOG:-$PREFIX/logs/access.log}
     listen=${LISTEN_ADDRESS:+$LISTEN_ADDRESS:}$LISTEN_PORT
 
+    local pside="prefill_servers: $PREFILL_LB" legs="Both legs"
+    [ "$ENGINE" = vllm ] || pside="prefill: prefill_refactor"
+    [ -z "$ENCODE_LIST" ] || legs="Every leg"
     cat <<EOF
 # Written by scripts/global_proxy.sh; re-run it to change this file.
-# engine $ENGINE; prefill_servers: $PREFILL_LB over ${#PREFILL[@]}; decode_servers: $DECODE_LB over ${#DECODE[@]}
+# engine $ENGINE; $pside over ${#PREFILL[@]}; decode_servers: $DECODE_LB over ${#DECODE[@]}${ENCODE_LIST:+; encode_servers: $ENCODE_LB over ${#ENCODE[@]}}
 
 EOF
     for m in $(used_modules); do
@@ -492,10 +559,17 @@ events {
 http {
 EOF
     [ ${#METRICS[@]} -eq 0 ] || upstream_block metrics_servers "" metrics "${METRICS[@]}"
-    upstream_block prefill_servers "$PREFILL_LB" prefill "${PREFILL[@]}"
+    [ ${#ENCODE[@]} -eq 0 ] || upstream_block encode_servers "$ENCODE_LB" encode "${ENCODE[@]}"
+    if [ "$ENGINE" = vllm ]; then
+        upstream_block prefill_servers "$PREFILL_LB" prefill "${PREFILL[@]}"
+    else
+        echo "    # Only /v1 (models, …) uses this upstream: the completions' prefill"
+        echo "    # server is chosen by prefill_refactor (location below)."
+        upstream_block prefill_servers round_robin prefill "${PREFILL[@]}"
+    fi
     upstream_block decode_servers "$DECODE_LB" decode "${DECODE[@]}"
     cat <<EOF
-    # Both legs: HTTP/1.1 with keepalive to the engines.
+    # $legs: HTTP/1.1 with keepalive to the engines.
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     proxy_connect_timeout 10s;
@@ -531,6 +605,15 @@ EOF
         '"upstream_header_time":"$upstream_header_time",'
         '"upstream_response_time":"$upstream_response_time",'
         '"upstream_bytes_received":"$upstream_bytes_received",'
+EOF
+        if [ "$ENGINE" = sglang ]; then
+            # The prefill server and room both legs carried.
+            cat <<'EOF'
+        '"prefill_server":"$prefill_server",'
+        '"bootstrap_room":"$bootstrap_room",'
+EOF
+        fi
+        cat <<'EOF'
         '"connection":"$connection",'
         '"connection_requests":"$connection_requests"'
 EOF
@@ -548,26 +631,13 @@ EOF
     server {
         listen $listen reuseport;
 
-        # Chat and text completions: prefill first (the internal location
-        # below), then this location's proxy_pass sends the decode request.
-        location ~ ^/v1(/chat)?/completions\$ {
-            set_request_id on;
-            set_trace_headers_force off;
 EOF
-    [ "$STREAM_OPS" = off ] || echo "            stream_ops $STREAM_OPS;"
-    echo "            prefill /prefill_internal;"
-    [ -z "$METRICS_SIZE" ] || echo "            enable_internal_metrics $METRICS_SIZE;"
+    if [ "$ENGINE" = vllm ]; then
+        completions_vllm
+    else
+        completions_sglang
+    fi
     cat <<EOF
-            proxy_pass http://decode_servers;
-            proxy_buffering off;        # stream tokens as they come
-        }
-
-        location /prefill_internal/ {
-            internal;
-            rewrite ^/prefill_internal(/.*)\$ \$1 break;
-            proxy_pass http://prefill_servers;
-            subrequest_output_buffer_size 2m;   # the prefill answer, read in memory
-        }
 
         # Everything else under /v1 (/v1/models, …) is answered by a prefill server.
         location /v1 {
@@ -582,13 +652,8 @@ EOF
         }
 EOF
     fi
-    if [ -n "$METRICS_SIZE" ]; then
-        cat <<EOF
-
-        location /internal/metrics {
-        }
-EOF
-    fi
+    # (--enable-internal-metrics: its location goes here once
+    # METRICS_TEMPLATE is 1.)
     cat <<EOF
 
         location / {
@@ -596,6 +661,100 @@ EOF
         }
     }
 }
+EOF
+}
+
+# The completions location and its internal locations, vLLM's P/D flow
+# (prefill module): [encoder stage,] prefill, then this location's decode.
+completions_vllm() {
+    if [ -n "$ENCODE_LIST" ]; then
+        cat <<EOF
+        # Chat and text completions: each media item to the encoders first
+        # (/encode_internal below, all at once), then the prefill
+        # (/prefill_internal below), then this location's proxy_pass sends
+        # the decode request.
+EOF
+    else
+        cat <<EOF
+        # Chat and text completions: prefill first (the internal location
+        # below), then this location's proxy_pass sends the decode request.
+EOF
+    fi
+    cat <<EOF
+        location ~ ^/v1(/chat)?/completions\$ {
+            set_request_id on;
+            set_trace_headers_force off;
+EOF
+    [ "$STREAM_OPS" = off ] || echo "            stream_ops $STREAM_OPS;"
+    [ -z "$ENCODE_LIST" ] || echo "            prefill_encode /encode_internal;"
+    echo "            prefill /prefill_internal;"
+    cat <<EOF
+            proxy_pass http://decode_servers;
+            proxy_buffering off;        # stream tokens as they come
+        }
+
+EOF
+    if [ -n "$ENCODE_LIST" ]; then
+        cat <<EOF
+        # One request per media item; only its status is used (the encoder
+        # hands the embedding to the prefill through its cache).
+        location /encode_internal/ {
+            internal;
+            rewrite ^/encode_internal(/.*)\$ \$1 break;
+            proxy_pass http://encode_servers;
+            proxy_read_timeout 600s;            # a large image or long audio clip
+            subrequest_output_buffer_size 16k;  # the answer is not used
+        }
+
+EOF
+    fi
+    cat <<EOF
+        location /prefill_internal/ {
+            internal;
+            rewrite ^/prefill_internal(/.*)\$ \$1 break;
+            proxy_pass http://prefill_servers;
+            subrequest_output_buffer_size 2m;   # the prefill answer, read in memory
+        }
+EOF
+}
+
+# The same for SGLang's bootstrap P/D (prefill_refactor): the module chooses
+# the prefill server (its host and bootstrap port go into both bodies, with
+# a room), and both legs run at once.
+completions_sglang() {
+    local plist ports=""
+    plist=$(IFS=,; printf '%s' "${PREFILL[*]}")
+    [ ${#BOOTSTRAP[@]} -eq 0 ] || ports=$(IFS=,; printf '%s' "${BOOTSTRAP[*]}")
+    cat <<EOF
+        # Chat and text completions, SGLang bootstrap mode: prefill_refactor
+        # chooses the prefill server (fewest requests in flight, all workers)
+        # and adds its bootstrap_host and bootstrap_port and a bootstrap_room
+        # to the body; the prefill (/prefill_internal below) and the decode
+        # (this location's proxy_pass) are sent at once.
+        location ~ ^/v1(/chat)?/completions\$ {
+            set_request_id on;
+            set_trace_headers_force off;
+            prefill_refactor /prefill_internal;
+            prefill_servers_list $plist;
+EOF
+    if [ -n "$ports" ]; then
+        echo "            bootstrap_ports_list $ports;"
+    else
+        echo "            # bootstrap port: the module's default, 8998, on every prefill server"
+    fi
+    cat <<EOF
+            pd_backend sglang;
+            pd_distribution pd_together;
+            proxy_pass http://decode_servers;
+            proxy_buffering off;        # stream tokens as they come
+        }
+
+        location /prefill_internal/ {
+            internal;
+            rewrite ^/prefill_internal(/.*)\$ \$1 break;
+            proxy_pass http://\$prefill_server;         # prefill_refactor's choice
+            subrequest_output_buffer_size 64k;  # the answer is only checked
+        }
 EOF
 }
 

@@ -40,6 +40,16 @@ my @CASES = (
     [ 'hosts-ipv6-access-off' => '--prefill-lb-sdk round_robin --decode-lb-sdk least_conn'
         . ' --access-log-file off --log-file @TMP@/custom/error.log --log-level info --listen-address ::1',
       '--prefill-servers-list localhost:8100,[fd00::1]:8100 --decode-servers-list LocalHost:8200' ],
+    # SGLang (prefill_refactor): every decode balancer, the default bootstrap
+    # port, one for all, one per prefill server.
+    (map { [ "sglang-$_" => "--engine-type sglang --decode-lb-sdk $_" ] } @LBS),
+    [ 'sglang-bootstrap-one' => '--engine-type sglang --bootstrap-port 9000 --decode-lb-sdk least_total_load' ],
+    [ 'sglang-bootstrap-each-ipv6' => '--engine-type sglang --bootstrap-port 9000,09001 --decode-lb-sdk weighted_least_active',
+      '--prefill-servers-list 10.0.0.1:8100,[fd00::1]:8100 --decode-servers-list 10.0.0.3:8200,10.0.0.4:8200' ],
+    # E/P/D: the encoder upstream in front of vLLM P/D.
+    [ 'epd' => '--encode-servers-list 10.0.0.7:8300,10.0.0.8:8300' ],
+    [ 'epd-least_conn' => '--encode-servers-list 10.0.0.7:8300 --encode-lb-sdk least_conn'
+        . ' --prefill-lb-sdk least_total_load --decode-lb-sdk weighted_least_active --metrics-servers-list 10.0.0.9:9090' ],
 );
 
 for my $case (@CASES) {
@@ -64,8 +74,31 @@ for my $case (@CASES) {
     };
 }
 
+# Stand-in builds for features dist/ may not have (yet): files named as the
+# modules, holding the NUL-terminated directive names the script looks for.
+# Only validation reads them (refused, or --dry-run).
+my $FAKE = tempdir(CLEANUP => 1);
+sub fake_build {
+    my ($name, %modules) = @_;
+    mkdir "$FAKE/$name";
+    spit("$FAKE/$name/$_.so", join('', map { "\0$_\0" } 'junk', @{ $modules{$_} }, 'junk'))
+        for keys %modules;
+    return "$FAKE/$name";
+}
+my $NO_OPS = fake_build('no-ops',
+    ngx_http_set_request_id_module => ['set_request_id'],
+    ngx_http_prefill_module => [qw(prefill prefill_encode prefill_kv_transfer_params)]);
+my $WITH_OPS = fake_build('with-ops',
+    ngx_http_set_request_id_module => ['set_request_id'],
+    ngx_http_prefill_module => [qw(prefill stream_ops pd_metrics prefill_encode)]);
+# "prefill_encode" only inside longer strings: not a directive.
+my $NO_ENCODE = fake_build('no-encode',
+    ngx_http_set_request_id_module => ['set_request_id'],
+    ngx_http_prefill_module => [qw(prefill prefill_encode_max_items), 'see prefill_encode']);
+
 # Validation: exit 2, one line on stderr naming the flag and its value,
 # nothing written.
+my $LC = '--prefill-lb-sdk least_conn --decode-lb-sdk least_conn';
 my @BAD = (
     [ '--prefill-servers-list 10.0.0.1 --decode-servers-list 10.0.0.3:8200' => qr/^--prefill-servers-list 10\.0\.0\.1: "10\.0\.0\.1" is not host:port$/ ],
     [ '--prefill-servers-list 10.0.0.1:8100 --decode-servers-list 10.0.0.3:x' => qr/^--decode-servers-list 10\.0\.0\.3:x: port "x" of "10\.0\.0\.3:x" is not in 1-65535$/ ],
@@ -88,7 +121,11 @@ my @BAD = (
     [ "$SERVERS --prefill-max-num-seqs 0" => qr/^--prefill-max-num-seqs 0: not a positive integer$/ ],
     [ "$SERVERS --decode-max-num-seqs many" => qr/^--decode-max-num-seqs many: not a positive integer$/ ],
     [ "$SERVERS --engine-type trt" => qr/^--engine-type trt: not vllm or sglang$/ ],
-    [ "$SERVERS --engine-type sglang" => qr/^--engine-type sglang: not available in this build/ ],
+    [ "$SERVERS --engine-type sglang --modules-dir $NO_OPS" => qr/^--engine-type sglang: not available in this build \(\Q$NO_OPS\E\/ngx_http_prefill_refactor_module\.so not found\)$/ ],
+    [ '--prefill-servers-list localhost:8100 --decode-servers-list 10.0.0.3:8200 --engine-type sglang'
+        => qr/^--prefill-servers-list localhost:8100: "localhost:8100" is not an IP address \(with --engine-type sglang nginx connects to the chosen prefill server by variable, without a resolver\)$/ ],
+    [ "$SERVERS --engine-type sglang --stream-ops add" => qr/^--stream-ops add: only with --engine-type vllm \(stream_ops is the prefill module's, not prefill_refactor's\)$/ ],
+    [ "$SERVERS --engine-type sglang --encode-servers-list 10.0.0.7:8300" => qr/^--encode-servers-list 10\.0\.0\.7:8300: only with --engine-type vllm \(the encoder stage is the prefill module's, not prefill_refactor's\)$/ ],
     [ "$SERVERS --bootstrap-port 8998" => qr/^--bootstrap-port 8998: only with --engine-type sglang$/ ],
     [ "$SERVERS --engine-type sglang --bootstrap-port 8998,8999,9000" => qr/^--bootstrap-port 8998,8999,9000: 3 ports for 2 prefill servers \(give 1 or 2\)$/ ],
     [ "$SERVERS --engine-type sglang --bootstrap-port 99999" => qr/^--bootstrap-port 99999: "99999" is not a port in 1-65535$/ ],
@@ -97,11 +134,14 @@ my @BAD = (
     [ "$SERVERS --enable-attention-ffn-disaggregation --attention-num 0" => qr/^--attention-num 0: not a positive integer$/ ],
     [ "$SERVERS --enable-attention-ffn-disaggregation --attention-num 3" => qr/^--attention-num 3: more than the 2 decode servers$/ ],
     [ "$SERVERS --stream-ops replace" => qr/^--stream-ops replace: not add, set_opt or off$/ ],
-    [ "$SERVERS --stream-ops set_opt" => qr/^--stream-ops set_opt: not available in this build \(ngx_http_prefill_module\.so has no "stream_ops" directive\)$/ ],
+    [ "$SERVERS $LC --stream-ops set_opt --modules-dir $NO_OPS" => qr/^--stream-ops set_opt: not available in this build \(ngx_http_prefill_module\.so has no "stream_ops" directive\)$/ ],
     [ "$SERVERS --enable-internal-metrics 12q" => qr/^--enable-internal-metrics 12q: not a size/ ],
-    [ "$SERVERS --enable-internal-metrics" => qr/^--enable-internal-metrics 128k: not available in this build/ ],
-    [ "$SERVERS --encode-servers-list 10.0.0.7:8300" => qr/^--encode-servers-list 10\.0\.0\.7:8300: this script has no E\/P\/D template yet/ ],
+    [ "$SERVERS $LC --enable-internal-metrics --modules-dir $NO_OPS" => qr/^--enable-internal-metrics 128k: not available in this build \(ngx_http_prefill_module\.so has no "pd_metrics" directive\)$/ ],
+    [ "$SERVERS $LC --enable-internal-metrics 1m --modules-dir $WITH_OPS" => qr/^--enable-internal-metrics 1m: this script cannot write pd_metrics yet \(the module has it; the template does not\)$/ ],
+    [ "$SERVERS $LC --encode-servers-list 10.0.0.7:8300 --modules-dir $NO_ENCODE" => qr/^--encode-servers-list 10\.0\.0\.7:8300: not available in this build \(ngx_http_prefill_module\.so has no "prefill_encode" directive\)$/ ],
     [ "$SERVERS --encode-servers-list 10.0.0.7" => qr/^--encode-servers-list 10\.0\.0\.7: "10\.0\.0\.7" is not host:port$/ ],
+    [ "$SERVERS --encode-lb-sdk least_conn" => qr/^--encode-lb-sdk least_conn: only with --encode-servers-list$/ ],
+    [ "$SERVERS --encode-servers-list 10.0.0.7:8300 --encode-lb-sdk pd_score_balance" => qr/^--encode-lb-sdk pd_score_balance: not round_robin or least_conn$/ ],
     [ "$SERVERS --client-body-buffer-size big" => qr/^--client-body-buffer-size big: not a size/ ],
     [ "$SERVERS --log-level verbose" => qr/^--log-level verbose: not debug, info/ ],
     [ "$SERVERS --log-file 'a;b'" => qr/^--log-file a;b: path has characters/ ],
@@ -121,6 +161,27 @@ for my $bad (@BAD) {
         && !tree($tmp), "rejected: $flags")
         or diag("exit $rc, stderr:\n$err\nfiles: " . join(' ', tree($tmp)));
 }
+
+subtest 'a feature turns on when its module has the directive (FEATURE_TABLE)' => sub {
+    my $tmp = tempdir(CLEANUP => 1);
+    my ($rc, $out, $err) = run_gp("-d -f $tmp/gp.conf --prefix $tmp $SERVERS $LC --stream-ops set_opt --modules-dir $WITH_OPS");
+    is($rc, 0, '--stream-ops set_opt with a prefill module that has stream_ops') or diag($err);
+    my $conf = slurp("$tmp/gp.conf") // '';
+    like($conf, qr/^            stream_ops set_opt;\n            prefill \/prefill_internal;$/m, 'written before prefill');
+    like($conf, qr/^load_module \Q$WITH_OPS\E\/ngx_http_prefill_module\.so;$/m, 'from that module');
+};
+
+subtest 'sglang: the prefill balancer flags are not used, and it says so' => sub {
+    my $tmp = tempdir(CLEANUP => 1);
+    my ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp.conf --prefix $tmp $SERVERS --engine-type sglang --prefill-lb-sdk least_total_load");
+    is($rc, 0, 'written') or diag($err);
+    is($err, "global_proxy.sh: warning: --prefill-lb-sdk least_total_load is not used with --engine-type sglang:"
+        . " prefill_refactor chooses the prefill server (fewest requests in flight)\n", 'one warning');
+    my $conf = slurp("$tmp/gp.conf") // '';
+    unlike($conf, qr/least_total_load|ngx_http_prefill_module|prefill \//, 'no prefill balancer, no prefill module');
+    ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp2.conf --prefix $tmp $SERVERS --engine-type sglang");
+    is($err, '', 'no warning without the flag');
+};
 
 subtest '--dry-run writes the configuration and nothing else' => sub {
     my $tmp = tempdir(CLEANUP => 1);
@@ -180,7 +241,7 @@ subtest '--help lists every flag' => sub {
     is($rc, 0, 'exit 0');
     for my $flag (qw(--nginx-conf-file -f --start-core-index -s --core-num -c --listen-port -p
                      --prefill-servers-list --decode-servers-list --metrics-servers-list --encode-servers-list
-                     --prefill-lb-sdk --decode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
+                     --prefill-lb-sdk --decode-lb-sdk --encode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
                      --engine-type --bootstrap-port --enable-internal-metrics
                      --enable-attention-ffn-disaggregation --attention-num --stream-ops
                      --client-body-buffer-size --log-file -l --log-level --access-log-file

@@ -2,7 +2,11 @@
 # by it in front of a 1P1D engine-sim cluster, serves a P/D chat completion
 # (the KV really goes from prefill to decode); a second run with the same
 # flags leaves it alone, a changed flag reloads it; --stop stops that nginx
-# and no other, even when its pid file names another nginx.
+# and no other, even when its pid file names another nginx. Then the same
+# for SGLang mode (2P1D simulators in SGLang mode: the decode gets the KV
+# through the bootstrap room the prefill published) and for E/P/D (an
+# encoder simulator in front of vLLM P/D), each serving a chat completion
+# and stopped with --stop.
 use strict;
 use warnings;
 use FindBin;
@@ -36,28 +40,68 @@ END {
     waitpid($_, 0) for @sims;
 }
 
+# start_sim(role, port, extra engine-sim flags…); the side channel is on any
+# free port unless the flags say otherwise.
 sub start_sim {
-    my ($role, $port) = @_;
+    my ($role, $port, @extra) = @_;
+    @extra = ('--kv-port', 0) unless grep { /^--(kv|bootstrap)-port$/ } @extra;
     my $pid = fork // die "fork: $!";
     if ($pid == 0) {
-        open STDOUT, '>', "$tmp/sim-$role.log";
+        open STDOUT, '>', "$tmp/sim-$role-$port.log";
         open STDERR, '>&', \*STDOUT;
-        exec "$DIST/bin/engine-sim", '--role', $role, '--port', $port, '--kv-port', 0,
-            '--instant', '--quiet', '--model', 'gp-e2e';
+        exec "$DIST/bin/engine-sim", '--role', $role, '--port', $port,
+            '--instant', '--quiet', '--model', 'gp-e2e', @extra;
         exit 127;
     }
     push @sims, $pid;
-    ok(wait_port($port, 10), "$role simulator on 127.0.0.1:$port") or BAIL_OUT(slurp("$tmp/sim-$role.log") // '');
+    ok(wait_port($port, 10), "$role simulator on 127.0.0.1:$port @extra")
+        or BAIL_OUT(slurp("$tmp/sim-$role-$port.log") // '');
+}
+
+# Ports nothing listens on and no simulator of this test has taken.
+my %taken;
+sub new_port {
+    my $p;
+    do { $p = free_port() } while $taken{$p}++;
+    return $p;
+}
+
+# A counter of a simulator's /metrics.
+sub metric {
+    my ($port, $name) = @_;
+    my $text = $http->get("http://127.0.0.1:$port/metrics")->{content} // '';
+    # Summed over its label sets (e.g. vLLM's finished_reason).
+    my @v = $text =~ /^\Q$name\E(?:\{[^}]*\})? (\S+)$/mg;
+    my $sum = 0;
+    $sum += $_ for @v;
+    return @v ? $sum : undef;
+}
+
+sub chat {
+    my ($port, $body) = @_;
+    return $http->post("http://127.0.0.1:$port/v1/chat/completions",
+        { content => $body, headers => { 'Content-Type' => 'application/json' } });
+}
+
+# The access log line of a 200 (written after the client has its answer).
+sub log_line_200 {
+    my ($file) = @_;
+    my $log = '';
+    for (1 .. 40) {
+        $log = slurp($file) // '';
+        last if $log =~ /"status":"200"/;
+        select undef, undef, undef, 0.05;
+    }
+    return $log;
 }
 
 sub alive { my ($pid) = @_; return kill(0, $pid) ? 1 : 0 }
 
-my ($p_port, $d_port) = (free_port(), free_port());
-$d_port = free_port() while $d_port == $p_port;
+my ($p_port, $d_port) = (new_port(), new_port());
 start_sim(prefill => $p_port);
 start_sim(decode => $d_port);
 
-my $port = free_port();
+my $port = new_port();
 my $conf = "$tmp/conf/gp.conf";
 my $flags = "-f $conf --prefix $tmp/prefix --nginx-bin $NGINX -c 1 --listen-address 127.0.0.1 -p $port"
     . " --prefill-servers-list 127.0.0.1:$p_port --decode-servers-list 127.0.0.1:$d_port"
@@ -117,7 +161,7 @@ ok($ok, 'still serves after the reload');
 my $other = "$tmp/other";
 mkdir $other; mkdir "$other/logs"; mkdir "$other/conf";
 chmod 0755, $other;
-my $oport = free_port();
+my $oport = new_port();
 spit("$other/conf/other.conf", <<"EOC");
 pid $other/logs/other.pid;
 error_log $other/logs/error.log;
@@ -162,6 +206,84 @@ like($out, qr/unchanged.*\n.*started nginx \d+/s, 'unchanged, started');
 ok(wait_port($port, 5), 'serving again');
 ($rc, $out) = run_gp("--stop -f $conf");
 like($out, qr/stopped nginx/, 'stopped again');
+
+# --- SGLang mode: 2 prefill simulators (bootstrap side channels on their
+# own ports) and a decode, all speaking SGLang's bootstrap protocol.
+{
+    my @sp = map { new_port() } 1 .. 2;
+    my @sb = map { new_port() } 1 .. 2;
+    my $sd = new_port();
+    start_sim(prefill => $sp[$_], '--engine', 'sglang', '--bootstrap-port', $sb[$_]) for 0 .. 1;
+    start_sim(decode => $sd, '--engine', 'sglang', '--kv-port', 0, '--bootstrap-timeout-ms', 5000);
+    my $sport = new_port();
+    my $sconf = "$tmp/conf/sglang.conf";
+    push @nginx_pid_files, "$tmp/prefix/logs/sglang.pid";
+    my $sflags = "-f $sconf --prefix $tmp/prefix --nginx-bin $NGINX -c 1 --listen-address 127.0.0.1 -p $sport"
+        . " --prefill-servers-list 127.0.0.1:$sp[0],127.0.0.1:$sp[1] --decode-servers-list 127.0.0.1:$sd"
+        . " --engine-type sglang --bootstrap-port $sb[0],$sb[1] --decode-lb-sdk least_total_load"
+        . " --access-log-file $tmp/prefix/logs/sglang-access.log";
+    ($rc, $out, $err) = run_gp($sflags);
+    is($rc, 0, 'sglang: global_proxy.sh started nginx') or diag("$out$err");
+    like($out, qr/started nginx \d+: \Q$sconf\E, listening on 127\.0\.0\.1:$sport/, 'sglang: and says where');
+    like(slurp($sconf) // '', qr/^\s+prefill_refactor \/prefill_internal;$/m, 'sglang: a prefill_refactor configuration');
+    for my $stream (0, 1) {
+        my $b = '{"model":"gp-e2e","messages":[{"role":"user","content":"Hello over SGLang ' . $stream
+            . '."}],"max_tokens":8' . ($stream ? ',"stream":true' : '') . '}';
+        $res = chat($sport, $b);
+        is($res->{status}, 200, "sglang: chat completion (stream $stream): 200") or diag($res->{content});
+        if ($stream) {
+            like($res->{content}, qr/data: \[DONE\]/, 'sglang: streamed to the end');
+        } else {
+            my $j = eval { decode_json($res->{content}) } // {};
+            like($j->{choices}[0]{message}{content} // '', qr/\S/, 'sglang: with a completion');
+        }
+    }
+    is(metric($sd, 'engine_sim:kv_transfers_total'), 2, 'sglang: the decode got both KVs through the bootstrap rooms');
+    is(metric($sd, 'engine_sim:kv_recompute_total'), 0, 'sglang: and recomputed nothing');
+    like(log_line_200("$tmp/prefix/logs/sglang-access.log"),
+        qr/"upstream_addr":"127\.0\.0\.1:$sd".*"prefill_server":"127\.0\.0\.1:(\Q$sp[0]\E|\Q$sp[1]\E)","bootstrap_room":"\d+"/,
+        'sglang: the access log names the prefill server and the room');
+    is($http->get("http://127.0.0.1:$sport/v1/models")->{status}, 200, 'sglang: /v1/models answered');
+    ($rc, $out, $err) = run_gp("--stop -f $sconf");
+    is($rc, 0, 'sglang: --stop') or diag($err);
+    like($out, qr/stopped nginx \d+ \(\Q$sconf\E\)/, 'sglang: stopped');
+    ok(!wait_port($sport, 0.2), 'sglang: its port is closed');
+}
+
+# --- E/P/D: an encoder simulator, then vLLM P/D.
+{
+    my ($ep, $pp, $dp) = (new_port(), new_port(), new_port());
+    start_sim(encode => $ep);
+    start_sim(prefill => $pp);
+    start_sim(decode => $dp);
+    my $eport = new_port();
+    my $econf = "$tmp/conf/epd.conf";
+    push @nginx_pid_files, "$tmp/prefix/logs/epd.pid";
+    my $eflags = "-f $econf --prefix $tmp/prefix --nginx-bin $NGINX -c 1 --listen-address 127.0.0.1 -p $eport"
+        . " --prefill-servers-list 127.0.0.1:$pp --decode-servers-list 127.0.0.1:$dp"
+        . " --encode-servers-list 127.0.0.1:$ep --encode-lb-sdk least_conn"
+        . " --prefill-lb-sdk round_robin --decode-lb-sdk least_conn --access-log-file off";
+    ($rc, $out, $err) = run_gp($eflags);
+    is($rc, 0, 'epd: global_proxy.sh started nginx') or diag("$out$err");
+    like($out, qr/started nginx \d+: \Q$econf\E/, 'epd: started');
+    my $image = '{"type":"image_url","image_url":{"url":"data:image/png;base64,' . ('iVBORw0KGgo' x 40) . '"}}';
+    my $b = '{"model":"gp-e2e","messages":[{"role":"user","content":[{"type":"text","text":"What is in these?"},'
+        . "$image,$image" . ']}],"max_tokens":8}';
+    $res = chat($eport, $b);
+    is($res->{status}, 200, 'epd: multimodal chat completion: 200') or diag($res->{content});
+    my $j = eval { decode_json($res->{content}) } // {};
+    like($j->{choices}[0]{message}{content} // '', qr/\S/, 'epd: with a completion');
+    is(metric($ep, 'vllm:request_success_total'), 2, 'epd: the encoder got one request per image');
+    is(metric($dp, 'engine_sim:kv_transfers_total'), 1, 'epd: then the decode fetched the KV from the prefill');
+    is(metric($dp, 'engine_sim:kv_recompute_total'), 0, 'epd: and recomputed nothing');
+    $res = chat($eport, '{"model":"gp-e2e","messages":[{"role":"user","content":"text only"}],"max_tokens":4}');
+    is($res->{status}, 200, 'epd: a text-only chat: 200') or diag($res->{content});
+    is(metric($ep, 'vllm:request_success_total'), 2, 'epd: without an encoder request');
+    ($rc, $out, $err) = run_gp("--stop -f $econf");
+    is($rc, 0, 'epd: --stop') or diag($err);
+    like($out, qr/stopped nginx \d+ \(\Q$econf\E\)/, 'epd: stopped');
+    ok(!wait_port($eport, 0.2), 'epd: its port is closed');
+}
 
 my $script = slurp("$FindBin::Bin/../scripts/global_proxy.sh");
 unlike($script, qr/\b(pgrep|pkill|killall|pidof)\b/, 'the script never looks processes up by name');
