@@ -20,7 +20,12 @@ ROOT=$(pwd)
 DUR=${BENCH_DURATION:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 # Balancers compared with round robin on both P/D upstreams (empty: skip).
-BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance greedy_timeout"}
+BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance greedy_timeout length_balance pd_score_balance prefix_cache_affinity"}
+
+# The directive that turns balancer $1 on for side $2 (prefill|decode).
+lb_on() {
+    if [ "$1" = pd_score_balance ]; then echo "pd_score_balance $2;"; else echo "$1 on;"; fi
+}
 CONNS=${BENCH_CONNECTIONS:-"16 64"}
 PORT_PROXY=${BENCH_PORT:-18480}
 # Four prefill and four decode backend ports (one backend nginx).
@@ -75,8 +80,8 @@ CONF
 LB_LOADS=""; LB_UPSTREAMS=""; LB_LOCATIONS=""
 for lb in $BALANCERS; do
     LB_LOADS+="load_module $ROOT/dist/modules/ngx_http_upstream_${lb}_module.so;"$'\n'
-    LB_UPSTREAMS+="    upstream prefill_$lb { $(servers "$P_PORTS") $lb on; keepalive 128; keepalive_requests 1000000; }"$'\n'
-    LB_UPSTREAMS+="    upstream decode_$lb { $(servers "$D_PORTS") $lb on; keepalive 128; keepalive_requests 1000000; }"$'\n'
+    LB_UPSTREAMS+="    upstream prefill_$lb { $(servers "$P_PORTS") $(lb_on "$lb" prefill) keepalive 128; keepalive_requests 1000000; }"$'\n'
+    LB_UPSTREAMS+="    upstream decode_$lb { $(servers "$D_PORTS") $(lb_on "$lb" decode) keepalive 128; keepalive_requests 1000000; }"$'\n'
     LB_LOCATIONS+="        location /pd-$lb/ { prefill /prefill_$lb; proxy_pass http://decode_$lb/; }"$'\n'
     LB_LOCATIONS+="        location /prefill_$lb/ { internal; rewrite ^/prefill_$lb/[^/]+(/.*)\$ \$1 break; proxy_pass http://prefill_$lb; subrequest_output_buffer_size 16k; }"$'\n'
 done
