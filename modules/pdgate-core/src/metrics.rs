@@ -18,8 +18,8 @@ pub const TTFT_BOUNDS_MS: &[u64] = &[
 ];
 /// Upper bounds (ms) of the time-per-output-token buckets (vLLM's).
 pub const TPOT_BOUNDS_MS: &[u64] = &[
-    10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 2500, 5000, 7500, 10000, 20000,
-    40000, 80000,
+    10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 2500, 5000, 7500, 10000, 20000, 40000,
+    80000,
 ];
 /// Upper bounds (ms) of the end-to-end latency buckets (vLLM's).
 pub const E2E_BOUNDS_MS: &[u64] = &[
@@ -158,6 +158,8 @@ pub struct Sample {
     /// First and last byte of the decode's answer passed to the client.
     pub first_byte: Option<u64>,
     pub last_byte: Option<u64>,
+    /// The decode's answer reached its end (its last buffer passed).
+    pub complete: bool,
     /// The prefill answer had no usable `kv_transfer_params`.
     pub kv_missing: bool,
     pub prompt_tokens: Option<u64>,
@@ -208,7 +210,8 @@ impl Sample {
         }
         let failed = status >= 400 || status == 0;
         if self.decode_sent.is_some() {
-            return failed.then_some(Stage::Decode);
+            // A decode that broke off after its header keeps a 2xx status.
+            return (failed || !self.complete).then_some(Stage::Decode);
         }
         if self.encode_sent.is_some() && self.prefill_sent.is_none() && failed {
             return Some(Stage::Encode);
@@ -223,7 +226,7 @@ impl Sample {
             return Outcome::ClientClosed;
         }
         match status {
-            1..=399 => Outcome::Ok,
+            1..=399 if self.decode_sent.is_none() || self.complete => Outcome::Ok,
             400..=499 => Outcome::ClientError,
             _ => match self.failed_stage(status, client_closed) {
                 Some(Stage::Encode) => Outcome::EncodeError,
@@ -553,6 +556,7 @@ mod tests {
             decode_sent: Some(1053),
             first_byte: Some(1100),
             last_byte: Some(1400),
+            complete: true,
             prompt_tokens: Some(7),
             completion_tokens: Some(4),
             ..Sample::default()
@@ -585,6 +589,10 @@ mod tests {
         assert_eq!(s.failed_stage(502, false), Some(Stage::Decode));
         assert_eq!(s.outcome(400, false), Outcome::ClientError);
         assert_eq!(s.failed_stage(400, false), Some(Stage::Decode));
+        let cut = Sample { complete: false, ..s };
+        assert_eq!(cut.outcome(200, false), Outcome::DecodeError);
+        assert_eq!(cut.failed_stage(200, false), Some(Stage::Decode));
+        assert_eq!(cut.outcome(200, true), Outcome::ClientClosed);
         let p503 = Sample {
             prefill_ok: false,
             prefill_status: 503,
@@ -810,6 +818,9 @@ pdgate_upstream_tokens_in_flight{balancer=\"least_total_load\",upstream=\"decode
             t.join().unwrap();
         }
         assert_eq!(z.outcomes[0].load(Ordering::Relaxed), 4000);
-        assert_eq!(z.hist[Hist::E2e as usize].cumulative(E2E_BOUNDS_MS).0[E2E_BOUNDS_MS.len()], 4000);
+        assert_eq!(
+            z.hist[Hist::E2e as usize].cumulative(E2E_BOUNDS_MS).0[E2E_BOUNDS_MS.len()],
+            4000
+        );
     }
 }

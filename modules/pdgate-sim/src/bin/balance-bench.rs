@@ -204,7 +204,14 @@ impl Picker {
                     for (i, v) in views.iter_mut().enumerate().take(n) {
                         let (requests, tokens, cost) =
                             table.load(self.slot_of.get(i).copied().unwrap_or(usize::MAX));
-                        *v = PeerView { available: true, weight: 1, requests, tokens, cost, ..PeerView::default() };
+                        *v = PeerView {
+                            available: true,
+                            weight: 1,
+                            requests,
+                            tokens,
+                            cost,
+                            ..PeerView::default()
+                        };
                     }
                     let tie = self.rng.next_u64();
                     pick(black_box(&views[..n]), &req, cost, tie)
