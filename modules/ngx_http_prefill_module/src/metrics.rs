@@ -394,6 +394,9 @@ unsafe extern "C" fn ngx_http_pd_variable(
 
 // --- the metrics location ---------------------------------------------------
 
+/// A balancer gauge copied out of the walk over the zones.
+type OwnedGauge = (String, Vec<u8>, Vec<u8>, u64, u64);
+
 unsafe extern "C" fn ngx_http_pd_metrics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
     guard::catch("pd_metrics handler", NGX_ERROR as ngx_int_t, || {
         // SAFETY: nginx calls content handlers with a live request.
@@ -409,7 +412,7 @@ unsafe extern "C" fn ngx_http_pd_metrics_handler(r: *mut ngx_http_request_t) -> 
             let Some(mcf) = Module::main_conf(&*r) else { return NGX_DECLINED as ngx_int_t };
             let empty = MetricsZone::default();
             let z = zone::state::<MetricsZone>(mcf.zone).unwrap_or(&empty);
-            let mut owned: Vec<(String, Vec<u8>, Vec<u8>, u64, u64)> = Vec::new();
+            let mut owned: Vec<OwnedGauge> = Vec::new();
             upstream::for_each_peer_gauge(r, |b, u, p, requests, tokens| {
                 owned.push((b.to_owned(), u.to_vec(), p.to_vec(), requests, tokens));
             });
