@@ -99,7 +99,6 @@ my @BAD = (
     [ "$SERVERS --stream-ops replace" => qr/^--stream-ops replace: not add, set_opt or off$/ ],
     [ "$SERVERS --stream-ops set_opt" => qr/^--stream-ops set_opt: not available in this build \(ngx_http_prefill_module\.so has no "stream_ops" directive\)$/ ],
     [ "$SERVERS --enable-internal-metrics 12q" => qr/^--enable-internal-metrics 12q: not a size/ ],
-    [ "$SERVERS --enable-internal-metrics" => qr/^--enable-internal-metrics 128k: not available in this build/ ],
     [ "$SERVERS --encode-servers-list 10.0.0.7:8300" => qr/^--encode-servers-list 10\.0\.0\.7:8300: this script has no E\/P\/D template yet/ ],
     [ "$SERVERS --encode-servers-list 10.0.0.7" => qr/^--encode-servers-list 10\.0\.0\.7: "10\.0\.0\.7" is not host:port$/ ],
     [ "$SERVERS --client-body-buffer-size big" => qr/^--client-body-buffer-size big: not a size/ ],
