@@ -22,9 +22,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # directive (its name as a NUL-terminated string in the .so, as nginx's
 # command table holds it). The generator emits one load_module line per
 # distinct module among the features a configuration uses, in this table's
-# order. stream_ops and pd_metrics are being added to the prefill module:
-# until a build has them, --stream-ops and --enable-internal-metrics are
-# refused by this table (and metrics also by METRICS_TEMPLATE below).
+# order. A build without stream_ops or pd_metrics (older modules) refuses
+# --stream-ops and --enable-internal-metrics by this table.
 FEATURE_TABLE='
 request_id              ngx_http_set_request_id_module                 set_request_id
 prefill                 ngx_http_prefill_module                        prefill
@@ -46,10 +45,8 @@ BUILTIN_LBS="round_robin least_conn"
 # The encoder upstream takes only these (the P/D balancers model prefill or
 # decode load, not one-token encoder requests).
 ENCODE_LBS="round_robin least_conn"
-# Whether render() has lines for the metrics directives. The module's
-# pd_metrics is not settled yet (another branch): set this to 1 when the
-# metrics lines in render() are written for it.
-METRICS_TEMPLATE=0
+# Whether render() has lines for the metrics directives.
+METRICS_TEMPLATE=1
 # --- defaults (the original's where they are sane; see usage) --------------
 CONF_FILE="$ROOT/dist/conf/global_proxy.conf"
 PREFIX="$ROOT/dist"
@@ -123,9 +120,9 @@ Engines and request handling
   --stream-ops add|set_opt|off  stream_ops in the completions location (default off;
                                 vllm only; needs a prefill module with stream_ops)
   --enable-internal-metrics [SIZE]
-                                internal metrics of SIZE (default 128k; refused until
-                                the prefill module has pd_metrics and this script
-                                writes it)
+                                P/D metrics in a shared zone of SIZE (default 128k),
+                                served as Prometheus text at /internal/metrics
+                                (vllm only)
   --client-body-buffer-size SIZE  default 1024K
 
 nginx process
@@ -401,6 +398,8 @@ validate() {
     fi
     [ "$STREAM_OPS" = off ] || require_feature stream_ops --stream-ops "$STREAM_OPS"
     if [ -n "$METRICS_SIZE" ]; then
+        [ "$ENGINE" = vllm ] \
+            || bad "--enable-internal-metrics $METRICS_SIZE: the SGLang mode (prefill_refactor) keeps no P/D metrics yet; use the engines' /metrics"
         require_feature internal_metrics --enable-internal-metrics "$METRICS_SIZE"
         [ "$METRICS_TEMPLATE" = 1 ] \
             || bad "--enable-internal-metrics $METRICS_SIZE: this script cannot write pd_metrics yet (the module has it; the template does not)"
@@ -568,6 +567,13 @@ EOF
         upstream_block prefill_servers round_robin prefill "${PREFILL[@]}"
     fi
     upstream_block decode_servers "$DECODE_LB" decode "${DECODE[@]}"
+    if [ -n "$METRICS_SIZE" ]; then
+        cat <<EOF
+    # P/D metrics shared by all workers (served at /internal/metrics).
+    pd_metrics_zone $METRICS_SIZE;
+
+EOF
+    fi
     cat <<EOF
     # $legs: HTTP/1.1 with keepalive to the engines.
     proxy_http_version 1.1;
@@ -613,14 +619,27 @@ EOF
         '"bootstrap_room":"$bootstrap_room",'
 EOF
         fi
+        if [ "$ENGINE" = vllm ]; then
+            # The prefill module's per-request P/D figures (seconds; "-"
+            # when a stage did not run).
+            cat <<'EOF'
+        '"pd_outcome":"$pd_outcome",'
+        '"pd_failed_stage":"$pd_failed_stage",'
+        '"prefill_status":"$pd_prefill_status",'
+        '"prefill_addr":"$pd_prefill_addr",'
+        '"prefill_time":"$pd_prefill_time",'
+        '"pd_gap_time":"$pd_gap_time",'
+        '"ttft":"$pd_ttft",'
+        '"tpot":"$pd_tpot",'
+        '"e2e":"$pd_e2e",'
+        '"prompt_tokens":"$pd_prompt_tokens",'
+        '"completion_tokens":"$pd_completion_tokens",'
+EOF
+        fi
         cat <<'EOF'
         '"connection":"$connection",'
         '"connection_requests":"$connection_requests"'
 EOF
-        # Per-request P/D timings (prompt/completion tokens, prefill sent/done,
-        # decode sent/done, TTFT, TPOT, E2E) go here, as
-        #   ',"prompt_tokens":"$…"'
-        # lines, once the prefill module defines those variables (issue 6).
         cat <<EOF
         '}';
     access_log $access_log pdgate_json;
@@ -652,8 +671,16 @@ EOF
         }
 EOF
     fi
-    # (--enable-internal-metrics: its location goes here once
-    # METRICS_TEMPLATE is 1.)
+    if [ -n "$METRICS_SIZE" ]; then
+        cat <<EOF
+
+        # P/D metrics of all workers, Prometheus text (the original's path).
+        # Restrict it (allow/deny) where the port is reachable from outside.
+        location = /internal/metrics {
+            pd_metrics;
+        }
+EOF
+    fi
     cat <<EOF
 
         location / {

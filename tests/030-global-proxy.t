@@ -34,6 +34,9 @@ my @CASES = (
         . ' --metrics-servers-list 10.0.0.9:9090 -s 2 -c 2 -p 8443 --listen-address 127.0.0.1'
         . ' --log-level notice --client-body-buffer-size 4m' ],
     [ 'pd-score-seqs' => '--prefill-max-num-seqs 8 --decode-max-num-seqs 64' ],
+    [ 'internal-metrics-stream-ops' => '--enable-internal-metrics 1m --stream-ops set_opt'
+        . ' --prefill-lb-sdk pd_score_balance --decode-lb-sdk pd_score_balance' ],
+    [ 'internal-metrics-default-size' => '--enable-internal-metrics --stream-ops add' ],
     [ 'pca-prefill-wla-decode' => '--prefill-lb-sdk prefix_cache_affinity --decode-lb-sdk weighted_least_active' ],
     [ 'afd' => '--prefill-lb-sdk least_conn --decode-lb-sdk least_conn --enable-attention-ffn-disaggregation'
         . ' --attention-num 1 --engine-type vllm' ],
@@ -137,7 +140,7 @@ my @BAD = (
     [ "$SERVERS $LC --stream-ops set_opt --modules-dir $NO_OPS" => qr/^--stream-ops set_opt: not available in this build \(ngx_http_prefill_module\.so has no "stream_ops" directive\)$/ ],
     [ "$SERVERS --enable-internal-metrics 12q" => qr/^--enable-internal-metrics 12q: not a size/ ],
     [ "$SERVERS $LC --enable-internal-metrics --modules-dir $NO_OPS" => qr/^--enable-internal-metrics 128k: not available in this build \(ngx_http_prefill_module\.so has no "pd_metrics" directive\)$/ ],
-    [ "$SERVERS $LC --enable-internal-metrics 1m --modules-dir $WITH_OPS" => qr/^--enable-internal-metrics 1m: this script cannot write pd_metrics yet \(the module has it; the template does not\)$/ ],
+    [ "$SERVERS --engine-type sglang --enable-internal-metrics 1m" => qr/^--enable-internal-metrics 1m: the SGLang mode \(prefill_refactor\) keeps no P\/D metrics yet; use the engines' \/metrics$/ ],
     [ "$SERVERS $LC --encode-servers-list 10.0.0.7:8300 --modules-dir $NO_ENCODE" => qr/^--encode-servers-list 10\.0\.0\.7:8300: not available in this build \(ngx_http_prefill_module\.so has no "prefill_encode" directive\)$/ ],
     [ "$SERVERS --encode-servers-list 10.0.0.7" => qr/^--encode-servers-list 10\.0\.0\.7: "10\.0\.0\.7" is not host:port$/ ],
     [ "$SERVERS --encode-lb-sdk least_conn" => qr/^--encode-lb-sdk least_conn: only with --encode-servers-list$/ ],

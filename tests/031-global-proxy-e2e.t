@@ -134,6 +134,8 @@ for (1 .. 40) {   # written in the log phase, after the client has its answer
 }
 like($log, qr/"request_id":"[0-9a-f-]{36}".*"status":"200".*"upstream_addr":"127\.0\.0\.1:$d_port"/,
     'JSON access log line with the request id and the decode peer');
+like($log, qr/"pd_outcome":"ok".*"prefill_status":"200".*"prefill_addr":"127\.0\.0\.1:$p_port".*"ttft":"\d+\.\d{3}"/,
+    'and the P/D figures of the prefill module');
 is($http->get("http://127.0.0.1:$port/v1/models")->{status}, 200, '/v1/models answered by the prefill');
 
 # The same flags again: same file, nothing restarted.
@@ -262,7 +264,8 @@ like($out, qr/stopped nginx/, 'stopped again');
     my $eflags = "-f $econf --prefix $tmp/prefix --nginx-bin $NGINX -c 1 --listen-address 127.0.0.1 -p $eport"
         . " --prefill-servers-list 127.0.0.1:$pp --decode-servers-list 127.0.0.1:$dp"
         . " --encode-servers-list 127.0.0.1:$ep --encode-lb-sdk least_conn"
-        . " --prefill-lb-sdk round_robin --decode-lb-sdk least_conn --access-log-file off";
+        . " --prefill-lb-sdk round_robin --decode-lb-sdk least_conn --access-log-file off"
+        . " --enable-internal-metrics 256k";
     ($rc, $out, $err) = run_gp($eflags);
     is($rc, 0, 'epd: global_proxy.sh started nginx') or diag("$out$err");
     like($out, qr/started nginx \d+: \Q$econf\E/, 'epd: started');
@@ -279,6 +282,9 @@ like($out, qr/stopped nginx/, 'stopped again');
     $res = chat($eport, '{"model":"gp-e2e","messages":[{"role":"user","content":"text only"}],"max_tokens":4}');
     is($res->{status}, 200, 'epd: a text-only chat: 200') or diag($res->{content});
     is(metric($ep, 'vllm:request_success_total'), 2, 'epd: without an encoder request');
+    my $pm = $http->get("http://127.0.0.1:$eport/internal/metrics");
+    is($pm->{status}, 200, 'epd: /internal/metrics answers');
+    like($pm->{content} // '', qr/^pdgate_requests_total\{outcome="ok"\} 2$/m, 'epd: and counted both requests');
     ($rc, $out, $err) = run_gp("--stop -f $econf");
     is($rc, 0, 'epd: --stop') or diag($err);
     like($out, qr/stopped nginx \d+ \(\Q$econf\E\)/, 'epd: stopped');

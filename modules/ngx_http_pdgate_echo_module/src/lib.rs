@@ -1,6 +1,6 @@
 //! ngx_http_pdgate_echo_module: a test backend that answers with what it got.
 //!
-//! `pdgate_echo [prefill] [sse=N] [delay=MS] [interval=MS] [status=CODE];`
+//! `pdgate_echo [prefill] [usage] [sse=N] [delay=MS] [interval=MS] [status=CODE];`
 //! makes a location reply with a JSON description of the request (method,
 //! uri, args, headers, body, body parsed as JSON). `prefill` adds top-level
 //! `kv_transfer_params` embedding the request, like a vLLM prefill; a request

@@ -351,7 +351,10 @@ pub(crate) unsafe fn resume(
                     st.kinds.len()
                 );
                 match next(r, ctx) {
-                    Ok(State::Passed) => NGX_DECLINED as ngx_int_t,
+                    Ok(State::Passed) => {
+                        ctx.m.decode_sent();
+                        NGX_DECLINED as ngx_int_t
+                    }
                     Ok(s) => {
                         ctx.state = s;
                         NGX_DONE as ngx_int_t

@@ -40,6 +40,8 @@ use pdgate_glue::{body, conf, guard, phase, pool, response, subrequest};
 
 // E/P/D: the encoder stage before the prefill (`prefill_encode`).
 mod encode;
+// Metrics and `$pd_*` log variables (`pd_metrics`, `pd_metrics_zone`).
+mod metrics;
 
 const NGX_CONF_UNSET: ngx_flag_t = -1;
 
@@ -91,8 +93,19 @@ impl HttpModule for Module {
         unsafe { &*addr_of!(ngx_http_prefill_module) }
     }
 
+    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+        guard::catch("prefill preconfiguration", NGX_ERROR as ngx_int_t, || {
+            // SAFETY: nginx calls preconfiguration with a valid http conf.
+            unsafe { metrics::preconfiguration(cf) }
+        })
+    }
+
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         guard::catch("prefill postconfiguration", NGX_ERROR as ngx_int_t, || {
+            // SAFETY: as below (metrics.rs hooks its filter and log handler).
+            if unsafe { metrics::postconfiguration(cf) } != NGX_OK as ngx_int_t {
+                return NGX_ERROR as ngx_int_t;
+            }
             // SAFETY: nginx calls postconfiguration with a valid http conf.
             let added = unsafe {
                 phase::add_handler(
@@ -114,10 +127,15 @@ unsafe impl HttpModuleLocationConf for Module {
     type LocationConf = LocConf;
 }
 
+// SAFETY: MainConf is the type create_main_conf allocates for this module.
+unsafe impl pdgate_glue::ngx::http::HttpModuleMainConf for Module {
+    type MainConf = metrics::MainConf;
+}
+
 static NGX_HTTP_PREFILL_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: None,
+    preconfiguration: Some(Module::preconfiguration),
     postconfiguration: Some(Module::postconfiguration),
-    create_main_conf: None,
+    create_main_conf: Some(Module::create_main_conf),
     init_main_conf: None,
     create_srv_conf: None,
     merge_srv_conf: None,
@@ -127,7 +145,7 @@ static NGX_HTTP_PREFILL_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
 
 const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
-static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 6] = [
+static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 9] = [
     ngx_command_t {
         name: ngx_string!("prefill"),
         type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
@@ -154,6 +172,9 @@ static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 6] = [
         offset: 0,
         post: null_mut(),
     },
+    metrics::CMD_PD_METRICS,
+    metrics::CMD_PD_METRICS_ZONE,
+    metrics::CMD_ENABLE_INTERNAL_METRICS,
     ngx_command_t::empty(),
 ];
 
@@ -247,6 +268,8 @@ struct Ctx {
     /// The client body (request-pool memory) and its top-level members.
     body: &'static [u8],
     obj: Option<Object<'static>>,
+    /// What metrics.rs records of the request.
+    m: metrics::Record,
 }
 
 /// The request's context, if this module has set one.
@@ -283,7 +306,12 @@ unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
         }
 
         let Some(ctx) = ctx_of(r) else {
-            let ctx = Ctx { state: State::ReadingBody, body: &[], obj: None };
+            let ctx = Ctx {
+                state: State::ReadingBody,
+                body: &[],
+                obj: None,
+                m: metrics::Record::start(),
+            };
             let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
                 return NGX_ERROR as ngx_int_t;
             };
@@ -303,7 +331,10 @@ unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
                 NGX_DONE as ngx_int_t
             }
             State::Encoding(stage) => encode::resume(r, ctx, stage),
-            State::Passed => NGX_DECLINED as ngx_int_t,
+            State::Passed => {
+                ctx.m.decode_sent();
+                NGX_DECLINED as ngx_int_t
+            }
             State::Reject { status, message } => {
                 response::finish_with_error(r, status, &message);
                 NGX_DONE as ngx_int_t
@@ -343,6 +374,7 @@ unsafe fn after_prefill(
             let kv = match kv_params_of(answer) {
                 KvParams::Found(kv) => Some(kv),
                 KvParams::Missing => {
+                    ctx.m.kv_missing();
                     ngx_log_error!(
                         NGX_LOG_WARN,
                         log(),
@@ -351,6 +383,7 @@ unsafe fn after_prefill(
                     None
                 }
                 KvParams::Invalid(e) => {
+                    ctx.m.kv_missing();
                     ngx_log_error!(
                         NGX_LOG_WARN,
                         log(),
@@ -387,6 +420,7 @@ unsafe fn after_prefill(
                 );
             }
             ctx.state = State::Passed;
+            ctx.m.decode_sent();
             NGX_DECLINED as ngx_int_t
         }
         PrefillOutcome::PassThrough { status } => {
@@ -435,6 +469,9 @@ unsafe fn on_body(r: *mut ngx_http_request_t) {
         // The encoder stage (encode.rs) when configured, then the prefill.
         match encode::start(r, ctx) {
             Ok(state) => {
+                if matches!(state, State::Encoding(_)) {
+                    ctx.m.encode_sent();
+                }
                 let pass = matches!(state, State::Passed);
                 ctx.state = state;
                 if pass {
@@ -500,6 +537,7 @@ unsafe fn start_prefill(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<(),
         let data = ctx as *mut Ctx as *mut c_void;
         subrequest::start(r, &target, chain, len, Some(ngx_http_prefill_done), data)
             .map_err(|_| (500, "cannot create the prefill subrequest".to_owned()))?;
+        ctx.m.prefill_sent();
         Ok(())
     }
 }
@@ -549,6 +587,7 @@ unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t
             cl,
             outcome
         );
+        ctx.m.prefill_done(sr, outcome == PrefillOutcome::Decode);
         if outcome == PrefillOutcome::ClientGone {
             ctx.state = State::Passed;
             return rc;

@@ -27,6 +27,10 @@ pub struct EchoOptions {
     /// When the request asks for `"stream": true`, answer as an SSE stream
     /// of this many `data:` events plus `[DONE]` (0 counts as 3).
     pub sse_events: usize,
+    /// Add an OpenAI `usage` (to the document, or to the last SSE event):
+    /// `prompt_tokens` = the request body's bytes, `completion_tokens` =
+    /// the number of events (3 for a plain answer unless `sse=N`).
+    pub usage: bool,
 }
 
 /// The arguments of the `pdgate_echo` directive.
@@ -46,13 +50,15 @@ fn parse_number(v: &[u8]) -> Option<usize> {
 }
 
 impl EchoConf {
-    /// Parses `[prefill] [sse=N] [delay=MS] [interval=MS] [status=CODE]`.
+    /// Parses `[prefill] [usage] [sse=N] [delay=MS] [interval=MS] [status=CODE]`.
     pub fn parse(args: &[&[u8]]) -> Result<EchoConf, String> {
         let mut c = EchoConf::default();
         for a in args {
             let bad = || format!("invalid parameter \"{}\"", String::from_utf8_lossy(a));
             if *a == b"prefill" {
                 c.opts.prefill = true;
+            } else if *a == b"usage" {
+                c.opts.usage = true;
             } else if let Some(v) = a.strip_prefix(b"sse=") {
                 c.opts.sse_events = parse_number(v).filter(|n| *n > 0).ok_or_else(bad)?;
             } else if let Some(v) = a.strip_prefix(b"delay=") {
@@ -137,16 +143,28 @@ pub fn answer(req: &EchoRequest<'_>, opts: EchoOptions) -> EchoAnswer {
             m.insert("kv_transfer_params".into(), kv);
         }
     }
+    let events = if opts.sse_events == 0 { 3 } else { opts.sse_events };
+    let usage = opts.usage.then(|| {
+        let p = req.body.len();
+        json!({"prompt_tokens": p, "completion_tokens": events, "total_tokens": p + events})
+    });
     if doc["json"]["stream"] != Value::Bool(true) {
+        if let (Some(u), Value::Object(m)) = (&usage, &mut doc) {
+            m.insert("usage".into(), u.clone());
+        }
         return EchoAnswer {
             chunks: vec![serde_json::to_vec(&doc).unwrap_or_default()],
             sse: false,
         };
     }
-    let events = if opts.sse_events == 0 { 3 } else { opts.sse_events };
     let mut out = Vec::with_capacity(events + 1);
     for i in 0..events {
-        let ev = json!({"index": i, "echo": if i == 0 { doc.clone() } else { Value::Null }});
+        let mut ev = json!({"index": i, "echo": if i == 0 { doc.clone() } else { Value::Null }});
+        if let (Some(u), Value::Object(m)) = (&usage, &mut ev) {
+            if i + 1 == events {
+                m.insert("usage".into(), u.clone());
+            }
+        }
         let mut line = b"data: ".to_vec();
         line.extend_from_slice(&serde_json::to_vec(&ev).unwrap_or_default());
         line.extend_from_slice(b"\n\n");
@@ -187,7 +205,7 @@ mod tests {
     #[test]
     fn prefill_embeds_request() {
         let v: Value = serde_json::from_slice(
-            &answer(&req(), EchoOptions { prefill: true, sse_events: 0 }).chunks[0],
+            &answer(&req(), EchoOptions { prefill: true, ..EchoOptions::default() }).chunks[0],
         )
         .unwrap();
         assert_eq!(v["kv_transfer_params"]["prefill_request"]["json"]["prompt"], "p");
@@ -199,7 +217,7 @@ mod tests {
     fn sse() {
         let mut r = req();
         r.body = br#"{"stream":true}"#;
-        let a = answer(&r, EchoOptions { prefill: false, sse_events: 3 });
+        let a = answer(&r, EchoOptions { sse_events: 3, ..EchoOptions::default() });
         assert!(a.sse);
         let c = a.chunks;
         assert_eq!(c.len(), 4);
@@ -223,7 +241,7 @@ mod tests {
 
     #[test]
     fn stream_only_when_asked() {
-        let opts = EchoOptions { prefill: false, sse_events: 2 };
+        let opts = EchoOptions { sse_events: 2, ..EchoOptions::default() };
         assert!(!answer(&req(), opts).sse);
         let mut r = req();
         r.body = br#"{"stream":"true"}"#;
@@ -231,6 +249,20 @@ mod tests {
         r.body = br#"{"stream":true}"#;
         assert_eq!(answer(&r, opts).chunks.len(), 3);
         assert_eq!(answer(&r, EchoOptions::default()).chunks.len(), 4);
+    }
+
+    #[test]
+    fn usage_when_asked() {
+        let opts = EchoOptions { usage: true, ..EchoOptions::default() };
+        let v: Value = serde_json::from_slice(&answer(&req(), opts).chunks[0]).unwrap();
+        assert_eq!(v["usage"]["prompt_tokens"], 14);
+        assert_eq!(v["usage"]["completion_tokens"], 3);
+        let mut r = req();
+        r.body = br#"{"stream":true}"#;
+        let c = answer(&r, EchoOptions { sse_events: 4, ..opts }).chunks;
+        assert!(!String::from_utf8_lossy(&c[2]).contains("usage"));
+        assert!(String::from_utf8_lossy(&c[3]).contains(r#""completion_tokens":4"#));
+        assert!(answer(&req(), EchoOptions::default()).chunks[0].windows(5).all(|w| w != b"usage"));
     }
 
     #[test]

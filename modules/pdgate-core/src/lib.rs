@@ -12,6 +12,7 @@ pub mod echo;
 pub mod encode;
 pub mod error;
 pub mod json;
+pub mod metrics;
 pub mod pd;
 pub mod request_id;
 pub mod rewrite;

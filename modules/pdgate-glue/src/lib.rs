@@ -16,6 +16,7 @@ pub mod guard;
 pub mod headers;
 pub mod leg;
 pub mod length;
+pub mod observe;
 pub mod phase;
 pub mod pool;
 pub mod random;

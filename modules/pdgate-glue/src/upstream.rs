@@ -1168,6 +1168,77 @@ pub unsafe fn status_text(
     out
 }
 
+/// Every pdgate balancer's in-flight counters, whichever module (`.so`)
+/// owns them: calls `f(balancer, upstream, peer, requests, tokens)` for
+/// each primary peer of each upstream that has a slot in a balancer zone
+/// of the running cycle. Zones are recognised by name (`pdgate_<balancer>`),
+/// by the header magic and by a layout that fits the zone, so this works
+/// across modules built from this crate without sharing any static.
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn for_each_peer_gauge(
+    r: *mut ngx_http_request_t,
+    mut f: impl FnMut(&str, &[u8], &[u8], u64, u64),
+) {
+    // SAFETY: ngx_cycle is the running cycle in a worker; its shared memory
+    // list and the zones in it live as long as the cycle. A zone's data is
+    // only read as a TableHeader when the zone is big enough for one and
+    // more (checked before `zone()` reads it); peer lists as in status_text.
+    unsafe {
+        let cycle = *std::ptr::addr_of!(ngx::ffi::ngx_cycle);
+        let Some(cycle) = cycle.as_ref() else { return };
+        let idx = (*std::ptr::addr_of!(ngx_http_upstream_module)).ctx_index;
+        let umcf = *(*r).main_conf.add(idx) as *mut ngx_http_upstream_main_conf_t;
+        let Some(umcf) = umcf.as_ref() else { return };
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = umcf.upstreams.as_slice();
+        let mut part: *const ngx::ffi::ngx_list_part_t = &cycle.shared_memory.part;
+        while let Some(p) = part.as_ref() {
+            let zones = p.elts as *mut ngx_shm_zone_t;
+            for i in 0..p.nelts {
+                let z = zones.add(i);
+                let name = str_bytes(&(*z).shm.name);
+                let Some(balancer) = name.strip_prefix(b"pdgate_") else { continue };
+                let Ok(balancer) = std::str::from_utf8(balancer) else { continue };
+                let h = (*z).data as *const TableHeader;
+                let shm_start = (*z).shm.addr as usize;
+                let shm_end = shm_start.saturating_add((*z).shm.size);
+                let h_at = h as usize;
+                if h.is_null()
+                    || h_at < shm_start
+                    || h_at.saturating_add(std::mem::size_of::<TableHeader>()) > shm_end
+                    || (*h).magic != MAGIC
+                {
+                    continue;
+                }
+                let bytes = std::mem::size_of::<TableHeader>()
+                    + ((*h).slots as usize).saturating_mul(SLOT_BYTES)
+                    + ((*h).pending as usize).saturating_mul(PENDING_BYTES)
+                    + ((*h).index as usize).saturating_mul(ENTRY_BYTES);
+                if h_at.saturating_add(bytes) > shm_end {
+                    continue;
+                }
+                let Some(table) = table(z) else { continue };
+                for &us in ups {
+                    let up = str_bytes(&(*us).host);
+                    let mut peer = ((*us).peer.data as *mut ngx_http_upstream_rr_peers_t)
+                        .as_ref()
+                        .map_or(null_mut(), |peers| peers.peer);
+                    while let Some(pe) = peer.as_ref() {
+                        let pname = str_bytes(&pe.name);
+                        if let Some(slot) = table.find(peer_key(up, pname)) {
+                            let (requests, tokens, _) = table.load(slot);
+                            f(balancer, up, pname, requests, tokens);
+                        }
+                        peer = pe.next;
+                    }
+                }
+            }
+            part = p.next;
+        }
+    }
+}
+
 /// A location-context, no-argument directive of a balancer module (its
 /// `_status` directive); `set` installs the content handler.
 pub const fn location_command(

@@ -5,7 +5,7 @@ use std::ffi::c_void;
 
 use ngx::ffi::{
     ngx_conf_t, ngx_http_add_variable, ngx_http_get_variable_index, ngx_http_get_variable_pt,
-    ngx_str_t, ngx_variable_value_t, NGX_LOG_EMERG,
+    ngx_str_t, ngx_variable_value_t, NGX_HTTP_VAR_NOCACHEABLE, NGX_LOG_EMERG,
 };
 
 /// Declares `$name` (without the `$`) with `get` as its handler and `data`
@@ -25,13 +25,40 @@ pub unsafe fn add(
     get: ngx_http_get_variable_pt,
     data: *const c_void,
 ) -> Result<(), crate::NgxError> {
+    // SAFETY: forwarded from the caller.
+    unsafe { add_flags(cf, name, get, data, 0) }
+}
+
+/// As [`add`], for a value that changes during the request (a duration,
+/// a status known only later): nginx evaluates it again on each script or
+/// `log_format` use instead of keeping the first value.
+///
+/// # Safety
+/// As [`add`].
+pub unsafe fn add_volatile(
+    cf: *mut ngx_conf_t,
+    name: &[u8],
+    get: ngx_http_get_variable_pt,
+    data: *const c_void,
+) -> Result<(), crate::NgxError> {
+    // SAFETY: forwarded from the caller.
+    unsafe { add_flags(cf, name, get, data, NGX_HTTP_VAR_NOCACHEABLE as usize) }
+}
+
+unsafe fn add_flags(
+    cf: *mut ngx_conf_t,
+    name: &[u8],
+    get: ngx_http_get_variable_pt,
+    data: *const c_void,
+    flags: usize,
+) -> Result<(), crate::NgxError> {
     // nginx copies the name into the configuration pool.
     let mut s = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
     // SAFETY: cf is live; ngx_http_add_variable returns NULL or a variable
-    // of the main conf's table (flags 0: neither changeable nor weak, so a
-    // `set` or `map` of the same name is refused).
+    // of the main conf's table (neither changeable nor weak, so a `set` or
+    // `map` of the same name is refused).
     unsafe {
-        let v = ngx_http_add_variable(cf, &mut s, 0);
+        let v = ngx_http_add_variable(cf, &mut s, flags);
         if v.is_null() {
             return Err(crate::NgxError);
         }

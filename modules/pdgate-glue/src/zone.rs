@@ -31,6 +31,13 @@ unsafe impl ZoneState for pdgate_core::bucket::BucketZone {
     }
 }
 
+// SAFETY: MetricsZone is #[repr(C)], made of AtomicU64 only (zero = empty).
+unsafe impl ZoneState for pdgate_core::metrics::MetricsZone {
+    fn attach(&self) -> bool {
+        pdgate_core::metrics::MetricsZone::attach(self)
+    }
+}
+
 /// Declares the zone `name` of `size` bytes for `module` with a `T` in it;
 /// `Ok(None)` when this configuration already declared it (with this size),
 /// which callers treat as a duplicate.

@@ -1,0 +1,433 @@
+//! Metrics and log variables of the P/D flow (`pd_metrics`,
+//! `pd_metrics_zone`, `enable_internal_metrics`, `$pd_*`).
+//!
+//! Each P/D request's context carries a [`Record`]: the flow (lib.rs,
+//! encode.rs) stamps its stages, a body filter stamps the decode answer's
+//! first and last byte and scans it for `usage` token counts in place, and
+//! a log-phase handler adds the finished request to the shared
+//! [`MetricsZone`] exactly once (every request that reaches the log phase:
+//! answered, failed, or closed by the client). The `$pd_*` variables read
+//! the same record, so they are right in `log_format`. A `pd_metrics`
+//! location serves the zone as Prometheus text, with the in-flight
+//! counters of every pdgate balancer.
+
+use std::ffi::{c_char, c_void};
+use std::ptr::{addr_of, addr_of_mut, null_mut};
+
+use pdgate_glue::core::metrics::{render, MetricsZone, PeerGauge, Sample, UsageScanner};
+use pdgate_glue::ffi::{
+    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_discard_request_body,
+    ngx_http_output_body_filter_pt, ngx_http_phases_NGX_HTTP_LOG_PHASE, ngx_http_request_t,
+    ngx_int_t, ngx_pagesize, ngx_parse_size, ngx_shm_zone_t, ngx_uint_t, ngx_variable_value_t,
+    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_DECLINED, NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD,
+    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_NOT_ALLOWED, NGX_OK,
+};
+use pdgate_glue::ngx::http::HttpModuleMainConf;
+use pdgate_glue::{conf, guard, observe, phase, response, upstream, variable, zone};
+
+use crate::{ctx_of, Module, ANY_LEVEL};
+
+/// The shared zone's name.
+const ZONE_NAME: &[u8] = b"pdgate_metrics";
+
+/// The zone's size when `pd_metrics` is used without `pd_metrics_zone`.
+const DEFAULT_ZONE_SIZE: usize = 64 << 10;
+
+/// The module's main configuration (metrics part).
+#[derive(Debug)]
+pub struct MainConf {
+    /// `pd_metrics_zone` / `enable_internal_metrics`: the size asked for.
+    size: Option<usize>,
+    /// Some location has `pd_metrics`.
+    served: bool,
+    zone: *mut ngx_shm_zone_t,
+}
+
+impl Default for MainConf {
+    fn default() -> Self {
+        MainConf { size: None, served: false, zone: null_mut() }
+    }
+}
+
+/// What the flow and the filters record of one P/D request.
+#[derive(Debug, Default)]
+pub(crate) struct Record {
+    s: Sample,
+    usage: UsageScanner,
+    prefill_addr: &'static [u8],
+    /// Already added to the zone.
+    counted: bool,
+}
+
+impl Record {
+    pub(crate) fn start() -> Record {
+        Record { s: Sample { start: observe::now_ms(), ..Sample::default() }, ..Record::default() }
+    }
+
+    pub(crate) fn encode_sent(&mut self) {
+        self.s.encode_sent = Some(observe::now_ms());
+    }
+
+    pub(crate) fn prefill_sent(&mut self) {
+        self.s.prefill_sent = Some(observe::now_ms());
+    }
+
+    /// The prefill subrequest `sr` finished; `ok`: the request goes on to
+    /// the decode.
+    ///
+    /// # Safety
+    /// `sr` must be the live prefill subrequest.
+    pub(crate) unsafe fn prefill_done(&mut self, sr: *mut ngx_http_request_t, ok: bool) {
+        self.s.prefill_done = Some(observe::now_ms());
+        self.s.prefill_ok = ok;
+        // SAFETY: sr is live (caller); the address is configuration memory.
+        unsafe {
+            self.s.prefill_status = observe::final_status(sr);
+            self.prefill_addr = observe::upstream_addr(sr);
+        }
+    }
+
+    pub(crate) fn kv_missing(&mut self) {
+        self.s.kv_missing = true;
+    }
+
+    pub(crate) fn decode_sent(&mut self) {
+        if self.s.decode_sent.is_none() {
+            self.s.decode_sent = Some(observe::now_ms());
+        }
+    }
+
+    fn sample(&self) -> Sample {
+        Sample {
+            prompt_tokens: self.usage.prompt,
+            completion_tokens: self.usage.completion,
+            ..self.s
+        }
+    }
+}
+
+// --- directives -------------------------------------------------------------
+
+/// `pd_metrics;` (location): serve the metrics here.
+pub const CMD_PD_METRICS: ngx_command_t = ngx_command_t {
+    name: conf::name(c"pd_metrics"),
+    type_: (NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS) as ngx_uint_t,
+    set: Some(cmd_pd_metrics),
+    conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+    offset: 0,
+    post: null_mut(),
+};
+
+/// `pd_metrics_zone <size>;` (http): collect metrics in a zone of this size.
+pub const CMD_PD_METRICS_ZONE: ngx_command_t = ngx_command_t {
+    name: conf::name(c"pd_metrics_zone"),
+    type_: (NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1) as ngx_uint_t,
+    set: Some(cmd_pd_metrics_zone),
+    conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+    offset: 0,
+    post: null_mut(),
+};
+
+/// `enable_internal_metrics <size>;` (any level): the original's name for
+/// `pd_metrics_zone`.
+pub const CMD_ENABLE_INTERNAL_METRICS: ngx_command_t = ngx_command_t {
+    name: conf::name(c"enable_internal_metrics"),
+    type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
+    set: Some(cmd_pd_metrics_zone),
+    conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+    offset: 0,
+    post: null_mut(),
+};
+
+/// The module's main conf while parsing.
+///
+/// # Safety
+/// `cf` must be a directive handler's conf in http context.
+unsafe fn main_conf(cf: *mut ngx_conf_t) -> Option<&'static mut MainConf> {
+    // SAFETY: cf is live (caller); the main conf is this module's MainConf.
+    unsafe { Module::main_conf_mut(&*cf) }
+}
+
+unsafe extern "C" fn cmd_pd_metrics(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    guard::catch("pd_metrics directive", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
+        // SAFETY: nginx's directive handler contract (location context).
+        unsafe {
+            let Some(mcf) = main_conf(cf) else { return pdgate_glue::ngx::core::NGX_CONF_ERROR };
+            mcf.served = true;
+            upstream::set_content_handler(cf, Some(ngx_http_pd_metrics_handler))
+        }
+    })
+}
+
+unsafe extern "C" fn cmd_pd_metrics_zone(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    _conf: *mut c_void,
+) -> *mut c_char {
+    guard::catch("pd_metrics_zone directive", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
+        // SAFETY: nginx's directive handler contract; NGX_CONF_TAKE1
+        // guarantees args[1].
+        unsafe {
+            let Some(mcf) = main_conf(cf) else { return pdgate_glue::ngx::core::NGX_CONF_ERROR };
+            if mcf.size.is_some() {
+                return conf::error(cf, "is duplicate");
+            }
+            let args = conf::args(cf);
+            let Some(arg) = args.get(1) else { return conf::error(cf, "needs an argument") };
+            let mut a = *arg;
+            let size = ngx_parse_size(&mut a);
+            if size < 0 {
+                return conf::error(
+                    cf,
+                    &format!(
+                        "invalid zone size \"{}\"",
+                        String::from_utf8_lossy(conf::str_bytes(arg))
+                    ),
+                );
+            }
+            let least = 8 * ngx_pagesize;
+            if (size as usize) < least {
+                return conf::error(
+                    cf,
+                    &format!(
+                        "zone \"{}\" is too small (at least {least} bytes)",
+                        String::from_utf8_lossy(ZONE_NAME)
+                    ),
+                );
+            }
+            mcf.size = Some(size as usize);
+            conf::OK
+        }
+    })
+}
+
+// --- configuration hooks ----------------------------------------------------
+
+/// The variables, in `VARS` order: their getter's `data`.
+const VARS: [&str; 11] = [
+    "pd_prefill_status",
+    "pd_prefill_addr",
+    "pd_prefill_time",
+    "pd_gap_time",
+    "pd_ttft",
+    "pd_tpot",
+    "pd_e2e",
+    "pd_prompt_tokens",
+    "pd_completion_tokens",
+    "pd_outcome",
+    "pd_failed_stage",
+];
+
+/// Declares the `$pd_*` variables (http preconfiguration).
+///
+/// # Safety
+/// `cf` must be the conf of an http preconfiguration callback.
+pub(crate) unsafe fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    for (i, name) in VARS.iter().enumerate() {
+        // SAFETY: cf is live (caller); `data` is an index, not a pointer.
+        let added = unsafe {
+            variable::add_volatile(
+                cf,
+                name.as_bytes(),
+                Some(ngx_http_pd_variable),
+                i as *const c_void,
+            )
+        };
+        if added.is_err() {
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+static mut NEXT_BODY_FILTER: ngx_http_output_body_filter_pt = None;
+
+/// Creates the zone when metrics are asked for, and hooks the body filter
+/// and the log handler (always: the variables need them).
+///
+/// # Safety
+/// `cf` must be the conf of an http postconfiguration callback.
+pub(crate) unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
+    // SAFETY: postconfiguration is single-threaded; cf is live (caller).
+    unsafe {
+        let Some(mcf) = main_conf(cf) else { return NGX_ERROR as ngx_int_t };
+        if mcf.served || mcf.size.is_some() {
+            let size = mcf.size.unwrap_or(DEFAULT_ZONE_SIZE);
+            match zone::add::<MetricsZone>(cf, ZONE_NAME, size, Module::module()) {
+                Ok(Some(z)) => mcf.zone = z,
+                Ok(None) => {}
+                Err(_) => return NGX_ERROR as ngx_int_t,
+            }
+        }
+        *addr_of_mut!(NEXT_BODY_FILTER) = observe::push_body_filter(Some(ngx_http_pd_body_filter));
+        if phase::add_handler(cf, ngx_http_phases_NGX_HTTP_LOG_PHASE, Some(ngx_http_pd_log_handler))
+            .is_err()
+        {
+            return NGX_ERROR as ngx_int_t;
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+use pdgate_glue::ngx::http::HttpModule;
+
+// --- request hooks ----------------------------------------------------------
+
+/// The record of `r` when it is a P/D main request.
+///
+/// # Safety
+/// `r` must be a live request.
+unsafe fn record_of(r: *mut ngx_http_request_t) -> Option<&'static mut Record> {
+    // SAFETY: r is live (caller); ctx_of returns this module's own context.
+    unsafe {
+        if r != (*r).main {
+            return None;
+        }
+        ctx_of(r).map(|c| &mut c.m)
+    }
+}
+
+unsafe extern "C" fn ngx_http_pd_body_filter(
+    r: *mut ngx_http_request_t,
+    in_: *mut ngx_chain_t,
+) -> ngx_int_t {
+    guard::catch("pd metrics body filter", (), || {
+        // SAFETY: nginx calls body filters with a live request and chain.
+        unsafe {
+            let Some(m) = record_of(r) else { return };
+            if m.s.decode_sent.is_none() {
+                return;
+            }
+            let now = observe::now_ms();
+            observe::for_each_piece(in_, |p| {
+                if p.data {
+                    m.s.first_byte.get_or_insert(now);
+                    m.s.last_byte = Some(now);
+                    m.usage.feed(p.bytes);
+                }
+                if p.last {
+                    m.s.last_byte = Some(now);
+                    m.s.complete = true;
+                }
+            });
+        }
+    });
+    // SAFETY: the next filter was saved at postconfiguration.
+    unsafe {
+        match *addr_of!(NEXT_BODY_FILTER) {
+            Some(next) => next(r, in_),
+            None => NGX_OK as ngx_int_t,
+        }
+    }
+}
+
+unsafe extern "C" fn ngx_http_pd_log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    guard::catch("pd metrics log handler", NGX_OK as ngx_int_t, || {
+        // SAFETY: nginx runs log handlers with the live request.
+        unsafe {
+            let Some(m) = record_of(r) else { return NGX_OK as ngx_int_t };
+            if m.counted {
+                return NGX_OK as ngx_int_t;
+            }
+            m.counted = true;
+            let Some(mcf) = Module::main_conf(&*r) else { return NGX_OK as ngx_int_t };
+            if let Some(z) = zone::state::<MetricsZone>(mcf.zone) {
+                z.record(&m.sample(), observe::final_status(r), observe::connection_broken(r));
+            }
+            NGX_OK as ngx_int_t
+        }
+    })
+}
+
+/// `ms` milliseconds as seconds with three decimals (`$request_time`'s form).
+fn secs(ms: u64) -> String {
+    format!("{}.{:03}", ms / 1000, ms % 1000)
+}
+
+unsafe extern "C" fn ngx_http_pd_variable(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    guard::catch("pd variable", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls variable getters with a live request and value.
+        unsafe {
+            let Some(m) = record_of((*r).main) else {
+                variable::not_found(v);
+                return NGX_OK as ngx_int_t;
+            };
+            let s = m.sample();
+            let main = (*r).main;
+            let (status, closed) = (observe::final_status(main), observe::connection_broken(main));
+            let text: Option<String> = match data {
+                0 => (s.prefill_status != 0).then(|| s.prefill_status.to_string()),
+                1 => {
+                    if !m.prefill_addr.is_empty() {
+                        variable::set(v, m.prefill_addr);
+                        return NGX_OK as ngx_int_t;
+                    }
+                    None
+                }
+                2 => s.prefill_ms().map(secs),
+                3 => s.gap_ms().map(secs),
+                4 => s.ttft_ms().map(secs),
+                5 => s.tpot_us().map(|us| secs(us / 1000)),
+                6 => s.e2e_ms().map(secs),
+                7 => s.prompt_tokens.map(|n| n.to_string()),
+                8 => s.completion_tokens.map(|n| n.to_string()),
+                9 => Some(s.outcome(status, closed).label().to_owned()),
+                10 => s.failed_stage(status, closed).map(|st| st.label().to_owned()),
+                _ => None,
+            };
+            match text.and_then(|t| observe::pool_bytes(r, t.as_bytes())) {
+                Some(b) => variable::set(v, b),
+                None => variable::not_found(v),
+            }
+            NGX_OK as ngx_int_t
+        }
+    })
+}
+
+// --- the metrics location ---------------------------------------------------
+
+/// A balancer gauge copied out of the walk over the zones.
+type OwnedGauge = (String, Vec<u8>, Vec<u8>, u64, u64);
+
+unsafe extern "C" fn ngx_http_pd_metrics_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
+    guard::catch("pd_metrics handler", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls content handlers with a live request.
+        unsafe {
+            let method = (*r).method;
+            if method != NGX_HTTP_GET as ngx_uint_t && method != NGX_HTTP_HEAD as ngx_uint_t {
+                return NGX_HTTP_NOT_ALLOWED as ngx_int_t;
+            }
+            let rc = ngx_http_discard_request_body(r);
+            if rc != NGX_OK as ngx_int_t {
+                return rc;
+            }
+            let Some(mcf) = Module::main_conf(&*r) else { return NGX_DECLINED as ngx_int_t };
+            let empty = MetricsZone::default();
+            let z = zone::state::<MetricsZone>(mcf.zone).unwrap_or(&empty);
+            let mut owned: Vec<OwnedGauge> = Vec::new();
+            upstream::for_each_peer_gauge(r, |b, u, p, requests, tokens| {
+                owned.push((b.to_owned(), u.to_vec(), p.to_vec(), requests, tokens));
+            });
+            let gauges: Vec<PeerGauge<'_>> = owned
+                .iter()
+                .map(|(b, u, p, requests, tokens)| PeerGauge {
+                    balancer: b,
+                    upstream: u,
+                    peer: p,
+                    requests: *requests,
+                    tokens: *tokens,
+                })
+                .collect();
+            let text = render(z, &gauges);
+            response::send(r, 200, b"text/plain; version=0.0.4; charset=utf-8", text.as_bytes())
+        }
+    })
+}

@@ -1,0 +1,826 @@
+//! Metrics of P/D requests: what one request measured ([`Sample`]), the
+//! shared counters every worker adds it to ([`MetricsZone`], `#[repr(C)]`
+//! atomics only, so it can live in an nginx shared zone), the Prometheus
+//! text of those counters ([`render`]) and a cheap scanner for the token
+//! counts of an answer's `usage` ([`UsageScanner`]).
+//!
+//! Times are taken in milliseconds (nginx's cached clock) and accumulated
+//! in microseconds; histograms are exported cumulatively in seconds, as
+//! Prometheus expects (the original exported per-bucket counts).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Upper bounds (ms) of the time-to-first-token buckets (vLLM's).
+pub const TTFT_BOUNDS_MS: &[u64] = &[
+    1, 5, 10, 20, 40, 60, 80, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000, 20000, 40000,
+    80000, 160000, 640000, 2560000,
+];
+/// Upper bounds (ms) of the time-per-output-token buckets (vLLM's).
+pub const TPOT_BOUNDS_MS: &[u64] = &[
+    10, 25, 50, 75, 100, 150, 200, 300, 400, 500, 750, 1000, 2500, 5000, 7500, 10000, 20000, 40000,
+    80000,
+];
+/// Upper bounds (ms) of the end-to-end latency buckets (vLLM's).
+pub const E2E_BOUNDS_MS: &[u64] = &[
+    300, 500, 800, 1000, 1500, 2000, 2500, 5000, 10000, 15000, 20000, 30000, 40000, 50000, 60000,
+    120000, 240000, 480000, 960000, 1920000, 7680000,
+];
+/// Upper bounds (ms) of the prefill-leg time buckets (those of TTFT).
+pub const PREFILL_BOUNDS_MS: &[u64] = TTFT_BOUNDS_MS;
+/// Upper bounds (ms) of the prefill-done → decode-sent gap buckets.
+pub const GAP_BOUNDS_MS: &[u64] = &[1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000];
+
+/// Buckets a histogram has room for (finite bounds + `+Inf`).
+pub const MAX_BUCKETS: usize = 24;
+
+/// The histograms, in [`MetricsZone::hist`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hist {
+    Ttft = 0,
+    Tpot = 1,
+    E2e = 2,
+    Prefill = 3,
+    Gap = 4,
+}
+
+impl Hist {
+    pub const ALL: [Hist; 5] = [Hist::Ttft, Hist::Tpot, Hist::E2e, Hist::Prefill, Hist::Gap];
+
+    pub fn bounds(self) -> &'static [u64] {
+        match self {
+            Hist::Ttft => TTFT_BOUNDS_MS,
+            Hist::Tpot => TPOT_BOUNDS_MS,
+            Hist::E2e => E2E_BOUNDS_MS,
+            Hist::Prefill => PREFILL_BOUNDS_MS,
+            Hist::Gap => GAP_BOUNDS_MS,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Hist::Ttft => "pdgate_time_to_first_token_seconds",
+            Hist::Tpot => "pdgate_time_per_output_token_seconds",
+            Hist::E2e => "pdgate_e2e_request_latency_seconds",
+            Hist::Prefill => "pdgate_prefill_time_seconds",
+            Hist::Gap => "pdgate_prefill_decode_gap_seconds",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Hist::Ttft => "Time from the client request to the first byte of the decode answer.",
+            Hist::Tpot => "Time per output token after the first (decode answers of 2+ tokens).",
+            Hist::E2e => "Time from the client request to the last byte of the decode answer.",
+            Hist::Prefill => "Time of the prefill leg (subrequest sent to its answer).",
+            Hist::Gap => "Time from the prefill answer to the decode request being sent.",
+        }
+    }
+}
+
+/// How a P/D request ended, in [`MetricsZone::outcomes`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answered below 400 (normally the decode's 2xx).
+    Ok = 0,
+    /// Answered 4xx: a bad request (ours or an engine's verdict).
+    ClientError = 1,
+    /// 5xx after an encoder request failed.
+    EncodeError = 2,
+    /// 5xx after the prefill failed (its error status, or no answer).
+    PrefillError = 3,
+    /// 5xx after the decode failed (its error status, or no answer).
+    DecodeError = 4,
+    /// 5xx before any leg failed (pdgate's own failure).
+    InternalError = 5,
+    /// The client closed the connection before the answer was complete.
+    ClientClosed = 6,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Ok,
+        Outcome::ClientError,
+        Outcome::EncodeError,
+        Outcome::PrefillError,
+        Outcome::DecodeError,
+        Outcome::InternalError,
+        Outcome::ClientClosed,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::ClientError => "client_error",
+            Outcome::EncodeError => "encode_error",
+            Outcome::PrefillError => "prefill_error",
+            Outcome::DecodeError => "decode_error",
+            Outcome::InternalError => "internal_error",
+            Outcome::ClientClosed => "client_closed",
+        }
+    }
+}
+
+/// A P/D stage, in [`MetricsZone::stages`] order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Encode = 0,
+    Prefill = 1,
+    Decode = 2,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Encode, Stage::Prefill, Stage::Decode];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Encode => "encode",
+            Stage::Prefill => "prefill",
+            Stage::Decode => "decode",
+        }
+    }
+}
+
+/// What one P/D request measured (times in ms of one monotonic clock;
+/// `None`: did not happen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    pub start: u64,
+    /// The encoder stage started.
+    pub encode_sent: Option<u64>,
+    pub prefill_sent: Option<u64>,
+    pub prefill_done: Option<u64>,
+    /// The prefill's HTTP status (0: none).
+    pub prefill_status: u16,
+    /// The prefill succeeded (the request went on to the decode).
+    pub prefill_ok: bool,
+    pub decode_sent: Option<u64>,
+    /// First and last byte of the decode's answer passed to the client.
+    pub first_byte: Option<u64>,
+    pub last_byte: Option<u64>,
+    /// The decode's answer reached its end (its last buffer passed).
+    pub complete: bool,
+    /// The prefill answer had no usable `kv_transfer_params`.
+    pub kv_missing: bool,
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+}
+
+fn since(from: Option<u64>, to: Option<u64>) -> Option<u64> {
+    Some(to?.saturating_sub(from?))
+}
+
+impl Sample {
+    /// Prefill leg: sent → answered (ms).
+    pub fn prefill_ms(&self) -> Option<u64> {
+        since(self.prefill_sent, self.prefill_done)
+    }
+
+    /// Prefill answered → decode sent (ms).
+    pub fn gap_ms(&self) -> Option<u64> {
+        since(self.prefill_done, self.decode_sent)
+    }
+
+    /// Start → first byte of the decode answer (ms).
+    pub fn ttft_ms(&self) -> Option<u64> {
+        self.decode_sent?;
+        since(Some(self.start), self.first_byte)
+    }
+
+    /// Start → last byte of the decode answer (ms).
+    pub fn e2e_ms(&self) -> Option<u64> {
+        self.decode_sent?;
+        since(Some(self.start), self.last_byte)
+    }
+
+    /// (E2E − TTFT) / (completion tokens − 1), in µs, for 2+ tokens.
+    pub fn tpot_us(&self) -> Option<u64> {
+        let n = self.completion_tokens.filter(|&n| n >= 2)?;
+        let decode_ms = self.e2e_ms()?.saturating_sub(self.ttft_ms()?);
+        Some(decode_ms.saturating_mul(1000) / (n - 1))
+    }
+
+    /// The stage that failed, given the request's final status.
+    pub fn failed_stage(&self, status: u16, client_closed: bool) -> Option<Stage> {
+        if client_closed || status == 499 {
+            return None;
+        }
+        if self.prefill_done.is_some() && !self.prefill_ok {
+            return Some(Stage::Prefill);
+        }
+        let failed = status >= 400 || status == 0;
+        if self.decode_sent.is_some() {
+            // A decode that broke off after its header keeps a 2xx status.
+            return (failed || !self.complete).then_some(Stage::Decode);
+        }
+        if self.encode_sent.is_some() && self.prefill_sent.is_none() && failed {
+            return Some(Stage::Encode);
+        }
+        None
+    }
+
+    /// How the request ended, given its final status (`$status`) and
+    /// whether the client connection broke.
+    pub fn outcome(&self, status: u16, client_closed: bool) -> Outcome {
+        if client_closed || status == 499 {
+            return Outcome::ClientClosed;
+        }
+        match status {
+            1..=399 if self.decode_sent.is_none() || self.complete => Outcome::Ok,
+            400..=499 => Outcome::ClientError,
+            _ => match self.failed_stage(status, client_closed) {
+                Some(Stage::Encode) => Outcome::EncodeError,
+                Some(Stage::Prefill) => Outcome::PrefillError,
+                Some(Stage::Decode) => Outcome::DecodeError,
+                None => Outcome::InternalError,
+            },
+        }
+    }
+}
+
+/// A histogram in shared memory: per-bucket counts (one atomic add per
+/// observation; [`render`] accumulates them) and the sum in µs.
+#[repr(C)]
+#[derive(Debug)]
+pub struct Histogram {
+    buckets: [AtomicU64; MAX_BUCKETS],
+    sum_us: AtomicU64,
+}
+
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram { buckets: [const { AtomicU64::new(0) }; MAX_BUCKETS], sum_us: AtomicU64::new(0) }
+    }
+}
+
+impl Histogram {
+    /// Counts one value of `us` microseconds against `bounds` (ms).
+    pub fn observe(&self, bounds: &[u64], us: u64) {
+        let i = bounds.iter().position(|&b| us <= b.saturating_mul(1000)).unwrap_or(bounds.len());
+        if let Some(b) = self.buckets.get(i.min(MAX_BUCKETS - 1)) {
+            b.fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Cumulative counts (the last one is `+Inf`, the total) and the sum.
+    pub fn cumulative(&self, bounds: &[u64]) -> ([u64; MAX_BUCKETS], u64) {
+        let mut out = [0u64; MAX_BUCKETS];
+        let mut acc = 0u64;
+        for (i, o) in out.iter_mut().enumerate().take(bounds.len().min(MAX_BUCKETS - 1) + 1) {
+            acc += self.buckets[i].load(Ordering::Relaxed);
+            *o = acc;
+        }
+        (out, self.sum_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Marks a zone holding a [`MetricsZone`] of this layout.
+pub const MAGIC: u64 = 0x7064_6d65_7472_0001;
+
+/// The counters every worker shares.
+#[repr(C)]
+#[derive(Debug)]
+pub struct MetricsZone {
+    magic: AtomicU64,
+    hist: [Histogram; 5],
+    outcomes: [AtomicU64; 7],
+    stages: [AtomicU64; 3],
+    kv_missing: AtomicU64,
+    prompt_tokens: AtomicU64,
+    completion_tokens: AtomicU64,
+}
+
+impl Default for MetricsZone {
+    fn default() -> Self {
+        MetricsZone {
+            magic: AtomicU64::new(0),
+            hist: Default::default(),
+            outcomes: [const { AtomicU64::new(0) }; 7],
+            stages: [const { AtomicU64::new(0) }; 3],
+            kv_missing: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            completion_tokens: AtomicU64::new(0),
+        }
+    }
+}
+
+impl MetricsZone {
+    /// Claims all-zero memory or recognises a zone of this layout.
+    pub fn attach(&self) -> bool {
+        match self.magic.compare_exchange(0, MAGIC, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(m) => m == MAGIC,
+        }
+    }
+
+    /// Adds one finished request: its outcome, failing stage, and (when it
+    /// succeeded) its latencies.
+    pub fn record(&self, s: &Sample, status: u16, client_closed: bool) {
+        let outcome = s.outcome(status, client_closed);
+        self.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        if let Some(stage) = s.failed_stage(status, client_closed) {
+            self.stages[stage as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        if s.kv_missing {
+            self.kv_missing.fetch_add(1, Ordering::Relaxed);
+        }
+        let ms = |h: Hist, v: Option<u64>| {
+            if let Some(v) = v {
+                self.hist[h as usize].observe(h.bounds(), v.saturating_mul(1000));
+            }
+        };
+        ms(Hist::Prefill, s.prefill_ms());
+        ms(Hist::Gap, s.gap_ms());
+        if outcome != Outcome::Ok {
+            return;
+        }
+        ms(Hist::Ttft, s.ttft_ms());
+        ms(Hist::E2e, s.e2e_ms());
+        if let Some(us) = s.tpot_us() {
+            self.hist[Hist::Tpot as usize].observe(TPOT_BOUNDS_MS, us);
+        }
+        if let Some(n) = s.prompt_tokens {
+            self.prompt_tokens.fetch_add(n, Ordering::Relaxed);
+        }
+        if let Some(n) = s.completion_tokens {
+            self.completion_tokens.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+}
+
+/// One peer's in-flight counters as a balancer's zone holds them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerGauge<'a> {
+    /// The balancer (its zone name without `pdgate_`).
+    pub balancer: &'a str,
+    pub upstream: &'a [u8],
+    pub peer: &'a [u8],
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+/// `us` microseconds as seconds, without trailing zeros (`1500` → `0.0015`).
+fn seconds(out: &mut String, us: u64) {
+    let (s, frac) = (us / 1_000_000, us % 1_000_000);
+    let _ = write!(out, "{s}");
+    if frac != 0 {
+        let f = format!("{frac:06}");
+        out.push('.');
+        out.push_str(f.trim_end_matches('0'));
+    }
+}
+
+/// Escapes a Prometheus label value.
+fn label(out: &mut String, v: &[u8]) {
+    for c in String::from_utf8_lossy(v).chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The Prometheus text (format 0.0.4) of `z` and the balancers' gauges.
+pub fn render(z: &MetricsZone, gauges: &[PeerGauge<'_>]) -> String {
+    let mut o = String::with_capacity(8192);
+    o.push_str("# HELP pdgate_requests_total P/D requests by outcome.\n");
+    o.push_str("# TYPE pdgate_requests_total counter\n");
+    for oc in Outcome::ALL {
+        let n = z.outcomes[oc as usize].load(Ordering::Relaxed);
+        let _ = writeln!(o, "pdgate_requests_total{{outcome=\"{}\"}} {n}", oc.label());
+    }
+    o.push_str("# HELP pdgate_stage_failures_total P/D requests by the stage that failed.\n");
+    o.push_str("# TYPE pdgate_stage_failures_total counter\n");
+    for st in Stage::ALL {
+        let n = z.stages[st as usize].load(Ordering::Relaxed);
+        let _ = writeln!(o, "pdgate_stage_failures_total{{stage=\"{}\"}} {n}", st.label());
+    }
+    let counters: [(&str, &str, &AtomicU64); 3] = [
+        (
+            "pdgate_kv_transfer_params_missing_total",
+            "Prefill answers without usable kv_transfer_params.",
+            &z.kv_missing,
+        ),
+        ("pdgate_prompt_tokens_total", "Prompt tokens of successful requests.", &z.prompt_tokens),
+        (
+            "pdgate_generation_tokens_total",
+            "Completion tokens of successful requests.",
+            &z.completion_tokens,
+        ),
+    ];
+    for (name, help, v) in counters {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+        let _ = writeln!(o, "{name} {}", v.load(Ordering::Relaxed));
+    }
+    for h in Hist::ALL {
+        let (name, bounds) = (h.name(), h.bounds());
+        let _ = writeln!(o, "# HELP {name} {}\n# TYPE {name} histogram", h.help());
+        let (cum, sum) = z.hist[h as usize].cumulative(bounds);
+        for (i, b) in bounds.iter().enumerate() {
+            let _ = write!(o, "{name}_bucket{{le=\"");
+            seconds(&mut o, b * 1000);
+            let _ = writeln!(o, "\"}} {}", cum[i]);
+        }
+        let total = cum[bounds.len()];
+        let _ = writeln!(o, "{name}_bucket{{le=\"+Inf\"}} {total}");
+        let _ = write!(o, "{name}_sum ");
+        seconds(&mut o, sum);
+        let _ = writeln!(o, "\n{name}_count {total}");
+    }
+    for (metric, help, field) in [
+        ("pdgate_upstream_requests_in_flight", "Requests in flight per balanced peer.", 0),
+        ("pdgate_upstream_tokens_in_flight", "Estimated tokens in flight per balanced peer.", 1),
+    ] {
+        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} gauge");
+        for g in gauges {
+            let _ = write!(o, "{metric}{{balancer=\"{}\",upstream=\"", g.balancer);
+            label(&mut o, g.upstream);
+            o.push_str("\",peer=\"");
+            label(&mut o, g.peer);
+            let _ = writeln!(o, "\"}} {}", if field == 0 { g.requests } else { g.tokens });
+        }
+    }
+    o
+}
+
+/// Finds the last `usage.prompt_tokens` and `usage.completion_tokens` of
+/// an answer that arrives in pieces, without copying it: each piece is
+/// searched where it lies, and only a few bytes at each piece boundary are
+/// looked at again (a key or number split between two pieces).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageScanner {
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+    tail: [u8; TAIL],
+    tail_len: u8,
+}
+
+/// Bytes kept from a piece's end: enough for `"completion_tokens": ` and
+/// ten digits.
+const TAIL: usize = 32;
+
+const NEEDLE: &[u8] = b"_tokens\"";
+
+impl UsageScanner {
+    /// Scans the next piece of the answer.
+    pub fn feed(&mut self, piece: &[u8]) {
+        if piece.is_empty() {
+            return;
+        }
+        let t = usize::from(self.tail_len);
+        if t > 0 {
+            // The boundary: the previous tail and this piece's head.
+            let mut join = [0u8; 2 * TAIL];
+            let h = piece.len().min(TAIL);
+            join[..t].copy_from_slice(&self.tail[..t]);
+            join[t..t + h].copy_from_slice(&piece[..h]);
+            self.scan(&join[..t + h], Some(t));
+        }
+        self.scan(piece, None);
+        // Keep the last TAIL bytes of everything seen.
+        let keep = piece.len().min(TAIL);
+        let old = (t + keep).saturating_sub(TAIL).min(t);
+        let kept_old = t - old;
+        self.tail.copy_within(old..t, 0);
+        self.tail[kept_old..kept_old + keep].copy_from_slice(&piece[piece.len() - keep..]);
+        self.tail_len = (kept_old + keep) as u8;
+    }
+
+    /// Records every `"prompt_tokens": N` / `"completion_tokens": N` of
+    /// `s`, in order. A piece (`boundary` None) skips a number that touches
+    /// its end (it may go on in the next piece); a boundary (`Some(t)`: the
+    /// previous piece's last `t` bytes, then the new piece's head) takes
+    /// only what the pieces on either side could not see whole.
+    fn scan(&mut self, s: &[u8], boundary: Option<usize>) {
+        let mut at = 0;
+        while let Some(p) = find(&s[at..], NEEDLE) {
+            let key_end = at + p + NEEDLE.len();
+            let head = &s[..at + p];
+            at += p + 1;
+            let prompt = head.ends_with(b"\"prompt");
+            if !prompt && !head.ends_with(b"\"completion") {
+                continue;
+            }
+            let Some((v, num_end)) = number_after_colon(s, key_end) else { continue };
+            let seen = match boundary {
+                None => num_end == s.len(),
+                Some(t) => key_end <= t && num_end < t,
+            };
+            if seen {
+                continue;
+            }
+            if prompt {
+                self.prompt = Some(v);
+            } else {
+                self.completion = Some(v);
+            }
+        }
+    }
+}
+
+/// `: N` (JSON whitespace allowed) at `from`: the number and where it ends.
+fn number_after_colon(s: &[u8], from: usize) -> Option<(u64, usize)> {
+    let skip = |i: usize| i + s[i..].iter().take_while(|c| c.is_ascii_whitespace()).count();
+    let i = skip(from);
+    if s.get(i) != Some(&b':') {
+        return None;
+    }
+    let start = skip(i + 1);
+    let len = s[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+    if len == 0 || len > 19 {
+        return None;
+    }
+    let v = s[start..start + len].iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+    Some((v, start + len))
+}
+
+/// The first position of `needle` in `hay`.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_sample() -> Sample {
+        Sample {
+            start: 1000,
+            prefill_sent: Some(1002),
+            prefill_done: Some(1052),
+            prefill_status: 200,
+            prefill_ok: true,
+            decode_sent: Some(1053),
+            first_byte: Some(1100),
+            last_byte: Some(1400),
+            complete: true,
+            prompt_tokens: Some(7),
+            completion_tokens: Some(4),
+            ..Sample::default()
+        }
+    }
+
+    #[test]
+    fn durations() {
+        let s = ok_sample();
+        assert_eq!(s.prefill_ms(), Some(50));
+        assert_eq!(s.gap_ms(), Some(1));
+        assert_eq!(s.ttft_ms(), Some(100));
+        assert_eq!(s.e2e_ms(), Some(400));
+        // (400 - 100) ms over 3 tokens after the first.
+        assert_eq!(s.tpot_us(), Some(100_000));
+        let one = Sample { completion_tokens: Some(1), ..s };
+        assert_eq!(one.tpot_us(), None);
+        let no_decode = Sample { decode_sent: None, ..s };
+        assert_eq!((no_decode.ttft_ms(), no_decode.e2e_ms()), (None, None));
+    }
+
+    #[test]
+    fn outcomes_and_stages() {
+        let s = ok_sample();
+        assert_eq!(s.outcome(200, false), Outcome::Ok);
+        assert_eq!(s.failed_stage(200, false), None);
+        assert_eq!(s.outcome(200, true), Outcome::ClientClosed);
+        assert_eq!(s.outcome(499, false), Outcome::ClientClosed);
+        assert_eq!(s.outcome(502, false), Outcome::DecodeError);
+        assert_eq!(s.failed_stage(502, false), Some(Stage::Decode));
+        assert_eq!(s.outcome(400, false), Outcome::ClientError);
+        assert_eq!(s.failed_stage(400, false), Some(Stage::Decode));
+        let cut = Sample { complete: false, ..s };
+        assert_eq!(cut.outcome(200, false), Outcome::DecodeError);
+        assert_eq!(cut.failed_stage(200, false), Some(Stage::Decode));
+        assert_eq!(cut.outcome(200, true), Outcome::ClientClosed);
+        let p503 = Sample {
+            prefill_ok: false,
+            prefill_status: 503,
+            decode_sent: None,
+            first_byte: None,
+            last_byte: None,
+            ..s
+        };
+        assert_eq!(p503.outcome(503, false), Outcome::PrefillError);
+        assert_eq!(p503.failed_stage(503, false), Some(Stage::Prefill));
+        assert_eq!(p503.outcome(400, false), Outcome::ClientError);
+        let enc = Sample { start: 1, encode_sent: Some(1), ..Sample::default() };
+        assert_eq!(enc.outcome(502, false), Outcome::EncodeError);
+        let bad_body = Sample { start: 1, ..Sample::default() };
+        assert_eq!(bad_body.outcome(400, false), Outcome::ClientError);
+        assert_eq!(bad_body.failed_stage(400, false), None);
+        assert_eq!(bad_body.outcome(500, false), Outcome::InternalError);
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::default();
+        for us in [0, 1000, 1001, 4_000, 3_000_000_000] {
+            h.observe(TTFT_BOUNDS_MS, us);
+        }
+        let (cum, sum) = h.cumulative(TTFT_BOUNDS_MS);
+        assert_eq!(&cum[..3], &[2, 4, 4]);
+        assert_eq!(cum[TTFT_BOUNDS_MS.len() - 1], 4);
+        assert_eq!(cum[TTFT_BOUNDS_MS.len()], 5);
+        assert_eq!(sum, 3_000_006_001);
+        assert!(cum.windows(2).take(TTFT_BOUNDS_MS.len()).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn bounds_fit() {
+        for h in Hist::ALL {
+            assert!(h.bounds().len() < MAX_BUCKETS, "{h:?}");
+            assert!(h.bounds().windows(2).all(|w| w[0] < w[1]), "{h:?}");
+        }
+    }
+
+    #[test]
+    fn seconds_text() {
+        let f = |us| {
+            let mut s = String::new();
+            seconds(&mut s, us);
+            s
+        };
+        assert_eq!(f(0), "0");
+        assert_eq!(f(1000), "0.001");
+        assert_eq!(f(1500), "0.0015");
+        assert_eq!(f(2_500_000), "2.5");
+        assert_eq!(f(2_560_000_000), "2560");
+    }
+
+    #[test]
+    fn render_exact() {
+        let z = MetricsZone::default();
+        assert!(z.attach());
+        z.record(&ok_sample(), 200, false);
+        let p503 = Sample {
+            prefill_ok: false,
+            prefill_status: 503,
+            decode_sent: None,
+            kv_missing: false,
+            ..ok_sample()
+        };
+        z.record(&p503, 503, false);
+        let missing = Sample { kv_missing: true, ..ok_sample() };
+        z.record(&missing, 502, false);
+        let gauges = [PeerGauge {
+            balancer: "least_total_load",
+            upstream: b"decode_pool",
+            peer: b"127.0.0.1:8001",
+            requests: 3,
+            tokens: 120,
+        }];
+        let text = render(&z, &gauges);
+        let head = "\
+# HELP pdgate_requests_total P/D requests by outcome.
+# TYPE pdgate_requests_total counter
+pdgate_requests_total{outcome=\"ok\"} 1
+pdgate_requests_total{outcome=\"client_error\"} 0
+pdgate_requests_total{outcome=\"encode_error\"} 0
+pdgate_requests_total{outcome=\"prefill_error\"} 1
+pdgate_requests_total{outcome=\"decode_error\"} 1
+pdgate_requests_total{outcome=\"internal_error\"} 0
+pdgate_requests_total{outcome=\"client_closed\"} 0
+# HELP pdgate_stage_failures_total P/D requests by the stage that failed.
+# TYPE pdgate_stage_failures_total counter
+pdgate_stage_failures_total{stage=\"encode\"} 0
+pdgate_stage_failures_total{stage=\"prefill\"} 1
+pdgate_stage_failures_total{stage=\"decode\"} 1
+# HELP pdgate_kv_transfer_params_missing_total Prefill answers without usable kv_transfer_params.
+# TYPE pdgate_kv_transfer_params_missing_total counter
+pdgate_kv_transfer_params_missing_total 1
+# HELP pdgate_prompt_tokens_total Prompt tokens of successful requests.
+# TYPE pdgate_prompt_tokens_total counter
+pdgate_prompt_tokens_total 7
+# HELP pdgate_generation_tokens_total Completion tokens of successful requests.
+# TYPE pdgate_generation_tokens_total counter
+pdgate_generation_tokens_total 4
+";
+        assert!(text.starts_with(head), "{text}");
+        // Prefill times of all three (50 ms each), gaps of the two decodes.
+        let gap = "\
+# HELP pdgate_prefill_decode_gap_seconds Time from the prefill answer to the decode request being sent.
+# TYPE pdgate_prefill_decode_gap_seconds histogram
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.001\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.002\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.005\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.01\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.025\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.05\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.1\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.25\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"0.5\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"1\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"2.5\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"5\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"10\"} 2
+pdgate_prefill_decode_gap_seconds_bucket{le=\"+Inf\"} 2
+pdgate_prefill_decode_gap_seconds_sum 0.002
+pdgate_prefill_decode_gap_seconds_count 2
+";
+        assert!(text.contains(gap), "{text}");
+        assert!(text.contains("pdgate_prefill_time_seconds_sum 0.15\n"), "{text}");
+        assert!(text.contains("pdgate_prefill_time_seconds_bucket{le=\"0.04\"} 0\n"));
+        assert!(text.contains("pdgate_prefill_time_seconds_bucket{le=\"0.06\"} 3\n"));
+        // Only the successful request's latencies.
+        assert!(text.contains("pdgate_time_to_first_token_seconds_count 1\n"));
+        assert!(text.contains("pdgate_time_to_first_token_seconds_bucket{le=\"0.1\"} 1\n"));
+        assert!(text.contains("pdgate_time_to_first_token_seconds_bucket{le=\"0.08\"} 0\n"));
+        assert!(text.contains("pdgate_e2e_request_latency_seconds_sum 0.4\n"));
+        assert!(text.contains("pdgate_time_per_output_token_seconds_bucket{le=\"0.1\"} 1\n"));
+        assert!(text.contains("pdgate_time_per_output_token_seconds_bucket{le=\"0.075\"} 0\n"));
+        let tail = "\
+# HELP pdgate_upstream_requests_in_flight Requests in flight per balanced peer.
+# TYPE pdgate_upstream_requests_in_flight gauge
+pdgate_upstream_requests_in_flight{balancer=\"least_total_load\",upstream=\"decode_pool\",peer=\"127.0.0.1:8001\"} 3
+# HELP pdgate_upstream_tokens_in_flight Estimated tokens in flight per balanced peer.
+# TYPE pdgate_upstream_tokens_in_flight gauge
+pdgate_upstream_tokens_in_flight{balancer=\"least_total_load\",upstream=\"decode_pool\",peer=\"127.0.0.1:8001\"} 120
+";
+        assert!(text.ends_with(tail), "{text}");
+    }
+
+    #[test]
+    fn label_escaping() {
+        let mut s = String::new();
+        label(&mut s, b"a\"b\\c\nd");
+        assert_eq!(s, "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn attach_accepts_zeroes_and_itself_only() {
+        let z = MetricsZone::default();
+        assert!(z.attach());
+        assert!(z.attach());
+        z.magic.store(1, Ordering::Relaxed);
+        assert!(!z.attach());
+    }
+
+    fn scan_pieces(pieces: &[&[u8]]) -> (Option<u64>, Option<u64>) {
+        let mut u = UsageScanner::default();
+        for p in pieces {
+            u.feed(p);
+        }
+        (u.prompt, u.completion)
+    }
+
+    #[test]
+    fn usage_whole() {
+        let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"total_tokens":17,"completion_tokens":5,"prompt_tokens_details":null}}"#;
+        assert_eq!(scan_pieces(&[body]), (Some(12), Some(5)));
+        let spaced = b"{\"usage\": {\"prompt_tokens\" :  3,\n \"completion_tokens\":\t40}}";
+        assert_eq!(scan_pieces(&[spaced]), (Some(3), Some(40)));
+        // Text inside a string is escaped, so never a key.
+        let text = br#"{"content":"\"prompt_tokens\": 99","x_prompt_tokens":1}"#;
+        assert_eq!(scan_pieces(&[text]), (None, None));
+        assert_eq!(scan_pieces(&[b"data: [DONE]\n\n"]), (None, None));
+    }
+
+    #[test]
+    fn usage_last_sse_event_wins() {
+        let a: &[u8] = b"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n";
+        let b: &[u8] = b"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n";
+        let c: &[u8] = b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n";
+        assert_eq!(scan_pieces(&[a, b, c]), (Some(5), Some(2)));
+    }
+
+    #[test]
+    fn usage_split_anywhere() {
+        let body: &[u8] = br#"{"choices":[{"text":"hello"}],"usage":{"prompt_tokens":123,"total_tokens":4690,"completion_tokens":4567}}"#;
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            assert_eq!(scan_pieces(&[a, b]), (Some(123), Some(4567)), "split at {i}");
+        }
+        // One byte at a time.
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(scan_pieces(&bytes), (Some(123), Some(4567)));
+        for n in [2, 3, 7, 50] {
+            let pieces: Vec<&[u8]> = body.chunks(n).collect();
+            assert_eq!(scan_pieces(&pieces), (Some(123), Some(4567)), "chunks of {n}");
+        }
+    }
+
+    #[test]
+    fn workers_sharing_a_zone_agree() {
+        let z = std::sync::Arc::new(MetricsZone::default());
+        let s = ok_sample();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let z = z.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        z.record(&s, 200, false);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(z.outcomes[0].load(Ordering::Relaxed), 4000);
+        assert_eq!(
+            z.hist[Hist::E2e as usize].cumulative(E2E_BOUNDS_MS).0[E2E_BOUNDS_MS.len()],
+            4000
+        );
+    }
+}
