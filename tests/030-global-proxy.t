@@ -158,7 +158,8 @@ my @BAD = (
 for my $bad (@BAD) {
     my ($flags, $re) = @$bad;
     my $tmp = tempdir(CLEANUP => 1);
-    my ($rc, $out, $err) = run_gp("-f $tmp/gp.conf --prefix $tmp $flags");
+    # -d: a case wrongly accepted must not start an nginx.
+    my ($rc, $out, $err) = run_gp("-d -f $tmp/gp.conf --prefix $tmp $flags");
     my @lines = split /\n/, $err;
     ok($rc == 2 && @lines == 1 && $lines[0] =~ /^global_proxy\.sh: / && $lines[0] =~ s/^global_proxy\.sh: //r =~ $re
         && !tree($tmp), "rejected: $flags")
