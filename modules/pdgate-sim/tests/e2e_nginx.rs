@@ -77,6 +77,20 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
+        // SIGTERM through the pid file: a master then stops its workers
+        // (SIGKILL would leave them running).
+        let _ = Command::new(dist().join("sbin/nginx"))
+            .arg("-p")
+            .arg(&self.dir)
+            .arg("-c")
+            .arg("nginx.conf")
+            .args(["-s", "stop"])
+            .stderr(std::process::Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
