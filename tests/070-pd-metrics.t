@@ -347,3 +347,32 @@ x
 --- must_die
 --- error_log
 is too small
+
+
+
+=== TEST 13: the balancers' shared counters appear as in-flight gauges, back at zero after the request
+--- http_config
+    upstream prefill_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; pd_score_balance prefill; keepalive 8; }
+    upstream decode_pool { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; least_total_load on; keepalive 8; }
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo prefill; }
+    location /mock/decode/ { pdgate_echo; }
+    location /internal/metrics { pd_metrics; }
+--- request eval
+["POST /v1/chat/completions\n{\"model\":\"m\",\"messages\":[]}", "GET /internal/metrics"]
+--- response_body_like eval
+[qr/"kv_transfer_params"/,
+ qr/^pdgate_upstream_requests_in_flight\{balancer="least_total_load",upstream="decode_pool",peer="127\.0\.0\.1:\d+"\} 0\n(?s:.*)^pdgate_upstream_tokens_in_flight\{balancer="pd_score_balance",upstream="prefill_pool",peer="127\.0\.0\.1:\d+"\} 0$/m]
+--- no_error_log
+[error]
