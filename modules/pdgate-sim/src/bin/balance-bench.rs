@@ -26,14 +26,14 @@ use std::hint::black_box;
 use std::sync::Barrier;
 use std::time::Instant;
 
-use pdgate_core::balance::slots::{peer_key, Slot, SlotTable, SLOT_BYTES};
+use pdgate_core::balance::slots::{peer_key, Slot, SlotTable};
 use pdgate_core::balance::{self, PeerView};
 use pdgate_core::request_id::Rng;
 
 /// The glue's `MAX_PEERS` (the size of its stack array of views).
 const MAX_PEERS: usize = 256;
-/// The glue's zone size; half of it holds slots (`zone_init`).
-const ZONE_SIZE: usize = 1 << 20;
+/// Slots of a balancer zone (`pdgate_glue::upstream::SLOTS`).
+const SLOTS: usize = 2048;
 /// Distinct requests replayed in a cycle.
 const REQUESTS: usize = 4096;
 
@@ -157,7 +157,7 @@ fn requests(seed: u64) -> Vec<Req> {
 /// A table as large as the glue's zone holds, with `n` peers of one
 /// upstream claimed in it; their slot indices in peer order.
 fn table(n: usize) -> (Vec<Slot>, Vec<usize>) {
-    let slots: Vec<Slot> = (0..ZONE_SIZE / 2 / SLOT_BYTES).map(|_| Slot::default()).collect();
+    let slots: Vec<Slot> = (0..SLOTS).map(|_| Slot::default()).collect();
     let t = SlotTable::new(&slots);
     let slot_of = (0..n)
         .map(|i| {
@@ -212,24 +212,19 @@ impl Picker {
                     Some(self.rr)
                 }
                 Some(pick) => {
-                    // As the glue's `get`: a fresh array, every peer's
+                    // As the glue's `get`: a fresh array (16 entries for
+                    // pools of up to 16 peers, 256 beyond), every peer's
                     // counters from its slot.
-                    let mut views = [PeerView::default(); MAX_PEERS];
-                    for (i, v) in views.iter_mut().enumerate().take(n) {
-                        let (requests, tokens, cost) =
-                            table.load(self.slot_of.get(i).copied().unwrap_or(usize::MAX));
-                        *v = PeerView {
-                            available: true,
-                            weight: 1,
-                            requests,
-                            tokens,
-                            cost,
-                            hist_requests: requests * 7,
-                            hist_tokens: tokens * 7,
-                        };
-                    }
                     let tie = self.rng.next_u64();
-                    pick(black_box(&views[..n]), &req, cost, tie)
+                    if n <= SMALL_POOL {
+                        let mut views = [PeerView::default(); SMALL_POOL];
+                        fill(&mut views[..n], &table, &self.slot_of);
+                        pick(black_box(&views[..n]), &req, cost, tie)
+                    } else {
+                        let mut views = [PeerView::default(); MAX_PEERS];
+                        fill(&mut views[..n], &table, &self.slot_of);
+                        pick(black_box(&views[..n]), &req, cost, tie)
+                    }
                 }
             };
             let Some(c) = black_box(chosen) else {
@@ -408,7 +403,7 @@ fn main() {
     println!(
         "balance-bench: 1 thread, median of {rounds} rounds of {} picks, {} slots in the table",
         if quick { "~0.2M/(peers+8)" } else { "2M/(peers+8)" },
-        ZONE_SIZE / 2 / SLOT_BYTES
+        SLOTS
     );
     header();
     for &n in &peers {
@@ -427,4 +422,23 @@ fn main() {
 fn fail(msg: &str) -> ! {
     eprintln!("balance-bench: {msg}");
     std::process::exit(2);
+}
+
+/// The glue's small-pool array size (`pdgate_glue::upstream`).
+const SMALL_POOL: usize = 16;
+
+/// Each peer's view from its slot, as the glue builds them.
+fn fill(views: &mut [PeerView], table: &SlotTable, slot_of: &[usize]) {
+    for (i, v) in views.iter_mut().enumerate() {
+        let (requests, tokens, cost) = table.load(slot_of.get(i).copied().unwrap_or(usize::MAX));
+        *v = PeerView {
+            available: true,
+            weight: 1,
+            requests,
+            tokens,
+            cost,
+            hist_requests: requests * 7,
+            hist_tokens: tokens * 7,
+        };
+    }
 }
