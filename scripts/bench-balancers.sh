@@ -34,6 +34,9 @@
 #   BENCH_CAP_BISECT   bisection steps after the first unsustained rate [3; QUICK 1]
 #   BENCH_TIME_SCALE   engine-sim --time-scale (below 1 slows the engines, for
 #                      hosts too small to drive the cluster to its capacity) [1]
+#   BENCH_SLOW         heterogeneous cluster: the first BENCH_SLOW_COUNT [1]
+#                      engines of each role run at this fraction of the
+#                      others' speed (e.g. 0.33) [unset: identical engines]
 #   BENCH_OUTPUT_LEN   median output tokens of the ShareGPT-like mix [150; QUICK 60]
 #   BENCH_DOCS         1: copy the report and plot to docs/ [1; 0 with QUICK or BENCH_RATES]
 #   BENCH_OUT          output directory, emptied first [bench-out/balancers; QUICK
@@ -69,6 +72,8 @@ CAP_START=${BENCH_CAP_START:-40}
 CAP_SECONDS=${BENCH_CAP_SECONDS:-$d_cap_seconds}
 CAP_BISECT=${BENCH_CAP_BISECT:-$d_bisect}
 TIME_SCALE=${BENCH_TIME_SCALE:-1}
+SLOW=${BENCH_SLOW:-}
+SLOW_COUNT=${BENCH_SLOW_COUNT:-1}
 OUTPUT_LEN=${BENCH_OUTPUT_LEN:-$d_outlen}
 if [ "$QUICK" = 1 ] || [ -n "$RATES" ]; then d_docs=0; else d_docs=1; fi
 DOCS=${BENCH_DOCS:-$d_docs}
@@ -111,12 +116,19 @@ trap cleanup EXIT
 
 start_sims() {
     PIDS=()
+    local scale
     for i in 0 1 2 3; do
+        # A heterogeneous cluster: the first BENCH_SLOW_COUNT engines of each
+        # role run BENCH_SLOW times the speed of the others.
+        scale=$TIME_SCALE
+        if [ -n "$SLOW" ] && [ "$i" -lt "$SLOW_COUNT" ]; then
+            scale=$(awk -v a="$TIME_SCALE" -v b="$SLOW" 'BEGIN { print a * b }')
+        fi
         dist/bin/engine-sim --role prefill --port $((18710 + i)) --kv-port $((19710 + i)) \
-            --time-scale "$TIME_SCALE" --quiet 2>>"$W/logs/sims.log" &
+            --time-scale "$scale" --quiet 2>>"$W/logs/sims.log" &
         PIDS+=($!)
         dist/bin/engine-sim --role decode --port $((18720 + i)) --kv-port $((19720 + i)) \
-            --time-scale "$TIME_SCALE" --quiet 2>>"$W/logs/sims.log" &
+            --time-scale "$scale" --quiet 2>>"$W/logs/sims.log" &
         PIDS+=($!)
     done
     for p in 18710 18711 18712 18713 18720 18721 18722 18723; do
