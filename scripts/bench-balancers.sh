@@ -37,6 +37,8 @@
 #   BENCH_SLOW         heterogeneous cluster: the first BENCH_SLOW_COUNT [1]
 #                      engines of each role run at this fraction of the
 #                      others' speed (e.g. 0.33) [unset: identical engines]
+#   BENCH_WORKLOAD     extra pd-bench workload flags, e.g. shared prefixes for
+#                      prefix_cache_affinity: "--prefix-groups 16 --turns 3"
 #   BENCH_OUTPUT_LEN   median output tokens of the ShareGPT-like mix [150; QUICK 60]
 #   BENCH_DOCS         1: copy the report and plot to docs/ [1; 0 with QUICK or BENCH_RATES]
 #   BENCH_OUT          output directory, emptied first [bench-out/balancers; QUICK
@@ -194,7 +196,7 @@ run_one() {
     read -r b0 t0 < <(cpu_ticks)
     dist/bin/pd-bench --url http://127.0.0.1:18700 --endpoint chat --rate "$rate" --duration "$secs" \
         --lengths sharegpt --output-len "$OUTPUT_LEN" --seed "$seed" --quiet --json "$json" \
-        --label "$lb @ $load" >/dev/null
+        --label "$lb @ $load" ${BENCH_WORKLOAD:+$BENCH_WORKLOAD} >/dev/null
     read -r b1 t1 < <(cpu_ticks)
     "$ROOT/dist/sbin/nginx" -p "$W" -c nginx.conf -s stop
     NGX_UP=0
