@@ -15,10 +15,9 @@ use std::ffi::c_void;
 
 use ngx::ffi::{
     ngx_chain_t, ngx_http_block_reading, ngx_http_core_loc_conf_t, ngx_http_core_module,
-    ngx_http_post_request, ngx_http_post_subrequest_pt, ngx_http_post_subrequest_t,
-    ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest, ngx_http_test_reading,
-    ngx_list_init, ngx_list_part_t, ngx_list_push, ngx_list_t, ngx_palloc, ngx_pcalloc, ngx_str_t,
-    ngx_table_elt_t, NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_OK,
+    ngx_http_post_request, ngx_http_post_subrequest_pt, ngx_http_request_t, ngx_http_test_reading,
+    ngx_list_init, ngx_list_part_t, ngx_list_push, ngx_list_t, ngx_str_t, ngx_table_elt_t,
+    NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_OK,
 };
 
 use crate::headers::pool_str;
@@ -40,39 +39,17 @@ pub unsafe fn start_background(
     handler: ngx_http_post_subrequest_pt,
     data: *mut c_void,
 ) -> Result<*mut ngx_http_request_t, crate::NgxError> {
-    // SAFETY: all allocations are from the live request pool; the subrequest
-    // pointer is checked before use; the fields written are the ones the
-    // mirror module and `subrequest::start` set on their subrequests.
+    // SAFETY: forwarded to `subrequest::start_flags`, same contract.
     unsafe {
-        let mut uri = pool_str(r, uri).ok_or(crate::NgxError)?;
-        let ps = ngx_palloc((*r).pool, std::mem::size_of::<ngx_http_post_subrequest_t>())
-            as *mut ngx_http_post_subrequest_t;
-        let rb = ngx_pcalloc((*r).pool, std::mem::size_of::<ngx_http_request_body_t>())
-            as *mut ngx_http_request_body_t;
-        if ps.is_null() || rb.is_null() {
-            return Err(crate::NgxError);
-        }
-        (*ps).handler = handler;
-        (*ps).data = data;
-        let mut sr: *mut ngx_http_request_t = std::ptr::null_mut();
-        let args: *mut ngx_str_t = &mut (*r).args;
-        let rc = ngx_http_subrequest(
+        crate::subrequest::start_flags(
             r,
-            &mut uri,
-            args,
-            &mut sr,
-            ps,
+            uri,
+            body,
+            len,
+            handler,
+            data,
             (NGX_HTTP_SUBREQUEST_BACKGROUND | NGX_HTTP_SUBREQUEST_IN_MEMORY) as usize,
-        );
-        if rc != NGX_OK as isize || sr.is_null() {
-            return Err(crate::NgxError);
-        }
-        (*sr).method = (*r).method;
-        (*sr).method_name = (*r).method_name;
-        (*rb).bufs = body;
-        (*sr).request_body = rb;
-        (*sr).headers_in.content_length_n = len as i64;
-        Ok(sr)
+        )
     }
 }
 

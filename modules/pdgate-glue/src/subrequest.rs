@@ -33,6 +33,34 @@ pub unsafe fn start(
     handler: ngx_http_post_subrequest_pt,
     data: *mut c_void,
 ) -> Result<*mut ngx_http_request_t, crate::NgxError> {
+    // SAFETY: forwarded (the caller's contract is `start_flags`').
+    unsafe {
+        start_flags(
+            r,
+            uri,
+            body,
+            len,
+            handler,
+            data,
+            (NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY) as usize,
+        )
+    }
+}
+
+/// [`start`] with nginx's subrequest `flags` (e.g. a background,
+/// in-memory subrequest for a fan-out).
+///
+/// # Safety
+/// As [`start`].
+pub unsafe fn start_flags(
+    r: *mut ngx_http_request_t,
+    uri: &[u8],
+    body: *mut ngx_chain_t,
+    len: usize,
+    handler: ngx_http_post_subrequest_pt,
+    data: *mut c_void,
+    flags: usize,
+) -> Result<*mut ngx_http_request_t, crate::NgxError> {
     // SAFETY: all allocations are from the live request pool; the subrequest
     // pointer is checked before use; fields written are the ones mirror and
     // SSI modules set on their subrequests.
@@ -49,14 +77,7 @@ pub unsafe fn start(
         (*ps).data = data;
         let mut sr: *mut ngx_http_request_t = std::ptr::null_mut();
         let args: *mut ngx_str_t = &mut (*r).args;
-        let rc = ngx_http_subrequest(
-            r,
-            &mut uri,
-            args,
-            &mut sr,
-            ps,
-            (NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY) as usize,
-        );
+        let rc = ngx_http_subrequest(r, &mut uri, args, &mut sr, ps, flags);
         if rc != NGX_OK as isize || sr.is_null() {
             return Err(crate::NgxError);
         }
