@@ -182,3 +182,22 @@ Pdgate::Sglang::config('pd_together', '', '', undef,
  qr/^\{"prefill":\{"127\.0\.0\.1:\d+":\{"active":0,"total":3\}\},"decode":\{"127\.0\.0\.1:\d+":\{"active":0,"total":3\}\}\}$/]
 --- no_error_log
 [error]
+
+
+
+=== TEST 12: with a balancer's policy (prefill_refactor_balance) requests flow and counters return to zero
+--- config eval
+Pdgate::Sglang::config('pd_together', '', '', undef,
+  "prefill_refactor_balance prefill_score_balance;\n location /v1/seq/ { pd_distribution p_before_d; proxy_pass http://\$decode_server/mock/decode\$uri; }")
+--- request eval
+["POST /v1/completions\n{\"prompt\":\"p\"}",
+ "POST /v1/seq/completions\n{\"prompt\":\"p\"}",
+ "POST /v1/completions\n{\"prompt\":\"p\",\"stream\":true}",
+ "GET /counters"]
+--- error_code eval
+[200, 200, 200, 200]
+--- response_body_like eval
+[qr/bootstrap_room/, qr/bootstrap_room/, qr/bootstrap_room/,
+ qr/^\{"prefill":\{"127\.0\.0\.1:\d+":\{"active":0,"total":3\}\},"decode":\{"127\.0\.0\.1:\d+":\{"active":0,"total":3\}\}\}$/]
+--- no_error_log
+[error]

@@ -112,3 +112,12 @@ POST /v1/completions
 qr/"json":\{"bootstrap_host":"127\.0\.0\.1","bootstrap_port":9100,"bootstrap_room":\d+\}/
 --- no_error_log
 [error]
+
+
+
+=== TEST 11: prefill_refactor_balance takes least_active or a balancer's policy
+--- config
+    location /v1/ { prefill_refactor_balance round_robin; }
+--- must_die
+--- error_log
+"prefill_refactor_balance" directive invalid value "round_robin", it must be least_active, least_total_load, weighted_least_active, auto_balance_controller, prefill_score_balance or pd_score_balance

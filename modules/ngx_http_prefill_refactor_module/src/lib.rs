@@ -32,12 +32,14 @@ use std::ptr::NonNull;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
+use pdgate_glue::core::balance::{PeerView, Policy};
 use pdgate_glue::core::bootstrap::{
     self, bootstrap_members, bootstrap_port, check_ports, check_request, least_active, leg_plan,
     parse_backend, parse_distribution, parse_ports, parse_servers, Distribution, Leg, Server,
 };
 use pdgate_glue::core::json::Object;
 use pdgate_glue::core::pd::{classify_prefill, PrefillOutcome};
+use pdgate_glue::core::tokens::tokens_for_bytes;
 use pdgate_glue::ffi::{
     ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_core_module, ngx_http_core_run_phases,
     ngx_http_finalize_request, ngx_http_module_t, ngx_http_output_header_filter_pt,
@@ -73,6 +75,8 @@ pub struct LocConf {
     ports: Option<Vec<u16>>,
     distribution: Option<Distribution>,
     backend: Option<()>,
+    /// `prefill_refactor_balance <policy>`: `Some(None)` is least active.
+    balance: Option<Option<Policy>>,
     /// The shared counters zone (`prefill_refactor`), attached by the
     /// directives that need it, per configuration cycle.
     zone: Option<NonNull<ngx_shm_zone_t>>,
@@ -94,6 +98,9 @@ impl Merge for LocConf {
         }
         if self.distribution.is_none() {
             self.distribution = prev.distribution;
+        }
+        if self.balance.is_none() {
+            self.balance = prev.balance;
         }
         if self.backend.is_none() {
             self.backend = prev.backend;
@@ -240,13 +247,14 @@ const fn command(
     }
 }
 
-static mut NGX_HTTP_PREFILL_REFACTOR_COMMANDS: [ngx_command_t; 7] = [
+static mut NGX_HTTP_PREFILL_REFACTOR_COMMANDS: [ngx_command_t; 8] = [
     command(ngx_string!("prefill_refactor"), cmd_prefill_refactor),
     command(ngx_string!("prefill_servers_list"), cmd_prefill_servers_list),
     command(ngx_string!("decode_servers_list"), cmd_decode_servers_list),
     command(ngx_string!("bootstrap_ports_list"), cmd_bootstrap_ports_list),
     command(ngx_string!("pd_distribution"), cmd_pd_distribution),
     command(ngx_string!("pd_backend"), cmd_pd_backend),
+    command(ngx_string!("prefill_refactor_balance"), cmd_balance),
     ngx_command_t::empty(),
 ];
 
@@ -407,6 +415,29 @@ unsafe extern "C" fn cmd_pd_backend(
     }
 }
 
+/// `prefill_refactor_balance least_active | <balancer policy>;`
+unsafe extern "C" fn cmd_balance(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    lcf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: directive handler contract (see `directive`).
+    unsafe {
+        directive("prefill_refactor_balance directive", cf, lcf, |lcf, v| {
+            dup(&lcf.balance)?;
+            let p = Policy::parse(v).ok_or_else(|| {
+                format!(
+                    "invalid value \"{}\", it must be {}",
+                    String::from_utf8_lossy(v),
+                    Policy::NAMES
+                )
+            })?;
+            lcf.balance = Some(p);
+            Ok(())
+        })
+    }
+}
+
 /// Where the main request is in the flow.
 enum State {
     /// Waiting for the client body.
@@ -436,6 +467,8 @@ enum Prefill {
 struct Chosen {
     addr: String,
     slot: Option<usize>,
+    /// Tokens counted on the slot (released with it).
+    tokens: u64,
 }
 
 /// Per-request context, owned by the main request's pool; dropping it
@@ -456,24 +489,28 @@ struct Ctx {
 impl Ctx {
     /// Releases the prefill's counter (its leg ended).
     fn release_prefill(&mut self) {
-        if let Some(i) = self.p.as_mut().and_then(|c| c.slot.take()) {
-            release(self.zone, i);
+        if let Some(c) = self.p.as_mut() {
+            if let Some(i) = c.slot.take() {
+                release(self.zone, i, c.tokens);
+            }
         }
     }
 }
 
-/// Takes one request off counter slot `i`.
-fn release(zone: Option<NonNull<ngx_shm_zone_t>>, i: usize) {
+/// Takes one request of `tokens` off counter slot `i`.
+fn release(zone: Option<NonNull<ngx_shm_zone_t>>, i: usize, tokens: u64) {
     if let Some(t) = zone_table(zone) {
-        t.release(i, 0, 0);
+        t.release(i, tokens, 0);
     }
 }
 
 impl Drop for Ctx {
     fn drop(&mut self) {
         self.release_prefill();
-        if let Some(i) = self.d.as_mut().and_then(|c| c.slot.take()) {
-            release(self.zone, i);
+        if let Some(c) = self.d.as_mut() {
+            if let Some(i) = c.slot.take() {
+                release(self.zone, i, c.tokens);
+            }
         }
     }
 }
@@ -647,12 +684,15 @@ unsafe fn on_body(r: *mut ngx_http_request_t) {
     }
 }
 
-/// The least busy server of `list` (counted under `role`), now holding one
-/// more request.
+/// The server of `list` (counted under `role`) that `policy` picks — the
+/// fewest requests in flight when it is `None` — now holding one more
+/// request of `tokens`.
 fn choose(
     zone: Option<NonNull<ngx_shm_zone_t>>,
     list: &[Server],
     role: &[u8],
+    policy: Option<Policy>,
+    tokens: u64,
     tie: u64,
 ) -> Option<(usize, Chosen)> {
     let table: Option<SlotTable<'_>> = zone_table(zone);
@@ -660,19 +700,37 @@ fn choose(
         .iter()
         .map(|s| table.and_then(|t| t.find_or_claim(peer_key(role, s.addr.as_bytes()))))
         .collect();
-    let active: Vec<u64> = slots
+    let load: Vec<(u64, u64)> = slots
         .iter()
         .map(|s| match (table, s) {
-            (Some(t), Some(i)) => t.load(*i).0,
-            _ => 0,
+            (Some(t), Some(i)) => {
+                let (requests, tokens, _) = t.load(*i);
+                (requests, tokens)
+            }
+            _ => (0, 0),
         })
         .collect();
-    let i = least_active(&active, tie)?;
+    let i = match policy {
+        None => least_active(&load.iter().map(|l| l.0).collect::<Vec<_>>(), tie)?,
+        Some(p) => {
+            let views: Vec<PeerView> = load
+                .iter()
+                .map(|&(requests, tokens)| PeerView {
+                    available: true,
+                    weight: 1,
+                    requests,
+                    tokens,
+                    ..PeerView::default()
+                })
+                .collect();
+            p.choose(&views, tokens, tie)?
+        }
+    };
     let slot = slots.get(i).copied().flatten();
     if let (Some(t), Some(s)) = (table, slot) {
-        t.acquire(s, 0, 0);
+        t.acquire(s, tokens, 0);
     }
-    Some((i, Chosen { addr: list.get(i)?.addr.clone(), slot }))
+    Some((i, Chosen { addr: list.get(i)?.addr.clone(), slot, tokens }))
 }
 
 /// Checks the body, chooses the servers, builds both bodies and starts the
@@ -696,12 +754,15 @@ unsafe fn start(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<Distributio
         check_request(&obj).map_err(|e| (400, e.to_string()))?;
 
         let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
-        let (pi, p) = choose(lcf.zone, plist, b"prefill_refactor:prefill", tie)
+        let policy = lcf.balance.flatten();
+        let tokens = tokens_for_bytes(src.len());
+        let (pi, p) = choose(lcf.zone, plist, b"prefill_refactor:prefill", policy, tokens, tie)
             .ok_or((500, "no prefill server".to_owned()))?;
         let server = plist.get(pi).ok_or((500, "no prefill server".to_owned()))?;
         ctx.p = Some(p);
         if let Some(dlist) = &lcf.decode {
-            ctx.d = choose(lcf.zone, dlist, b"prefill_refactor:decode", tie >> 17).map(|(_, c)| c);
+            ctx.d = choose(lcf.zone, dlist, b"prefill_refactor:decode", policy, tokens, tie >> 17)
+                .map(|(_, c)| c);
         }
         ctx.room = room.to_string();
         let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);

@@ -291,6 +291,50 @@ pub fn prefix_cache_affinity(
     Some(c)
 }
 
+/// A policy chosen by name where a module balances its own server list
+/// (the SGLang mode's prefill and decode lists): the balancers' policies
+/// with their default parameters, over requests and tokens in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Policy {
+    LeastTotalLoad,
+    WeightedLeastActive,
+    AutoBalanceController,
+    PrefillScore,
+    PdScore,
+}
+
+impl Policy {
+    /// The policy of a balancer's directive name (`None`: not one);
+    /// `least_active` (the fewest requests in flight) is `Some(None)`.
+    pub fn parse(name: &[u8]) -> Option<Option<Policy>> {
+        Some(Some(match name {
+            b"least_active" => return Some(None),
+            b"least_total_load" => Policy::LeastTotalLoad,
+            b"weighted_least_active" => Policy::WeightedLeastActive,
+            b"auto_balance_controller" => Policy::AutoBalanceController,
+            b"prefill_score_balance" => Policy::PrefillScore,
+            b"pd_score_balance" => Policy::PdScore,
+            _ => return None,
+        }))
+    }
+
+    /// The names [`parse`](Self::parse) takes, for error messages.
+    pub const NAMES: &'static str = "least_active, least_total_load, weighted_least_active, auto_balance_controller, prefill_score_balance or pd_score_balance";
+
+    /// The chosen index among `peers` for a request of `tokens`.
+    pub fn choose(self, peers: &[PeerView], tokens: u64, tie: u64) -> Option<usize> {
+        match self {
+            Policy::LeastTotalLoad => least_total_load(peers, tokens, PCA_BATCH_SIZE, tie),
+            Policy::WeightedLeastActive => weighted_least_active(peers, tokens, tie),
+            Policy::AutoBalanceController => auto_balance_controller(peers, tokens, 24, tie),
+            Policy::PrefillScore => {
+                prefill_score(peers, tokens, PREFILL_SCORE_A, PREFILL_SCORE_B, tie)
+            }
+            Policy::PdScore => pd_score_prefill(peers, PD_SCORE_MAX_SEQS_PREFILL, tie),
+        }
+    }
+}
+
 /// The original's greedy_timeout defaults.
 pub const GREEDY_WARMUP: f64 = 5.0;
 pub const GREEDY_EXP: f64 = 1.8;
@@ -542,5 +586,23 @@ mod tests {
         let mut q = p;
         q[0].available = false;
         assert_eq!(prefix_cache_affinity(&q, 10, &[3, 0, 1], 16, 0), Some(2));
+    }
+
+    #[test]
+    fn policies_by_name() {
+        assert_eq!(Policy::parse(b"least_active"), Some(None));
+        assert_eq!(Policy::parse(b"prefill_score_balance"), Some(Some(Policy::PrefillScore)));
+        assert_eq!(Policy::parse(b"round_robin"), None);
+        // Fewer tokens in flight wins for the token-aware policies.
+        let p = [peer(1, 5000), peer(1, 10)];
+        for pol in [
+            Policy::LeastTotalLoad,
+            Policy::WeightedLeastActive,
+            Policy::PrefillScore,
+            Policy::PdScore,
+        ] {
+            assert_eq!(pol.choose(&p, 100, 0), Some(1), "{pol:?}");
+        }
+        assert_eq!(Policy::AutoBalanceController.choose(&p, 100, 0), Some(1));
     }
 }
