@@ -30,6 +30,7 @@ prefill                 ngx_http_prefill_module                        prefill
 stream_ops              ngx_http_prefill_module                        stream_ops
 internal_metrics        ngx_http_prefill_module                        pd_metrics
 sglang                  ngx_http_prefill_refactor_module               prefill_refactor
+sglang_balance          ngx_http_prefill_refactor_module               prefill_refactor_balance
 encode                  ngx_http_prefill_module                        prefill_encode
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
 lb:weighted_least_active ngx_http_upstream_weighted_least_active_module weighted_least_active
@@ -40,6 +41,9 @@ lb:length_balance       ngx_http_upstream_length_balance_module        length_ba
 lb:pd_score_balance     ngx_http_upstream_pd_score_balance_module      pd_score_balance
 lb:prefix_cache_affinity ngx_http_upstream_prefix_cache_affinity_module prefix_cache_affinity
 '
+# The policies prefill_refactor_balance runs (SGLang mode's prefill choice).
+SGLANG_POLICIES="least_total_load weighted_least_active auto_balance_controller prefill_score_balance pd_score_balance"
+SGLANG_BALANCE=""
 # Balancers built into nginx: no module, always available.
 BUILTIN_LBS="round_robin least_conn"
 # The encoder upstream takes only these (the P/D balancers model prefill or
@@ -410,8 +414,15 @@ validate() {
     if [ "$ENGINE" = vllm ]; then
         is_builtin_lb "$PREFILL_LB" || require_feature "lb:$PREFILL_LB" --prefill-lb-sdk "$PREFILL_LB"
     elif [ -n "$PREFILL_LB_GIVEN" ]; then
-        printf '%s: warning: --prefill-lb-sdk %s is not used with --engine-type sglang: prefill_refactor chooses the prefill server (fewest requests in flight)\n' \
-            "$PROG" "$PREFILL_LB" >&2
+        # prefill_refactor chooses the prefill server itself; it runs the
+        # balancers' policies by name (prefill_refactor_balance).
+        if [[ " $SGLANG_POLICIES " == *" $PREFILL_LB "* ]]; then
+            require_feature sglang_balance --prefill-lb-sdk "$PREFILL_LB"
+            SGLANG_BALANCE=$PREFILL_LB
+        else
+            printf '%s: warning: --prefill-lb-sdk %s has no prefill_refactor policy: the SGLang prefill is the server with the fewest requests in flight\n' \
+                "$PROG" "$PREFILL_LB" >&2
+        fi
     fi
     is_builtin_lb "$DECODE_LB" || require_feature "lb:$DECODE_LB" --decode-lb-sdk "$DECODE_LB"
 
@@ -769,6 +780,7 @@ EOF
     else
         echo "            # bootstrap port: the module's default, 8998, on every prefill server"
     fi
+    [ -z "$SGLANG_BALANCE" ] || echo "            prefill_refactor_balance $SGLANG_BALANCE;"
     cat <<EOF
             pd_backend sglang;
             pd_distribution pd_together;

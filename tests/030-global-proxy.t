@@ -175,16 +175,23 @@ subtest 'a feature turns on when its module has the directive (FEATURE_TABLE)' =
     like($conf, qr/^load_module \Q$WITH_OPS\E\/ngx_http_prefill_module\.so;$/m, 'from that module');
 };
 
-subtest 'sglang: the prefill balancer flags are not used, and it says so' => sub {
+subtest 'sglang: a balancer with a policy picks the prefill server; others are not used, and it says so' => sub {
     my $tmp = tempdir(CLEANUP => 1);
     my ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp.conf --prefix $tmp $SERVERS --engine-type sglang --prefill-lb-sdk least_total_load");
     is($rc, 0, 'written') or diag($err);
-    is($err, "global_proxy.sh: warning: --prefill-lb-sdk least_total_load is not used with --engine-type sglang:"
-        . " prefill_refactor chooses the prefill server (fewest requests in flight)\n", 'one warning');
+    is($err, '', 'no warning');
     my $conf = slurp("$tmp/gp.conf") // '';
-    unlike($conf, qr/least_total_load|ngx_http_prefill_module|prefill \//, 'no prefill balancer, no prefill module');
+    like($conf, qr/^            prefill_refactor_balance least_total_load;$/m, 'the policy runs in prefill_refactor');
+    unlike($conf, qr/least_total_load on|ngx_http_upstream_least_total_load_module|ngx_http_prefill_module|prefill \//,
+        'no prefill balancer module, no prefill module');
+    ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp3.conf --prefix $tmp $SERVERS --engine-type sglang --prefill-lb-sdk greedy_timeout");
+    is($rc, 0, 'written') or diag($err);
+    is($err, "global_proxy.sh: warning: --prefill-lb-sdk greedy_timeout has no prefill_refactor policy:"
+        . " the SGLang prefill is the server with the fewest requests in flight\n", 'one warning');
+    unlike(slurp("$tmp/gp3.conf") // '', qr/prefill_refactor_balance|greedy_timeout/, 'and no policy line');
     ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp2.conf --prefix $tmp $SERVERS --engine-type sglang");
     is($err, '', 'no warning without the flag');
+    unlike(slurp("$tmp/gp2.conf") // '', qr/prefill_refactor_balance/, 'the module default (least active) without it');
 };
 
 subtest '--dry-run writes the configuration and nothing else' => sub {
