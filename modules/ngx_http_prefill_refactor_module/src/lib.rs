@@ -53,7 +53,7 @@ use pdgate_glue::leg::{self, Mode};
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
 use pdgate_glue::ngx::log::DebugMask;
 use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error, ngx_string};
-use pdgate_glue::{body, conf, counters, guard, phase, pool, random, response, var};
+use pdgate_glue::{body, conf, counters, guard, phase, pool, random, response, variable};
 
 /// The counters of `zone` (the shared zone of this configuration).
 fn zone_table<'a>(zone: Option<NonNull<ngx_shm_zone_t>>) -> Option<SlotTable<'a>> {
@@ -148,20 +148,36 @@ impl HttpModule for Module {
         guard::catch("prefill_refactor preconfiguration", NGX_ERROR as ngx_int_t, || {
             // SAFETY: nginx calls preconfiguration with a valid http conf.
             let added = unsafe {
-                var::add(cf, "prefill_server", Some(ngx_http_prefill_server_variable))
-                    .and_then(|()| {
-                        var::add(cf, "decode_server", Some(ngx_http_decode_server_variable))
-                    })
-                    .and_then(|()| {
-                        var::add(cf, "bootstrap_room", Some(ngx_http_bootstrap_room_variable))
-                    })
-                    .and_then(|()| {
-                        var::add(
-                            cf,
-                            "prefill_refactor_counters",
-                            Some(ngx_http_prefill_refactor_counters_variable),
-                        )
-                    })
+                variable::add_volatile(
+                    cf,
+                    b"prefill_server",
+                    Some(ngx_http_prefill_server_variable),
+                    std::ptr::null(),
+                )
+                .and_then(|()| {
+                    variable::add_volatile(
+                        cf,
+                        b"decode_server",
+                        Some(ngx_http_decode_server_variable),
+                        std::ptr::null(),
+                    )
+                })
+                .and_then(|()| {
+                    variable::add_volatile(
+                        cf,
+                        b"bootstrap_room",
+                        Some(ngx_http_bootstrap_room_variable),
+                        std::ptr::null(),
+                    )
+                })
+                .and_then(|()| {
+                    variable::add_volatile(
+                        cf,
+                        b"prefill_refactor_counters",
+                        Some(ngx_http_prefill_refactor_counters_variable),
+                        std::ptr::null(),
+                    )
+                })
             };
             match added {
                 Ok(()) => NGX_OK as ngx_int_t,
@@ -1016,8 +1032,8 @@ unsafe fn variable(
     unsafe {
         let v = &mut *v;
         match ctx_of((*r).main).and_then(|c| pick(c)) {
-            Some(s) if !s.is_empty() => var::set(v, s.as_bytes()),
-            _ => var::not_found(v),
+            Some(s) if !s.is_empty() => variable::set(v, s.as_bytes()),
+            _ => variable::not_found(v),
         }
     }
     NGX_OK as ngx_int_t
@@ -1088,7 +1104,7 @@ unsafe extern "C" fn ngx_http_prefill_refactor_counters_variable(
         unsafe {
             let v = &mut *v;
             let Some(lcf) = Module::location_conf(&*r) else {
-                var::not_found(v);
+                variable::not_found(v);
                 return NGX_OK as ngx_int_t;
             };
             let mut out = String::from("{\"prefill\":");
@@ -1107,7 +1123,7 @@ unsafe extern "C" fn ngx_http_prefill_refactor_counters_variable(
             );
             out.push('}');
             match pdgate_glue::headers::pool_str(r, out.as_bytes()) {
-                Some(s) => var::set(v, pdgate_glue::response::str_of(&s)),
+                Some(s) => variable::set(v, pdgate_glue::response::str_of(&s)),
                 None => return NGX_ERROR as ngx_int_t,
             }
             NGX_OK as ngx_int_t

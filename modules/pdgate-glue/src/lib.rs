@@ -24,7 +24,6 @@ pub mod response;
 pub mod subrequest;
 pub mod timer;
 pub mod upstream;
-pub mod var;
 pub mod variable;
 pub mod zone;
 

@@ -38,6 +38,43 @@ unsafe impl ZoneState for pdgate_core::metrics::MetricsZone {
     }
 }
 
+// SAFETY: SlotZone is #[repr(C)], made of AtomicU64 only (zero = empty).
+unsafe impl ZoneState for pdgate_core::balance::slots::SlotZone {
+    fn attach(&self) -> bool {
+        pdgate_core::balance::slots::SlotZone::attach(self)
+    }
+}
+
+/// Declares (or finds, when this configuration declared it already) the
+/// zone `name` of `size` bytes for `module` with a `T` in it.
+///
+/// # Safety
+/// `cf` must be a live configuration (directive handler or
+/// postconfiguration).
+pub unsafe fn find_or_add<T: ZoneState>(
+    cf: *mut ngx_conf_t,
+    name: &[u8],
+    size: usize,
+    module: &ngx_module_t,
+) -> Result<*mut ngx_shm_zone_t, crate::NgxError> {
+    // SAFETY: forwarded; a zone declared before has its init set already.
+    unsafe {
+        match add::<T>(cf, name, size, module)? {
+            Some(zone) => Ok(zone),
+            None => {
+                let mut s = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+                let zone =
+                    ngx_shared_memory_add(cf, &mut s, size, module as *const _ as *mut c_void);
+                if zone.is_null() {
+                    Err(crate::NgxError)
+                } else {
+                    Ok(zone)
+                }
+            }
+        }
+    }
+}
+
 /// Declares the zone `name` of `size` bytes for `module` with a `T` in it;
 /// `Ok(None)` when this configuration already declared it (with this size),
 /// which callers treat as a duplicate.

@@ -176,6 +176,42 @@ impl<'a> SlotTable<'a> {
     }
 }
 
+/// A shared zone holding nothing but a slot table (a module's own
+/// in-flight counters, e.g. the SGLang mode's server lists): all-zero
+/// memory is an empty table; [`attach`](Self::attach) claims it.
+#[repr(C)]
+#[derive(Debug)]
+pub struct SlotZone {
+    magic: AtomicU64,
+    slots: [Slot; SLOT_ZONE_SLOTS],
+}
+
+/// Slots of a [`SlotZone`].
+pub const SLOT_ZONE_SLOTS: usize = 1024;
+
+const SLOT_ZONE_MAGIC: u64 = 0x7064_6761_7465_0c02;
+
+impl SlotZone {
+    /// Claims all-zero memory or recognises a zone of this layout.
+    pub fn attach(&self) -> bool {
+        match self.magic.compare_exchange(0, SLOT_ZONE_MAGIC, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(m) => m == SLOT_ZONE_MAGIC,
+        }
+    }
+
+    /// Its slot table.
+    pub fn table(&self) -> SlotTable<'_> {
+        SlotTable::new(&self.slots)
+    }
+}
+
+impl Default for SlotZone {
+    fn default() -> Self {
+        SlotZone { magic: AtomicU64::new(0), slots: std::array::from_fn(|_| Slot::default()) }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,5 +317,18 @@ mod tests {
             assert_eq!(t.load(i), (0, 0, 0));
         }
         assert!(v.iter().map(|s| s.total.load(Ordering::Relaxed)).sum::<u64>() > 40_000);
+    }
+
+    #[test]
+    fn slot_zone_attaches_once_per_layout() {
+        let z = Box::<SlotZone>::default();
+        assert!(z.attach());
+        assert!(z.attach(), "a reload finds its own layout again");
+        let t = z.table();
+        let i = t.find_or_claim(peer_key(b"up", b"a")).unwrap();
+        t.acquire(i, 5, 0);
+        assert_eq!(z.table().load(i), (1, 5, 0));
+        z.magic.store(1, Ordering::Relaxed);
+        assert!(!z.attach(), "another layout is not taken for this one");
     }
 }
