@@ -1834,6 +1834,11 @@ sub start_nginx_for_block ($$$$) {
             sleep 0.3;
         } else {
             wait_for_config_version($name);
+            # The new workers answer /ver about 100 ms before the master
+            # tells the old ones to stop accepting (ngx_master_process_cycle
+            # sleeps between the two): until then a request of the block
+            # can still reach an old worker with the old configuration.
+            select undef, undef, undef, 0.25;
         }
         check_prev_block_shutdown_error_log();
         return 0;
