@@ -18,25 +18,26 @@ use std::ffi::{c_char, c_void};
 use std::mem::offset_of;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 
+use pdgate_glue::core::encode::{media_items, too_many_message};
 use pdgate_glue::core::json::Object;
-use pdgate_glue::core::pd::{classify_prefill, PrefillFailure, PrefillOutcome};
+use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
 use pdgate_glue::core::rewrite::{
     decode_plan, kv_params_of, pd_refusal, prefill_plan, Endpoint, KvParams, PrefillOptions,
     StreamOps,
 };
+use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{
-    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_flag_t, ngx_http_core_module,
-    ngx_http_core_run_phases, ngx_http_finalize_request, ngx_http_module_t,
-    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_http_read_client_request_body,
-    ngx_http_request_t, ngx_int_t, ngx_module_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1,
-    NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET,
-    NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE, NGX_HTTP_SPECIAL_RESPONSE, NGX_HTTP_SRV_CONF, NGX_LOG_ERR,
-    NGX_LOG_WARN, NGX_OK,
+    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_flag_t, ngx_http_module_t, ngx_int_t,
+    ngx_module_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_ERROR, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_WARN,
+    NGX_OK,
 };
-use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
+use pdgate_glue::ngx::http::{
+    HttpModule, HttpModuleLocationConf, Merge, MergeConfigError, Request,
+};
 use pdgate_glue::ngx::log::DebugMask;
 use pdgate_glue::ngx::{ngx_log_debug, ngx_log_error, ngx_string};
-use pdgate_glue::{body, conf, guard, phase, pool, response, subrequest};
+use pdgate_glue::{conf, guard};
 
 // E/P/D: the encoder stage before the prefill (`prefill_encode`).
 mod encode;
@@ -107,17 +108,7 @@ impl HttpModule for Module {
                 return NGX_ERROR as ngx_int_t;
             }
             // SAFETY: nginx calls postconfiguration with a valid http conf.
-            let added = unsafe {
-                phase::add_handler(
-                    cf,
-                    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE,
-                    Some(ngx_http_prefill_handler),
-                )
-            };
-            match added {
-                Ok(()) => NGX_OK as ngx_int_t,
-                Err(_) => NGX_ERROR as ngx_int_t,
-            }
+            unsafe { driver::postconfiguration::<Vllm>(cf) }
         })
     }
 }
@@ -246,362 +237,130 @@ unsafe extern "C" fn cmd_prefill(
     })
 }
 
-/// Where a request is in the flow.
-enum State {
-    /// Waiting for the client body.
-    ReadingBody,
-    /// The encoder requests are running (encode.rs).
-    Encoding(*mut encode::Stage),
-    /// The prefill subrequest is running.
-    Prefilling,
-    /// The prefill finished; re-entry acts on the outcome.
-    PrefillDone { outcome: PrefillOutcome, answer: &'static [u8], content_type: &'static [u8] },
-    /// We answer the client ourselves (bad body, internal failure).
-    Reject { status: u16, message: String },
-    /// Decode body installed; the rest of the phases run normally.
-    Passed,
+/// The sequential (vLLM NIXL) protocol, with the encoder stage before it.
+struct Vllm;
+
+/// `<prefix><uri>`: a leg's location.
+fn leg_uri(prefix: &[u8], uri: &[u8]) -> Vec<u8> {
+    let mut target = Vec::with_capacity(prefix.len() + uri.len());
+    target.extend_from_slice(prefix);
+    target.extend_from_slice(uri);
+    target
 }
 
-/// Per-request context, owned by the request pool.
-struct Ctx {
-    state: State,
-    /// The client body (request-pool memory) and its top-level members.
-    body: &'static [u8],
-    obj: Option<Object<'static>>,
-    /// What metrics.rs records of the request.
-    m: metrics::Record,
-}
+impl Protocol for Vllm {
+    type State = ();
+    const NAME: &'static str = "prefill";
 
-/// The request's context, if this module has set one.
-///
-/// # Safety
-/// `r` must be a live request.
-unsafe fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut Ctx> {
-    // SAFETY: ctx slots hold what this module stored there: a pool-owned Ctx.
-    unsafe {
-        let idx = (*addr_of!(ngx_http_prefill_module)).ctx_index;
-        ((*(*r).ctx.add(idx)) as *mut Ctx).as_mut()
+    fn module() -> &'static ngx_module_t {
+        Module::module()
     }
-}
 
-unsafe extern "C" fn ngx_http_prefill_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    guard::catch("prefill handler", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls phase handlers with a live request.
-        unsafe { handler(r) }
-    })
-}
-
-/// The precontent phase handler; entered once at the start and once again
-/// after the body was read and the prefill finished.
-unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: r is live (caller); conf and ctx accessors return this
-    // module's own data.
-    unsafe {
-        if r != (*r).main {
-            return NGX_DECLINED as ngx_int_t;
+    fn spec(r: &Request) -> Option<Spec> {
+        let lcf = Module::location_conf(r)?;
+        let prefill = matches!(&lcf.prefix, Some(Some(_)));
+        let encode = lcf.encode.prefix().is_some();
+        if !prefill && !encode {
+            return None;
         }
-        let Some(lcf) = Module::location_conf(&*r) else { return NGX_DECLINED as ngx_int_t };
-        if !matches!(&lcf.prefix, Some(Some(_))) && lcf.encode.prefix().is_none() {
-            return NGX_DECLINED as ngx_int_t;
-        }
+        let shape = if prefill { Shape::Sequential } else { Shape::DecodeOnly };
+        Some(Spec { encode, shape })
+    }
 
-        let Some(ctx) = ctx_of(r) else {
-            let ctx = Ctx {
-                state: State::ReadingBody,
-                body: &[],
-                obj: None,
-                m: metrics::Record::start(),
-            };
-            let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
-                return NGX_ERROR as ngx_int_t;
-            };
-            let idx = (*addr_of!(ngx_http_prefill_module)).ctx_index;
-            *(*r).ctx.add(idx) = ctx as *mut c_void;
-            let rc = ngx_http_read_client_request_body(r, Some(ngx_http_prefill_body_handler));
-            if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
-                return rc;
-            }
-            ngx_http_finalize_request(r, NGX_DONE as ngx_int_t);
-            return NGX_DONE as ngx_int_t;
+    fn prepare(r: &Request, bodies: &Bodies, _: &mut ()) -> Result<Prepared, Refusal> {
+        let lcf = Module::location_conf(r).ok_or(Refusal::new(500, "no prefill configuration"))?;
+        let prefix = match &lcf.prefix {
+            Some(Some(p)) => Some(p.as_slice()),
+            _ => None,
         };
-
-        match std::mem::replace(&mut ctx.state, State::Passed) {
-            s @ (State::ReadingBody | State::Prefilling) => {
-                ctx.state = s;
-                NGX_DONE as ngx_int_t
+        let uri = r.path().as_bytes();
+        let obj = match Object::parse(bodies.src()) {
+            Ok(obj) => obj,
+            // The prefill leg rewrites the body, so it must be an object...
+            Err(e) if prefix.is_some() => {
+                return Err(Refusal::new(400, format!("request body is not a JSON object: {e}")))
             }
-            State::Encoding(stage) => encode::resume(r, ctx, stage),
-            State::Passed => {
-                ctx.m.decode_sent();
-                NGX_DECLINED as ngx_int_t
+            // ...but a combined P/D engine gets it as it is, and judges it.
+            Err(_) => return Ok(Prepared::default()),
+        };
+        let mut p = Prepared::default();
+        if let Some(prefix) = prefix {
+            if let Some(why) = pd_refusal(&obj) {
+                return Err(Refusal::new(400, why));
             }
-            State::Reject { status, message } => {
-                response::finish_with_error(r, status, &message);
-                NGX_DONE as ngx_int_t
-            }
-            State::PrefillDone { outcome, answer, content_type } => {
-                after_prefill(r, ctx, outcome, answer, content_type)
-            }
+            let opts = PrefillOptions {
+                endpoint: Endpoint::from_uri(uri),
+                kv_transfer_params: lcf.kv_params != 0,
+            };
+            let body = bodies.build(&prefill_plan(&obj, opts))?;
+            p.prefill = Some((leg_uri(prefix, uri), body));
         }
+        if let Some(eprefix) = lcf.encode.prefix() {
+            let items = media_items(&obj);
+            if items.len() > lcf.encode.max_items() {
+                return Err(Refusal::new(
+                    400,
+                    too_many_message(items.len(), lcf.encode.max_items()),
+                ));
+            }
+            p.media = items;
+            p.encode_uri = leg_uri(eprefix, uri);
+        }
+        p.obj = Some(obj);
+        Ok(p)
     }
-}
 
-/// Acts on a finished prefill in the main request's context.
-///
-/// # Safety
-/// `r` must be the live main request owning `ctx`.
-unsafe fn after_prefill(
-    r: *mut ngx_http_request_t,
-    ctx: &mut Ctx,
-    outcome: PrefillOutcome,
-    answer: &'static [u8],
-    content_type: &'static [u8],
-) -> ngx_int_t {
-    // SAFETY: r is live; the action is a static C string nginx only reads.
-    let log = unsafe {
-        let log = (*(*r).connection).log;
-        (*log).action = c"processing the prefill answer".as_ptr() as *mut c_char;
-        log
-    };
-    let log = || log;
-    match outcome {
-        PrefillOutcome::Decode => {
-            let Some(obj) = ctx.obj.as_ref() else {
-                // SAFETY: r is live and has not sent a header.
-                unsafe { response::finish_with_error(r, 500, "prefill state lost") };
-                return NGX_DONE as ngx_int_t;
-            };
-            let kv = match kv_params_of(answer) {
-                KvParams::Found(kv) => Some(kv),
-                KvParams::Missing => {
-                    ctx.m.kv_missing();
-                    ngx_log_error!(
-                        NGX_LOG_WARN,
-                        log(),
-                        "prefill answer has no \"kv_transfer_params\", decode will recompute the prompt"
-                    );
-                    None
-                }
-                KvParams::Invalid(e) => {
-                    ctx.m.kv_missing();
-                    ngx_log_error!(
-                        NGX_LOG_WARN,
-                        log(),
-                        "prefill answer is not a JSON object ({}), decode will recompute the prompt",
-                        e
-                    );
-                    None
-                }
-            };
-            // SAFETY: r is live; its location conf outlives it.
-            let ops = unsafe { Module::location_conf(&*r) }
-                .and_then(|c| c.stream_ops)
-                .unwrap_or_default();
-            let plan = decode_plan(obj, kv, ops);
-            // SAFETY: the body and answer live in the request pool, as does
-            // the chain; r's request_body exists since the body was read.
-            unsafe {
-                let Ok((chain, len)) = body::chain_from_plan((*r).pool, ctx.body, &plan) else {
-                    return NGX_ERROR as ngx_int_t;
-                };
-                let rb = (*r).request_body;
-                if rb.is_null() {
-                    return NGX_ERROR as ngx_int_t;
-                }
-                (*rb).bufs = chain;
-                (*r).headers_in.content_length_n = len as i64;
-                ngx_log_debug!(
-                    mask: DebugMask::Http,
-                    log(),
-                    "prefill: decode body {} bytes in {} pieces, kv_transfer_params {} bytes",
-                    len,
-                    plan.pieces.len(),
-                    kv.map_or(0, <[u8]>::len)
+    fn decode_after_prefill(
+        r: &Request,
+        bodies: &Bodies,
+        obj: &Object<'static>,
+        answer: &'static [u8],
+        m: &mut Record,
+    ) -> Result<Body, Refusal> {
+        let log = r.log();
+        let kv = match kv_params_of(answer) {
+            KvParams::Found(kv) => Some(kv),
+            KvParams::Missing => {
+                m.kv_missing();
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "prefill answer has no \"kv_transfer_params\", decode will recompute the prompt"
                 );
+                None
             }
-            ctx.state = State::Passed;
-            ctx.m.decode_sent();
-            NGX_DECLINED as ngx_int_t
-        }
-        PrefillOutcome::PassThrough { status } => {
-            ngx_log_error!(
-                NGX_LOG_WARN,
-                log(),
-                "prefill answered {}, passing its answer to the client",
-                status
-            );
-            let ct: &[u8] =
-                if content_type.is_empty() { b"application/json" } else { content_type };
-            // SAFETY: r is live and has not sent a header; we stop touching it.
-            unsafe {
-                let rc = response::send(r, status, ct, answer);
-                ngx_http_finalize_request(r, rc);
+            KvParams::NotObject(v) => {
+                m.kv_missing();
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "prefill answer's \"kv_transfer_params\" is not a JSON object ({} bytes starting {:?}), not forwarded, decode will recompute the prompt",
+                    v.len(),
+                    String::from_utf8_lossy(v.get(..v.len().min(16)).unwrap_or_default())
+                );
+                None
             }
-            NGX_DONE as ngx_int_t
-        }
-        PrefillOutcome::Fail(f) => {
-            ngx_log_error!(NGX_LOG_ERR, log(), "{}", f);
-            // SAFETY: r is live and has not sent a header.
-            unsafe { response::finish_with_error(r, f.http_status(), &f.to_string()) };
-            NGX_DONE as ngx_int_t
-        }
-        // The post handler let nginx terminate the request; never reached.
-        PrefillOutcome::ClientGone => NGX_ERROR as ngx_int_t,
-    }
-}
-
-unsafe extern "C" fn ngx_http_prefill_body_handler(r: *mut ngx_http_request_t) {
-    guard::catch("prefill body handler", (), || {
-        // SAFETY: nginx calls the body handler with the live main request.
-        unsafe { on_body(r) }
-    })
-}
-
-/// The client body is in: validate it and start the prefill, or arrange a
-/// rejection. Either way the phases resume on the next wake-up.
-unsafe fn on_body(r: *mut ngx_http_request_t) {
-    // SAFETY: r is the live main request; ctx and conf are this module's.
-    unsafe {
-        let Some(ctx) = ctx_of(r) else { return };
-        (*r).set_preserve_body(1);
-        (*r).write_event_handler = Some(ngx_http_core_run_phases);
-        let log = (*(*r).connection).log;
-        // The encoder stage (encode.rs) when configured, then the prefill.
-        match encode::start(r, ctx) {
-            Ok(state) => {
-                if matches!(state, State::Encoding(_)) {
-                    ctx.m.encode_sent();
-                }
-                let pass = matches!(state, State::Passed);
-                ctx.state = state;
-                if pass {
-                    ngx_http_core_run_phases(r);
-                }
-            }
-            Err((status, message)) => {
-                ngx_log_error!(NGX_LOG_ERR, log, "{}", message);
-                ctx.state = State::Reject { status, message };
-                ngx_http_core_run_phases(r);
-            }
-        }
-    }
-}
-
-/// Builds the prefill body and sends the subrequest.
-///
-/// # Safety
-/// `r` must be the live main request owning `ctx`, its body read.
-unsafe fn start_prefill(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<(), (u16, String)> {
-    // SAFETY: r is live; the body slice lives in the request pool, which
-    // also owns ctx, so the 'static lifetimes never outlive their memory.
-    unsafe {
-        let lcf = Module::location_conf(&*r).ok_or((500, "no prefill configuration".to_owned()))?;
-        let Some(Some(prefix)) = &lcf.prefix else {
-            return Err((500, "no prefill configuration".to_owned()));
-        };
-        // The encoder stage may have parsed the body already.
-        let (src, obj): (&'static [u8], _) = match ctx.obj.take() {
-            Some(obj) => (ctx.body, obj),
-            None => {
-                let src = body::bytes(r)
-                    .map_err(|e| (500, format!("cannot read the request body: {e:?}")))?;
-                let obj = Object::parse(src)
-                    .map_err(|e| (400, format!("request body is not a JSON object: {e}")))?;
-                (src, obj)
+            KvParams::Invalid(e) => {
+                m.kv_missing();
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "prefill answer is not a JSON object ({}), decode will recompute the prompt",
+                    e
+                );
+                None
             }
         };
-        if let Some(why) = pd_refusal(&obj) {
-            return Err((400, why));
-        }
-        let uri = response::str_of(&(*r).uri);
-        let opts = PrefillOptions {
-            endpoint: Endpoint::from_uri(uri),
-            kv_transfer_params: lcf.kv_params != 0,
-        };
-        let plan = prefill_plan(&obj, opts);
-        let (chain, len) = body::chain_from_plan((*r).pool, src, &plan)
-            .map_err(|_| (500, "out of memory building the prefill body".to_owned()))?;
-        let mut target = Vec::with_capacity(prefix.len() + uri.len());
-        target.extend_from_slice(prefix);
-        target.extend_from_slice(uri);
-        ctx.body = src;
-        ctx.obj = Some(obj);
+        let ops = Module::location_conf(r).and_then(|c| c.stream_ops).unwrap_or_default();
+        let body = bodies.build(&decode_plan(obj, kv, ops))?;
         ngx_log_debug!(
             mask: DebugMask::Http,
-            (*(*r).connection).log,
-            "prefill: subrequest \"{}\", body {} bytes (client body {} bytes)",
-            String::from_utf8_lossy(&target),
-            len,
-            src.len()
+            log,
+            "prefill: kv_transfer_params {} bytes",
+            kv.map_or(0, <[u8]>::len)
         );
-        let data = ctx as *mut Ctx as *mut c_void;
-        subrequest::start(r, &target, chain, len, Some(ngx_http_prefill_done), data)
-            .map_err(|_| (500, "cannot create the prefill subrequest".to_owned()))?;
-        ctx.m.prefill_sent();
-        Ok(())
+        Ok(body)
     }
-}
 
-/// Post-subrequest handler: records the outcome and wakes the main request.
-unsafe extern "C" fn ngx_http_prefill_done(
-    sr: *mut ngx_http_request_t,
-    data: *mut c_void,
-    rc: ngx_int_t,
-) -> ngx_int_t {
-    guard::catch("prefill done handler", rc, || {
-        // SAFETY: data is the main request's pool-owned Ctx (set in
-        // start_prefill); sr is the live subrequest.
-        unsafe { prefill_done(sr, &mut *(data as *mut Ctx), rc) }
-    })
-}
-
-/// # Safety
-/// `sr` must be the live prefill subrequest of the request owning `ctx`.
-unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t) -> ngx_int_t {
-    // SAFETY: sr and its core location conf are live; `out` memory belongs
-    // to the shared request pool.
-    unsafe {
-        if !matches!(ctx.state, State::Prefilling) {
-            return rc;
-        }
-        let status = (*sr).headers_out.status as u64;
-        let clcf = *(*sr).loc_conf.add((*addr_of!(ngx_http_core_module)).ctx_index)
-            as *const pdgate_glue::ffi::ngx_http_core_loc_conf_t;
-        let limit = if clcf.is_null() { 0 } else { (*clcf).subrequest_output_buffer_size };
-        let cl = (*sr).headers_out.content_length_n;
-        // An answer that does not fit makes the postpone filter fail, and
-        // ngx_http_output_filter then flags the (client) connection as
-        // broken, although the in-memory subrequest never wrote to it.
-        let c = (*sr).connection;
-        let buffer_full = (*c).error() != 0 && status != 0 && (cl < 0 || cl as u64 > limit as u64);
-        let outcome = classify_prefill(rc as i64, status, buffer_full);
-        if outcome == PrefillOutcome::Fail(PrefillFailure::BufferTooSmall) {
-            (*c).set_error(0);
-        }
-        ngx_log_debug!(
-            mask: DebugMask::Http,
-            (*c).log,
-            "prefill: subrequest done, rc: {}, status: {}, content length: {}, outcome: {:?}",
-            rc,
-            status,
-            cl,
-            outcome
-        );
-        ctx.m.prefill_done(sr, outcome == PrefillOutcome::Decode);
-        if outcome == PrefillOutcome::ClientGone {
-            ctx.state = State::Passed;
-            return rc;
-        }
-        let answer: &'static [u8] = body::chain_bytes((*sr).pool, (*sr).out).unwrap_or(&[]);
-        let ct = (*sr).headers_out.content_type;
-        let content_type: &'static [u8] = if ct.len == 0 || ct.data.is_null() {
-            &[]
-        } else {
-            std::slice::from_raw_parts(ct.data, ct.len)
-        };
-        ctx.state = State::PrefillDone { outcome, answer, content_type };
-        // Keep nginx from turning a failed subrequest into an error page or
-        // terminating the main request: the main request answers instead.
-        NGX_OK as ngx_int_t
-    }
+    fn release(_: &mut (), _: Legs) {}
 }

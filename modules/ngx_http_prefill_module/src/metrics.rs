@@ -12,20 +12,21 @@
 //! counters of every pdgate balancer.
 
 use std::ffi::{c_char, c_void};
-use std::ptr::{addr_of, addr_of_mut, null_mut};
+use std::ptr::null_mut;
 
-use pdgate_glue::core::metrics::{render, MetricsZone, PeerGauge, Sample, UsageScanner};
+use pdgate_glue::core::metrics::{render, MetricsZone, PeerGauge};
+use pdgate_glue::driver::{self, Record};
 use pdgate_glue::ffi::{
-    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_discard_request_body,
-    ngx_http_output_body_filter_pt, ngx_http_phases_NGX_HTTP_LOG_PHASE, ngx_http_request_t,
-    ngx_int_t, ngx_pagesize, ngx_parse_size, ngx_shm_zone_t, ngx_uint_t, ngx_variable_value_t,
-    NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_DECLINED, NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_NOT_ALLOWED, NGX_OK,
+    ngx_command_t, ngx_conf_t, ngx_http_discard_request_body, ngx_http_phases_NGX_HTTP_LOG_PHASE,
+    ngx_http_request_t, ngx_int_t, ngx_pagesize, ngx_parse_size, ngx_shm_zone_t, ngx_uint_t,
+    ngx_variable_value_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_DECLINED, NGX_ERROR, NGX_HTTP_GET,
+    NGX_HTTP_HEAD, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_NOT_ALLOWED, NGX_OK,
 };
 use pdgate_glue::ngx::http::HttpModuleMainConf;
 use pdgate_glue::{conf, guard, observe, phase, response, upstream, variable, zone};
 
-use crate::{ctx_of, Module, ANY_LEVEL};
+use crate::{Module, Vllm, ANY_LEVEL};
 
 /// The shared zone's name.
 const ZONE_NAME: &[u8] = b"pdgate_metrics";
@@ -46,63 +47,6 @@ pub struct MainConf {
 impl Default for MainConf {
     fn default() -> Self {
         MainConf { size: None, served: false, zone: null_mut() }
-    }
-}
-
-/// What the flow and the filters record of one P/D request.
-#[derive(Debug, Default)]
-pub(crate) struct Record {
-    s: Sample,
-    usage: UsageScanner,
-    prefill_addr: &'static [u8],
-    /// Already added to the zone.
-    counted: bool,
-}
-
-impl Record {
-    pub(crate) fn start() -> Record {
-        Record { s: Sample { start: observe::now_ms(), ..Sample::default() }, ..Record::default() }
-    }
-
-    pub(crate) fn encode_sent(&mut self) {
-        self.s.encode_sent = Some(observe::now_ms());
-    }
-
-    pub(crate) fn prefill_sent(&mut self) {
-        self.s.prefill_sent = Some(observe::now_ms());
-    }
-
-    /// The prefill subrequest `sr` finished; `ok`: the request goes on to
-    /// the decode.
-    ///
-    /// # Safety
-    /// `sr` must be the live prefill subrequest.
-    pub(crate) unsafe fn prefill_done(&mut self, sr: *mut ngx_http_request_t, ok: bool) {
-        self.s.prefill_done = Some(observe::now_ms());
-        self.s.prefill_ok = ok;
-        // SAFETY: sr is live (caller); the address is configuration memory.
-        unsafe {
-            self.s.prefill_status = observe::final_status(sr);
-            self.prefill_addr = observe::upstream_addr(sr);
-        }
-    }
-
-    pub(crate) fn kv_missing(&mut self) {
-        self.s.kv_missing = true;
-    }
-
-    pub(crate) fn decode_sent(&mut self) {
-        if self.s.decode_sent.is_none() {
-            self.s.decode_sent = Some(observe::now_ms());
-        }
-    }
-
-    fn sample(&self) -> Sample {
-        Sample {
-            prompt_tokens: self.usage.prompt,
-            completion_tokens: self.usage.completion,
-            ..self.s
-        }
     }
 }
 
@@ -244,8 +188,6 @@ pub(crate) unsafe fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
     NGX_OK as ngx_int_t
 }
 
-static mut NEXT_BODY_FILTER: ngx_http_output_body_filter_pt = None;
-
 /// Creates the zone when metrics are asked for, and hooks the body filter
 /// and the log handler (always: the variables need them).
 ///
@@ -263,7 +205,6 @@ pub(crate) unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
                 Err(_) => return NGX_ERROR as ngx_int_t,
             }
         }
-        *addr_of_mut!(NEXT_BODY_FILTER) = observe::push_body_filter(Some(ngx_http_pd_body_filter));
         if phase::add_handler(cf, ngx_http_phases_NGX_HTTP_LOG_PHASE, Some(ngx_http_pd_log_handler))
             .is_err()
         {
@@ -287,41 +228,7 @@ unsafe fn record_of(r: *mut ngx_http_request_t) -> Option<&'static mut Record> {
         if r != (*r).main {
             return None;
         }
-        ctx_of(r).map(|c| &mut c.m)
-    }
-}
-
-unsafe extern "C" fn ngx_http_pd_body_filter(
-    r: *mut ngx_http_request_t,
-    in_: *mut ngx_chain_t,
-) -> ngx_int_t {
-    guard::catch("pd metrics body filter", (), || {
-        // SAFETY: nginx calls body filters with a live request and chain.
-        unsafe {
-            let Some(m) = record_of(r) else { return };
-            if m.s.decode_sent.is_none() {
-                return;
-            }
-            let now = observe::now_ms();
-            observe::for_each_piece(in_, |p| {
-                if p.data {
-                    m.s.first_byte.get_or_insert(now);
-                    m.s.last_byte = Some(now);
-                    m.usage.feed(p.bytes);
-                }
-                if p.last {
-                    m.s.last_byte = Some(now);
-                    m.s.complete = true;
-                }
-            });
-        }
-    });
-    // SAFETY: the next filter was saved at postconfiguration.
-    unsafe {
-        match *addr_of!(NEXT_BODY_FILTER) {
-            Some(next) => next(r, in_),
-            None => NGX_OK as ngx_int_t,
-        }
+        driver::record::<Vllm>(r)
     }
 }
 

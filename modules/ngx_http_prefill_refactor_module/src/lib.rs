@@ -873,7 +873,7 @@ unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t
         // flags the shared client connection as broken; the prefill's
         // answer is only checked, so a 2xx that overflowed still counts.
         let buffer_full = (*c).error() != 0 && status != 0 && (cl < 0 || cl as u64 > limit as u64);
-        let mut outcome = classify_prefill(rc as i64, status, buffer_full);
+        let mut outcome = classify_prefill(rc as i64, status, buffer_full, true);
         if buffer_full {
             (*c).set_error(0);
             if (200..300).contains(&status) {

@@ -271,6 +271,9 @@ pub enum KvParams<'a> {
     /// The answer is JSON but has no usable top-level `kv_transfer_params`
     /// (absent, or `null`); the decode engine will recompute the prompt.
     Missing,
+    /// `kv_transfer_params` is there but not a JSON object (a string, a
+    /// number, an array…): it is not forwarded, the decode recomputes.
+    NotObject(&'a [u8]),
     /// The answer is not a JSON object.
     Invalid(JsonError),
 }
@@ -279,7 +282,8 @@ pub enum KvParams<'a> {
 pub fn kv_params_of(answer: &[u8]) -> KvParams<'_> {
     match Object::parse(answer) {
         Ok(obj) => match obj.get("kv_transfer_params") {
-            Some(v) if v != b"null" => KvParams::Found(v),
+            Some(v) if v.first() == Some(&b'{') => KvParams::Found(v),
+            Some(v) if v != b"null" => KvParams::NotObject(v),
             _ => KvParams::Missing,
         },
         Err(e) => KvParams::Invalid(e),
@@ -647,5 +651,11 @@ mod tests {
         );
         assert_eq!(kv_params_of(br#"{"kv_transfer_params":null}"#), KvParams::Missing);
         assert!(matches!(kv_params_of(b"<html>"), KvParams::Invalid(_)));
+        for v in [&br#""abc""#[..], b"1", b"[1,2]", b"true"] {
+            let mut a = br#"{"kv_transfer_params":"#.to_vec();
+            a.extend_from_slice(v);
+            a.push(b'}');
+            assert_eq!(kv_params_of(&a), KvParams::NotObject(v), "{}", String::from_utf8_lossy(v));
+        }
     }
 }

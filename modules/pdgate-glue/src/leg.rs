@@ -145,3 +145,31 @@ pub unsafe fn push_header_filter(
         next
     }
 }
+
+/// Whether the answer of `r`'s upstream (finished) reached its end: the
+/// body's length (`Content-Length`, chunked end) was read in full, or a
+/// close-delimited body ended with the connection. False when the upstream
+/// broke off after the header (reset, close, read timeout): nginx then
+/// finalizes an in-memory subrequest with `rc == 0` all the same.
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn answer_complete(r: *mut ngx_http_request_t) -> bool {
+    // SAFETY: r is live; its upstream and pipe, when set, live in its pool
+    // and keep their final state after the upstream is finalized.
+    unsafe {
+        let u = (*r).upstream;
+        if u.is_null() {
+            return true;
+        }
+        let p = (*u).pipe;
+        if (*u).buffering() != 0 && !p.is_null() {
+            // ngx_http_upstream_process_request's own test of a good end.
+            (*p).upstream_done() != 0
+                || (*p).length == 0
+                || ((*p).upstream_eof() != 0 && (*p).length == -1)
+        } else {
+            (*u).length == 0 || (*u).length == -1
+        }
+    }
+}

@@ -11,6 +11,7 @@ pub use pdgate_core as core;
 pub mod body;
 pub mod conf;
 pub mod counters;
+pub mod driver;
 pub mod fanout;
 pub mod guard;
 pub mod headers;

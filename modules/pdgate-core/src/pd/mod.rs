@@ -1,9 +1,10 @@
-//! The decision points of the sequential P/D flow, free of nginx types.
-//!
-//! The glue reads the client body, sends the prefill subrequest and, when it
-//! finishes, asks [`classify_prefill`] what to do with the main request.
+//! The P/D flow, free of nginx types: [`flow`] is the state machine every
+//! P/D module runs (through the glue's driver); [`classify_prefill`] turns
+//! what nginx reports of a finished prefill leg into its outcome.
 
 use std::fmt;
+
+pub mod flow;
 
 /// nginx's `NGX_HTTP_REQUEST_TIME_OUT` (the client stalled).
 const CLIENT_TIMEOUT: i64 = 408;
@@ -15,6 +16,9 @@ const CLIENT_CLOSED: i64 = 499;
 pub enum PrefillFailure {
     /// The answer did not fit `subrequest_output_buffer_size`.
     BufferTooSmall,
+    /// The header came but the body did not end (the connection was reset
+    /// or closed, or stalled past the read timeout).
+    CutOff,
     /// Connect, send or read timed out (`proxy_*_timeout`).
     Timeout,
     /// No prefill server could be reached.
@@ -43,6 +47,7 @@ impl fmt::Display for PrefillFailure {
                 "prefill answer is larger than the subrequest buffer, \
                  raise \"subrequest_output_buffer_size\" in the prefill location",
             ),
+            PrefillFailure::CutOff => f.write_str("prefill answer was cut off after its header"),
             PrefillFailure::Timeout => f.write_str("prefill upstream timed out"),
             PrefillFailure::Unreachable => f.write_str("prefill upstream is unreachable"),
             PrefillFailure::Status(s) => write!(f, "prefill subrequest failed with status {s}"),
@@ -66,16 +71,19 @@ pub enum PrefillOutcome {
 }
 
 /// Classifies a finished prefill subrequest from the `rc` its post handler
-/// got, the subrequest's response status, and whether its in-memory buffer
-/// was filled to the end.
+/// got, the subrequest's response status, whether its in-memory buffer was
+/// filled to the end, and whether the answer's body ended as it should.
 ///
 /// An overflow of the in-memory buffer wins over `rc`: nginx may still have
 /// read the whole answer from the prefill (`rc == 0`) after the capture
-/// filter gave up on it.
-pub fn classify_prefill(rc: i64, status: u64, buffer_full: bool) -> PrefillOutcome {
+/// filter gave up on it. A body that did not end is a failure whatever the
+/// status: once a header went through, nginx finalizes a subrequest whose
+/// upstream broke off with `rc == 0`.
+pub fn classify_prefill(rc: i64, status: u64, buffer_full: bool, complete: bool) -> PrefillOutcome {
     match rc {
         CLIENT_TIMEOUT | CLIENT_CLOSED => PrefillOutcome::ClientGone,
         _ if buffer_full => PrefillOutcome::Fail(PrefillFailure::BufferTooSmall),
+        0 if !complete && status != 0 => PrefillOutcome::Fail(PrefillFailure::CutOff),
         0 => match status {
             200..=299 => PrefillOutcome::Decode,
             100..=199 | 300..=599 => PrefillOutcome::PassThrough { status: status as u16 },
@@ -98,6 +106,7 @@ mod tests {
     fn table() {
         let cases = [
             ((0, 200, false), Decode),
+            ((0, 500, false), PassThrough { status: 500 }),
             ((0, 201, false), Decode),
             ((0, 400, false), PassThrough { status: 400 }),
             ((0, 500, false), PassThrough { status: 500 }),
@@ -113,8 +122,16 @@ mod tests {
             ((408, 0, false), ClientGone),
         ];
         for ((rc, st, full), want) in cases {
-            assert_eq!(classify_prefill(rc, st, full), want, "rc={rc} status={st}");
+            assert_eq!(classify_prefill(rc, st, full, true), want, "rc={rc} status={st}");
         }
+        // A body that did not end fails whatever its status, but the client
+        // leaving and an overflow say more.
+        assert_eq!(classify_prefill(0, 200, false, false), Fail(CutOff));
+        assert_eq!(classify_prefill(0, 400, false, false), Fail(CutOff));
+        assert_eq!(classify_prefill(499, 200, false, false), ClientGone);
+        assert_eq!(classify_prefill(0, 200, true, false), Fail(BufferTooSmall));
+        assert_eq!(classify_prefill(502, 0, false, false), Fail(Unreachable));
+        assert_eq!(CutOff.http_status(), 502);
         assert_eq!(Timeout.http_status(), 504);
         assert_eq!(BufferTooSmall.http_status(), 502);
         assert!(BufferTooSmall.to_string().contains("subrequest_output_buffer_size"));

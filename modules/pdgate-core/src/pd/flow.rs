@@ -1,0 +1,817 @@
+//! The P/D request flow as a state machine, for every protocol.
+//!
+//! One request of a P/D location goes through at most three stages: the
+//! encoder stage (E/P/D, one encoder request per media item), the prefill
+//! leg and the decode leg. How the prefill and the decode follow each other
+//! is the protocol's [`Shape`]:
+//! - [`Shape::Sequential`]: vLLM NIXL and SGLang `p_before_d`: the decode
+//!   starts after a 2xx prefill;
+//! - [`Shape::Together`]: SGLang `pd_together`: both legs start at once,
+//!   the decode through the location's `proxy_pass`;
+//! - [`Shape::DecodeOnly`]: `prefill off` (a combined engine after the
+//!   encoder stage).
+//!
+//! The glue's driver feeds [`Event`]s in and executes the [`Step`] each one
+//! returns: what to cancel, which legs' counters to release, and what to do
+//! next. The machine also keeps which legs hold counters, so that every
+//! path that ends a request releases each exactly once; the tests below
+//! check it for every event in every state.
+
+use super::{PrefillFailure, PrefillOutcome};
+use crate::encode::{Decision, EncodeFailure, EncodeOutcome, FanOut};
+
+/// How the prefill and decode legs follow each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// No prefill leg: the request goes on to the decode (`prefill off`).
+    DecodeOnly,
+    /// The decode starts after a 2xx prefill.
+    Sequential,
+    /// Both legs start at once (SGLang `pd_together`).
+    Together,
+}
+
+/// A location's flow: an encoder stage or not, then the legs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spec {
+    pub encode: bool,
+    pub shape: Shape,
+}
+
+/// A set of legs (bit set): the legs holding counters, or to cancel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Legs(u8);
+
+impl Legs {
+    pub const NONE: Legs = Legs(0);
+    pub const ENCODERS: Legs = Legs(1);
+    pub const PREFILL: Legs = Legs(2);
+    pub const DECODE: Legs = Legs(4);
+
+    pub fn contains(self, other: Legs) -> bool {
+        self.0 & other.0 == other.0 && other.0 != 0
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    #[must_use]
+    pub fn with(self, other: Legs) -> Legs {
+        Legs(self.0 | other.0)
+    }
+
+    #[must_use]
+    pub fn without(self, other: Legs) -> Legs {
+        Legs(self.0 & !other.0)
+    }
+}
+
+/// How a leg running beside the decode is doing (pd_together).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Running,
+    /// Ended well (prefill) or sent its header (decode).
+    Ok,
+}
+
+/// Where a request is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    /// Waiting for the client body.
+    ReadingBody,
+    /// The encoder requests run.
+    Encoding(FanOut),
+    /// Sequential: the prefill runs, the main request waits.
+    Prefilling,
+    /// Together: both legs run; `decode` is `Ok` once its header went out.
+    Together { prefill: Side, decode: Side },
+    /// The decode runs through the location's `proxy_pass`; the flow has
+    /// nothing left to decide but its end.
+    Decoding,
+    /// Finished; late events are ignored.
+    Done(End),
+}
+
+/// How a request ended, as far as the flow is concerned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// The decode answered (whatever its status: the client got it).
+    Decoded,
+    /// Refused before any leg (bad body, no server, …).
+    Refused { status: u16 },
+    /// The prefill's own error answer went to the client.
+    PassedThrough { status: u16 },
+    /// A stage failed; the client got our error (or, after the decode's
+    /// header, a cut connection).
+    Failed(Failure),
+    /// The client went away.
+    ClientGone,
+}
+
+/// A failed stage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failure {
+    Encoder {
+        index: usize,
+        failure: EncodeFailure,
+    },
+    Prefill(PrefillFailure),
+    /// pd_together: the prefill answered this non-2xx status.
+    PrefillStatus(u16),
+    /// The next leg could not be started (an allocation, in practice).
+    Internal,
+}
+
+impl Failure {
+    /// The HTTP status the client receives.
+    pub fn http_status(&self) -> u16 {
+        match self {
+            Failure::Encoder { .. } => 502,
+            Failure::Prefill(f) => f.http_status(),
+            Failure::PrefillStatus(s) if (400..600).contains(s) => *s,
+            Failure::PrefillStatus(_) => 502,
+            Failure::Internal => 500,
+        }
+    }
+
+    /// The stage that failed, as metrics name it.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            Failure::Encoder { .. } => "encode",
+            Failure::Prefill(_) | Failure::PrefillStatus(_) => "prefill",
+            Failure::Internal => "proxy",
+        }
+    }
+}
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The body is in and acceptable; `media` items need encoding.
+    BodyReady { media: usize },
+    /// The body (or the request) is refused with `status`.
+    Refused { status: u16 },
+    /// Encoder request `index` ended.
+    EncoderEnded { index: usize, outcome: EncodeOutcome },
+    /// The prefill leg ended.
+    PrefillEnded(PrefillOutcome),
+    /// The decode's response header is going to the client.
+    DecodeHeader { status: u16 },
+    /// The decode leg ended (its upstream was finalized).
+    DecodeEnded,
+    /// Starting the step the machine asked for failed.
+    StartFailed,
+    /// The client went away (or nginx terminated the request).
+    ClientGone,
+}
+
+/// What the driver does next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// Nothing: wait for the next event.
+    Wait,
+    /// Start one encoder request per media item.
+    StartEncoders,
+    /// Start the prefill leg; the main request waits for it.
+    StartPrefill,
+    /// Start the prefill leg in the background and let the main request go
+    /// on to the decode at once.
+    StartTogether,
+    /// Install the decode body and let the request go on to `proxy_pass`.
+    Decode,
+    /// Answer the client with the prefill's own answer and this status.
+    PassThrough {
+        status: u16,
+    },
+    /// Answer the client with our JSON error (the driver has the message
+    /// for a refusal; [`Failure`] says it for a failure).
+    Refuse {
+        status: u16,
+    },
+    Fail(Failure),
+    /// The client already has the decode's header: cut the request.
+    Terminate,
+    /// The request is over for the flow (the client left, or a late event).
+    Ignore,
+}
+
+/// The driver's orders for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// Legs to stop now (their upstream connections closed).
+    pub cancel: Legs,
+    /// Legs whose counters to release now.
+    pub release: Legs,
+    pub next: Next,
+}
+
+/// One request's flow.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flow {
+    spec: Spec,
+    state: State,
+    /// Legs holding counters (the driver's reservations).
+    held: Legs,
+}
+
+impl Flow {
+    pub fn new(spec: Spec) -> Flow {
+        Flow { spec, state: State::ReadingBody, held: Legs::NONE }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Legs holding counters now.
+    pub fn held(&self) -> Legs {
+        self.held
+    }
+
+    /// The driver reserved counters for `legs` (SGLang's chosen servers).
+    pub fn hold(&mut self, legs: Legs) {
+        self.held = self.held.with(legs);
+    }
+
+    /// True once the request's outcome is decided.
+    pub fn is_done(&self) -> bool {
+        matches!(self.state, State::Done(_))
+    }
+
+    /// How the request ended, once it has.
+    pub fn end(&self) -> Option<&End> {
+        match &self.state {
+            State::Done(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Releases what `legs` hold (only what is held).
+    fn release(&mut self, legs: Legs) -> Legs {
+        let r = Legs(self.held.0 & legs.0);
+        self.held = self.held.without(legs);
+        r
+    }
+
+    /// Ends the flow: every counter still held is released.
+    fn finish(&mut self, end: End, cancel: Legs, next: Next) -> Step {
+        self.state = State::Done(end);
+        let release = self.release(Legs(0xff));
+        Step { cancel, release, next }
+    }
+
+    fn go(&mut self, state: State, release: Legs, next: Next) -> Step {
+        self.state = state;
+        let release = self.release(release);
+        Step { cancel: Legs::NONE, release, next }
+    }
+
+    fn wait() -> Step {
+        Step { cancel: Legs::NONE, release: Legs::NONE, next: Next::Wait }
+    }
+
+    fn ignore() -> Step {
+        Step { cancel: Legs::NONE, release: Legs::NONE, next: Next::Ignore }
+    }
+
+    /// The step after the encoder stage (or without one).
+    fn legs(&mut self) -> Step {
+        match self.spec.shape {
+            Shape::DecodeOnly => self.go(State::Decoding, Legs::NONE, Next::Decode),
+            Shape::Sequential => self.go(State::Prefilling, Legs::NONE, Next::StartPrefill),
+            Shape::Together => self.go(
+                State::Together { prefill: Side::Running, decode: Side::Running },
+                Legs::NONE,
+                Next::StartTogether,
+            ),
+        }
+    }
+
+    /// Feeds one event in.
+    pub fn on(&mut self, event: Event) -> Step {
+        use Event as E;
+        match (&mut self.state, event) {
+            (State::Done(_), _) => Self::ignore(),
+
+            // The client left: stop whatever runs, release everything.
+            (State::ReadingBody | State::Decoding, E::ClientGone) => {
+                self.finish(End::ClientGone, Legs::NONE, Next::Ignore)
+            }
+            (State::Encoding(_), E::ClientGone) => {
+                self.finish(End::ClientGone, Legs::ENCODERS, Next::Ignore)
+            }
+            (State::Prefilling, E::ClientGone) => {
+                self.finish(End::ClientGone, Legs::PREFILL, Next::Ignore)
+            }
+            (State::Together { prefill, .. }, E::ClientGone) => {
+                let cancel = if *prefill == Side::Running { Legs::PREFILL } else { Legs::NONE };
+                self.finish(End::ClientGone, cancel.with(Legs::DECODE), Next::Ignore)
+            }
+
+            (State::ReadingBody, E::Refused { status }) => {
+                self.finish(End::Refused { status }, Legs::NONE, Next::Refuse { status })
+            }
+            (State::ReadingBody, E::BodyReady { media }) => {
+                if self.spec.encode && media > 0 {
+                    self.go(State::Encoding(FanOut::new(media)), Legs::NONE, Next::StartEncoders)
+                } else {
+                    self.legs()
+                }
+            }
+
+            (State::Encoding(fan), E::EncoderEnded { index, outcome }) => {
+                match fan.record(index, &outcome) {
+                    Decision::Wait | Decision::Ignore if outcome == EncodeOutcome::ClientGone => {
+                        self.finish(End::ClientGone, Legs::ENCODERS, Next::Ignore)
+                    }
+                    Decision::Wait | Decision::Ignore => Self::wait(),
+                    Decision::Proceed => self.legs(),
+                    Decision::Fail { index, failure } => {
+                        let f = Failure::Encoder { index, failure };
+                        self.finish(End::Failed(f.clone()), Legs::ENCODERS, Next::Fail(f))
+                    }
+                }
+            }
+            // Starting a stage failed: nothing reached the client yet.
+            (State::Encoding(_), E::StartFailed) => self.finish(
+                End::Failed(Failure::Internal),
+                Legs::ENCODERS,
+                Next::Fail(Failure::Internal),
+            ),
+            (State::Prefilling | State::Decoding | State::ReadingBody, E::StartFailed) => self
+                .finish(End::Failed(Failure::Internal), Legs::NONE, Next::Fail(Failure::Internal)),
+            // (Reported right after `Next::StartTogether`: the prefill did
+            // not start and the decode has not run.)
+            (State::Together { prefill, decode }, E::StartFailed) => {
+                if *decode == Side::Ok {
+                    let cancel = if *prefill == Side::Running { Legs::PREFILL } else { Legs::NONE };
+                    self.finish(End::Failed(Failure::Internal), cancel, Next::Terminate)
+                } else {
+                    self.finish(
+                        End::Failed(Failure::Internal),
+                        Legs::NONE,
+                        Next::Fail(Failure::Internal),
+                    )
+                }
+            }
+
+            (State::Prefilling, E::PrefillEnded(outcome)) => match outcome {
+                PrefillOutcome::Decode => self.go(State::Decoding, Legs::PREFILL, Next::Decode),
+                PrefillOutcome::PassThrough { status } => self.finish(
+                    End::PassedThrough { status },
+                    Legs::NONE,
+                    Next::PassThrough { status },
+                ),
+                PrefillOutcome::Fail(f) => {
+                    let f = Failure::Prefill(f);
+                    self.finish(End::Failed(f.clone()), Legs::NONE, Next::Fail(f))
+                }
+                PrefillOutcome::ClientGone => {
+                    self.finish(End::ClientGone, Legs::NONE, Next::Ignore)
+                }
+            },
+
+            (State::Together { prefill, decode }, E::PrefillEnded(outcome)) => {
+                if *prefill != Side::Running {
+                    return Self::ignore();
+                }
+                let decode = *decode;
+                let failure = match outcome {
+                    PrefillOutcome::Decode => {
+                        self.state = State::Together { prefill: Side::Ok, decode };
+                        let release = self.release(Legs::PREFILL);
+                        return Step { cancel: Legs::NONE, release, next: Next::Wait };
+                    }
+                    PrefillOutcome::ClientGone => {
+                        return self.finish(End::ClientGone, Legs::DECODE, Next::Ignore)
+                    }
+                    PrefillOutcome::PassThrough { status } => Failure::PrefillStatus(status),
+                    PrefillOutcome::Fail(f) => Failure::Prefill(f),
+                };
+                if decode == Side::Ok {
+                    // The client has the decode's header: nothing clean
+                    // can be said any more.
+                    self.finish(End::Failed(failure), Legs::DECODE, Next::Terminate)
+                } else {
+                    self.finish(End::Failed(failure.clone()), Legs::DECODE, Next::Fail(failure))
+                }
+            }
+            (State::Together { prefill, decode }, E::DecodeHeader { status }) => {
+                if *decode == Side::Ok {
+                    return Self::ignore();
+                }
+                *decode = Side::Ok;
+                if status >= 400 && *prefill == Side::Running {
+                    // The decode failed: the prefill is of no use now.
+                    *prefill = Side::Ok;
+                    let release = self.release(Legs::PREFILL);
+                    return Step { cancel: Legs::PREFILL, release, next: Next::Wait };
+                }
+                Self::wait()
+            }
+            (State::Together { prefill, .. }, E::DecodeEnded) => {
+                // Whatever the prefill does now cannot matter: the KV has
+                // been handed over (or the decode failed).
+                let cancel = if *prefill == Side::Running { Legs::PREFILL } else { Legs::NONE };
+                self.finish(End::Decoded, cancel, Next::Ignore)
+            }
+            (State::Decoding, E::DecodeEnded) => {
+                self.finish(End::Decoded, Legs::NONE, Next::Ignore)
+            }
+
+            // Events that cannot happen in a state (a late or repeated
+            // callback): nothing to do.
+            (
+                State::ReadingBody,
+                E::EncoderEnded { .. }
+                | E::PrefillEnded(_)
+                | E::DecodeHeader { .. }
+                | E::DecodeEnded,
+            )
+            | (
+                State::Encoding(_),
+                E::BodyReady { .. }
+                | E::Refused { .. }
+                | E::PrefillEnded(_)
+                | E::DecodeHeader { .. }
+                | E::DecodeEnded,
+            )
+            | (
+                State::Prefilling,
+                E::BodyReady { .. }
+                | E::Refused { .. }
+                | E::EncoderEnded { .. }
+                | E::DecodeHeader { .. }
+                | E::DecodeEnded,
+            )
+            | (
+                State::Together { .. },
+                E::BodyReady { .. } | E::Refused { .. } | E::EncoderEnded { .. },
+            )
+            | (
+                State::Decoding,
+                E::BodyReady { .. }
+                | E::Refused { .. }
+                | E::EncoderEnded { .. }
+                | E::PrefillEnded(_)
+                | E::DecodeHeader { .. },
+            ) => Self::ignore(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEQ: Spec = Spec { encode: false, shape: Shape::Sequential };
+    const TOG: Spec = Spec { encode: false, shape: Shape::Together };
+    const EPD: Spec = Spec { encode: true, shape: Shape::Sequential };
+    const ENC_ONLY: Spec = Spec { encode: true, shape: Shape::DecodeOnly };
+
+    fn all_specs() -> Vec<Spec> {
+        let mut v = Vec::new();
+        for encode in [false, true] {
+            for shape in [Shape::DecodeOnly, Shape::Sequential, Shape::Together] {
+                v.push(Spec { encode, shape });
+            }
+        }
+        v
+    }
+
+    /// Every kind of event, with each prefill and encoder ending.
+    fn all_events() -> Vec<Event> {
+        let mut v = vec![
+            Event::BodyReady { media: 0 },
+            Event::BodyReady { media: 2 },
+            Event::Refused { status: 400 },
+            Event::Refused { status: 503 },
+            Event::DecodeHeader { status: 200 },
+            Event::DecodeHeader { status: 502 },
+            Event::DecodeEnded,
+            Event::StartFailed,
+            Event::ClientGone,
+        ];
+        for o in [
+            PrefillOutcome::Decode,
+            PrefillOutcome::PassThrough { status: 400 },
+            PrefillOutcome::PassThrough { status: 503 },
+            PrefillOutcome::Fail(PrefillFailure::CutOff),
+            PrefillOutcome::Fail(PrefillFailure::BufferTooSmall),
+            PrefillOutcome::Fail(PrefillFailure::Timeout),
+            PrefillOutcome::Fail(PrefillFailure::Unreachable),
+            PrefillOutcome::Fail(PrefillFailure::Status(404)),
+            PrefillOutcome::Fail(PrefillFailure::Internal),
+            PrefillOutcome::ClientGone,
+        ] {
+            v.push(Event::PrefillEnded(o));
+        }
+        for index in [0, 1, 5] {
+            for outcome in [
+                EncodeOutcome::Ok,
+                EncodeOutcome::Failed(EncodeFailure::Timeout),
+                EncodeOutcome::Failed(EncodeFailure::Status { status: 500, detail: None }),
+                EncodeOutcome::ClientGone,
+            ] {
+                v.push(Event::EncoderEnded { index, outcome });
+            }
+        }
+        v
+    }
+
+    /// The flows reachable from the start by up to `depth` events, with
+    /// the legs a driver would hold counters for (SGLang: both legs from
+    /// the moment they start).
+    fn reachable(spec: Spec, depth: usize) -> Vec<Flow> {
+        let mut seen = vec![Flow::new(spec)];
+        let mut frontier = seen.clone();
+        for _ in 0..depth {
+            let mut next = Vec::new();
+            for f in &frontier {
+                for e in all_events() {
+                    let mut g = f.clone();
+                    let step = g.on(e);
+                    if matches!(step.next, Next::StartPrefill) {
+                        g.hold(Legs::PREFILL);
+                    }
+                    if matches!(step.next, Next::StartTogether) {
+                        g.hold(Legs::PREFILL.with(Legs::DECODE));
+                    }
+                    if matches!(step.next, Next::Decode) {
+                        g.hold(Legs::DECODE);
+                    }
+                    if !seen.contains(&g) {
+                        seen.push(g.clone());
+                        next.push(g);
+                    }
+                }
+            }
+            frontier = next;
+        }
+        seen
+    }
+
+    #[test]
+    fn every_event_in_every_state_keeps_the_invariants() {
+        let mut checked = 0;
+        for spec in all_specs() {
+            for flow in reachable(spec, 5) {
+                for e in all_events() {
+                    let mut f = flow.clone();
+                    let held = f.held();
+                    let step = f.on(e.clone());
+                    checked += 1;
+                    let ctx = format!("{:?} + {:?} -> {:?}", flow.state(), e, step);
+                    // Released legs were held, and are held no more.
+                    assert_eq!(Legs(step.release.0 & !held.0), Legs::NONE, "{ctx}");
+                    assert_eq!(Legs(f.held().0 & step.release.0), Legs::NONE, "{ctx}");
+                    // A finished request holds nothing.
+                    if f.is_done() {
+                        assert!(f.held().is_empty(), "{ctx}");
+                    }
+                    // A done request ignores everything.
+                    if flow.is_done() {
+                        assert_eq!(step, Flow::ignore(), "{ctx}");
+                        assert_eq!(f, flow, "{ctx}");
+                    }
+                    // Answering the client ourselves only before the decode
+                    // sent anything (a failed start of the decode is reported
+                    // right after `Next::Decode`, before `proxy_pass` runs).
+                    if matches!(
+                        step.next,
+                        Next::Fail(_) | Next::PassThrough { .. } | Next::Refuse { .. }
+                    ) {
+                        assert!(
+                            !matches!(flow.state(), State::Together { decode: Side::Ok, .. }),
+                            "{ctx}"
+                        );
+                        assert!(
+                            e == Event::StartFailed || *flow.state() != State::Decoding,
+                            "{ctx}"
+                        );
+                        assert!(f.is_done(), "{ctx}");
+                    }
+                    // Terminate only once the decode's header went out.
+                    if step.next == Next::Terminate {
+                        assert!(
+                            matches!(flow.state(), State::Together { decode: Side::Ok, .. }),
+                            "{ctx}"
+                        );
+                    }
+                    // Never cancel a leg that is not running.
+                    if step.cancel.contains(Legs::ENCODERS) {
+                        assert!(matches!(flow.state(), State::Encoding(_)), "{ctx}");
+                    }
+                    if step.cancel.contains(Legs::PREFILL) {
+                        assert!(
+                            matches!(
+                                flow.state(),
+                                State::Prefilling | State::Together { prefill: Side::Running, .. }
+                            ),
+                            "{ctx}"
+                        );
+                    }
+                    // Only the spec's stages start.
+                    match step.next {
+                        Next::StartEncoders => assert!(spec.encode, "{ctx}"),
+                        Next::StartPrefill => assert_eq!(spec.shape, Shape::Sequential, "{ctx}"),
+                        Next::StartTogether => assert_eq!(spec.shape, Shape::Together, "{ctx}"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        assert!(checked > 2000, "{checked}");
+    }
+
+    /// Runs `events` from the start, holding what a driver would hold;
+    /// returns the steps.
+    fn run(spec: Spec, events: &[Event]) -> (Flow, Vec<Step>) {
+        let mut f = Flow::new(spec);
+        let mut steps = Vec::new();
+        for e in events {
+            let s = f.on(e.clone());
+            match s.next {
+                Next::StartPrefill => f.hold(Legs::PREFILL),
+                Next::StartTogether => f.hold(Legs::PREFILL.with(Legs::DECODE)),
+                _ => {}
+            }
+            steps.push(s);
+        }
+        (f, steps)
+    }
+
+    fn nexts(steps: &[Step]) -> Vec<Next> {
+        steps.iter().map(|s| s.next.clone()).collect()
+    }
+
+    #[test]
+    fn sequential_happy_path_releases_the_prefill_when_it_ends() {
+        let (f, steps) = run(
+            SEQ,
+            &[
+                Event::BodyReady { media: 3 },
+                Event::PrefillEnded(PrefillOutcome::Decode),
+                Event::DecodeEnded,
+            ],
+        );
+        assert_eq!(nexts(&steps), [Next::StartPrefill, Next::Decode, Next::Ignore]);
+        assert_eq!(steps[1].release, Legs::PREFILL);
+        assert_eq!(f.end(), Some(&End::Decoded));
+    }
+
+    #[test]
+    fn sequential_prefill_errors_answer_the_client() {
+        for (outcome, next) in [
+            (PrefillOutcome::PassThrough { status: 400 }, Next::PassThrough { status: 400 }),
+            (
+                PrefillOutcome::Fail(PrefillFailure::CutOff),
+                Next::Fail(Failure::Prefill(PrefillFailure::CutOff)),
+            ),
+            (
+                PrefillOutcome::Fail(PrefillFailure::BufferTooSmall),
+                Next::Fail(Failure::Prefill(PrefillFailure::BufferTooSmall)),
+            ),
+            (PrefillOutcome::ClientGone, Next::Ignore),
+        ] {
+            let (f, steps) =
+                run(SEQ, &[Event::BodyReady { media: 0 }, Event::PrefillEnded(outcome)]);
+            assert_eq!(steps[1].next, next);
+            assert_eq!(steps[1].release, Legs::PREFILL);
+            assert!(f.is_done() && f.held().is_empty());
+        }
+        assert_eq!(Failure::Prefill(PrefillFailure::CutOff).http_status(), 502);
+        assert_eq!(Failure::Prefill(PrefillFailure::Timeout).http_status(), 504);
+    }
+
+    #[test]
+    fn encoder_stage_waits_for_every_item_then_goes_on() {
+        let ok = |index| Event::EncoderEnded { index, outcome: EncodeOutcome::Ok };
+        let (_, steps) = run(EPD, &[Event::BodyReady { media: 2 }, ok(1), ok(1), ok(0)]);
+        assert_eq!(
+            nexts(&steps),
+            [Next::StartEncoders, Next::Wait, Next::Wait, Next::StartPrefill]
+        );
+        let (_, steps) = run(ENC_ONLY, &[Event::BodyReady { media: 1 }, ok(0)]);
+        assert_eq!(nexts(&steps), [Next::StartEncoders, Next::Decode]);
+        // No media: no stage.
+        let (_, steps) = run(EPD, &[Event::BodyReady { media: 0 }]);
+        assert_eq!(nexts(&steps), [Next::StartPrefill]);
+    }
+
+    #[test]
+    fn encoder_failure_fails_once_and_cancels_the_others() {
+        let failed = EncodeFailure::Status { status: 500, detail: None };
+        let (f, steps) = run(
+            EPD,
+            &[
+                Event::BodyReady { media: 3 },
+                Event::EncoderEnded { index: 0, outcome: EncodeOutcome::Ok },
+                Event::EncoderEnded { index: 2, outcome: EncodeOutcome::Failed(failed.clone()) },
+                Event::EncoderEnded { index: 1, outcome: EncodeOutcome::Ok },
+            ],
+        );
+        let want = Failure::Encoder { index: 2, failure: failed };
+        assert_eq!(steps[2].next, Next::Fail(want.clone()));
+        assert_eq!(steps[2].cancel, Legs::ENCODERS);
+        assert_eq!(steps[3].next, Next::Ignore);
+        assert_eq!(f.end(), Some(&End::Failed(want)));
+    }
+
+    #[test]
+    fn together_prefill_failure_cancels_the_decode_before_its_header() {
+        let fail = PrefillOutcome::Fail(PrefillFailure::Unreachable);
+        let (f, steps) = run(TOG, &[Event::BodyReady { media: 0 }, Event::PrefillEnded(fail)]);
+        assert_eq!(steps[0].next, Next::StartTogether);
+        assert_eq!(steps[1].next, Next::Fail(Failure::Prefill(PrefillFailure::Unreachable)));
+        assert_eq!(steps[1].cancel, Legs::DECODE);
+        assert_eq!(steps[1].release, Legs::PREFILL.with(Legs::DECODE));
+        assert!(f.held().is_empty());
+        // An error answer of the prefill is the client's status.
+        let (_, steps) = run(
+            TOG,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::PrefillEnded(PrefillOutcome::PassThrough { status: 503 }),
+            ],
+        );
+        assert_eq!(steps[1].next, Next::Fail(Failure::PrefillStatus(503)));
+        assert_eq!(Failure::PrefillStatus(503).http_status(), 503);
+    }
+
+    #[test]
+    fn together_prefill_failure_after_the_decode_header_terminates() {
+        let (_, steps) = run(
+            TOG,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::DecodeHeader { status: 200 },
+                Event::PrefillEnded(PrefillOutcome::Fail(PrefillFailure::Timeout)),
+            ],
+        );
+        assert_eq!(steps[2].next, Next::Terminate);
+        assert_eq!(steps[2].release, Legs::PREFILL.with(Legs::DECODE));
+    }
+
+    #[test]
+    fn together_decode_failure_cancels_the_prefill() {
+        let (f, steps) = run(
+            TOG,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::DecodeHeader { status: 502 },
+                Event::PrefillEnded(PrefillOutcome::Decode),
+                Event::DecodeEnded,
+            ],
+        );
+        assert_eq!(steps[1].cancel, Legs::PREFILL);
+        assert_eq!(steps[1].release, Legs::PREFILL);
+        assert_eq!(steps[2].next, Next::Ignore);
+        assert_eq!(steps[3].release, Legs::DECODE);
+        assert_eq!(f.end(), Some(&End::Decoded));
+    }
+
+    #[test]
+    fn together_decode_end_stops_a_hung_prefill() {
+        let (f, steps) = run(
+            TOG,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::DecodeHeader { status: 200 },
+                Event::DecodeEnded,
+            ],
+        );
+        assert_eq!(steps[2].cancel, Legs::PREFILL);
+        assert_eq!(steps[2].release, Legs::PREFILL.with(Legs::DECODE));
+        assert_eq!(f.end(), Some(&End::Decoded));
+    }
+
+    #[test]
+    fn client_gone_releases_everything_and_stops_running_legs() {
+        let (_, steps) = run(TOG, &[Event::BodyReady { media: 0 }, Event::ClientGone]);
+        assert_eq!(steps[1].cancel, Legs::PREFILL.with(Legs::DECODE));
+        assert_eq!(steps[1].release, Legs::PREFILL.with(Legs::DECODE));
+        let (_, steps) = run(EPD, &[Event::BodyReady { media: 2 }, Event::ClientGone]);
+        assert_eq!(steps[1].cancel, Legs::ENCODERS);
+        let (_, steps) = run(SEQ, &[Event::BodyReady { media: 0 }, Event::ClientGone]);
+        assert_eq!(steps[1].release, Legs::PREFILL);
+    }
+
+    #[test]
+    fn refusals_answer_before_any_leg() {
+        for spec in all_specs() {
+            let (f, steps) = run(spec, &[Event::Refused { status: 503 }]);
+            assert_eq!(steps[0].next, Next::Refuse { status: 503 });
+            assert_eq!(f.end(), Some(&End::Refused { status: 503 }));
+        }
+    }
+
+    #[test]
+    fn a_failed_start_is_an_internal_error() {
+        let (_, steps) = run(SEQ, &[Event::BodyReady { media: 0 }, Event::StartFailed]);
+        assert_eq!(steps[1].next, Next::Fail(Failure::Internal));
+        assert_eq!(steps[1].release, Legs::PREFILL);
+        assert_eq!(Failure::Internal.http_status(), 500);
+    }
+}
