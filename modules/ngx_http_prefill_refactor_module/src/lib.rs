@@ -38,22 +38,21 @@ use pdgate_glue::core::bootstrap::{
     parse_backend, parse_distribution, parse_ports, parse_servers, Distribution, Leg, Server,
 };
 use pdgate_glue::core::json::Object;
-use pdgate_glue::core::pd::{classify_prefill, PrefillOutcome};
+use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
 use pdgate_glue::core::tokens::tokens_for_bytes;
+use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{
-    ngx_chain_t, ngx_command_t, ngx_conf_t, ngx_http_core_module, ngx_http_core_run_phases,
-    ngx_http_finalize_request, ngx_http_module_t, ngx_http_output_header_filter_pt,
-    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_http_read_client_request_body,
-    ngx_http_request_t, ngx_http_variable_value_t, ngx_int_t, ngx_module_t, ngx_shm_zone_t,
-    ngx_uint_t, NGX_CONF_TAKE1, NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE, NGX_HTTP_SERVICE_UNAVAILABLE,
-    NGX_HTTP_SPECIAL_RESPONSE, NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_ERR, NGX_LOG_WARN, NGX_OK,
+    ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_http_request_t, ngx_http_variable_value_t,
+    ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_ERROR,
+    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
 };
-use pdgate_glue::leg::{self, Mode};
-use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
+use pdgate_glue::ngx::http::{
+    HttpModule, HttpModuleLocationConf, Merge, MergeConfigError, Request,
+};
 use pdgate_glue::ngx::log::DebugMask;
-use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error, ngx_string};
-use pdgate_glue::{body, conf, counters, guard, phase, pool, random, response, variable};
+use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_string};
+use pdgate_glue::{conf, counters, guard, random, variable};
 
 /// The counters of `zone` (the shared zone of this configuration).
 fn zone_table<'a>(zone: Option<NonNull<ngx_shm_zone_t>>) -> Option<SlotTable<'a>> {
@@ -61,9 +60,6 @@ fn zone_table<'a>(zone: Option<NonNull<ngx_shm_zone_t>>) -> Option<SlotTable<'a>
     // the request runs under, which outlives the request.
     unsafe { counters::table(zone?.as_ptr()) }
 }
-
-/// The header filter after ours.
-static mut NEXT_HEADER_FILTER: ngx_http_output_header_filter_pt = None;
 
 /// Per-location configuration; `None` means "not set at this level".
 #[derive(Debug, Default)]
@@ -188,21 +184,8 @@ impl HttpModule for Module {
 
     unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         guard::catch("prefill_refactor postconfiguration", NGX_ERROR as ngx_int_t, || {
-            // SAFETY: nginx calls postconfiguration with a valid http conf,
-            // single-threaded, while the filter chain is built.
-            unsafe {
-                let added = phase::add_handler(
-                    cf,
-                    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE,
-                    Some(ngx_http_prefill_refactor_handler),
-                );
-                if added.is_err() {
-                    return NGX_ERROR as ngx_int_t;
-                }
-                *addr_of_mut!(NEXT_HEADER_FILTER) =
-                    leg::push_header_filter(Some(ngx_http_prefill_refactor_header_filter));
-                NGX_OK as ngx_int_t
-            }
+            // SAFETY: nginx calls postconfiguration with a valid http conf.
+            unsafe { driver::postconfiguration::<Sglang>(cf) }
         })
     }
 }
@@ -454,31 +437,6 @@ unsafe extern "C" fn cmd_balance(
     }
 }
 
-/// Where the main request is in the flow.
-enum State {
-    /// Waiting for the client body.
-    ReadingBody,
-    /// p_before_d: the prefill subrequest is running.
-    Prefilling,
-    /// p_before_d: the prefill finished; re-entry acts on the outcome.
-    PrefillDone { outcome: PrefillOutcome, answer: &'static [u8], content_type: &'static [u8] },
-    /// We answer the client ourselves (bad body, internal failure).
-    Reject { status: u16, message: String },
-    /// The decode body is installed; the rest of the phases run normally.
-    Passed,
-}
-
-/// The prefill leg of pd_together.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Prefill {
-    /// Not started, or p_before_d.
-    Idle,
-    Running,
-    /// Cancelled (the decode failed first); it may not have started yet.
-    Cancelled,
-    Done,
-}
-
 /// A server chosen for one leg, with its counter slot.
 struct Chosen {
     addr: String,
@@ -487,214 +445,122 @@ struct Chosen {
     tokens: u64,
 }
 
-/// Per-request context, owned by the main request's pool; dropping it
-/// releases the counters still held.
-struct Ctx {
-    state: State,
-    prefill: Prefill,
-    /// The prefill subrequest (pd_together).
-    sr: *mut ngx_http_request_t,
-    /// p_before_d: the decode body, installed after the prefill.
-    decode_body: Option<(*mut ngx_chain_t, usize)>,
+/// The module's per-request state: its choices. The driver releases the
+/// counters through [`Protocol::release`] when each leg ends, and on every
+/// other path when the request goes away.
+#[derive(Default)]
+pub struct Choices {
     p: Option<Chosen>,
     d: Option<Chosen>,
     room: String,
     zone: Option<NonNull<ngx_shm_zone_t>>,
 }
 
-impl Ctx {
-    /// Releases the prefill's counter (its leg ended).
-    fn release_prefill(&mut self) {
-        if let Some(c) = self.p.as_mut() {
-            if let Some(i) = c.slot.take() {
-                release(self.zone, i, c.tokens);
+impl Choices {
+    fn release(&mut self, leg: Legs) {
+        let c = if leg == Legs::PREFILL { self.p.as_mut() } else { self.d.as_mut() };
+        if let Some(c) = c {
+            if let (Some(i), Some(t)) = (c.slot.take(), zone_table(self.zone)) {
+                t.release(i, c.tokens, 0);
             }
         }
     }
 }
 
-/// Takes one request of `tokens` off counter slot `i`.
-fn release(zone: Option<NonNull<ngx_shm_zone_t>>, i: usize, tokens: u64) {
-    if let Some(t) = zone_table(zone) {
-        t.release(i, tokens, 0);
+/// SGLang's bootstrap protocol (`p_before_d` and `pd_together`).
+struct Sglang;
+
+impl Protocol for Sglang {
+    type State = Choices;
+    const NAME: &'static str = "prefill_refactor";
+
+    fn module() -> &'static ngx_module_t {
+        Module::module()
     }
-}
 
-impl Drop for Ctx {
-    fn drop(&mut self) {
-        self.release_prefill();
-        if let Some(c) = self.d.as_mut() {
-            if let Some(i) = c.slot.take() {
-                release(self.zone, i, c.tokens);
-            }
-        }
-    }
-}
-
-/// The request's context, if this module has set one.
-///
-/// # Safety
-/// `r` must be a live request.
-unsafe fn ctx_of(r: *mut ngx_http_request_t) -> Option<&'static mut Ctx> {
-    // SAFETY: ctx slots hold what this module stored there: a pool-owned Ctx.
-    unsafe {
-        let idx = (*addr_of!(ngx_http_prefill_refactor_module)).ctx_index;
-        ((*(*r).ctx.add(idx)) as *mut Ctx).as_mut()
-    }
-}
-
-unsafe extern "C" fn ngx_http_prefill_refactor_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    guard::catch("prefill_refactor handler", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls phase handlers with a live request.
-        unsafe { handler(r) }
-    })
-}
-
-/// The precontent phase handler.
-unsafe fn handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    // SAFETY: r is live (caller); conf and ctx accessors return this
-    // module's own data.
-    unsafe {
-        if r != (*r).main {
-            // A prefill leg cancelled before it started ends here, quietly
-            // (the post handler ignores it).
-            if let Some(ctx) = ctx_of((*r).main) {
-                if ctx.sr == r && ctx.prefill == Prefill::Cancelled {
-                    return NGX_HTTP_SERVICE_UNAVAILABLE as ngx_int_t;
-                }
-            }
-            return NGX_DECLINED as ngx_int_t;
-        }
-        let Some(lcf) = Module::location_conf(&*r) else { return NGX_DECLINED as ngx_int_t };
+    fn spec(r: &Request) -> Option<Spec> {
+        let lcf = Module::location_conf(r)?;
         if !lcf.enabled() {
-            return NGX_DECLINED as ngx_int_t;
+            return None;
         }
-
-        let Some(ctx) = ctx_of(r) else {
-            let ctx = Ctx {
-                state: State::ReadingBody,
-                prefill: Prefill::Idle,
-                sr: null_mut(),
-                decode_body: None,
-                p: None,
-                d: None,
-                room: String::new(),
-                zone: lcf.zone,
-            };
-            let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
-                return NGX_ERROR as ngx_int_t;
-            };
-            let idx = (*addr_of!(ngx_http_prefill_refactor_module)).ctx_index;
-            *(*r).ctx.add(idx) = ctx as *mut c_void;
-            let rc = ngx_http_read_client_request_body(r, Some(ngx_http_prefill_refactor_body));
-            if rc >= NGX_HTTP_SPECIAL_RESPONSE as ngx_int_t {
-                return rc;
-            }
-            ngx_http_finalize_request(r, NGX_DONE as ngx_int_t);
-            return NGX_DONE as ngx_int_t;
+        let shape = match lcf.distribution() {
+            Distribution::PBeforeD => Shape::Sequential,
+            Distribution::PdTogether => Shape::Together,
         };
+        Some(Spec { encode: false, shape })
+    }
 
-        match std::mem::replace(&mut ctx.state, State::Passed) {
-            s @ (State::ReadingBody | State::Prefilling) => {
-                ctx.state = s;
-                NGX_DONE as ngx_int_t
-            }
-            State::Passed => NGX_DECLINED as ngx_int_t,
-            State::Reject { status, message } => {
-                response::finish_with_error(r, status, &message);
-                NGX_DONE as ngx_int_t
-            }
-            State::PrefillDone { outcome, answer, content_type } => {
-                after_prefill(r, ctx, outcome, answer, content_type)
-            }
+    /// Checks the body, chooses the servers, builds both bodies.
+    fn prepare(r: &Request, bodies: &Bodies, st: &mut Choices) -> Result<Prepared, Refusal> {
+        let lcf = Module::location_conf(r).ok_or(Refusal::new(500, "no configuration"))?;
+        let (Some(Some(prefix)), Some(plist)) = (&lcf.prefix, &lcf.prefill) else {
+            return Err(Refusal::new(500, "no configuration"));
+        };
+        let src = bodies.src();
+        let obj = Object::parse(src)
+            .map_err(|e| Refusal::new(400, format!("request body is not a JSON object: {e}")))?;
+        check_request(&obj).map_err(|e| Refusal::new(400, e.to_string()))?;
+
+        let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
+        let policy = lcf.balance.flatten();
+        let tokens = tokens_for_bytes(src.len());
+        st.zone = lcf.zone;
+        let mut hold = Legs::NONE;
+        let (pi, p) = choose(lcf.zone, plist, b"prefill_refactor:prefill", policy, tokens, tie)
+            .ok_or(Refusal::new(500, "no prefill server"))?;
+        let server = plist.get(pi).ok_or(Refusal::new(500, "no prefill server"))?;
+        st.p = Some(p);
+        hold = hold.with(Legs::PREFILL);
+        if let Some(dlist) = &lcf.decode {
+            st.d = choose(lcf.zone, dlist, b"prefill_refactor:decode", policy, tokens, tie >> 17)
+                .map(|(_, c)| c);
+            hold = hold.with(Legs::DECODE);
         }
+        st.room = room.to_string();
+        let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);
+        let members = bootstrap_members(&server.host, port, room);
+        let pbody = bodies.build(&leg_plan(&obj, members.as_bytes(), Leg::Prefill))?;
+        let dbody = bodies.build(&leg_plan(&obj, members.as_bytes(), Leg::Decode))?;
+
+        let uri = r.path().as_bytes();
+        let mut target = Vec::with_capacity(prefix.len() + uri.len());
+        target.extend_from_slice(prefix);
+        target.extend_from_slice(uri);
+        ngx_log_debug!(
+            mask: DebugMask::Http,
+            r.log(),
+            "prefill_refactor: {} prefill {} (bootstrap port {}), decode {}, room {}, bodies {}/{} bytes",
+            lcf.distribution().name(),
+            server.addr,
+            port,
+            st.d.as_ref().map_or("(upstream)", |c| c.addr.as_str()),
+            room,
+            pbody.len(),
+            dbody.len()
+        );
+        Ok(Prepared {
+            prefill: Some((target, pbody)),
+            decode: Some(dbody),
+            hold,
+            ..Prepared::default()
+        })
     }
-}
 
-/// p_before_d: acts on a finished prefill in the main request's context.
-///
-/// # Safety
-/// `r` must be the live main request owning `ctx`.
-unsafe fn after_prefill(
-    r: *mut ngx_http_request_t,
-    ctx: &mut Ctx,
-    outcome: PrefillOutcome,
-    answer: &'static [u8],
-    content_type: &'static [u8],
-) -> ngx_int_t {
-    // SAFETY: r is live and has not sent a header; the decode chain lives
-    // in its pool.
-    unsafe {
-        match outcome {
-            PrefillOutcome::Decode => {
-                let (Some((chain, len)), rb) = (ctx.decode_body, (*r).request_body) else {
-                    response::finish_with_error(r, 500, "prefill_refactor state lost");
-                    return NGX_DONE as ngx_int_t;
-                };
-                if rb.is_null() {
-                    return NGX_ERROR as ngx_int_t;
-                }
-                (*rb).bufs = chain;
-                (*r).headers_in.content_length_n = len as i64;
-                NGX_DECLINED as ngx_int_t
-            }
-            PrefillOutcome::PassThrough { status } => {
-                pass_prefill_answer(r, status, answer, content_type);
-                NGX_DONE as ngx_int_t
-            }
-            PrefillOutcome::Fail(f) => {
-                response::finish_with_error(r, f.http_status(), &f.to_string());
-                NGX_DONE as ngx_int_t
-            }
-            PrefillOutcome::ClientGone => NGX_ERROR as ngx_int_t,
-        }
+    fn decode_after_prefill(
+        _: &Request,
+        _: &Bodies,
+        _: &Object<'static>,
+        _: &'static [u8],
+        _: &mut Record,
+    ) -> Result<Body, Refusal> {
+        // Both bodies are built before the prefill starts.
+        Err(Refusal::new(500, "no decode body prepared"))
     }
-}
 
-/// Answers the client with the prefill's own error answer and finalizes.
-///
-/// # Safety
-/// `r` must be the live main request, header not sent.
-unsafe fn pass_prefill_answer(
-    r: *mut ngx_http_request_t,
-    status: u16,
-    answer: &[u8],
-    content_type: &[u8],
-) {
-    let ct: &[u8] = if content_type.is_empty() { b"application/json" } else { content_type };
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        let rc = response::send(r, status, ct, answer);
-        ngx_http_finalize_request(r, rc);
-    }
-}
-
-unsafe extern "C" fn ngx_http_prefill_refactor_body(r: *mut ngx_http_request_t) {
-    guard::catch("prefill_refactor body handler", (), || {
-        // SAFETY: nginx calls the body handler with the live main request.
-        unsafe { on_body(r) }
-    })
-}
-
-/// The client body is in: choose, build and start the legs, or arrange a
-/// rejection.
-unsafe fn on_body(r: *mut ngx_http_request_t) {
-    // SAFETY: r is the live main request; ctx and conf are this module's.
-    unsafe {
-        let Some(ctx) = ctx_of(r) else { return };
-        (*r).set_preserve_body(1);
-        (*r).write_event_handler = Some(ngx_http_core_run_phases);
-        match start(r, ctx) {
-            Ok(Distribution::PBeforeD) => ctx.state = State::Prefilling,
-            Ok(Distribution::PdTogether) => {
-                ctx.state = State::Passed;
-                ngx_http_core_run_phases(r);
-            }
-            Err((status, message)) => {
-                let level = if status >= 500 { NGX_LOG_ERR } else { NGX_LOG_WARN };
-                ngx_log_error!(level, (*(*r).connection).log, "prefill_refactor: {}", message);
-                ctx.state = State::Reject { status, message };
-                ngx_http_core_run_phases(r);
+    fn release(st: &mut Choices, legs: Legs) {
+        for leg in [Legs::PREFILL, Legs::DECODE] {
+            if legs.contains(leg) {
+                st.release(leg);
             }
         }
     }
@@ -749,274 +615,6 @@ fn choose(
     Some((i, Chosen { addr: list.get(i)?.addr.clone(), slot, tokens }))
 }
 
-/// Checks the body, chooses the servers, builds both bodies and starts the
-/// prefill leg. Returns the mode.
-///
-/// # Safety
-/// `r` must be the live main request owning `ctx`, its body read.
-unsafe fn start(r: *mut ngx_http_request_t, ctx: &mut Ctx) -> Result<Distribution, (u16, String)> {
-    // SAFETY: r is live; the body slice and the chains live in the request
-    // pool, which also owns ctx.
-    unsafe {
-        let lcf = Module::location_conf(&*r).ok_or((500, "no configuration".to_owned()))?;
-        let (Some(Some(prefix)), Some(plist)) = (&lcf.prefix, &lcf.prefill) else {
-            return Err((500, "no configuration".to_owned()));
-        };
-        let dist = lcf.distribution();
-        let src: &'static [u8] =
-            body::bytes(r).map_err(|e| (500, format!("cannot read the request body: {e:?}")))?;
-        let obj = Object::parse(src)
-            .map_err(|e| (400, format!("request body is not a JSON object: {e}")))?;
-        check_request(&obj).map_err(|e| (400, e.to_string()))?;
-
-        let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
-        let policy = lcf.balance.flatten();
-        let tokens = tokens_for_bytes(src.len());
-        let (pi, p) = choose(lcf.zone, plist, b"prefill_refactor:prefill", policy, tokens, tie)
-            .ok_or((500, "no prefill server".to_owned()))?;
-        let server = plist.get(pi).ok_or((500, "no prefill server".to_owned()))?;
-        ctx.p = Some(p);
-        if let Some(dlist) = &lcf.decode {
-            ctx.d = choose(lcf.zone, dlist, b"prefill_refactor:decode", policy, tokens, tie >> 17)
-                .map(|(_, c)| c);
-        }
-        ctx.room = room.to_string();
-        let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);
-        let members = bootstrap_members(&server.host, port, room);
-
-        let pool = (*r).pool;
-        let oom = |_| (500, "out of memory building the request bodies".to_owned());
-        let pplan = leg_plan(&obj, members.as_bytes(), Leg::Prefill);
-        let (pchain, plen) = body::chain_from_plan(pool, src, &pplan).map_err(oom)?;
-        let dplan = leg_plan(&obj, members.as_bytes(), Leg::Decode);
-        let (dchain, dlen) = body::chain_from_plan(pool, src, &dplan).map_err(oom)?;
-
-        let uri = response::str_of(&(*r).uri);
-        let mut target = Vec::with_capacity(prefix.len() + uri.len());
-        target.extend_from_slice(prefix);
-        target.extend_from_slice(uri);
-        let log = (*(*r).connection).log;
-        ngx_log_debug!(
-            mask: DebugMask::Http,
-            log,
-            "prefill_refactor: {} prefill {} (bootstrap port {}), decode {}, room {}, bodies {}/{} bytes",
-            dist.name(),
-            server.addr,
-            port,
-            ctx.d.as_ref().map_or("(upstream)", |c| c.addr.as_str()),
-            room,
-            plen,
-            dlen
-        );
-
-        let data = ctx as *mut Ctx as *mut c_void;
-        let done = Some(ngx_http_prefill_refactor_done as PostHandler);
-        match dist {
-            Distribution::PBeforeD => {
-                ctx.decode_body = Some((dchain, dlen));
-                leg::start(r, &target, pchain, plen, Mode::Waited, done, data)
-                    .map_err(|_| (500, "cannot create the prefill subrequest".to_owned()))?;
-            }
-            Distribution::PdTogether => {
-                let rb = (*r).request_body;
-                if rb.is_null() {
-                    return Err((500, "no request body".to_owned()));
-                }
-                let sr = leg::start(r, &target, pchain, plen, Mode::Background, done, data)
-                    .map_err(|_| (500, "cannot create the prefill subrequest".to_owned()))?;
-                ctx.sr = sr;
-                ctx.prefill = Prefill::Running;
-                (*rb).bufs = dchain;
-                (*r).headers_in.content_length_n = dlen as i64;
-            }
-        }
-        Ok(dist)
-    }
-}
-
-type PostHandler =
-    unsafe extern "C" fn(*mut ngx_http_request_t, *mut c_void, ngx_int_t) -> ngx_int_t;
-
-/// Post-subrequest handler of the prefill leg (both modes).
-unsafe extern "C" fn ngx_http_prefill_refactor_done(
-    sr: *mut ngx_http_request_t,
-    data: *mut c_void,
-    rc: ngx_int_t,
-) -> ngx_int_t {
-    guard::catch("prefill_refactor done handler", rc, || {
-        // SAFETY: data is the main request's pool-owned Ctx (set in
-        // `start`); sr is the live subrequest.
-        unsafe { prefill_done(sr, &mut *(data as *mut Ctx), rc) }
-    })
-}
-
-/// # Safety
-/// `sr` must be the live prefill subrequest of the request owning `ctx`.
-unsafe fn prefill_done(sr: *mut ngx_http_request_t, ctx: &mut Ctx, rc: ngx_int_t) -> ngx_int_t {
-    // SAFETY: sr, its connection and its core location conf are live; the
-    // answer memory belongs to the shared request pool.
-    unsafe {
-        ctx.release_prefill();
-        let c = (*sr).connection;
-        let log = (*c).log;
-        if ctx.prefill == Prefill::Cancelled {
-            ngx_log_debug!(mask: DebugMask::Http, log, "prefill_refactor: cancelled prefill ended");
-            ctx.prefill = Prefill::Done;
-            return NGX_OK as ngx_int_t;
-        }
-        let status = (*sr).headers_out.status as u64;
-        let clcf = *(*sr).loc_conf.add((*addr_of!(ngx_http_core_module)).ctx_index)
-            as *const pdgate_glue::ffi::ngx_http_core_loc_conf_t;
-        let limit = if clcf.is_null() { 0 } else { (*clcf).subrequest_output_buffer_size };
-        let cl = (*sr).headers_out.content_length_n;
-        // An answer that does not fit makes the in-memory capture fail and
-        // flags the shared client connection as broken; the prefill's
-        // answer is only checked, so a 2xx that overflowed still counts.
-        let buffer_full = (*c).error() != 0 && status != 0 && (cl < 0 || cl as u64 > limit as u64);
-        let mut outcome = classify_prefill(rc as i64, status, buffer_full, true);
-        if buffer_full {
-            (*c).set_error(0);
-            if (200..300).contains(&status) {
-                outcome = PrefillOutcome::Decode;
-            }
-        }
-        ngx_log_debug!(
-            mask: DebugMask::Http,
-            log,
-            "prefill_refactor: prefill done, rc: {}, status: {}, outcome: {:?}",
-            rc,
-            status,
-            outcome
-        );
-        let answer: &'static [u8] = body::chain_bytes((*sr).pool, (*sr).out).unwrap_or(&[]);
-        let ct = (*sr).headers_out.content_type;
-        let content_type: &'static [u8] = if ct.len == 0 || ct.data.is_null() {
-            &[]
-        } else {
-            std::slice::from_raw_parts(ct.data, ct.len)
-        };
-
-        if ctx.prefill == Prefill::Idle {
-            // p_before_d: the main request acts when it is woken.
-            if outcome == PrefillOutcome::ClientGone {
-                ctx.state = State::Passed;
-                return rc;
-            }
-            match outcome {
-                PrefillOutcome::PassThrough { status } => {
-                    ngx_log_error!(
-                        NGX_LOG_WARN,
-                        log,
-                        "prefill_refactor: prefill answered {}, passing its answer to the client",
-                        status
-                    );
-                }
-                PrefillOutcome::Fail(f) => {
-                    ngx_log_error!(NGX_LOG_ERR, log, "prefill_refactor: {}", f);
-                }
-                _ => {}
-            }
-            ctx.state = State::PrefillDone { outcome, answer, content_type };
-            return NGX_OK as ngx_int_t;
-        }
-
-        // pd_together.
-        ctx.prefill = Prefill::Done;
-        let failure = match outcome {
-            PrefillOutcome::Decode => return NGX_OK as ngx_int_t,
-            PrefillOutcome::ClientGone => return rc,
-            PrefillOutcome::PassThrough { status } => {
-                ngx_log_error!(
-                    NGX_LOG_ERR,
-                    log,
-                    "prefill_refactor: prefill answered {}, cancelling the decode",
-                    status
-                );
-                Err(status)
-            }
-            PrefillOutcome::Fail(f) => {
-                ngx_log_error!(NGX_LOG_ERR, log, "prefill_refactor: {}, cancelling the decode", f);
-                Ok(f)
-            }
-        };
-        let main = (*sr).main;
-        match leg::upstream_state(main) {
-            Some(false) => {
-                // The decode has not answered: close it and answer with the
-                // prefill's error. Hold a reference for our own answer, as
-                // the cancelled upstream drops one.
-                (*main).set_count((*main).count() + 1);
-                leg::cancel_upstream(main);
-                match failure {
-                    Err(status) => response::finish_with_error(
-                        main,
-                        status,
-                        &format!("prefill server answered {status}"),
-                    ),
-                    Ok(f) => response::finish_with_error(main, f.http_status(), &f.to_string()),
-                }
-                NGX_OK as ngx_int_t
-            }
-            // The decode is already streaming: nothing clean can be said any
-            // more; terminate the request (nginx closes both upstreams).
-            Some(true) => NGX_ERROR as ngx_int_t,
-            // The decode already ended.
-            None => NGX_OK as ngx_int_t,
-        }
-    }
-}
-
-unsafe extern "C" fn ngx_http_prefill_refactor_header_filter(
-    r: *mut ngx_http_request_t,
-) -> ngx_int_t {
-    guard::catch("prefill_refactor header filter", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls header filters with a live request; the next
-        // filter was saved in postconfiguration.
-        unsafe {
-            if r == (*r).main {
-                if let Some(ctx) = ctx_of(r) {
-                    decode_header(r, ctx);
-                }
-            }
-            match *addr_of!(NEXT_HEADER_FILTER) {
-                Some(next) => next(r),
-                None => NGX_ERROR as ngx_int_t,
-            }
-        }
-    })
-}
-
-/// pd_together: the main request is answering while the prefill runs. An
-/// error status means the decode failed (or nginx failed to reach it):
-/// cancel the prefill.
-///
-/// # Safety
-/// `r` must be the live main request owning `ctx`.
-unsafe fn decode_header(r: *mut ngx_http_request_t, ctx: &mut Ctx) {
-    // SAFETY: r is live; ctx.sr is the prefill subrequest, live while
-    // ctx.prefill is Running (it is set to Done by its post handler).
-    unsafe {
-        let status = (*r).headers_out.status;
-        if ctx.prefill != Prefill::Running || status < 400 {
-            return;
-        }
-        ngx_log_error!(
-            NGX_LOG_ERR,
-            (*(*r).connection).log,
-            "prefill_refactor: decode answered {}, cancelling the prefill",
-            status
-        );
-        ctx.prefill = Prefill::Cancelled;
-        ctx.release_prefill();
-        if leg::upstream_state(ctx.sr).is_some() {
-            // Drops the subrequest's reference; its post handler does not
-            // run (nginx finalizes it with NGX_DONE).
-            leg::cancel_upstream(ctx.sr);
-            ctx.prefill = Prefill::Done;
-        }
-    }
-}
-
 /// `$prefill_server`, `$decode_server`, `$bootstrap_room`: the choices of
 /// the main request (also read from the prefill subrequest).
 ///
@@ -1025,13 +623,13 @@ unsafe fn decode_header(r: *mut ngx_http_request_t, ctx: &mut Ctx) {
 unsafe fn variable(
     r: *mut ngx_http_request_t,
     v: *mut ngx_http_variable_value_t,
-    pick: fn(&Ctx) -> Option<&str>,
+    pick: fn(&Choices) -> Option<&str>,
 ) -> ngx_int_t {
     // SAFETY: r and v are live (caller); the value points into the
     // pool-owned ctx, which lives as long as the request.
     unsafe {
         let v = &mut *v;
-        match ctx_of((*r).main).and_then(|c| pick(c)) {
+        match driver::state::<Sglang>(Request::from_ngx_http_request(r)).and_then(|c| pick(c)) {
             Some(s) if !s.is_empty() => variable::set(v, s.as_bytes()),
             _ => variable::not_found(v),
         }

@@ -556,13 +556,11 @@ impl<P: Protocol> Ctx<P> {
                     // The decode runs beside a prefill that failed: close
                     // it and answer with the prefill's error, at once.
                     let message = self.failure_message(f);
-                    ngx_log_error!(
-                        NGX_LOG_ERR,
-                        log,
-                        "{}: {}, cancelling the decode",
-                        P::NAME,
-                        message
-                    );
+                    let why = match f {
+                        Failure::PrefillStatus(s) => format!("prefill answered {s}"),
+                        _ => message.clone(),
+                    };
+                    ngx_log_error!(NGX_LOG_ERR, log, "{}: {}, cancelling the decode", P::NAME, why);
                     return match leg::upstream_state(r) {
                         Some(false) => {
                             // Hold a reference for our own answer, as the
@@ -810,8 +808,10 @@ unsafe fn leg_report(sr: *mut ngx_http_request_t, rc: ngx_int_t) -> LegReport {
         } else {
             std::slice::from_raw_parts(ct.data, ct.len)
         };
-        let complete =
-            leg::answer_complete(sr) && (cl < 0 || buffer_full || answer.len() as i64 >= cl);
+        // A header-only leg (a background prefill beside its decode) is
+        // done with its header.
+        let complete = (*sr).header_only() != 0
+            || (leg::answer_complete(sr) && (cl < 0 || buffer_full || answer.len() as i64 >= cl));
         LegReport { rc: rc as i64, status, buffer_full, complete, answer, content_type }
     }
 }
