@@ -282,3 +282,57 @@ client prematurely closed connection
 --- no_error_log
 pdgate_echo: POST /mock/decode
 [alert]
+
+
+
+=== TEST 14: a prefill answer that stalls after its 2xx header past the read timeout is a failed prefill: 502, no decode
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+        proxy_read_timeout 300ms;
+    }
+    location /mock/prefill/ { limit_rate_after 200; limit_rate 1; pdgate_echo prefill; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 502
+--- response_body_like chomp
+"message":"prefill answer was cut off after its header"
+--- error_log
+prefill: prefill answer was cut off after its header
+--- no_error_log
+pdgate_echo: POST /mock/decode/
+[alert]
+
+
+
+=== TEST 15: a prefill kv_transfer_params that is not an object is not forwarded: warning, decode without it
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { default_type application/json; return 200 '{"kv_transfer_params":"not-an-object"}'; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 200
+--- response_body_unlike
+not-an-object
+--- error_log
+"kv_transfer_params" is not a JSON object
+--- no_error_log
+[error]

@@ -201,3 +201,41 @@ Pdgate::Sglang::config('pd_together', '', '', undef,
  qr/^\{"prefill":\{"127\.0\.0\.1:\d+":\{"active":0,"total":3\}\},"decode":\{"127\.0\.0\.1:\d+":\{"active":0,"total":3\}\}\}$/]
 --- no_error_log
 [error]
+
+
+
+=== TEST 13: p_before_d: a prefill answer that stalls after its 2xx header past the read timeout is a failed prefill: 502, no decode
+--- config
+    set_request_id on;
+    location /v1/ {
+        prefill_refactor /prefill_internal;
+        prefill_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        decode_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        pd_distribution p_before_d;
+        pd_backend sglang;
+        proxy_pass http://$decode_server/mock/decode$uri;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://$prefill_server;
+        proxy_read_timeout 300ms;
+    }
+    location = /counters {
+        prefill_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        decode_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        return 200 "$prefill_refactor_counters\n";
+    }
+    location /mock/prefill/ { set_request_id off; limit_rate_after 200; limit_rate 1; pdgate_echo; }
+    location /mock/decode/ { set_request_id off; pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 502
+--- response_body_like chomp
+"message":"prefill answer was cut off after its header"
+--- error_log
+prefill_refactor: prefill answer was cut off after its header
+--- no_error_log
+pdgate_echo: POST /mock/decode/
+[alert]
