@@ -239,3 +239,19 @@ prefill_refactor: prefill answer was cut off after its header
 --- no_error_log
 pdgate_echo: POST /mock/decode/
 [alert]
+
+
+
+=== TEST 14: pd_together: a prefill still running 5 s after its decode ended is stopped
+--- prefill_echo
+delay=9000
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 200
+--- wait: 6
+--- timeout: 10
+--- error_log
+prefill_refactor: prefill still running 5000 ms after its decode ended, stopping it
+--- no_error_log
+[alert]

@@ -376,3 +376,110 @@ is too small
  qr/^pdgate_upstream_requests_in_flight\{balancer="least_total_load",upstream="decode_pool",peer="127\.0\.0\.1:\d+"\} 0\n(?s:.*)^pdgate_upstream_tokens_in_flight\{balancer="pd_score_balance",upstream="prefill_pool",peer="127\.0\.0\.1:\d+"\} 0$/m]
 --- no_error_log
 [error]
+
+
+
+=== TEST 14: SGLang mode (prefill_refactor): an ok request moves ok, the prefill and decode times by one
+--- http_config eval
+$Pdgate::TestEnv::HTTP_CONFIG . q{
+    pd_metrics_zone 64k;
+}
+--- config
+    location /v1/ {
+        prefill_refactor /prefill_internal;
+        prefill_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        decode_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        pd_distribution p_before_d;
+        pd_backend sglang;
+        proxy_pass http://$decode_server/mock/decode$uri;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://$prefill_server;
+    }
+    location /mock/prefill/ { pdgate_echo; }
+    location /mock/decode/ { pdgate_echo usage; }
+    location /internal/metrics { pd_metrics; }
+--- request eval
+["GET /internal/metrics",
+ "POST /v1/chat/completions\n{\"model\":\"m\",\"messages\":[]}",
+ "GET /internal/metrics"]
+--- response_body_like eval
+[qr/^# HELP pdgate_requests_total/, qr/"usage":\{"completion_tokens":3/, qr/^# HELP/]
+--- metrics_delta
+pdgate_requests_total{outcome="ok"} 1
+pdgate_time_to_first_token_seconds_count 1
+pdgate_e2e_request_latency_seconds_count 1
+pdgate_prefill_time_seconds_count 1
+pdgate_prefill_decode_gap_seconds_count 1
+pdgate_generation_tokens_total 3
+--- no_error_log
+[error]
+[warn]
+
+
+
+=== TEST 15: SGLang mode: a failing prefill moves prefill_error and the prefill stage by one
+--- http_config eval
+$Pdgate::TestEnv::HTTP_CONFIG . q{
+    pd_metrics_zone 64k;
+}
+--- config
+    location /v1/ {
+        prefill_refactor /prefill_internal;
+        prefill_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        decode_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        pd_distribution p_before_d;
+        pd_backend sglang;
+        proxy_pass http://$decode_server/mock/decode$uri;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://$prefill_server;
+    }
+    location /mock/prefill/ { pdgate_echo status=503; }
+    location /mock/decode/ { pdgate_echo; }
+    location /internal/metrics { pd_metrics; }
+--- request eval
+["GET /internal/metrics", "POST /v1/chat/completions\n{\"messages\":[]}", "GET /internal/metrics"]
+--- error_code eval
+[200, 503, 200]
+--- metrics_delta
+pdgate_requests_total{outcome="prefill_error"} 1
+pdgate_stage_failures_total{stage="prefill"} 1
+pdgate_prefill_time_seconds_count 1
+pdgate_time_to_first_token_seconds_count 0
+
+
+
+=== TEST 16: SGLang mode (pd_together): the $pd_* variables in a log line
+--- http_config eval
+$Pdgate::TestEnv::HTTP_CONFIG . q{
+    log_format pd 'pd $uri status=$status ps=$pd_prefill_status pa=$pd_prefill_addr pt=$pd_prefill_time out=$pd_completion_tokens outcome=$pd_outcome';
+}
+--- config
+    location /v1/ {
+        access_log logs/access.log pd;
+        prefill_refactor /prefill_internal;
+        prefill_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        decode_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        pd_distribution pd_together;
+        pd_backend sglang;
+        proxy_pass http://$decode_server/mock/decode$uri;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://$prefill_server;
+    }
+    location /mock/prefill/ { access_log off; pdgate_echo; }
+    location /mock/decode/ { access_log off; pdgate_echo usage sse=4; }
+--- request
+POST /v1/chat/completions
+{"messages":[]}
+--- access_log eval
+qr{^pd /v1/chat/completions status=200 ps=200 pa=127\.0\.0\.1:\d+ pt=\d+\.\d{3} out=4 outcome=ok$}
+--- no_error_log
+[error]

@@ -97,7 +97,7 @@ impl HttpModule for Module {
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         guard::catch("prefill preconfiguration", NGX_ERROR as ngx_int_t, || {
             // SAFETY: nginx calls preconfiguration with a valid http conf.
-            unsafe { metrics::preconfiguration(cf) }
+            unsafe { driver::preconfiguration::<Vllm>(cf) }
         })
     }
 

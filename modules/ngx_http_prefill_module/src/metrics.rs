@@ -15,21 +15,20 @@ use std::ffi::{c_char, c_void};
 use std::ptr::null_mut;
 
 use pdgate_glue::core::metrics::{render, MetricsZone, PeerGauge};
-use pdgate_glue::driver::{self, Record};
+use pdgate_glue::driver::{self};
 use pdgate_glue::ffi::{
-    ngx_command_t, ngx_conf_t, ngx_http_discard_request_body, ngx_http_phases_NGX_HTTP_LOG_PHASE,
-    ngx_http_request_t, ngx_int_t, ngx_pagesize, ngx_parse_size, ngx_shm_zone_t, ngx_uint_t,
-    ngx_variable_value_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_DECLINED, NGX_ERROR, NGX_HTTP_GET,
-    NGX_HTTP_HEAD, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
-    NGX_HTTP_NOT_ALLOWED, NGX_OK,
+    ngx_command_t, ngx_conf_t, ngx_http_discard_request_body, ngx_http_request_t, ngx_int_t,
+    ngx_pagesize, ngx_parse_size, ngx_shm_zone_t, ngx_uint_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1,
+    NGX_DECLINED, NGX_ERROR, NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_NOT_ALLOWED, NGX_OK,
 };
 use pdgate_glue::ngx::http::HttpModuleMainConf;
-use pdgate_glue::{conf, guard, observe, phase, response, upstream, variable, zone};
+use pdgate_glue::{conf, guard, response, upstream, zone};
 
-use crate::{Module, Vllm, ANY_LEVEL};
+use crate::{Module, ANY_LEVEL};
 
 /// The shared zone's name.
-const ZONE_NAME: &[u8] = b"pdgate_metrics";
+const ZONE_NAME: &[u8] = driver::METRICS_ZONE;
 
 /// The zone's size when `pd_metrics` is used without `pd_metrics_zone`.
 const DEFAULT_ZONE_SIZE: usize = 64 << 10;
@@ -151,43 +150,6 @@ unsafe extern "C" fn cmd_pd_metrics_zone(
 
 // --- configuration hooks ----------------------------------------------------
 
-/// The variables, in `VARS` order: their getter's `data`.
-const VARS: [&str; 11] = [
-    "pd_prefill_status",
-    "pd_prefill_addr",
-    "pd_prefill_time",
-    "pd_gap_time",
-    "pd_ttft",
-    "pd_tpot",
-    "pd_e2e",
-    "pd_prompt_tokens",
-    "pd_completion_tokens",
-    "pd_outcome",
-    "pd_failed_stage",
-];
-
-/// Declares the `$pd_*` variables (http preconfiguration).
-///
-/// # Safety
-/// `cf` must be the conf of an http preconfiguration callback.
-pub(crate) unsafe fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-    for (i, name) in VARS.iter().enumerate() {
-        // SAFETY: cf is live (caller); `data` is an index, not a pointer.
-        let added = unsafe {
-            variable::add_volatile(
-                cf,
-                name.as_bytes(),
-                Some(ngx_http_pd_variable),
-                i as *const c_void,
-            )
-        };
-        if added.is_err() {
-            return NGX_ERROR as ngx_int_t;
-        }
-    }
-    NGX_OK as ngx_int_t
-}
-
 /// Creates the zone when metrics are asked for, and hooks the body filter
 /// and the log handler (always: the variables need them).
 ///
@@ -205,99 +167,11 @@ pub(crate) unsafe fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
                 Err(_) => return NGX_ERROR as ngx_int_t,
             }
         }
-        if phase::add_handler(cf, ngx_http_phases_NGX_HTTP_LOG_PHASE, Some(ngx_http_pd_log_handler))
-            .is_err()
-        {
-            return NGX_ERROR as ngx_int_t;
-        }
     }
     NGX_OK as ngx_int_t
 }
 
 use pdgate_glue::ngx::http::HttpModule;
-
-// --- request hooks ----------------------------------------------------------
-
-/// The record of `r` when it is a P/D main request.
-///
-/// # Safety
-/// `r` must be a live request.
-unsafe fn record_of(r: *mut ngx_http_request_t) -> Option<&'static mut Record> {
-    // SAFETY: r is live (caller); ctx_of returns this module's own context.
-    unsafe {
-        if r != (*r).main {
-            return None;
-        }
-        driver::record::<Vllm>(r)
-    }
-}
-
-unsafe extern "C" fn ngx_http_pd_log_handler(r: *mut ngx_http_request_t) -> ngx_int_t {
-    guard::catch("pd metrics log handler", NGX_OK as ngx_int_t, || {
-        // SAFETY: nginx runs log handlers with the live request.
-        unsafe {
-            let Some(m) = record_of(r) else { return NGX_OK as ngx_int_t };
-            if m.counted {
-                return NGX_OK as ngx_int_t;
-            }
-            m.counted = true;
-            let Some(mcf) = Module::main_conf(&*r) else { return NGX_OK as ngx_int_t };
-            if let Some(z) = zone::state::<MetricsZone>(mcf.zone) {
-                z.record(&m.sample(), observe::final_status(r), observe::connection_broken(r));
-            }
-            NGX_OK as ngx_int_t
-        }
-    })
-}
-
-/// `ms` milliseconds as seconds with three decimals (`$request_time`'s form).
-fn secs(ms: u64) -> String {
-    format!("{}.{:03}", ms / 1000, ms % 1000)
-}
-
-unsafe extern "C" fn ngx_http_pd_variable(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_variable_value_t,
-    data: usize,
-) -> ngx_int_t {
-    guard::catch("pd variable", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls variable getters with a live request and value.
-        unsafe {
-            let Some(m) = record_of((*r).main) else {
-                variable::not_found(v);
-                return NGX_OK as ngx_int_t;
-            };
-            let s = m.sample();
-            let main = (*r).main;
-            let (status, closed) = (observe::final_status(main), observe::connection_broken(main));
-            let text: Option<String> = match data {
-                0 => (s.prefill_status != 0).then(|| s.prefill_status.to_string()),
-                1 => {
-                    if !m.prefill_addr.is_empty() {
-                        variable::set(v, m.prefill_addr);
-                        return NGX_OK as ngx_int_t;
-                    }
-                    None
-                }
-                2 => s.prefill_ms().map(secs),
-                3 => s.gap_ms().map(secs),
-                4 => s.ttft_ms().map(secs),
-                5 => s.tpot_us().map(|us| secs(us / 1000)),
-                6 => s.e2e_ms().map(secs),
-                7 => s.prompt_tokens.map(|n| n.to_string()),
-                8 => s.completion_tokens.map(|n| n.to_string()),
-                9 => Some(s.outcome(status, closed).label().to_owned()),
-                10 => s.failed_stage(status, closed).map(|st| st.label().to_owned()),
-                _ => None,
-            };
-            match text.and_then(|t| observe::pool_bytes(r, t.as_bytes())) {
-                Some(b) => variable::set(v, b),
-                None => variable::not_found(v),
-            }
-            NGX_OK as ngx_int_t
-        }
-    })
-}
 
 // --- the metrics location ---------------------------------------------------
 

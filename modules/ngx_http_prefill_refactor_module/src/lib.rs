@@ -143,6 +143,10 @@ impl HttpModule for Module {
     unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
         guard::catch("prefill_refactor preconfiguration", NGX_ERROR as ngx_int_t, || {
             // SAFETY: nginx calls preconfiguration with a valid http conf.
+            if unsafe { driver::preconfiguration::<Sglang>(cf) } != NGX_OK as ngx_int_t {
+                return NGX_ERROR as ngx_int_t;
+            }
+            // SAFETY: as above.
             let added = unsafe {
                 variable::add_volatile(
                     cf,

@@ -28,24 +28,26 @@ use std::marker::PhantomData;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 
 use ngx::ffi::{
-    ngx_chain_t, ngx_http_core_run_phases, ngx_http_finalize_request,
+    ngx_chain_t, ngx_event_t, ngx_http_core_run_phases, ngx_http_finalize_request,
     ngx_http_output_body_filter_pt, ngx_http_output_header_filter_pt,
-    ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE, ngx_http_read_client_request_body,
-    ngx_http_request_t, ngx_int_t, ngx_module_t, ngx_pool_t, NGX_DECLINED, NGX_DONE, NGX_ERROR,
-    NGX_HTTP_SERVICE_UNAVAILABLE, NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ALERT, NGX_LOG_ERR,
-    NGX_LOG_WARN, NGX_OK,
+    ngx_http_phases_NGX_HTTP_LOG_PHASE, ngx_http_phases_NGX_HTTP_PRECONTENT_PHASE,
+    ngx_http_read_client_request_body, ngx_http_request_t, ngx_int_t, ngx_module_t, ngx_pool_t,
+    ngx_variable_value_t, NGX_DECLINED, NGX_DONE, NGX_ERROR, NGX_HTTP_SERVICE_UNAVAILABLE,
+    NGX_HTTP_SPECIAL_RESPONSE, NGX_LOG_ALERT, NGX_LOG_ERR, NGX_LOG_WARN, NGX_OK,
 };
 use ngx::http::Request;
 use ngx::log::DebugMask;
 use ngx::{ngx_log_debug, ngx_log_error};
 use pdgate_core::encode::{self, classify as classify_encoder, MediaItem};
 use pdgate_core::json::Object;
-use pdgate_core::metrics::{Sample, UsageScanner};
+use pdgate_core::metrics::{MetricsZone, Sample, UsageScanner};
 use pdgate_core::pd::flow::{Event, Failure, Flow, Legs, Next, Spec, Step};
 use pdgate_core::pd::{classify_prefill, PrefillOutcome};
 use pdgate_core::rewrite::Plan;
 
-use crate::{body, fanout, guard, headers, leg, observe, phase, pool, response};
+use crate::{
+    body, fanout, guard, headers, leg, observe, phase, pool, response, timer, variable, zone,
+};
 
 /// A client's request refused before any leg: the status and the message of
 /// its JSON error.
@@ -150,6 +152,12 @@ pub trait Protocol: Sized + 'static {
     fn release(st: &mut Self::State, legs: Legs);
 }
 
+/// How long a prefill running beside its decode (SGLang `pd_together`) may
+/// still take once the decode ended: its KV was handed over (the decode
+/// could not have ended otherwise), so it should answer at once; a prefill
+/// that does not is stopped then, and the request ends.
+pub const PREFILL_GRACE_MS: usize = 5000;
+
 /// What the driver records of one P/D request (metrics and `$pd_*`).
 #[derive(Debug, Default)]
 pub struct Record {
@@ -229,6 +237,8 @@ pub struct Ctx<P: Protocol> {
     /// A step decided in a subrequest's post handler, for the main
     /// request's phase handler to execute.
     pending: Option<Step>,
+    /// The grace timer of a prefill still running after its decode ended.
+    grace: *mut ngx_event_t,
     _p: PhantomData<P>,
 }
 
@@ -297,8 +307,137 @@ pub unsafe fn postconfiguration<P: Protocol>(cf: *mut ngx::ffi::ngx_conf_t) -> n
         }
         *addr_of_mut!(NEXT_HEADER_FILTER) = leg::push_header_filter(Some(header_filter::<P>));
         *addr_of_mut!(NEXT_BODY_FILTER) = observe::push_body_filter(Some(body_filter::<P>));
+        if phase::add_handler(cf, ngx_http_phases_NGX_HTTP_LOG_PHASE, Some(log_handler::<P>))
+            .is_err()
+        {
+            return NGX_ERROR as ngx_int_t;
+        }
     }
     NGX_OK as ngx_int_t
+}
+
+/// Declares the `$pd_*` variables for `P`'s requests (shared with the
+/// other P/D module when both are loaded: each answers for its own).
+/// Call once from the module's preconfiguration.
+///
+/// # Safety
+/// `cf` must be the conf of an http preconfiguration callback.
+pub unsafe fn preconfiguration<P: Protocol>(cf: *mut ngx::ffi::ngx_conf_t) -> ngx_int_t {
+    for (i, name) in VARS.iter().enumerate() {
+        // SAFETY: cf is live (caller); `data` is an index; the previous
+        // handlers static is only written during configuration.
+        unsafe {
+            match variable::add_chained(cf, name.as_bytes(), Some(pd_variable::<P>), i) {
+                Ok(prev) => {
+                    if let Some(slot) = (*addr_of_mut!(PREVIOUS)).get_mut(i) {
+                        *slot = prev;
+                    }
+                }
+                Err(_) => return NGX_ERROR as ngx_int_t,
+            }
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+// --- metrics and log variables ------------------------------------------------------
+
+/// The metrics zone's name (declared by `pd_metrics_zone`, in the prefill
+/// module; every P/D module records into it).
+pub const METRICS_ZONE: &[u8] = b"pdgate_metrics";
+
+/// The `$pd_*` variables, in their `data` order.
+const VARS: [&str; 11] = [
+    "pd_prefill_status",
+    "pd_prefill_addr",
+    "pd_prefill_time",
+    "pd_gap_time",
+    "pd_ttft",
+    "pd_tpot",
+    "pd_e2e",
+    "pd_prompt_tokens",
+    "pd_completion_tokens",
+    "pd_outcome",
+    "pd_failed_stage",
+];
+
+/// The handlers the variables had before this module took them.
+static mut PREVIOUS: [variable::Previous; 11] = [(None, 0); 11];
+
+unsafe extern "C" fn log_handler<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_int_t {
+    guard::catch("pd log handler", NGX_OK as ngx_int_t, || {
+        // SAFETY: nginx runs log handlers with the live request; the zone
+        // found by name holds a MetricsZone (zone::add placed it).
+        unsafe {
+            if r != (*r).main {
+                return NGX_OK as ngx_int_t;
+            }
+            let Some(ctx) = ctx_of::<P>(r) else { return NGX_OK as ngx_int_t };
+            let m = &mut ctx.m;
+            if m.counted {
+                return NGX_OK as ngx_int_t;
+            }
+            m.counted = true;
+            let z = zone::find_in_cycle(METRICS_ZONE).unwrap_or(null_mut());
+            if let Some(z) = zone::state::<MetricsZone>(z) {
+                z.record(&m.sample(), observe::final_status(r), observe::connection_broken(r));
+            }
+            NGX_OK as ngx_int_t
+        }
+    })
+}
+
+/// `ms` milliseconds as seconds with three decimals (`$request_time`'s form).
+fn secs(ms: u64) -> String {
+    format!("{}.{:03}", ms / 1000, ms % 1000)
+}
+
+unsafe extern "C" fn pd_variable<P: Protocol>(
+    r: *mut ngx_http_request_t,
+    v: *mut ngx_variable_value_t,
+    data: usize,
+) -> ngx_int_t {
+    guard::catch("pd variable", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: nginx calls variable getters with a live request and value.
+        unsafe {
+            let main = (*r).main;
+            let Some(m) = record::<P>(main) else {
+                // Not ours: the other P/D module's, if it declared it too.
+                if let Some(&(Some(prev), pdata)) = (*addr_of!(PREVIOUS)).get(data) {
+                    return prev(r, v, pdata);
+                }
+                variable::not_found(v);
+                return NGX_OK as ngx_int_t;
+            };
+            let s = m.sample();
+            let (status, closed) = (observe::final_status(main), observe::connection_broken(main));
+            let text: Option<String> = match data {
+                0 => (s.prefill_status != 0).then(|| s.prefill_status.to_string()),
+                1 => {
+                    if !m.prefill_addr.is_empty() {
+                        variable::set(v, m.prefill_addr);
+                        return NGX_OK as ngx_int_t;
+                    }
+                    None
+                }
+                2 => s.prefill_ms().map(secs),
+                3 => s.gap_ms().map(secs),
+                4 => s.ttft_ms().map(secs),
+                5 => s.tpot_us().map(|us| secs(us / 1000)),
+                6 => s.e2e_ms().map(secs),
+                7 => s.prompt_tokens.map(|n| n.to_string()),
+                8 => s.completion_tokens.map(|n| n.to_string()),
+                9 => Some(s.outcome(status, closed).label().to_owned()),
+                10 => s.failed_stage(status, closed).map(|st| st.label().to_owned()),
+                _ => None,
+            };
+            match text.and_then(|t| observe::pool_bytes(r, t.as_bytes())) {
+                Some(b) => variable::set(v, b),
+                None => variable::not_found(v),
+            }
+            NGX_OK as ngx_int_t
+        }
+    })
 }
 
 // --- the precontent phase -------------------------------------------------------
@@ -342,6 +481,7 @@ unsafe fn precontent<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_int_t {
                 answer: &[],
                 content_type: &[],
                 pending: None,
+                grace: null_mut(),
                 _p: PhantomData,
             };
             let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
@@ -576,6 +716,15 @@ impl<P: Protocol> Ctx<P> {
                     };
                 }
             }
+            // Whether the main request has something new to act on.
+            let acts = matches!(
+                step.next,
+                Next::Decode
+                    | Next::StartTogether
+                    | Next::PassThrough { .. }
+                    | Next::Refuse { .. }
+                    | Next::Fail(_)
+            );
             let rc = match step.next {
                 Next::Wait | Next::Ignore => NGX_DONE as ngx_int_t,
                 Next::StartEncoders => NGX_DONE as ngx_int_t,
@@ -630,8 +779,22 @@ impl<P: Protocol> Ctx<P> {
                     NGX_DONE as ngx_int_t
                 }
                 Next::Terminate => return NGX_ERROR as ngx_int_t,
+                Next::Linger => {
+                    if timer::arm(r, &mut self.grace, PREFILL_GRACE_MS, Some(grace_expired::<P>))
+                        .is_err()
+                    {
+                        // Without the timer the prefill's own timeout ends it.
+                        ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "{}: cannot arm the prefill grace timer",
+                            P::NAME
+                        );
+                    }
+                    NGX_DONE as ngx_int_t
+                }
             };
-            self.wake(r, wake, rc)
+            self.wake(r, wake, rc, acts)
         }
     }
 
@@ -639,10 +802,15 @@ impl<P: Protocol> Ctx<P> {
     ///
     /// # Safety
     /// `r` must be the live main request owning self.
-    unsafe fn wake(&mut self, r: *mut ngx_http_request_t, wake: Wake, rc: ngx_int_t) -> ngx_int_t {
+    unsafe fn wake(
+        &mut self,
+        r: *mut ngx_http_request_t,
+        wake: Wake,
+        rc: ngx_int_t,
+        acts: bool,
+    ) -> ngx_int_t {
         // SAFETY: r is live (caller).
         unsafe {
-            let acts = !matches!(self.resume, Resume::Wait);
             match wake {
                 Wake::Return => {
                     if let Resume::Error { .. } | Resume::PrefillAnswer { .. } = self.resume {
@@ -720,7 +888,7 @@ impl<P: Protocol> Ctx<P> {
                 return NGX_ERROR as ngx_int_t;
             }
             self.resume_error(e.status, e.message);
-            self.wake(r, wake, NGX_DONE as ngx_int_t)
+            self.wake(r, wake, NGX_DONE as ngx_int_t, true)
         }
     }
 
@@ -1020,4 +1188,28 @@ unsafe extern "C" fn body_filter<P: Protocol>(
             None => NGX_OK as ngx_int_t,
         }
     }
+}
+
+unsafe extern "C" fn grace_expired<P: Protocol>(ev: *mut ngx_event_t) {
+    guard::catch("pd prefill grace timer", (), || {
+        // SAFETY: the timer's data is the main request (timer::arm), alive
+        // while its pool is (the pool's cleanup deletes the timer). Stopping
+        // the prefill may drop the request's last other reference: hold one
+        // and finalize it after, as nginx's own handlers do.
+        unsafe {
+            let r = (*ev).data as *mut ngx_http_request_t;
+            let Some(ctx) = ctx_of::<P>(r) else { return };
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                (*(*r).connection).log,
+                "{}: prefill still running {} ms after its decode ended, stopping it",
+                P::NAME,
+                PREFILL_GRACE_MS
+            );
+            (*r).set_count((*r).count() + 1);
+            let step = ctx.flow.on(Event::GraceExpired);
+            ctx.execute(r, step, Wake::Nginx);
+            ngx_http_finalize_request(r, NGX_DONE as ngx_int_t);
+        }
+    })
 }

@@ -110,3 +110,38 @@ pub unsafe fn not_found(v: *mut ngx_variable_value_t) {
         (*v).set_not_found(1);
     }
 }
+
+/// The handler and data a variable had before [`add_chained`] took it.
+pub type Previous = (ngx_http_get_variable_pt, usize);
+
+/// Declares `$name` for a value that changes during the request, shared
+/// between modules: when another module (the other P/D module) declared it
+/// the same way, `get` takes its place and gets back the earlier handler,
+/// to call for the requests that are not its own. Both must use this.
+///
+/// # Safety
+/// As [`add`].
+pub unsafe fn add_chained(
+    cf: *mut ngx_conf_t,
+    name: &[u8],
+    get: ngx_http_get_variable_pt,
+    data: usize,
+) -> Result<Previous, crate::NgxError> {
+    let mut s = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+    // SAFETY: cf is live; nginx returns NULL (and logs) when the name is
+    // taken by a variable that is not changeable.
+    unsafe {
+        let flags = (NGX_HTTP_VAR_NOCACHEABLE | ngx::ffi::NGX_HTTP_VAR_CHANGEABLE) as usize;
+        let v = ngx_http_add_variable(cf, &mut s, flags);
+        if v.is_null() {
+            return Err(crate::NgxError);
+        }
+        let prev = ((*v).get_handler, (*v).data);
+        (*v).get_handler = get;
+        (*v).data = data;
+        if ngx_http_get_variable_index(cf, &mut s) < 0 {
+            return Err(crate::NgxError);
+        }
+        Ok(prev)
+    }
+}

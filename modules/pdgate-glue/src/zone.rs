@@ -155,3 +155,40 @@ pub unsafe fn state<'a, T: ZoneState>(zone: *const ngx_shm_zone_t) -> Option<&'a
     // mapping, which lives as long as the cycle (and beyond, on reload).
     unsafe { (zone.as_ref()?.data as *const T).as_ref() }
 }
+
+/// The shared zone named `name` in the running cycle, whoever declared it
+/// (a zone one P/D module declares and another one also records into).
+/// Looked up once per cycle and remembered.
+pub fn find_in_cycle(name: &'static [u8]) -> Option<*mut ngx_shm_zone_t> {
+    use std::cell::Cell;
+    thread_local! {
+        /// (cycle, zone) of the last lookup: workers are single-threaded,
+        /// and a reload brings a new cycle (new workers, in fact).
+        static LAST: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+    }
+    // SAFETY: ngx_cycle is the running cycle in a worker; its shared memory
+    // list and zones live as long as it.
+    unsafe {
+        let cycle = *std::ptr::addr_of!(ngx::ffi::ngx_cycle);
+        let c = cycle.as_ref()?;
+        let (at, z) = LAST.with(Cell::get);
+        if at == cycle as usize {
+            return (z != 0).then_some(z as *mut ngx_shm_zone_t);
+        }
+        let mut found = 0usize;
+        let mut part: *const ngx::ffi::ngx_list_part_t = &c.shared_memory.part;
+        'walk: while let Some(p) = part.as_ref() {
+            let zones = p.elts as *mut ngx_shm_zone_t;
+            for i in 0..p.nelts {
+                let z = zones.add(i);
+                if crate::conf::str_bytes(&(*z).shm.name) == name {
+                    found = z as usize;
+                    break 'walk;
+                }
+            }
+            part = p.next;
+        }
+        LAST.with(|l| l.set((cycle as usize, found)));
+        (found != 0).then_some(found as *mut ngx_shm_zone_t)
+    }
+}

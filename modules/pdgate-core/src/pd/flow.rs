@@ -86,6 +86,10 @@ pub enum State {
     Prefilling,
     /// Together: both legs run; `decode` is `Ok` once its header went out.
     Together { prefill: Side, decode: Side },
+    /// Together: the decode ended while the prefill still runs; it gets a
+    /// grace period to answer (its KV is handed over, or of no use), then
+    /// it is stopped, so a hung prefill cannot hold a finished request.
+    Lingering,
     /// The decode runs through the location's `proxy_pass`; the flow has
     /// nothing left to decide but its end.
     Decoding,
@@ -162,6 +166,8 @@ pub enum Event {
     DecodeEnded,
     /// Starting the step the machine asked for failed.
     StartFailed,
+    /// The grace period of a lingering prefill is over.
+    GraceExpired,
     /// The client went away (or nginx terminated the request).
     ClientGone,
 }
@@ -192,6 +198,8 @@ pub enum Next {
     Fail(Failure),
     /// The client already has the decode's header: cut the request.
     Terminate,
+    /// Give the prefill still running a grace period ([`Event::GraceExpired`]).
+    Linger,
     /// The request is over for the flow (the client left, or a late event).
     Ignore,
 }
@@ -411,11 +419,39 @@ impl Flow {
                 Self::wait()
             }
             (State::Together { prefill, .. }, E::DecodeEnded) => {
-                // Whatever the prefill does now cannot matter: the KV has
-                // been handed over (or the decode failed).
-                let cancel = if *prefill == Side::Running { Legs::PREFILL } else { Legs::NONE };
-                self.finish(End::Decoded, cancel, Next::Ignore)
+                if *prefill == Side::Running {
+                    self.go(State::Lingering, Legs::DECODE, Next::Linger)
+                } else {
+                    self.finish(End::Decoded, Legs::NONE, Next::Ignore)
+                }
             }
+            // Whatever the prefill does now cannot change the answer.
+            (State::Lingering, E::PrefillEnded(_)) => {
+                self.finish(End::Decoded, Legs::NONE, Next::Ignore)
+            }
+            (State::Lingering, E::GraceExpired) => {
+                self.finish(End::Decoded, Legs::PREFILL, Next::Ignore)
+            }
+            (State::Lingering, E::ClientGone) => {
+                self.finish(End::ClientGone, Legs::PREFILL, Next::Ignore)
+            }
+            (
+                State::Lingering,
+                E::BodyReady { .. }
+                | E::Refused { .. }
+                | E::EncoderEnded { .. }
+                | E::DecodeHeader { .. }
+                | E::DecodeEnded
+                | E::StartFailed,
+            ) => Self::ignore(),
+            (
+                State::ReadingBody
+                | State::Encoding(_)
+                | State::Prefilling
+                | State::Together { .. }
+                | State::Decoding,
+                E::GraceExpired,
+            ) => Self::ignore(),
             (State::Decoding, E::DecodeEnded) => {
                 self.finish(End::Decoded, Legs::NONE, Next::Ignore)
             }
@@ -491,6 +527,7 @@ mod tests {
             Event::DecodeHeader { status: 502 },
             Event::DecodeEnded,
             Event::StartFailed,
+            Event::GraceExpired,
             Event::ClientGone,
         ];
         for o in [
@@ -607,7 +644,9 @@ mod tests {
                         assert!(
                             matches!(
                                 flow.state(),
-                                State::Prefilling | State::Together { prefill: Side::Running, .. }
+                                State::Prefilling
+                                    | State::Lingering
+                                    | State::Together { prefill: Side::Running, .. }
                             ),
                             "{ctx}"
                         );
@@ -773,18 +812,28 @@ mod tests {
     }
 
     #[test]
-    fn together_decode_end_stops_a_hung_prefill() {
-        let (f, steps) = run(
-            TOG,
-            &[
-                Event::BodyReady { media: 0 },
-                Event::DecodeHeader { status: 200 },
-                Event::DecodeEnded,
-            ],
-        );
-        assert_eq!(steps[2].cancel, Legs::PREFILL);
-        assert_eq!(steps[2].release, Legs::PREFILL.with(Legs::DECODE));
+    fn together_decode_end_gives_a_running_prefill_a_grace_period_then_stops_it() {
+        let start = [Event::BodyReady { media: 0 }, Event::DecodeHeader { status: 200 }];
+        let (f, steps) =
+            run(TOG, &[&start[..], &[Event::DecodeEnded, Event::GraceExpired]].concat());
+        assert_eq!(steps[2].next, Next::Linger);
+        assert_eq!(steps[2].release, Legs::DECODE);
+        assert_eq!(steps[3].cancel, Legs::PREFILL);
+        assert_eq!(steps[3].release, Legs::PREFILL);
         assert_eq!(f.end(), Some(&End::Decoded));
+        // A prefill that answers in time is not stopped.
+        let late =
+            [Event::DecodeEnded, Event::PrefillEnded(PrefillOutcome::Decode), Event::GraceExpired];
+        let (f, steps) = run(TOG, &[&start[..], &late[..]].concat());
+        assert_eq!(steps[3].cancel, Legs::NONE);
+        assert_eq!(steps[3].release, Legs::PREFILL);
+        assert_eq!(steps[4], Flow::ignore());
+        assert_eq!(f.end(), Some(&End::Decoded));
+        // A prefill done first: the decode's end ends the request.
+        let first = [Event::PrefillEnded(PrefillOutcome::Decode), Event::DecodeEnded];
+        let (_, steps) = run(TOG, &[&start[..], &first[..]].concat());
+        assert_eq!(steps[3].next, Next::Ignore);
+        assert_eq!(steps[3].release, Legs::DECODE);
     }
 
     #[test]
