@@ -255,3 +255,17 @@ POST /v1/completions
 prefill_refactor: prefill still running 5000 ms after its decode ended, stopping it
 --- no_error_log
 [alert]
+
+
+
+=== TEST 15: p_before_d: a prefill server that refuses connections is retried on the other and left out for fail_timeout; every request succeeds
+--- config eval
+Pdgate::Sglang::config('p_before_d', '', '', '127.0.0.1:1,127.0.0.1:$TEST_NGINX_SERVER_PORT')
+--- request eval
+["POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","POST /v1/completions\n{\"prompt\":\"p\"}","GET /counters"]
+--- error_code eval
+[200,200,200,200,200,200,200,200,200,200,200,200,200]
+--- response_body_like eval
+["bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","\"127.0.0.1:1\":\\{\"active\":0,\"total\":1\\},\"127.0.0.1:\\d+\":\\{\"active\":0,"]
+--- no_error_log
+[alert]

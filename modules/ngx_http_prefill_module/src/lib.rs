@@ -264,7 +264,7 @@ impl Protocol for Vllm {
             return None;
         }
         let shape = if prefill { Shape::Sequential } else { Shape::DecodeOnly };
-        Some(Spec { encode, shape })
+        Some(Spec { encode, shape, retries: 0 })
     }
 
     fn prepare(r: &Request, bodies: &Bodies, _: &mut ()) -> Result<Prepared, Refusal> {

@@ -31,6 +31,9 @@ use std::ffi::{c_char, c_void};
 use std::ptr::NonNull;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 
+use pdgate_glue::core::balance::fails::{
+    parse_duration_ms, FailWindow, DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_MAX_FAILS,
+};
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
 use pdgate_glue::core::balance::{PeerView, Policy};
 use pdgate_glue::core::bootstrap::{
@@ -45,14 +48,14 @@ use pdgate_glue::ffi::{
     ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_http_request_t, ngx_http_variable_value_t,
     ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_ERROR,
     NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_OK,
+    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
 };
 use pdgate_glue::ngx::http::{
     HttpModule, HttpModuleLocationConf, Merge, MergeConfigError, Request,
 };
 use pdgate_glue::ngx::log::DebugMask;
-use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_string};
-use pdgate_glue::{conf, counters, guard, random, variable};
+use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error, ngx_string};
+use pdgate_glue::{conf, counters, guard, observe, random, variable};
 
 /// The counters of `zone` (the shared zone of this configuration).
 fn zone_table<'a>(zone: Option<NonNull<ngx_shm_zone_t>>) -> Option<SlotTable<'a>> {
@@ -73,6 +76,10 @@ pub struct LocConf {
     backend: Option<()>,
     /// `prefill_refactor_balance <policy>`: `Some(None)` is least active.
     balance: Option<Option<Policy>>,
+    /// `prefill_refactor_max_fails <n>`.
+    max_fails: Option<u64>,
+    /// `prefill_refactor_fail_timeout <time>` (ms).
+    fail_timeout: Option<u64>,
     /// The shared counters zone (`prefill_refactor`), attached by the
     /// directives that need it, per configuration cycle.
     zone: Option<NonNull<ngx_shm_zone_t>>,
@@ -103,6 +110,12 @@ impl Merge for LocConf {
         }
         if self.zone.is_none() {
             self.zone = prev.zone;
+        }
+        if self.max_fails.is_none() {
+            self.max_fails = prev.max_fails;
+        }
+        if self.fail_timeout.is_none() {
+            self.fail_timeout = prev.fail_timeout;
         }
         Ok(())
     }
@@ -250,7 +263,7 @@ const fn command(
     }
 }
 
-static mut NGX_HTTP_PREFILL_REFACTOR_COMMANDS: [ngx_command_t; 8] = [
+static mut NGX_HTTP_PREFILL_REFACTOR_COMMANDS: [ngx_command_t; 10] = [
     command(ngx_string!("prefill_refactor"), cmd_prefill_refactor),
     command(ngx_string!("prefill_servers_list"), cmd_prefill_servers_list),
     command(ngx_string!("decode_servers_list"), cmd_decode_servers_list),
@@ -258,6 +271,8 @@ static mut NGX_HTTP_PREFILL_REFACTOR_COMMANDS: [ngx_command_t; 8] = [
     command(ngx_string!("pd_distribution"), cmd_pd_distribution),
     command(ngx_string!("pd_backend"), cmd_pd_backend),
     command(ngx_string!("prefill_refactor_balance"), cmd_balance),
+    command(ngx_string!("prefill_refactor_max_fails"), cmd_max_fails),
+    command(ngx_string!("prefill_refactor_fail_timeout"), cmd_fail_timeout),
     ngx_command_t::empty(),
 ];
 
@@ -418,6 +433,44 @@ unsafe extern "C" fn cmd_pd_backend(
     }
 }
 
+/// `prefill_refactor_max_fails <number>;` (default 1; 0: never left out)
+unsafe extern "C" fn cmd_max_fails(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    lcf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: directive handler contract (see `directive`).
+    unsafe {
+        directive("prefill_refactor_max_fails directive", cf, lcf, |lcf, v| {
+            dup(&lcf.max_fails)?;
+            let n = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(
+                || format!("invalid value \"{}\", it must be a number", String::from_utf8_lossy(v)),
+            )?;
+            lcf.max_fails = Some(n);
+            Ok(())
+        })
+    }
+}
+
+/// `prefill_refactor_fail_timeout <time>;` (default 10s)
+unsafe extern "C" fn cmd_fail_timeout(
+    cf: *mut ngx_conf_t,
+    _cmd: *mut ngx_command_t,
+    lcf: *mut c_void,
+) -> *mut c_char {
+    // SAFETY: directive handler contract (see `directive`).
+    unsafe {
+        directive("prefill_refactor_fail_timeout directive", cf, lcf, |lcf, v| {
+            dup(&lcf.fail_timeout)?;
+            let ms = parse_duration_ms(v).ok_or_else(|| {
+                format!("invalid value \"{}\", it must be a time", String::from_utf8_lossy(v))
+            })?;
+            lcf.fail_timeout = Some(ms);
+            Ok(())
+        })
+    }
+}
+
 /// `prefill_refactor_balance least_active | <balancer policy>;`
 unsafe extern "C" fn cmd_balance(
     cf: *mut ngx_conf_t,
@@ -458,6 +511,8 @@ pub struct Choices {
     d: Option<Chosen>,
     room: String,
     zone: Option<NonNull<ngx_shm_zone_t>>,
+    /// Prefill servers tried (by index), the last one running.
+    tried: Vec<usize>,
 }
 
 impl Choices {
@@ -491,63 +546,59 @@ impl Protocol for Sglang {
             Distribution::PBeforeD => Shape::Sequential,
             Distribution::PdTogether => Shape::Together,
         };
-        Some(Spec { encode: false, shape })
+        // A prefill that gave no answer is tried again on other servers
+        // (before anything reached the client: p_before_d only).
+        let others = lcf.prefill.as_ref().map_or(0, |p| p.len().saturating_sub(1));
+        let retries = match shape {
+            Shape::Sequential => others.min(MAX_RETRIES) as u8,
+            _ => 0,
+        };
+        Some(Spec { encode: false, shape, retries })
     }
 
     /// Checks the body, chooses the servers, builds both bodies.
     fn prepare(r: &Request, bodies: &Bodies, st: &mut Choices) -> Result<Prepared, Refusal> {
         let lcf = Module::location_conf(r).ok_or(Refusal::new(500, "no configuration"))?;
-        let (Some(Some(prefix)), Some(plist)) = (&lcf.prefix, &lcf.prefill) else {
-            return Err(Refusal::new(500, "no configuration"));
-        };
-        let src = bodies.src();
-        let obj = Object::parse(src)
+        let obj = Object::parse(bodies.src())
             .map_err(|e| Refusal::new(400, format!("request body is not a JSON object: {e}")))?;
         check_request(&obj).map_err(|e| Refusal::new(400, e.to_string()))?;
-
-        let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
-        let policy = lcf.balance.flatten();
-        let tokens = tokens_for_bytes(src.len());
         st.zone = lcf.zone;
-        let mut hold = Legs::NONE;
-        let (pi, p) = choose(lcf.zone, plist, b"prefill_refactor:prefill", policy, tokens, tie)
-            .ok_or(Refusal::new(500, "no prefill server"))?;
-        let server = plist.get(pi).ok_or(Refusal::new(500, "no prefill server"))?;
-        st.p = Some(p);
-        hold = hold.with(Legs::PREFILL);
-        if let Some(dlist) = &lcf.decode {
-            st.d = choose(lcf.zone, dlist, b"prefill_refactor:decode", policy, tokens, tie >> 17)
-                .map(|(_, c)| c);
-            hold = hold.with(Legs::DECODE);
-        }
-        st.room = room.to_string();
-        let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);
-        let members = bootstrap_members(&server.host, port, room);
-        let pbody = bodies.build(&leg_plan(&obj, members.as_bytes(), Leg::Prefill))?;
-        let dbody = bodies.build(&leg_plan(&obj, members.as_bytes(), Leg::Decode))?;
+        let mut p = legs(r, lcf, bodies, &obj, st, true)?;
+        p.obj = Some(obj);
+        Ok(p)
+    }
 
-        let uri = r.path().as_bytes();
-        let mut target = Vec::with_capacity(prefix.len() + uri.len());
-        target.extend_from_slice(prefix);
-        target.extend_from_slice(uri);
-        ngx_log_debug!(
-            mask: DebugMask::Http,
-            r.log(),
-            "prefill_refactor: {} prefill {} (bootstrap port {}), decode {}, room {}, bodies {}/{} bytes",
-            lcf.distribution().name(),
-            server.addr,
-            port,
-            st.d.as_ref().map_or("(upstream)", |c| c.addr.as_str()),
-            room,
-            pbody.len(),
-            dbody.len()
-        );
-        Ok(Prepared {
-            prefill: Some((target, pbody)),
-            decode: Some(dbody),
-            hold,
-            ..Prepared::default()
-        })
+    fn prefill_ended(r: &Request, st: &mut Choices, answered: bool) {
+        let Some(lcf) = Module::location_conf(r) else { return };
+        let (Some(plist), Some(&i)) = (&lcf.prefill, st.tried.last()) else { return };
+        let Some(server) = plist.get(i) else { return };
+        let Some(w) = fail_window(lcf.zone, server) else { return };
+        if answered {
+            w.succeeded();
+        } else {
+            let max = lcf.max_fails.unwrap_or(DEFAULT_MAX_FAILS);
+            let timeout = lcf.fail_timeout.unwrap_or(DEFAULT_FAIL_TIMEOUT_MS);
+            if w.failed(observe::now_ms(), max, timeout) {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    r.log(),
+                    "prefill_refactor: prefill server {} left out for {} ms after {} failure(s)",
+                    server.addr,
+                    timeout,
+                    max
+                );
+            }
+        }
+    }
+
+    fn retry(
+        r: &Request,
+        bodies: &Bodies,
+        obj: Option<&Object<'static>>,
+        st: &mut Choices,
+    ) -> Option<Prepared> {
+        let lcf = Module::location_conf(r)?;
+        legs(r, lcf, bodies, obj?, st, false).ok()
     }
 
     fn decode_after_prefill(
@@ -570,9 +621,103 @@ impl Protocol for Sglang {
     }
 }
 
-/// The server of `list` (counted under `role`) that `policy` picks — the
-/// fewest requests in flight when it is `None` — now holding one more
-/// request of `tokens`.
+/// Most prefill servers one request tries (after the first).
+const MAX_RETRIES: usize = 2;
+
+/// The failure state of prefill server `s` (nginx's max_fails/fail_timeout).
+fn fail_window<'a>(zone: Option<NonNull<ngx_shm_zone_t>>, s: &Server) -> Option<FailWindow<'a>> {
+    let t = zone_table(zone)?;
+    let i = t.find_or_claim(peer_key(b"prefill_refactor:fails", s.addr.as_bytes()))?;
+    FailWindow::in_slot(&t, i)
+}
+
+/// Chooses the prefill (and, the first time, the decode) server and builds
+/// both bodies for them. A retry (`first` false) leaves out the servers
+/// tried; a server inside its fail window is left out while another is not.
+fn legs(
+    r: &Request,
+    lcf: &LocConf,
+    bodies: &Bodies,
+    obj: &Object<'_>,
+    st: &mut Choices,
+    first: bool,
+) -> Result<Prepared, Refusal> {
+    let (Some(Some(prefix)), Some(plist)) = (&lcf.prefix, &lcf.prefill) else {
+        return Err(Refusal::new(500, "no configuration"));
+    };
+    let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
+    let policy = lcf.balance.flatten();
+    let tokens = tokens_for_bytes(bodies.src().len());
+    let now = observe::now_ms();
+    let usable: Vec<bool> = plist
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            !st.tried.contains(&i) && fail_window(lcf.zone, s).is_none_or(|w| w.available(now))
+        })
+        .collect();
+    let untried: Vec<bool> = (0..plist.len()).map(|i| !st.tried.contains(&i)).collect();
+    let eligible = if usable.contains(&true) { usable } else { untried };
+    if !eligible.contains(&true) {
+        return Err(Refusal::new(502, "no prefill server left to try"));
+    }
+    let mut hold = Legs::NONE;
+    let (pi, p) =
+        choose(lcf.zone, plist, b"prefill_refactor:prefill", policy, tokens, tie, &eligible)
+            .ok_or(Refusal::new(500, "no prefill server"))?;
+    let server = plist.get(pi).ok_or(Refusal::new(500, "no prefill server"))?;
+    st.p = Some(p);
+    st.tried.push(pi);
+    hold = hold.with(Legs::PREFILL);
+    if first {
+        if let Some(dlist) = &lcf.decode {
+            let all = vec![true; dlist.len()];
+            st.d = choose(
+                lcf.zone,
+                dlist,
+                b"prefill_refactor:decode",
+                policy,
+                tokens,
+                tie >> 17,
+                &all,
+            )
+            .map(|(_, c)| c);
+            hold = hold.with(Legs::DECODE);
+        }
+    }
+    st.room = room.to_string();
+    let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);
+    let members = bootstrap_members(&server.host, port, room);
+    let pbody = bodies.build(&leg_plan(obj, members.as_bytes(), Leg::Prefill))?;
+    let dbody = bodies.build(&leg_plan(obj, members.as_bytes(), Leg::Decode))?;
+
+    let uri = r.path().as_bytes();
+    let mut target = Vec::with_capacity(prefix.len() + uri.len());
+    target.extend_from_slice(prefix);
+    target.extend_from_slice(uri);
+    ngx_log_debug!(
+        mask: DebugMask::Http,
+        r.log(),
+        "prefill_refactor: {} prefill {} (bootstrap port {}), decode {}, room {}, bodies {}/{} bytes",
+        lcf.distribution().name(),
+        server.addr,
+        port,
+        st.d.as_ref().map_or("(upstream)", |c| c.addr.as_str()),
+        room,
+        pbody.len(),
+        dbody.len()
+    );
+    Ok(Prepared {
+        prefill: Some((target, pbody)),
+        decode: Some(dbody),
+        hold,
+        ..Prepared::default()
+    })
+}
+
+/// The server of `list` (counted under `role`) that `policy` picks among
+/// the `eligible` ones — the fewest requests in flight when it is `None` —
+/// now holding one more request of `tokens`.
 fn choose(
     zone: Option<NonNull<ngx_shm_zone_t>>,
     list: &[Server],
@@ -580,6 +725,7 @@ fn choose(
     policy: Option<Policy>,
     tokens: u64,
     tie: u64,
+    eligible: &[bool],
 ) -> Option<(usize, Chosen)> {
     let table: Option<SlotTable<'_>> = zone_table(zone);
     let slots: Vec<Option<usize>> = list
@@ -596,13 +742,19 @@ fn choose(
             _ => (0, 0),
         })
         .collect();
+    let ok = |i: usize| eligible.get(i).copied().unwrap_or(false);
     let i = match policy {
-        None => least_active(&load.iter().map(|l| l.0).collect::<Vec<_>>(), tie)?,
+        None => {
+            let active: Vec<u64> =
+                load.iter().enumerate().map(|(i, l)| if ok(i) { l.0 } else { u64::MAX }).collect();
+            least_active(&active, tie).filter(|&i| ok(i))?
+        }
         Some(p) => {
             let views: Vec<PeerView> = load
                 .iter()
-                .map(|&(requests, tokens)| PeerView {
-                    available: true,
+                .enumerate()
+                .map(|(i, &(requests, tokens))| PeerView {
+                    available: ok(i),
                     weight: 1,
                     requests,
                     tokens,

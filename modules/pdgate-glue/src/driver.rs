@@ -150,6 +150,22 @@ pub trait Protocol: Sized + 'static {
 
     /// Releases what the module reserved for `legs`.
     fn release(st: &mut Self::State, legs: Legs);
+
+    /// The prefill leg ended: `answered` is false when its server gave no
+    /// answer (unreachable, timed out, cut off), which counts against it.
+    fn prefill_ended(_r: &Request, _st: &mut Self::State, _answered: bool) {}
+
+    /// The prefill gave no answer and the flow may try again
+    /// ([`Spec::retries`]): the prefill (and decode) bodies for another
+    /// server, or `None` when there is none to try.
+    fn retry(
+        _r: &Request,
+        _bodies: &Bodies,
+        _obj: Option<&Object<'static>>,
+        _st: &mut Self::State,
+    ) -> Option<Prepared> {
+        None
+    }
 }
 
 /// How long a prefill running beside its decode (SGLang `pd_together`) may
@@ -727,6 +743,28 @@ impl<P: Protocol> Ctx<P> {
             );
             let rc = match step.next {
                 Next::Wait | Next::Ignore => NGX_DONE as ngx_int_t,
+                Next::RetryPrefill => {
+                    let bodies = Bodies { pool: (*r).pool, src: self.src };
+                    let again = P::retry(view(r), &bodies, self.obj.as_ref(), &mut self.st);
+                    if let Some(p) = &again {
+                        self.flow.hold(p.hold);
+                    }
+                    let ready = again.is_some();
+                    if let Some(p) = again {
+                        self.prefill = p.prefill;
+                        if p.decode.is_some() {
+                            self.decode = p.decode;
+                        }
+                        ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "{}: prefill gave no answer, trying another prefill server",
+                            P::NAME
+                        );
+                    }
+                    let next = self.flow.on(Event::Retry { ready });
+                    return self.execute(r, next, wake);
+                }
                 Next::StartEncoders => NGX_DONE as ngx_int_t,
                 Next::StartPrefill => match self.start_prefill(r, leg::Mode::Waited) {
                     Ok(()) => NGX_DONE as ngx_int_t,
@@ -1026,9 +1064,19 @@ unsafe fn on_prefill_done<P: Protocol>(
         ctx.answer = rep.answer;
         ctx.content_type = rep.content_type;
         let gone = outcome == PrefillOutcome::ClientGone;
+        if !gone {
+            let answered = !matches!(outcome, PrefillOutcome::Fail(f) if f.is_retryable());
+            P::prefill_ended(view(ctx.main), &mut ctx.st, answered);
+        }
         let background = (*sr).background() != 0;
         let step = ctx.flow.on(Event::PrefillEnded(outcome));
         let main = ctx.main;
+        if step.next == Next::RetryPrefill {
+            // The next try starts from the main request's phase handler,
+            // which nginx runs when this (waited) subrequest is done.
+            ctx.pending = Some(step);
+            return NGX_OK as ngx_int_t;
+        }
         let wake = if background { Wake::Post } else { Wake::Nginx };
         let next_rc = ctx.execute(main, step, wake);
         if gone {

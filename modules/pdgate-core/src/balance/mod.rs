@@ -7,6 +7,7 @@
 //! ([`slots::SlotTable::acquire`]) before the next worker looks, and releases
 //! it when the try ends.
 
+pub mod fails;
 pub mod pending;
 pub mod prefix;
 pub mod slots;

@@ -114,6 +114,12 @@ impl<'a> SlotTable<'a> {
         }
     }
 
+    /// Slot `i`'s request and token counters as bare atomics, for a slot
+    /// keyed to hold other state (e.g. [`super::fails::FailWindow`]).
+    pub fn atomics(&self, i: usize) -> Option<(&'a AtomicU64, &'a AtomicU64)> {
+        self.slots.get(i).map(|s| (&s.requests, &s.tokens))
+    }
+
     /// Requests ever placed on slot `i`.
     pub fn total(&self, i: usize) -> u64 {
         self.slots.get(i).map_or(0, |s| s.total.load(Ordering::Relaxed))

@@ -36,6 +36,10 @@ pub enum Shape {
 pub struct Spec {
     pub encode: bool,
     pub shape: Shape,
+    /// Sequential: how many times a prefill that failed without an answer
+    /// (unreachable, timed out, cut off) is tried again on another server,
+    /// before anything reached the client.
+    pub retries: u8,
 }
 
 /// A set of legs (bit set): the legs holding counters, or to cancel.
@@ -82,8 +86,12 @@ pub enum State {
     ReadingBody,
     /// The encoder requests run.
     Encoding(FanOut),
-    /// Sequential: the prefill runs, the main request waits.
-    Prefilling,
+    /// Sequential: the prefill runs (try `attempt`, from 0), the main
+    /// request waits.
+    Prefilling { attempt: u8 },
+    /// Sequential: the prefill failed without an answer; the driver looks
+    /// for another server ([`Event::Retry`]).
+    Retrying { failure: PrefillFailure, attempt: u8 },
     /// Together: both legs run; `decode` is `Ok` once its header went out.
     Together { prefill: Side, decode: Side },
     /// Together: the decode ended while the prefill still runs; it gets a
@@ -168,6 +176,9 @@ pub enum Event {
     StartFailed,
     /// The grace period of a lingering prefill is over.
     GraceExpired,
+    /// After [`Next::RetryPrefill`]: another prefill is prepared (`ready`),
+    /// or there is none to try.
+    Retry { ready: bool },
     /// The client went away (or nginx terminated the request).
     ClientGone,
 }
@@ -181,6 +192,8 @@ pub enum Next {
     StartEncoders,
     /// Start the prefill leg; the main request waits for it.
     StartPrefill,
+    /// Prepare the prefill again on another server, then say [`Event::Retry`].
+    RetryPrefill,
     /// Start the prefill leg in the background and let the main request go
     /// on to the decode at once.
     StartTogether,
@@ -287,7 +300,9 @@ impl Flow {
     fn legs(&mut self) -> Step {
         match self.spec.shape {
             Shape::DecodeOnly => self.go(State::Decoding, Legs::NONE, Next::Decode),
-            Shape::Sequential => self.go(State::Prefilling, Legs::NONE, Next::StartPrefill),
+            Shape::Sequential => {
+                self.go(State::Prefilling { attempt: 0 }, Legs::NONE, Next::StartPrefill)
+            }
             Shape::Together => self.go(
                 State::Together { prefill: Side::Running, decode: Side::Running },
                 Legs::NONE,
@@ -309,7 +324,10 @@ impl Flow {
             (State::Encoding(_), E::ClientGone) => {
                 self.finish(End::ClientGone, Legs::ENCODERS, Next::Ignore)
             }
-            (State::Prefilling, E::ClientGone) => {
+            (State::Retrying { .. }, E::ClientGone) => {
+                self.finish(End::ClientGone, Legs::NONE, Next::Ignore)
+            }
+            (State::Prefilling { .. }, E::ClientGone) => {
                 self.finish(End::ClientGone, Legs::PREFILL, Next::Ignore)
             }
             (State::Together { prefill, .. }, E::ClientGone) => {
@@ -347,8 +365,17 @@ impl Flow {
                 Legs::ENCODERS,
                 Next::Fail(Failure::Internal),
             ),
-            (State::Prefilling | State::Decoding | State::ReadingBody, E::StartFailed) => self
-                .finish(End::Failed(Failure::Internal), Legs::NONE, Next::Fail(Failure::Internal)),
+            (
+                State::Prefilling { .. }
+                | State::Retrying { .. }
+                | State::Decoding
+                | State::ReadingBody,
+                E::StartFailed,
+            ) => self.finish(
+                End::Failed(Failure::Internal),
+                Legs::NONE,
+                Next::Fail(Failure::Internal),
+            ),
             // (Reported right after `Next::StartTogether`: the prefill did
             // not start and the decode has not run.)
             (State::Together { prefill, decode }, E::StartFailed) => {
@@ -364,7 +391,22 @@ impl Flow {
                 }
             }
 
-            (State::Prefilling, E::PrefillEnded(outcome)) => match outcome {
+            (State::Prefilling { attempt }, E::PrefillEnded(PrefillOutcome::Fail(f)))
+                if f.is_retryable() && *attempt < self.spec.retries =>
+            {
+                let attempt = *attempt;
+                self.go(State::Retrying { failure: f, attempt }, Legs::PREFILL, Next::RetryPrefill)
+            }
+            (State::Retrying { failure, attempt }, E::Retry { ready }) => {
+                if ready {
+                    let attempt = *attempt + 1;
+                    self.go(State::Prefilling { attempt }, Legs::NONE, Next::StartPrefill)
+                } else {
+                    let f = Failure::Prefill(*failure);
+                    self.finish(End::Failed(f.clone()), Legs::NONE, Next::Fail(f))
+                }
+            }
+            (State::Prefilling { .. }, E::PrefillEnded(outcome)) => match outcome {
                 PrefillOutcome::Decode => self.go(State::Decoding, Legs::PREFILL, Next::Decode),
                 PrefillOutcome::PassThrough { status } => self.finish(
                     End::PassedThrough { status },
@@ -447,10 +489,20 @@ impl Flow {
             (
                 State::ReadingBody
                 | State::Encoding(_)
-                | State::Prefilling
+                | State::Prefilling { .. }
+                | State::Retrying { .. }
                 | State::Together { .. }
                 | State::Decoding,
                 E::GraceExpired,
+            ) => Self::ignore(),
+            (
+                State::ReadingBody
+                | State::Encoding(_)
+                | State::Prefilling { .. }
+                | State::Together { .. }
+                | State::Lingering
+                | State::Decoding,
+                E::Retry { .. },
             ) => Self::ignore(),
             (State::Decoding, E::DecodeEnded) => {
                 self.finish(End::Decoded, Legs::NONE, Next::Ignore)
@@ -474,10 +526,19 @@ impl Flow {
                 | E::DecodeEnded,
             )
             | (
-                State::Prefilling,
+                State::Prefilling { .. },
                 E::BodyReady { .. }
                 | E::Refused { .. }
                 | E::EncoderEnded { .. }
+                | E::DecodeHeader { .. }
+                | E::DecodeEnded,
+            )
+            | (
+                State::Retrying { .. },
+                E::BodyReady { .. }
+                | E::Refused { .. }
+                | E::EncoderEnded { .. }
+                | E::PrefillEnded(_)
                 | E::DecodeHeader { .. }
                 | E::DecodeEnded,
             )
@@ -501,16 +562,19 @@ impl Flow {
 mod tests {
     use super::*;
 
-    const SEQ: Spec = Spec { encode: false, shape: Shape::Sequential };
-    const TOG: Spec = Spec { encode: false, shape: Shape::Together };
-    const EPD: Spec = Spec { encode: true, shape: Shape::Sequential };
-    const ENC_ONLY: Spec = Spec { encode: true, shape: Shape::DecodeOnly };
+    const SEQ: Spec = Spec { encode: false, shape: Shape::Sequential, retries: 0 };
+    const SEQ_RETRY: Spec = Spec { encode: false, shape: Shape::Sequential, retries: 2 };
+    const TOG: Spec = Spec { encode: false, shape: Shape::Together, retries: 0 };
+    const EPD: Spec = Spec { encode: true, shape: Shape::Sequential, retries: 0 };
+    const ENC_ONLY: Spec = Spec { encode: true, shape: Shape::DecodeOnly, retries: 0 };
 
     fn all_specs() -> Vec<Spec> {
         let mut v = Vec::new();
         for encode in [false, true] {
             for shape in [Shape::DecodeOnly, Shape::Sequential, Shape::Together] {
-                v.push(Spec { encode, shape });
+                for retries in [0, 1, 2] {
+                    v.push(Spec { encode, shape, retries });
+                }
             }
         }
         v
@@ -528,6 +592,8 @@ mod tests {
             Event::DecodeEnded,
             Event::StartFailed,
             Event::GraceExpired,
+            Event::Retry { ready: true },
+            Event::Retry { ready: false },
             Event::ClientGone,
         ];
         for o in [
@@ -644,12 +710,22 @@ mod tests {
                         assert!(
                             matches!(
                                 flow.state(),
-                                State::Prefilling
+                                State::Prefilling { .. }
                                     | State::Lingering
                                     | State::Together { prefill: Side::Running, .. }
                             ),
                             "{ctx}"
                         );
+                    }
+                    // Retries only where the spec allows them, bounded.
+                    if step.next == Next::RetryPrefill {
+                        assert!(
+                            matches!(flow.state(), State::Prefilling { attempt } if *attempt < spec.retries),
+                            "{ctx}"
+                        );
+                    }
+                    if let State::Prefilling { attempt } = f.state() {
+                        assert!(*attempt <= spec.retries, "{ctx}");
                     }
                     // Only the spec's stages start.
                     match step.next {
@@ -862,5 +938,66 @@ mod tests {
         assert_eq!(steps[1].next, Next::Fail(Failure::Internal));
         assert_eq!(steps[1].release, Legs::PREFILL);
         assert_eq!(Failure::Internal.http_status(), 500);
+    }
+
+    #[test]
+    fn a_prefill_that_failed_without_an_answer_is_retried_up_to_the_limit() {
+        let down = Event::PrefillEnded(PrefillOutcome::Fail(PrefillFailure::Unreachable));
+        let (f, steps) = run(
+            SEQ_RETRY,
+            &[
+                Event::BodyReady { media: 0 },
+                down.clone(),
+                Event::Retry { ready: true },
+                down.clone(),
+                Event::Retry { ready: true },
+                down.clone(),
+            ],
+        );
+        assert_eq!(
+            nexts(&steps),
+            [
+                Next::StartPrefill,
+                Next::RetryPrefill,
+                Next::StartPrefill,
+                Next::RetryPrefill,
+                Next::StartPrefill,
+                Next::Fail(Failure::Prefill(PrefillFailure::Unreachable)),
+            ]
+        );
+        // Each failed try gives its server's counter back.
+        assert_eq!(steps[1].release, Legs::PREFILL);
+        assert!(f.held().is_empty());
+        // An answer (even an error) is the server's word: no retry.
+        let (_, steps) = run(
+            SEQ_RETRY,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::PrefillEnded(PrefillOutcome::PassThrough { status: 500 }),
+            ],
+        );
+        assert_eq!(steps[1].next, Next::PassThrough { status: 500 });
+        // No other server: the first failure is the client's.
+        let (_, steps) = run(
+            SEQ_RETRY,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::PrefillEnded(PrefillOutcome::Fail(PrefillFailure::CutOff)),
+                Event::Retry { ready: false },
+            ],
+        );
+        assert_eq!(steps[2].next, Next::Fail(Failure::Prefill(PrefillFailure::CutOff)));
+        // A retry that succeeds goes on to the decode.
+        let (f, steps) = run(
+            SEQ_RETRY,
+            &[
+                Event::BodyReady { media: 0 },
+                Event::PrefillEnded(PrefillOutcome::Fail(PrefillFailure::Timeout)),
+                Event::Retry { ready: true },
+                Event::PrefillEnded(PrefillOutcome::Decode),
+            ],
+        );
+        assert_eq!(steps[3].next, Next::Decode);
+        assert_eq!(f.state(), &State::Decoding);
     }
 }

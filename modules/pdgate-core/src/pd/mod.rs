@@ -31,6 +31,16 @@ pub enum PrefillFailure {
 }
 
 impl PrefillFailure {
+    /// True when the prefill server gave no answer (it could not be
+    /// reached, timed out, or broke off): another server may be tried, and
+    /// this one counts a failure (nginx's `max_fails`).
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            PrefillFailure::Unreachable | PrefillFailure::Timeout | PrefillFailure::CutOff
+        )
+    }
+
     /// The HTTP status the client receives.
     pub fn http_status(self) -> u16 {
         match self {
