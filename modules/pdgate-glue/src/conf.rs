@@ -76,3 +76,25 @@ pub unsafe fn place(cf: *mut ngx_conf_t) -> String {
         }
     }
 }
+
+/// Reports a bad value in nginx's own words (as `ngx_conf_set_flag_slot`
+/// does): `invalid value "<value>" in "<directive>" directive, it must be
+/// <expects>`, and returns what the handler returns.
+///
+/// # Safety
+/// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
+pub unsafe fn invalid_value(cf: *mut ngx_conf_t, value: &[u8], expects: &str) -> *mut c_char {
+    // SAFETY: forwarded; the arguments live until the handler returns.
+    unsafe {
+        let name = args(cf).first().map(|a| str_bytes(a)).unwrap_or(&[]);
+        ngx::ngx_conf_log_error!(
+            ngx::ffi::NGX_LOG_EMERG,
+            cf,
+            "invalid value \"{}\" in \"{}\" directive, it must be {}",
+            String::from_utf8_lossy(value),
+            String::from_utf8_lossy(name),
+            expects
+        );
+    }
+    NGX_CONF_ERROR
+}

@@ -8,6 +8,7 @@
 pub use ngx;
 pub use pdgate_core as core;
 
+pub mod balancer;
 pub mod body;
 pub mod conf;
 pub mod counters;
