@@ -98,3 +98,26 @@ pub unsafe fn invalid_value(cf: *mut ngx_conf_t, value: &[u8], expects: &str) ->
     }
     NGX_CONF_ERROR
 }
+
+/// Sets the content handler of the location being parsed.
+///
+/// # Safety
+/// `cf` must be a location-context directive handler's conf.
+pub unsafe fn set_content_handler(
+    cf: *mut ngx_conf_t,
+    handler: ngx::ffi::ngx_http_handler_pt,
+) -> *mut c_char {
+    use ngx::http::HttpModuleConfExt;
+    // SAFETY: in location context the core module's loc conf exists.
+    unsafe {
+        match (*cf).http_location_conf_unchecked::<ngx::ffi::ngx_http_core_loc_conf_t>(
+            &*std::ptr::addr_of!(ngx::ffi::ngx_http_core_module),
+        ) {
+            Some(clcf) => {
+                (*clcf.as_ptr()).handler = handler;
+                OK
+            }
+            None => NGX_CONF_ERROR,
+        }
+    }
+}

@@ -104,7 +104,7 @@ impl Conf<'_> {
     /// Makes `handler` the content handler of the location being read.
     pub fn set_content_handler(&mut self, handler: ngx_http_handler_pt) -> Result<(), NgxError> {
         // SAFETY: from_ptr's contract (in a location-context directive).
-        let rc = unsafe { crate::balancer::set_content_handler(self.cf, handler) };
+        let rc = unsafe { crate::conf::set_content_handler(self.cf, handler) };
         if rc.is_null() {
             Ok(())
         } else {

@@ -19,7 +19,9 @@
 //! ```ignore
 //! pdgate_glue::http_module! {
 //!     module: ngx_http_x_module,
-//!     postconfiguration: postconfiguration,   // fn(&mut Conf) -> Result<(), NgxError>
+//!     preconfiguration: preconfiguration,     // fn(&mut Conf) -> Result<(), NgxError>
+//!     postconfiguration: postconfiguration,   // the same
+//!     main_conf: MainConf,                    // Default
 //!     loc_conf: LocConf,                      // Default
 //!     merge_loc_conf: yes,                    // LocConf: Merge
 //!     commands: [ /* ngx_command_t, ... */ ],
@@ -33,6 +35,7 @@
 macro_rules! http_module {
     (
         module: $module:ident,
+        $(preconfiguration: $pre:path,)?
         $(postconfiguration: $post:path,)?
         $(main_conf: $main:ty,)?
         $(loc_conf: $loc:ty,)?
@@ -63,6 +66,25 @@ macro_rules! http_module {
         )?
 
         $(
+            unsafe extern "C" fn __pdgate_preconfiguration(
+                cf: *mut $crate::ffi::ngx_conf_t,
+            ) -> $crate::ffi::ngx_int_t {
+                $crate::guard::catch(
+                    concat!(stringify!($module), " preconfiguration"),
+                    $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
+                    || {
+                        // SAFETY: nginx calls preconfiguration with the http conf.
+                        let mut conf = unsafe { $crate::http::Conf::from_ptr(cf) };
+                        match $pre(&mut conf) {
+                            Ok(()) => $crate::ffi::NGX_OK as $crate::ffi::ngx_int_t,
+                            Err(_) => $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
+                        }
+                    },
+                )
+            }
+        )?
+
+        $(
             unsafe extern "C" fn __pdgate_postconfiguration(
                 cf: *mut $crate::ffi::ngx_conf_t,
             ) -> $crate::ffi::ngx_int_t {
@@ -82,7 +104,7 @@ macro_rules! http_module {
         )?
 
         static __PDGATE_CTX: $crate::ffi::ngx_http_module_t = $crate::ffi::ngx_http_module_t {
-            preconfiguration: None,
+            preconfiguration: $crate::__pdgate_if!(($($pre)?) Some(__pdgate_preconfiguration)),
             postconfiguration: $crate::__pdgate_if!(($($post)?) Some(__pdgate_postconfiguration)),
             create_main_conf: $crate::__pdgate_if!(($($main)?)
                 Some(<Module as $crate::ngx::http::HttpModule>::create_main_conf)),

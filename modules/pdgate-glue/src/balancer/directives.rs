@@ -98,28 +98,6 @@ pub const fn location_command(name: &'static CStr, set: Handler) -> ngx_command_
     }
 }
 
-/// Sets the content handler of the location being parsed.
-///
-/// # Safety
-/// `cf` must be a location-context directive handler's conf.
-pub unsafe fn set_content_handler(
-    cf: *mut ngx_conf_t,
-    handler: ngx::ffi::ngx_http_handler_pt,
-) -> *mut c_char {
-    // SAFETY: in location context the core module's loc conf exists.
-    unsafe {
-        match (*cf).http_location_conf_unchecked::<ngx::ffi::ngx_http_core_loc_conf_t>(
-            &*std::ptr::addr_of!(ngx::ffi::ngx_http_core_module),
-        ) {
-            Some(clcf) => {
-                (*clcf.as_ptr()).handler = handler;
-                conf::OK
-            }
-            None => NGX_CONF_ERROR,
-        }
-    }
-}
-
 /// Forgets this module's http-level settings (preconfiguration: a reload
 /// parses the configuration again in the same process).
 pub fn reset_main_settings() {

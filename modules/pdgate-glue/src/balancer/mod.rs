@@ -51,9 +51,9 @@ pub mod status;
 pub mod usage;
 pub mod zone;
 
+pub use crate::conf::set_content_handler;
 pub use directives::{
-    flag, flag_or_bare, location_command, param, reset_main_settings, role, set_content_handler,
-    shm_size,
+    flag, flag_or_bare, location_command, param, reset_main_settings, role, shm_size,
 };
 pub use gauges::for_each_peer_gauge;
 pub use hooks::{init_peer, install};
