@@ -175,7 +175,7 @@ connect() failed (111: Connection refused) while connecting to upstream
     location = /t { return 204; }
 --- must_die
 --- error_log
-"least_total_load" directive invalid value "yes", it must be "on" or "off"
+invalid value "yes" in "least_total_load" directive, it must be "on" or "off"
 
 
 
@@ -186,7 +186,7 @@ connect() failed (111: Connection refused) while connecting to upstream
     location = /t { return 204; }
 --- must_die
 --- error_log
-"least_total_load_batch_size" directive invalid value "0", it must be a positive number
+invalid value "0" in "least_total_load_batch_size" directive, it must be a positive number
 
 
 

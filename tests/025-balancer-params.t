@@ -18,7 +18,7 @@ __DATA__
     location = /t { return 204; }
 --- must_die
 --- error_log
-"auto_balance_controller_batch_size" directive invalid value "many", it must be a positive number
+invalid value "many" in "auto_balance_controller_batch_size" directive, it must be a positive number
 
 
 
@@ -29,7 +29,7 @@ __DATA__
     location = /t { return 204; }
 --- must_die
 --- error_log
-"prefill_score_balance_b" directive invalid value "-3", it must be a non-negative number
+invalid value "-3" in "prefill_score_balance_b" directive, it must be a non-negative number
 
 
 
@@ -51,7 +51,7 @@ __DATA__
     location = /t { return 204; }
 --- must_die
 --- error_log
-"greedy_timeout_exp" directive invalid value "-3", it must be a non-negative number
+invalid value "-3" in "greedy_timeout_exp" directive, it must be a non-negative number
 
 
 
@@ -82,3 +82,26 @@ __DATA__
 [qr/"method":"POST"/, qr/\A# greedy_timeout upstream peer requests tokens cost total\npool 127\.0\.0\.1:\d+ 0 0 0 [1-9]\d*\n\z/]
 --- no_error_log
 [error]
+
+
+
+=== TEST 7: a parameter out of its type reads as nginx's own message
+--- http_config
+    upstream pool { server 127.0.0.1:1; length_balance; length_balance_req_len_weight heavy; }
+--- config
+    location = /t { return 204; }
+--- must_die
+--- error_log
+invalid value "heavy" in "length_balance_req_len_weight" directive, it must be a non-negative number
+
+
+
+=== TEST 8: a zone size too small reads the same way
+--- http_config
+    least_total_load_shm_size 8k;
+    upstream pool { server 127.0.0.1:1; least_total_load on; }
+--- config
+    location = /t { return 204; }
+--- must_die
+--- error_log
+invalid value "8k" in "least_total_load_shm_size" directive, it must be a size of at least 64k

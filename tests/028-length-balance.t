@@ -95,7 +95,7 @@ connect() failed (111: Connection refused) while connecting to upstream
     location = /t { return 204; }
 --- must_die
 --- error_log eval
-qq{"$ENV{TEST_NGINX_BALANCER}" directive invalid value "1", it must be $ENV{TEST_NGINX_BALANCER_VALUES}}
+qq{invalid value "1" in "$ENV{TEST_NGINX_BALANCER}" directive, it must be $ENV{TEST_NGINX_BALANCER_VALUES}}
 
 
 
@@ -127,4 +127,4 @@ qq{"$ENV{TEST_NGINX_BALANCER}" directive invalid value "1", it must be $ENV{TEST
     location = /t { return 204; }
 --- must_die
 --- error_log
-"length_balance_decay_factor" directive invalid value "0", it must be a positive number
+invalid value "0" in "length_balance_decay_factor" directive, it must be a positive number

@@ -154,7 +154,7 @@ my $u3 = '{"role":"user","content":"last"}';
     location = /t { return 204; }
 --- must_die
 --- error_log
-"pd_score_balance" directive invalid value "both", it must be "prefill", "decode" or "off"
+invalid value "both" in "pd_score_balance" directive, it must be "prefill", "decode" or "off"
 
 
 
@@ -165,7 +165,7 @@ my $u3 = '{"role":"user","content":"last"}';
     location = /t { return 204; }
 --- must_die
 --- error_log
-"pd_score_balance_shm_size" directive invalid size "lots"
+invalid value "lots" in "pd_score_balance_shm_size" directive, it must be a size of at least 64k
 
 
 

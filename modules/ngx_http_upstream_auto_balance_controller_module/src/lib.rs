@@ -11,34 +11,29 @@
 //! }
 //! ```
 
-use pdgate_glue::core::balance::{auto_balance_controller, PeerView};
-use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{
-    cmd_flag, cmd_int, cmd_shm_size, command, main_command, Balancer, Request,
-};
+#![forbid(unsafe_code)]
 
-/// The batch size when none is configured (the original's default).
-const DEFAULT_BATCH: u64 = 24;
+use pdgate_glue::balancer::{flag, param, shm_size, Balancer, NoState, PeerView, Request};
+use pdgate_glue::core::balance::{auto_balance_controller, AUTO_BALANCE_CONTROLLER_PARAMS};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let (tokens, p, tie) = (r.tokens, r.params, r.tie);
-    auto_balance_controller(peers, tokens, p.int[0].unwrap_or(DEFAULT_BATCH), tie)
+    auto_balance_controller(peers, r.tokens, r.params.int("batch_size"), r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "auto_balance_controller",
     zone: "pdgate_auto_balance_controller",
+    params: &AUTO_BALANCE_CONTROLLER_PARAMS,
     choose,
     cost: None,
     learn_usage: false,
-    history: false,
-    prefix: false,
+    state: &NoState,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_auto_balance_controller_module, BALANCER, status: c"auto_balance_controller_status", [
-        main_command(c"auto_balance_controller_shm_size", cmd_shm_size),
-        command(c"auto_balance_controller", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
-        command(c"auto_balance_controller_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
+        shm_size(c"auto_balance_controller_shm_size"),
+        flag(c"auto_balance_controller", &BALANCER),
+        param(c"auto_balance_controller_batch_size", &BALANCER),
     ]
 );

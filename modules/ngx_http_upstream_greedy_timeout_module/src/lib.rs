@@ -14,38 +14,34 @@
 //! }
 //! ```
 
-use pdgate_glue::core::balance::{
-    greedy_cost, greedy_timeout, PeerView, GREEDY_EXP, GREEDY_WARMUP,
-};
-use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{
-    cmd_flag, cmd_float, cmd_shm_size, command, main_command, Balancer, Params, Request,
-};
+#![forbid(unsafe_code)]
+
+use pdgate_glue::balancer::{flag, param, shm_size, Balancer, NoState, Params, PeerView, Request};
+use pdgate_glue::core::balance::{greedy_cost, greedy_timeout, GREEDY_TIMEOUT_PARAMS};
 
 fn cost(tokens: u64, p: &Params) -> u64 {
-    greedy_cost(tokens, p.float[0].unwrap_or(GREEDY_WARMUP), p.float[1].unwrap_or(GREEDY_EXP))
+    greedy_cost(tokens, p.float("warmup"), p.float("exp"))
 }
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let (tokens, p, tie) = (r.tokens, r.params, r.tie);
-    greedy_timeout(peers, cost(tokens, p), tie)
+    greedy_timeout(peers, cost(r.tokens, r.params), r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "greedy_timeout",
     zone: "pdgate_greedy_timeout",
+    params: &GREEDY_TIMEOUT_PARAMS,
     choose,
     cost: Some(cost),
     learn_usage: false,
-    history: false,
-    prefix: false,
+    state: &NoState,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_greedy_timeout_module, BALANCER, status: c"greedy_timeout_status", [
-        main_command(c"greedy_timeout_shm_size", cmd_shm_size),
-        command(c"greedy_timeout", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
-        command(c"greedy_timeout_warmup", NGX_CONF_TAKE1, cmd_float, 0, &BALANCER),
-        command(c"greedy_timeout_exp", NGX_CONF_TAKE1, cmd_float, 1, &BALANCER),
+        shm_size(c"greedy_timeout_shm_size"),
+        flag(c"greedy_timeout", &BALANCER),
+        param(c"greedy_timeout_warmup", &BALANCER),
+        param(c"greedy_timeout_exp", &BALANCER),
     ]
 );

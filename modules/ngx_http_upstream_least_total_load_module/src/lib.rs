@@ -14,36 +14,31 @@
 //! ```
 //!
 //! The policy is `pdgate_core::balance::least_total_load`; the hooks are the
-//! glue's (`pdgate_glue::upstream`).
+//! glue's (`pdgate_glue::balancer`).
 
-use pdgate_glue::core::balance::{least_total_load, PeerView};
-use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{
-    cmd_flag, cmd_int, cmd_shm_size, command, main_command, Balancer, Request,
-};
+#![forbid(unsafe_code)]
 
-/// The batch size when none is configured (the original's default).
-const DEFAULT_BATCH: u64 = 16;
+use pdgate_glue::balancer::{flag, param, shm_size, Balancer, NoState, PeerView, Request};
+use pdgate_glue::core::balance::{least_total_load, LEAST_TOTAL_LOAD_PARAMS};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let (tokens, p, tie) = (r.tokens, r.params, r.tie);
-    least_total_load(peers, tokens, p.int[0].unwrap_or(DEFAULT_BATCH), tie)
+    least_total_load(peers, r.tokens, r.params.int("batch_size"), r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "least_total_load",
     zone: "pdgate_least_total_load",
+    params: &LEAST_TOTAL_LOAD_PARAMS,
     choose,
     cost: None,
     learn_usage: false,
-    history: false,
-    prefix: false,
+    state: &NoState,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_least_total_load_module, BALANCER, status: c"least_total_load_status", [
-        main_command(c"least_total_load_shm_size", cmd_shm_size),
-        command(c"least_total_load", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
-        command(c"least_total_load_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
+        shm_size(c"least_total_load_shm_size"),
+        flag(c"least_total_load", &BALANCER),
+        param(c"least_total_load_batch_size", &BALANCER),
     ]
 );

@@ -18,35 +18,32 @@
 //! }
 //! ```
 
-use pdgate_glue::core::balance::{
-    length_balance, weighted_tokens, PeerView, LENGTH_REQ_LEN_WEIGHT,
-};
-use pdgate_glue::ffi::{NGX_CONF_NOARGS, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{
-    cmd_flag_or_bare, cmd_float, cmd_int, cmd_shm_size, command, main_command, Balancer, Request,
-};
+#![forbid(unsafe_code)]
+
+use pdgate_glue::balancer::{flag_or_bare, param, shm_size, Balancer, History, PeerView, Request};
+use pdgate_glue::core::balance::{length_balance, weighted_tokens, LENGTH_BALANCE_PARAMS};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let w = r.params.float[0].unwrap_or(LENGTH_REQ_LEN_WEIGHT);
+    let w = r.params.float("req_len_weight");
     length_balance(peers, weighted_tokens(r.tokens, w), r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "length_balance",
     zone: "pdgate_length_balance",
+    params: &LENGTH_BALANCE_PARAMS,
     choose,
     cost: None,
     learn_usage: false,
-    history: true,
-    prefix: false,
+    state: &History,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_length_balance_module, BALANCER, status: c"length_balance_status", [
-        main_command(c"length_balance_shm_size", cmd_shm_size),
-        command(c"length_balance", NGX_CONF_NOARGS | NGX_CONF_TAKE1, cmd_flag_or_bare, 0, &BALANCER),
-        command(c"length_balance_merge_threshold", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
-        command(c"length_balance_decay_factor", NGX_CONF_TAKE1, cmd_int, 1, &BALANCER),
-        command(c"length_balance_req_len_weight", NGX_CONF_TAKE1, cmd_float, 0, &BALANCER),
+        shm_size(c"length_balance_shm_size"),
+        flag_or_bare(c"length_balance", &BALANCER),
+        param(c"length_balance_merge_threshold", &BALANCER),
+        param(c"length_balance_decay_factor", &BALANCER),
+        param(c"length_balance_req_len_weight", &BALANCER),
     ]
 );

@@ -28,21 +28,20 @@
 //! }
 //! ```
 
-use pdgate_glue::core::balance::{
-    pd_score_decode, pd_score_prefill, PeerView, PD_SCORE_MAX_SEQS_DECODE,
-    PD_SCORE_MAX_SEQS_PREFILL,
+#![forbid(unsafe_code)]
+
+use pdgate_glue::balancer::{
+    param, role, shm_size, Balancer, PeerView, PendingPrefills, Request, Role,
 };
-use pdgate_glue::ffi::NGX_CONF_TAKE1;
-use pdgate_glue::upstream::{
-    cmd_int, cmd_mode, cmd_shm_size, command, main_command, Balancer, Request, MODE_DECODE,
+use pdgate_glue::core::balance::{
+    pd_score_cap, pd_score_decode, pd_score_prefill, PD_SCORE_PARAMS,
 };
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    if r.params.mode == MODE_DECODE {
-        let cap = r.params.int[0].unwrap_or(PD_SCORE_MAX_SEQS_DECODE);
+    let cap = pd_score_cap(r.params);
+    if r.params.role == Role::Decode {
         pd_score_decode(peers, r.tokens, r.pending, cap, r.tie)
     } else {
-        let cap = r.params.int[0].unwrap_or(PD_SCORE_MAX_SEQS_PREFILL);
         pd_score_prefill(peers, cap, r.tie)
     }
 }
@@ -50,17 +49,17 @@ fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
 static BALANCER: Balancer = Balancer {
     name: "pd_score_balance",
     zone: "pdgate_pd_score_balance",
+    params: &PD_SCORE_PARAMS,
     choose,
     cost: None,
     learn_usage: true,
-    history: false,
-    prefix: false,
+    state: &PendingPrefills,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_pd_score_balance_module, BALANCER, status: c"pd_score_balance_status", [
-        main_command(c"pd_score_balance_shm_size", cmd_shm_size),
-        command(c"pd_score_balance", NGX_CONF_TAKE1, cmd_mode, 0, &BALANCER),
-        command(c"pd_score_balance_max_num_seqs", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
+        shm_size(c"pd_score_balance_shm_size"),
+        role(c"pd_score_balance", &BALANCER),
+        param(c"pd_score_balance_max_num_seqs", &BALANCER),
     ]
 );

@@ -13,34 +13,30 @@
 //! }
 //! ```
 
-use pdgate_glue::core::balance::{prefill_score, PeerView, PREFILL_SCORE_A, PREFILL_SCORE_B};
-use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{
-    cmd_flag, cmd_float, cmd_shm_size, command, main_command, Balancer, Request,
-};
+#![forbid(unsafe_code)]
+
+use pdgate_glue::balancer::{flag, param, shm_size, Balancer, NoState, PeerView, Request};
+use pdgate_glue::core::balance::{prefill_score, PREFILL_SCORE_PARAMS};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let (tokens, p, tie) = (r.tokens, r.params, r.tie);
-    let a = p.float[0].unwrap_or(PREFILL_SCORE_A);
-    let b = p.float[1].unwrap_or(PREFILL_SCORE_B);
-    prefill_score(peers, tokens, a, b, tie)
+    prefill_score(peers, r.tokens, r.params.float("a"), r.params.float("b"), r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "prefill_score_balance",
     zone: "pdgate_prefill_score_balance",
+    params: &PREFILL_SCORE_PARAMS,
     choose,
     cost: None,
     learn_usage: false,
-    history: false,
-    prefix: false,
+    state: &NoState,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_prefill_score_balance_module, BALANCER, status: c"prefill_score_balance_status", [
-        main_command(c"prefill_score_balance_shm_size", cmd_shm_size),
-        command(c"prefill_score_balance", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
-        command(c"prefill_score_balance_a", NGX_CONF_TAKE1, cmd_float, 0, &BALANCER),
-        command(c"prefill_score_balance_b", NGX_CONF_TAKE1, cmd_float, 1, &BALANCER),
+        shm_size(c"prefill_score_balance_shm_size"),
+        flag(c"prefill_score_balance", &BALANCER),
+        param(c"prefill_score_balance_a", &BALANCER),
+        param(c"prefill_score_balance_b", &BALANCER),
     ]
 );

@@ -26,33 +26,31 @@
 //! }
 //! ```
 
-use pdgate_glue::core::balance::{prefix_cache_affinity, PeerView, PCA_BATCH_SIZE};
-use pdgate_glue::ffi::{NGX_CONF_FLAG, NGX_CONF_TAKE1};
-use pdgate_glue::upstream::{
-    cmd_flag, cmd_int, cmd_shm_size, command, main_command, Balancer, Request,
-};
+#![forbid(unsafe_code)]
+
+use pdgate_glue::balancer::{flag, param, shm_size, Balancer, PeerView, PrefixAffinity, Request};
+use pdgate_glue::core::balance::{prefix_cache_affinity, PREFIX_CACHE_AFFINITY_PARAMS};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let batch = r.params.int[0].unwrap_or(PCA_BATCH_SIZE);
-    prefix_cache_affinity(peers, r.tokens, r.affinity, batch, r.tie)
+    prefix_cache_affinity(peers, r.tokens, r.affinity, r.params.int("batch_size"), r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "prefix_cache_affinity",
     zone: "pdgate_prefix_cache_affinity",
+    params: &PREFIX_CACHE_AFFINITY_PARAMS,
     choose,
     cost: None,
     learn_usage: false,
-    history: false,
-    prefix: true,
+    state: &PrefixAffinity,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_prefix_cache_affinity_module, BALANCER, status: c"prefix_cache_affinity_status", [
-        main_command(c"prefix_cache_affinity_shm_size", cmd_shm_size),
-        command(c"prefix_cache_affinity", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
-        command(c"prefix_cache_affinity_batch_size", NGX_CONF_TAKE1, cmd_int, 0, &BALANCER),
-        command(c"prefix_cache_affinity_dict_size", NGX_CONF_TAKE1, cmd_int, 1, &BALANCER),
-        command(c"prefix_cache_affinity_block_size", NGX_CONF_TAKE1, cmd_int, 2, &BALANCER),
+        shm_size(c"prefix_cache_affinity_shm_size"),
+        flag(c"prefix_cache_affinity", &BALANCER),
+        param(c"prefix_cache_affinity_batch_size", &BALANCER),
+        param(c"prefix_cache_affinity_dict_size", &BALANCER),
+        param(c"prefix_cache_affinity_block_size", &BALANCER),
     ]
 );

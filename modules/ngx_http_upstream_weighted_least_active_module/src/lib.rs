@@ -7,28 +7,28 @@
 //! upstream decode_servers { server 10.0.0.3:8000; server 10.0.0.4:8000; weighted_least_active on; keepalive 256; }
 //! ```
 
-use pdgate_glue::core::balance::{weighted_least_active, PeerView};
-use pdgate_glue::ffi::NGX_CONF_FLAG;
-use pdgate_glue::upstream::{cmd_flag, cmd_shm_size, command, main_command, Balancer, Request};
+#![forbid(unsafe_code)]
+
+use pdgate_glue::balancer::{flag, shm_size, Balancer, NoState, PeerView, Request};
+use pdgate_glue::core::balance::{weighted_least_active, WEIGHTED_LEAST_ACTIVE_PARAMS};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    let (tokens, tie) = (r.tokens, r.tie);
-    weighted_least_active(peers, tokens, tie)
+    weighted_least_active(peers, r.tokens, r.tie)
 }
 
 static BALANCER: Balancer = Balancer {
     name: "weighted_least_active",
     zone: "pdgate_weighted_least_active",
+    params: &WEIGHTED_LEAST_ACTIVE_PARAMS,
     choose,
     cost: None,
     learn_usage: true,
-    history: false,
-    prefix: false,
+    state: &NoState,
     module: __pdgate_module,
 };
 
 pdgate_glue::balancer_module!(ngx_http_upstream_weighted_least_active_module, BALANCER, status: c"weighted_least_active_status", [
-        main_command(c"weighted_least_active_shm_size", cmd_shm_size),
-        command(c"weighted_least_active", NGX_CONF_FLAG, cmd_flag, 0, &BALANCER),
+        shm_size(c"weighted_least_active_shm_size"),
+        flag(c"weighted_least_active", &BALANCER),
     ]
 );

@@ -446,14 +446,17 @@ pub fn render(z: &MetricsZone, gauges: &[PeerGauge<'_>]) -> String {
     o
 }
 
-/// Finds the last `usage.prompt_tokens` and `usage.completion_tokens` of
-/// an answer that arrives in pieces, without copying it: each piece is
+/// Finds the last `usage.prompt_tokens`, `usage.completion_tokens` and
+/// `usage.total_tokens` of an answer that arrives in pieces (the metrics
+/// read the first two; a balancer learning what a request holds on its
+/// engine reads the third), without copying it: each piece is
 /// searched where it lies, and only a few bytes at each piece boundary are
 /// looked at again (a key or number split between two pieces).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UsageScanner {
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
+    pub total: Option<u64>,
     tail: [u8; TAIL],
     tail_len: u8,
 }
@@ -489,7 +492,8 @@ impl UsageScanner {
         self.tail_len = (kept_old + keep) as u8;
     }
 
-    /// Records every `"prompt_tokens": N` / `"completion_tokens": N` of
+    /// Records every `"prompt_tokens": N` / `"completion_tokens": N` /
+    /// `"total_tokens": N` of
     /// `s`, in order. A piece (`boundary` None) skips a number that touches
     /// its end (it may go on in the next piece); a boundary (`Some(t)`: the
     /// previous piece's last `t` bytes, then the new piece's head) takes
@@ -500,10 +504,15 @@ impl UsageScanner {
             let key_end = at + p + NEEDLE.len();
             let head = &s[..at + p];
             at += p + 1;
-            let prompt = head.ends_with(b"\"prompt");
-            if !prompt && !head.ends_with(b"\"completion") {
+            let field = if head.ends_with(b"\"prompt") {
+                &mut self.prompt
+            } else if head.ends_with(b"\"completion") {
+                &mut self.completion
+            } else if head.ends_with(b"\"total") {
+                &mut self.total
+            } else {
                 continue;
-            }
+            };
             let Some((v, num_end)) = number_after_colon(s, key_end) else { continue };
             let seen = match boundary {
                 None => num_end == s.len(),
@@ -512,11 +521,7 @@ impl UsageScanner {
             if seen {
                 continue;
             }
-            if prompt {
-                self.prompt = Some(v);
-            } else {
-                self.completion = Some(v);
-            }
+            *field = Some(v);
         }
     }
 }
@@ -811,6 +816,33 @@ pdgate_upstream_tokens_in_flight{balancer=\"least_total_load\",upstream=\"decode
             let pieces: Vec<&[u8]> = body.chunks(n).collect();
             assert_eq!(scan_pieces(&pieces), (Some(123), Some(4567)), "chunks of {n}");
         }
+    }
+
+    #[test]
+    fn usage_total_split_at_every_byte() {
+        // What a balancer learns from: `total_tokens`, in SSE events
+        // (vLLM's continuous usage stats); the last one counts.
+        let body: &[u8] = b"data: {\"usage\":{\"prompt_tokens\":5,\"total_tokens\": 6}}\n\ndata: {\"usage\":{\"prompt_tokens\":5,\"total_tokens\":4077,\"completion_tokens\":4072}}\n\n";
+        let total = |pieces: &[&[u8]]| {
+            let mut u = UsageScanner::default();
+            pieces.iter().for_each(|p| u.feed(p));
+            u.total
+        };
+        assert_eq!(total(&[body]), Some(4077));
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            assert_eq!(total(&[a, b]), Some(4077), "split at {i}");
+            for j in i..=body.len() {
+                let (b, c) = b.split_at(j - i);
+                assert_eq!(total(&[a, b, c]), Some(4077), "split at {i} and {j}");
+            }
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(total(&bytes), Some(4077));
+        assert_eq!(total(&[b"data: [DONE]"]), None);
+        assert_eq!(total(&[b"{\"total_tokens\":x}"]), None);
+        // A key of another name that ends the same way is not one.
+        assert_eq!(total(&[b"{\"subtotal_tokens\":3}"]), None);
     }
 
     #[test]

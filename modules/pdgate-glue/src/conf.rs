@@ -76,3 +76,48 @@ pub unsafe fn place(cf: *mut ngx_conf_t) -> String {
         }
     }
 }
+
+/// Reports a bad value in nginx's own words (as `ngx_conf_set_flag_slot`
+/// does): `invalid value "<value>" in "<directive>" directive, it must be
+/// <expects>`, and returns what the handler returns.
+///
+/// # Safety
+/// `cf` must be the `ngx_conf_t` nginx passed to a directive handler.
+pub unsafe fn invalid_value(cf: *mut ngx_conf_t, value: &[u8], expects: &str) -> *mut c_char {
+    // SAFETY: forwarded; the arguments live until the handler returns.
+    unsafe {
+        let name = args(cf).first().map(|a| str_bytes(a)).unwrap_or(&[]);
+        ngx::ngx_conf_log_error!(
+            ngx::ffi::NGX_LOG_EMERG,
+            cf,
+            "invalid value \"{}\" in \"{}\" directive, it must be {}",
+            String::from_utf8_lossy(value),
+            String::from_utf8_lossy(name),
+            expects
+        );
+    }
+    NGX_CONF_ERROR
+}
+
+/// Sets the content handler of the location being parsed.
+///
+/// # Safety
+/// `cf` must be a location-context directive handler's conf.
+pub unsafe fn set_content_handler(
+    cf: *mut ngx_conf_t,
+    handler: ngx::ffi::ngx_http_handler_pt,
+) -> *mut c_char {
+    use ngx::http::HttpModuleConfExt;
+    // SAFETY: in location context the core module's loc conf exists.
+    unsafe {
+        match (*cf).http_location_conf_unchecked::<ngx::ffi::ngx_http_core_loc_conf_t>(
+            &*std::ptr::addr_of!(ngx::ffi::ngx_http_core_module),
+        ) {
+            Some(clcf) => {
+                (*clcf.as_ptr()).handler = handler;
+                OK
+            }
+            None => NGX_CONF_ERROR,
+        }
+    }
+}

@@ -8,6 +8,7 @@
 pub use ngx;
 pub use pdgate_core as core;
 
+pub mod balancer;
 pub mod body;
 pub mod conf;
 pub mod counters;
@@ -15,9 +16,12 @@ pub mod driver;
 pub mod fanout;
 pub mod guard;
 pub mod headers;
+pub mod http;
 pub mod leg;
 pub mod length;
+pub mod module;
 pub mod observe;
+pub mod paced;
 pub mod phase;
 pub mod pool;
 pub mod random;

@@ -8,9 +8,13 @@
 //! it when the try ends.
 
 pub mod fails;
+pub mod params;
 pub mod pending;
+pub mod policy;
 pub mod prefix;
 pub mod slots;
+
+use params::ParamSpec;
 
 /// One peer as a policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -325,14 +329,68 @@ impl Policy {
     /// The chosen index among `peers` for a request of `tokens`.
     pub fn choose(self, peers: &[PeerView], tokens: u64, tie: u64) -> Option<usize> {
         match self {
-            Policy::LeastTotalLoad => least_total_load(peers, tokens, PCA_BATCH_SIZE, tie),
+            Policy::LeastTotalLoad => least_total_load(peers, tokens, LEAST_TOTAL_LOAD_BATCH, tie),
             Policy::WeightedLeastActive => weighted_least_active(peers, tokens, tie),
-            Policy::AutoBalanceController => auto_balance_controller(peers, tokens, 24, tie),
+            Policy::AutoBalanceController => {
+                auto_balance_controller(peers, tokens, AUTO_BALANCE_BATCH, tie)
+            }
             Policy::PrefillScore => {
                 prefill_score(peers, tokens, PREFILL_SCORE_A, PREFILL_SCORE_B, tie)
             }
             Policy::PdScore => pd_score_prefill(peers, PD_SCORE_MAX_SEQS_PREFILL, tie),
         }
+    }
+}
+
+/// least_total_load's batch size when none is configured (the original's).
+pub const LEAST_TOTAL_LOAD_BATCH: u64 = 16;
+/// auto_balance_controller's batch size when none is configured.
+pub const AUTO_BALANCE_BATCH: u64 = 24;
+
+// Each policy's parameters, declared once: the directive is
+// `<balancer>_<name>` (see [`params`]). The defaults are the constants
+// above and below, which the SGLang mode's [`Policy`] also uses.
+
+/// least_total_load: `batch_size`.
+pub static LEAST_TOTAL_LOAD_PARAMS: [ParamSpec; 1] =
+    [ParamSpec::int("batch_size", LEAST_TOTAL_LOAD_BATCH)];
+/// weighted_least_active: none.
+pub static WEIGHTED_LEAST_ACTIVE_PARAMS: [ParamSpec; 0] = [];
+/// auto_balance_controller: `batch_size`.
+pub static AUTO_BALANCE_CONTROLLER_PARAMS: [ParamSpec; 1] =
+    [ParamSpec::int("batch_size", AUTO_BALANCE_BATCH)];
+/// prefill_score_balance: the cost model's `a` and `b`.
+pub static PREFILL_SCORE_PARAMS: [ParamSpec; 2] =
+    [ParamSpec::float("a", PREFILL_SCORE_A), ParamSpec::float("b", PREFILL_SCORE_B)];
+/// greedy_timeout: the cost's `warmup` and `exp`.
+pub static GREEDY_TIMEOUT_PARAMS: [ParamSpec; 2] =
+    [ParamSpec::float("warmup", GREEDY_WARMUP), ParamSpec::float("exp", GREEDY_EXP)];
+/// length_balance: placements between decays, the divisor, and the
+/// weight of a request's tokens.
+pub static LENGTH_BALANCE_PARAMS: [ParamSpec; 3] = [
+    ParamSpec::int("merge_threshold", LENGTH_MERGE_THRESHOLD),
+    ParamSpec::int("decay_factor", LENGTH_DECAY_FACTOR),
+    ParamSpec::float("req_len_weight", LENGTH_REQ_LEN_WEIGHT),
+];
+/// pd_score_balance: the per-peer cap; its default depends on the role
+/// (see [`pd_score_cap`]), the table's is the prefill one.
+pub static PD_SCORE_PARAMS: [ParamSpec; 1] =
+    [ParamSpec::int("max_num_seqs", PD_SCORE_MAX_SEQS_PREFILL)];
+/// prefix_cache_affinity: the batch size of its least_total_load, index
+/// entries per peer, and bytes of prompt per block.
+pub static PREFIX_CACHE_AFFINITY_PARAMS: [ParamSpec; 3] = [
+    ParamSpec::int("batch_size", PCA_BATCH_SIZE),
+    ParamSpec::int("dict_size", PCA_DICT_SIZE),
+    ParamSpec::int("block_size", PCA_BLOCK_SIZE),
+];
+
+/// pd_score_balance's cap on an upstream: `max_num_seqs` if set, else the
+/// role's default (16 on prefill, 32 on decode).
+pub fn pd_score_cap(p: &params::Params) -> u64 {
+    match p.role {
+        _ if p.is_set("max_num_seqs") => p.int("max_num_seqs"),
+        params::Role::Decode => PD_SCORE_MAX_SEQS_DECODE,
+        _ => PD_SCORE_MAX_SEQS_PREFILL,
     }
 }
 
@@ -343,28 +401,6 @@ pub const GREEDY_EXP: f64 = 1.8;
 /// The original's prefill cost model: `c = 0.0345 · tokens + 120.0745` ms.
 pub const PREFILL_SCORE_A: f64 = 0.0345;
 pub const PREFILL_SCORE_B: f64 = 120.0745;
-
-/// The last `"total_tokens": N` in a piece of an answer (vLLM's `usage`, in
-/// every SSE chunk with `continuous_usage_stats`): how many tokens the
-/// request holds on its engine now.
-pub fn usage_total_tokens(chunk: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"total_tokens\":";
-    let mut found = None;
-    let mut rest = chunk;
-    while let Some(pos) = rest.windows(KEY.len()).position(|w| w == KEY) {
-        let after = &rest[pos + KEY.len()..];
-        let digits: &[u8] = {
-            let start = after.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(after.len());
-            let s = &after[start..];
-            &s[..s.iter().position(|c| !c.is_ascii_digit()).unwrap_or(s.len())]
-        };
-        if let Some(v) = std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok()) {
-            found = Some(v);
-        }
-        rest = after;
-    }
-    found
-}
 
 /// The available peer that is smallest by `cmp`; among equals, the
 /// `tie % count`-th.
@@ -483,14 +519,42 @@ mod tests {
     }
 
     #[test]
-    fn usage_is_read_from_answer_chunks() {
-        let c = br#"data: {"choices":[],"usage":{"prompt_tokens":5,"total_tokens":12,"completion_tokens":7}}"#;
-        assert_eq!(usage_total_tokens(c), Some(12));
-        let two =
-            b"data: {\"usage\":{\"total_tokens\": 3}}\n\ndata: {\"usage\":{\"total_tokens\":40}}";
-        assert_eq!(usage_total_tokens(two), Some(40));
-        assert_eq!(usage_total_tokens(b"data: [DONE]"), None);
-        assert_eq!(usage_total_tokens(b"\"total_tokens\":x"), None);
+    fn parameter_tables_are_valid_and_hold_the_defaults() {
+        use params::{check_specs, Params, Role};
+        for t in [
+            &LEAST_TOTAL_LOAD_PARAMS[..],
+            &WEIGHTED_LEAST_ACTIVE_PARAMS,
+            &AUTO_BALANCE_CONTROLLER_PARAMS,
+            &PREFILL_SCORE_PARAMS,
+            &GREEDY_TIMEOUT_PARAMS,
+            &LENGTH_BALANCE_PARAMS,
+            &PD_SCORE_PARAMS,
+            &PREFIX_CACHE_AFFINITY_PARAMS,
+        ] {
+            assert_eq!(check_specs(t), Ok(()), "{t:?}");
+        }
+        assert_eq!(Params::new(&LEAST_TOTAL_LOAD_PARAMS).int("batch_size"), 16);
+        assert_eq!(Params::new(&AUTO_BALANCE_CONTROLLER_PARAMS).int("batch_size"), 24);
+        let p = Params::new(&PREFILL_SCORE_PARAMS);
+        assert_eq!((p.float("a"), p.float("b")), (0.0345, 120.0745));
+        let p = Params::new(&GREEDY_TIMEOUT_PARAMS);
+        assert_eq!((p.float("warmup"), p.float("exp")), (5.0, 1.8));
+        let p = Params::new(&LENGTH_BALANCE_PARAMS);
+        assert_eq!(
+            (p.int("merge_threshold"), p.int("decay_factor"), p.float("req_len_weight")),
+            (32, 2, 1.0)
+        );
+        let p = Params::new(&PREFIX_CACHE_AFFINITY_PARAMS);
+        assert_eq!(
+            (p.int("batch_size"), p.int("dict_size"), p.int("block_size")),
+            (16, 10_000, 640)
+        );
+        let mut p = Params::new(&PD_SCORE_PARAMS);
+        assert_eq!(pd_score_cap(&p), 16);
+        p.role = Role::Decode;
+        assert_eq!(pd_score_cap(&p), 32);
+        p.set("max_num_seqs", b"5").unwrap();
+        assert_eq!(pd_score_cap(&p), 5);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! (docs/benchmarks.md).
 //!
 //! Each pick does what the glue does per request
-//! (`modules/pdgate-glue/src/upstream.rs`, `get` and `free`): the request's
+//! (`modules/pdgate-glue/src/balancer/hooks.rs`, `get` and `free`): the request's
 //! cost (`Balancer::cost`), a fresh `[PeerView; MAX_PEERS]`, every peer's
 //! counters loaded from its slot of the shared table (a `Vec<Slot>` as large
 //! as the real zone's, the slots claimed by `peer_key` as the glue claims
@@ -32,7 +32,7 @@ use pdgate_core::request_id::Rng;
 
 /// The glue's `MAX_PEERS` (the size of its stack array of views).
 const MAX_PEERS: usize = 256;
-/// Slots of a balancer zone (`pdgate_glue::upstream::SLOTS`).
+/// Slots of a balancer zone (`pdgate_glue::balancer::zone::SLOTS`).
 const SLOTS: usize = 2048;
 /// Distinct requests replayed in a cycle.
 const REQUESTS: usize = 4096;

@@ -1,0 +1,502 @@
+//! The balancer's hooks: wrapping `peer.init` at postconfiguration
+//! ([`install`]), and per request `init` ([`init_peer`]), `get` and `free`.
+
+use std::ffi::c_void;
+use std::ptr::null_mut;
+
+use ngx::ffi::{
+    ngx_conf_t, ngx_http_request_t, ngx_http_upstream_init_peer_pt,
+    ngx_http_upstream_init_round_robin_peer, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_module, ngx_http_upstream_rr_peer_data_t, ngx_http_upstream_rr_peers_t,
+    ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_pcalloc, ngx_peer_connection_t, ngx_uint_t,
+    NGX_DONE, NGX_ERROR, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+};
+use ngx::http::HttpModuleConfExt;
+use ngx::log::DebugMask;
+use ngx::{ngx_conf_log_error, ngx_log_debug};
+use pdgate_core::balance::policy::{Held, Inputs, Placement, Shared, Upstream};
+use pdgate_core::balance::prefix::{self, MAX_BLOCKS};
+use pdgate_core::balance::slots::peer_key;
+use pdgate_core::balance::{PeerView, PD_SCORE_LOOKAHEAD};
+use pdgate_core::tokens::tokens_for_bytes;
+
+use super::{zone, Balancer, Request, UpstreamConf, MAX_PEERS};
+use crate::conf::str_bytes;
+
+/// Wraps `peer.init` of every upstream where `conf_of` says the balancer is
+/// on, and sizes the zone for them. Call from postconfiguration.
+///
+/// # Safety
+/// `cf` must be the conf of an http postconfiguration callback; `conf_of`
+/// must return the module's srv conf of an upstream.
+pub unsafe fn install(
+    cf: *mut ngx_conf_t,
+    balancer: &Balancer,
+    conf_of: impl Fn(*mut ngx_http_upstream_srv_conf_t) -> *mut UpstreamConf,
+    init_peer: ngx_http_upstream_init_peer_pt,
+) -> ngx_int_t {
+    // SAFETY: the upstream main conf and its array of upstream confs are
+    // complete once http{} is parsed (init_main_conf ran before
+    // postconfiguration, so each peer.init is final).
+    unsafe {
+        let Some(umcf) = (*cf).http_main_conf_unchecked::<ngx_http_upstream_main_conf_t>(
+            &*std::ptr::addr_of!(ngx_http_upstream_module),
+        ) else {
+            return NGX_OK as ngx_int_t;
+        };
+        let ups: &[*mut ngx_http_upstream_srv_conf_t] = (*umcf.as_ptr()).upstreams.as_slice();
+        let mut index = 0usize;
+        let mut zone = null_mut();
+        for &uscf in ups {
+            let Some(conf) = conf_of(uscf).as_ref() else { continue };
+            if conf.enabled != 1 {
+                continue;
+            }
+            zone = conf.zone;
+            if let Some(peers) = ((*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t).as_ref() {
+                let n = balancer.state.index_entries(&conf.params, peers.number);
+                index = index.saturating_add(n);
+            }
+        }
+        if !zone.is_null() {
+            if let Err(need) = zone::size(zone, index) {
+                ngx_conf_log_error!(
+                    NGX_LOG_EMERG,
+                    cf,
+                    "\"{}_shm_size\" of {}k is too small, at least {}k are needed ({} prefix index entries)",
+                    balancer.name,
+                    zone::SHM_SIZE.load(std::sync::atomic::Ordering::Relaxed) >> 10,
+                    need.div_ceil(1024),
+                    index
+                );
+                return NGX_ERROR as ngx_int_t;
+            }
+        }
+        for &uscf in ups {
+            let conf = conf_of(uscf);
+            if conf.is_null() || (*conf).enabled != 1 {
+                continue;
+            }
+            let peers = (*uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+            if !peers.is_null() && (*peers).number > MAX_PEERS {
+                ngx_conf_log_error!(
+                    NGX_LOG_WARN,
+                    cf,
+                    "{} in upstream \"{}\": more than {} servers, using round robin",
+                    balancer.name,
+                    String::from_utf8_lossy(&(*conf).upstream_name),
+                    MAX_PEERS
+                );
+                continue;
+            }
+            if (*uscf).peer.init.is_none() {
+                ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}: upstream has no peers", balancer.name);
+                return NGX_ERROR as ngx_int_t;
+            }
+            (*conf).saved_init_peer = (*uscf).peer.init;
+            (*uscf).peer.init = init_peer;
+        }
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Whether this worker has warned about an upstream it cannot balance.
+static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// First word of every [`PeerData`].
+pub(super) const PEER_DATA_MAGIC: u64 = 0x7064_6761_7465_5044;
+
+/// Per-request, per-upstream state.
+#[repr(C)]
+pub(super) struct PeerData {
+    magic: u64,
+    inner_get: ngx::ffi::ngx_event_get_peer_pt,
+    inner_free: ngx::ffi::ngx_event_free_peer_pt,
+    inner_set_session: ngx::ffi::ngx_event_set_peer_session_pt,
+    inner_save_session: ngx::ffi::ngx_event_save_peer_session_pt,
+    inner_data: *mut c_void,
+    rrp: *mut ngx_http_upstream_rr_peer_data_t,
+    /// Round robin's primary peer list (in the shared zone with `zone`).
+    primary: *mut ngx_http_upstream_rr_peers_t,
+    pub(super) conf: *const UpstreamConf,
+    pub(super) balancer: *const Balancer,
+    pub(super) tokens: u64,
+    cost: u64,
+    /// Slot reserved by the current try, or usize::MAX.
+    pub(super) slot: usize,
+    /// The prompt's block keys (prefix affinity), in the request pool.
+    keys: *const u64,
+    nkeys: usize,
+    /// What the try holds in the policy's state.
+    held: Held,
+    /// The answer's `usage` so far (see [`super::usage`]).
+    pub(super) usage: pdgate_core::metrics::UsageScanner,
+}
+
+/// Round robin's peer data below `data`: `data` itself, or the third field
+/// of the keepalive module's peer data (stable since nginx 1.1.4).
+///
+/// # Safety
+/// `data` must be the peer data an init_peer chain over round robin set.
+unsafe fn find_rrp(
+    data: *mut c_void,
+    primary: *mut ngx_http_upstream_rr_peers_t,
+) -> *mut ngx_http_upstream_rr_peer_data_t {
+    // SAFETY: both candidate structs are at least five words long and were
+    // allocated by nginx; we only compare pointers read from them.
+    unsafe {
+        let rrp = data as *mut ngx_http_upstream_rr_peer_data_t;
+        if !rrp.is_null() && (*rrp).peers == primary {
+            return rrp;
+        }
+        let inner = *(data as *mut *mut c_void).add(2) as *mut ngx_http_upstream_rr_peer_data_t;
+        if !inner.is_null() && (*inner).peers == primary {
+            return inner;
+        }
+    }
+    null_mut()
+}
+
+/// The request-time init hook (behind [`balancer_hooks!`](crate::balancer_hooks)).
+///
+/// # Safety
+/// nginx's init_peer contract: `r` has an upstream, `us` is its conf.
+pub unsafe fn init_peer(
+    r: *mut ngx_http_request_t,
+    us: *mut ngx_http_upstream_srv_conf_t,
+    conf: *mut UpstreamConf,
+    balancer: &'static Balancer,
+) -> ngx_int_t {
+    // SAFETY: nginx's contract; allocations are from the request pool.
+    unsafe {
+        let Some(conf) = conf.as_ref() else { return NGX_ERROR as ngx_int_t };
+        let init = conf.saved_init_peer.unwrap_or(ngx_http_upstream_init_round_robin_peer);
+        let rc = init(r, us);
+        if rc != NGX_OK as ngx_int_t {
+            return rc;
+        }
+        let u = (*r).upstream;
+        let pd = ngx_pcalloc((*r).pool, std::mem::size_of::<PeerData>()) as *mut PeerData;
+        if pd.is_null() {
+            return NGX_ERROR as ngx_int_t;
+        }
+        let pc = &mut (*u).peer;
+        let cl = (*r).headers_in.content_length_n.max(0) as usize;
+        let tokens = tokens_for_bytes(cl);
+        // Read now, not at configuration time: with `zone` round robin moves
+        // its peers into the shared zone after postconfiguration.
+        let primary = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+        pd.write(PeerData {
+            magic: PEER_DATA_MAGIC,
+            inner_get: pc.get,
+            inner_free: pc.free,
+            inner_set_session: pc.set_session,
+            inner_save_session: pc.save_session,
+            inner_data: pc.data,
+            rrp: find_rrp(pc.data, primary),
+            primary,
+            conf,
+            balancer,
+            tokens,
+            cost: balancer.cost.map_or(0, |f| f(tokens, &conf.params)),
+            slot: usize::MAX,
+            keys: std::ptr::null(),
+            nkeys: 0,
+            held: Held::default(),
+            usage: Default::default(),
+        });
+        if balancer.state.needs().prompt_blocks {
+            fingerprint(r, &mut *pd, conf, balancer.state.block_size(&conf.params));
+        }
+        if (*pd).rrp.is_null() && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            ngx::ngx_log_error!(
+                NGX_LOG_WARN,
+                (*(*r).connection).log,
+                "{}: upstream \"{}\" is not balanced over round robin's peers (another module wraps them), using round robin",
+                balancer.name,
+                String::from_utf8_lossy(&conf.upstream_name)
+            );
+        }
+        pc.data = pd as *mut c_void;
+        pc.get = Some(get_peer);
+        pc.free = Some(free_peer);
+        pc.set_session = Some(set_session);
+        pc.save_session = Some(save_session);
+    }
+    NGX_OK as ngx_int_t
+}
+
+/// Computes the block keys of the request's prompt into the request pool.
+/// Bodies without a prompt get none.
+///
+/// # Safety
+/// `r` must be a live request whose body (if any) is read.
+unsafe fn fingerprint(
+    r: *mut ngx_http_request_t,
+    pd: &mut PeerData,
+    conf: &UpstreamConf,
+    block: usize,
+) {
+    // SAFETY: the body and the key array live in the request pool, as long
+    // as the peer data; the array is word-aligned (ngx_palloc).
+    unsafe {
+        let Ok(body) = crate::body::bytes(r) else { return };
+        let Some(text) = prefix::prompt_bytes(body) else { return };
+        let block = block.max(1);
+        let n = (text.len() / block).min(MAX_BLOCKS);
+        if n == 0 {
+            return;
+        }
+        let keys = ngx::ffi::ngx_palloc((*r).pool, n * 8) as *mut u64;
+        if keys.is_null() {
+            return;
+        }
+        let out = std::slice::from_raw_parts_mut(keys, n);
+        let seed = peer_key(&conf.upstream_name, b"");
+        pd.nkeys = prefix::block_hashes(text, block, seed, out);
+        pd.keys = keys;
+    }
+}
+
+fn tried(rrp: &ngx_http_upstream_rr_peer_data_t, i: usize) -> bool {
+    let bits = usize::BITS as usize;
+    // SAFETY: rr allocates `tried` with a bit for each peer of the list.
+    unsafe { *rrp.tried.add(i / bits) & (1 << (i % bits)) != 0 }
+}
+
+unsafe extern "C" fn get_peer(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    crate::guard::catch("balancer get", NGX_ERROR as ngx_int_t, || {
+        // SAFETY: `data` is our PeerData (set in init_peer).
+        unsafe { get(pc, &mut *(data as *mut PeerData)) }
+    })
+}
+
+unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
+    let Some(inner_get) = pd.inner_get else { return NGX_ERROR as ngx_int_t };
+    // SAFETY: rrp and conf were set by init_peer from live structures; the
+    // peer list is round robin's, walked as ngx_http_upstream_get_peer does.
+    unsafe {
+        let delegate = |pc| inner_get(pc, pd.inner_data);
+        let (Some(rrp), Some(conf)) = (pd.rrp.as_mut(), pd.conf.as_ref()) else {
+            return delegate(pc);
+        };
+        let peers = rrp.peers;
+        if peers != pd.primary || peers.is_null() {
+            return delegate(pc); // round robin moved on to the backup servers
+        }
+        let n = (*peers).number;
+        let Some(z) = zone::shared(conf.zone) else { return delegate(pc) };
+        let b = &*pd.balancer;
+        if n == 0 || n > MAX_PEERS {
+            return delegate(pc);
+        }
+        // Slots of the peers, once per worker: one per peer, then the
+        // upstream's clock (for a state that needs one).
+        {
+            let mut slot_of = conf.slot_of.borrow_mut();
+            if slot_of.len() != n + 1 {
+                slot_of.clear();
+                let mut p = (*peers).peer;
+                while !p.is_null() {
+                    let key = peer_key(&conf.upstream_name, str_bytes(&(*p).name));
+                    slot_of.push(z.slots.find_or_claim(key).unwrap_or(usize::MAX));
+                    p = (*p).next;
+                }
+                let clock = if b.state.needs().clock {
+                    z.slots.find_or_claim(peer_key(&conf.upstream_name, b"")).unwrap_or(usize::MAX)
+                } else {
+                    usize::MAX
+                };
+                slot_of.push(clock);
+            }
+        }
+        let slot_of = conf.slot_of.borrow();
+        let keys: &[u64] =
+            if pd.keys.is_null() { &[] } else { std::slice::from_raw_parts(pd.keys, pd.nkeys) };
+        let up = Upstream {
+            params: &conf.params,
+            peer_slots: slot_of.get(..n).unwrap_or(&[]),
+            clock: slot_of.get(n).copied().unwrap_or(usize::MAX),
+            keys,
+        };
+        // Small pools (the usual case) decide on small stack arrays.
+        let decided = if n <= SMALL_POOL {
+            decide::<SMALL_POOL>(rrp, peers, &z, &up, b, pd)
+        } else {
+            decide::<MAX_PEERS>(rrp, peers, &z, &up, b, pd)
+        };
+        let Some(Decision { c, view, affinity, npending }) = decided else {
+            return delegate(pc);
+        };
+        // Let the wrapped get take exactly `c`: everything else looks tried.
+        let bits = usize::BITS as usize;
+        let words = n.div_ceil(bits);
+        let mut saved = [0usize; MAX_PEERS / 64 + 1];
+        for (w, s) in saved.iter_mut().enumerate().take(words) {
+            *s = *rrp.tried.add(w);
+            let all = if (w + 1) * bits <= n { usize::MAX } else { (1usize << (n % bits)) - 1 };
+            *rrp.tried.add(w) = all & !(if c / bits == w { 1 << (c % bits) } else { 0 });
+        }
+        let rc = inner_get(pc, pd.inner_data);
+        let took = rc == NGX_OK as ngx_int_t || rc == NGX_DONE as ngx_int_t;
+        if rrp.peers == peers {
+            for (w, s) in saved.iter().enumerate().take(words) {
+                let mine = if c / bits == w && took { 1 << (c % bits) } else { 0 };
+                *rrp.tried.add(w) = *s | mine;
+            }
+        }
+        if took {
+            let slot = up.peer_slots.get(c).copied().unwrap_or(usize::MAX);
+            z.slots.acquire(slot, pd.tokens, pd.cost);
+            pd.slot = slot;
+            let placed = Placement {
+                upstream: up,
+                slot,
+                tokens: pd.tokens,
+                now_ms: *std::ptr::addr_of!(ngx::ffi::ngx_current_msec) as u64,
+                id: crate::random::with_rng(|r| r.next_u64()).max(1),
+            };
+            b.state.record(&z, &placed, &mut pd.held);
+            b.state.decay(&z, &placed);
+            ngx_log_debug!(
+                mask: DebugMask::Http,
+                (*pc).log,
+                "{}: peer {} of {} ({}), load {} requests / {} tokens / cost {} / history {}+{}, request {} tokens, {} in prefill, prefix match {} of {} blocks, try {}",
+                b.name,
+                c,
+                n,
+                String::from_utf8_lossy((*pc).name.as_ref().map_or(&[][..], |s| str_bytes(s))),
+                view.requests,
+                view.tokens,
+                view.cost,
+                view.hist_requests,
+                view.hist_tokens,
+                pd.tokens,
+                npending,
+                affinity,
+                keys.len(),
+                (*pc).tries
+            );
+        }
+        rc
+    }
+}
+
+/// Pools up to this size decide on small stack arrays.
+const SMALL_POOL: usize = 16;
+
+/// What a policy decided, with what the debug line reports.
+struct Decision {
+    c: usize,
+    view: PeerView,
+    affinity: u32,
+    npending: usize,
+}
+
+/// Builds the views of the upstream's `n ≤ N` peers (`up.peer_slots`),
+/// lets the policy's state add what it reads, and asks the policy.
+///
+/// # Safety
+/// `peers` must be round robin's live list of the primary peers and `rrp`
+/// this request's round robin data over it.
+unsafe fn decide<const N: usize>(
+    rrp: &ngx_http_upstream_rr_peer_data_t,
+    peers: *mut ngx_http_upstream_rr_peers_t,
+    z: &Shared,
+    up: &Upstream,
+    b: &Balancer,
+    pd: &PeerData,
+) -> Option<Decision> {
+    let n = up.peer_slots.len().min(N);
+    let mut views = [PeerView::default(); N];
+    // SAFETY: the peer list is round robin's, walked as
+    // ngx_http_upstream_get_peer does, for at most n ≤ N entries.
+    unsafe {
+        let now = ngx::ffi::ngx_time();
+        let mut p = (*peers).peer;
+        let mut i = 0;
+        while !p.is_null() && i < n {
+            let peer = &*p;
+            let failed = peer.max_fails != 0
+                && peer.fails >= peer.max_fails
+                && now - peer.checked <= peer.fail_timeout;
+            let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
+            let (requests, tokens, cost) = z.slots.load(up.peer_slots[i]);
+            views[i] = PeerView {
+                available: !tried(rrp, i) && peer.down == 0 && !failed && !full,
+                weight: peer.weight.max(1) as u32,
+                requests,
+                tokens,
+                cost,
+                hist_requests: 0,
+                hist_tokens: 0,
+            };
+            p = peer.next;
+            i += 1;
+        }
+    }
+    let tie = crate::random::with_rng(|r| r.next_u64());
+    let mut affinity = [0u32; N];
+    let mut inputs =
+        Inputs { pending: [0; PD_SCORE_LOOKAHEAD], npending: 0, affinity: &mut affinity[..n] };
+    b.state.observe(z, up, &mut views[..n], &mut inputs);
+    let npending = inputs.npending.min(PD_SCORE_LOOKAHEAD);
+    let req = Request {
+        tokens: pd.tokens,
+        cost: pd.cost,
+        params: up.params,
+        tie,
+        pending: &inputs.pending[..npending],
+        affinity: inputs.affinity,
+    };
+    let c = (b.choose)(&views[..n], &req)?;
+    let view = *views.get(c)?;
+    Some(Decision { c, view, affinity: req.affinity.get(c).copied().unwrap_or(0), npending })
+}
+
+unsafe extern "C" fn free_peer(
+    pc: *mut ngx_peer_connection_t,
+    data: *mut c_void,
+    state: ngx_uint_t,
+) {
+    crate::guard::catch("balancer free", (), || {
+        // SAFETY: `data` is our PeerData.
+        unsafe {
+            let pd = &mut *(data as *mut PeerData);
+            let z = pd.conf.as_ref().and_then(|c| zone::shared(c.zone));
+            if pd.slot != usize::MAX {
+                if let Some(z) = &z {
+                    z.slots.release(pd.slot, pd.tokens, pd.cost);
+                }
+                pd.slot = usize::MAX;
+            }
+            if let (Some(z), Some(b)) = (&z, pd.balancer.as_ref()) {
+                b.state.release(z, &mut pd.held);
+            }
+            if let Some(f) = pd.inner_free {
+                f(pc, pd.inner_data, state);
+            }
+        }
+    })
+}
+
+unsafe extern "C" fn set_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) -> ngx_int_t {
+    // SAFETY: `data` is our PeerData; the wrapped hook gets its own data.
+    unsafe {
+        let pd = &*(data as *mut PeerData);
+        match pd.inner_set_session {
+            Some(f) => f(pc, pd.inner_data),
+            None => NGX_OK as ngx_int_t,
+        }
+    }
+}
+
+unsafe extern "C" fn save_session(pc: *mut ngx_peer_connection_t, data: *mut c_void) {
+    // SAFETY: as in set_session.
+    unsafe {
+        let pd = &*(data as *mut PeerData);
+        if let Some(f) = pd.inner_save_session {
+            f(pc, pd.inner_data);
+        }
+    }
+}
