@@ -336,3 +336,64 @@ not-an-object
 "kv_transfer_params" is not a JSON object
 --- no_error_log
 [error]
+
+
+
+=== TEST 16: a decode upstream whose every server is down gets 503 JSON before any prefill
+--- http_config eval
+$Pdgate::TestEnv::HTTP_CONFIG . q{
+    upstream decode_down { server 127.0.0.1:$TEST_NGINX_SERVER_PORT down; }
+}
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_down/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo prefill; }
+    location /mock/decode/ { pdgate_echo; }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- error_code: 503
+--- response_body_like chomp
+"message":"no decode server can take the request now"
+--- error_log
+prefill: no decode server can take the request now
+--- no_error_log
+pdgate_echo: POST /mock/prefill/
+[alert]
+
+
+
+=== TEST 17: once every decode server failed (max_fails), the next request gets 503 before its prefill (the first gets 502, or 503 when repeated)
+--- http_config eval
+$Pdgate::TestEnv::HTTP_CONFIG . q{
+    upstream decode_dead {
+        server 127.0.0.1:1 max_fails=1 fail_timeout=30s;
+        server 127.0.0.1:2 max_fails=1 fail_timeout=30s;
+    }
+}
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_dead/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ { pdgate_echo prefill; }
+--- request eval
+["POST /v1/completions\n{\"prompt\":\"p\"}", "POST /v1/completions\n{\"prompt\":\"p\"}"]
+--- error_code_like eval
+["^50[23]\$", "^503\$"]
+--- response_body_like eval
+[".", "\"message\":\"no decode server can take the request now\""]
+--- no_error_log
+[alert]

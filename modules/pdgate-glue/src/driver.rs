@@ -321,6 +321,7 @@ pub unsafe fn postconfiguration<P: Protocol>(cf: *mut ngx::ffi::ngx_conf_t) -> n
         {
             return NGX_ERROR as ngx_int_t;
         }
+        leg::find_proxy_module(cf);
         *addr_of_mut!(NEXT_HEADER_FILTER) = leg::push_header_filter(Some(header_filter::<P>));
         *addr_of_mut!(NEXT_BODY_FILTER) = observe::push_body_filter(Some(body_filter::<P>));
         if phase::add_handler(cf, ngx_http_phases_NGX_HTTP_LOG_PHASE, Some(log_handler::<P>))
@@ -562,6 +563,21 @@ unsafe fn on_body<P: Protocol>(r: *mut ngx_http_request_t) {
                 ctx.src = src;
                 let bodies = Bodies { pool: (*r).pool, src };
                 match P::prepare(view(r), &bodies, &mut ctx.st) {
+                    Ok(p) if leg::decode_capacity(r) == Some(false) => {
+                        // Never spend a prefill (and strand its KV) on a
+                        // request whose decode cannot be placed.
+                        ctx.flow.hold(p.hold);
+                        let message = "no decode server can take the request now".to_owned();
+                        ngx_log_error!(
+                            NGX_LOG_ERR,
+                            (*(*r).connection).log,
+                            "{}: {}",
+                            P::NAME,
+                            message
+                        );
+                        ctx.resume_error(503, message);
+                        Event::Refused { status: 503 }
+                    }
                     Ok(p) => {
                         ctx.flow.hold(p.hold);
                         ctx.obj = p.obj;

@@ -173,3 +173,85 @@ pub unsafe fn answer_complete(r: *mut ngx_http_request_t) -> bool {
         }
     }
 }
+
+/// The proxy module's `ctx_index`, found by name at configuration (nginx
+/// may be built without it; then nothing is known of the decode upstream).
+static PROXY_CTX_INDEX: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+/// Finds `ngx_http_proxy_module` among the cycle's modules. Call from
+/// postconfiguration.
+///
+/// # Safety
+/// `cf` must be a live configuration.
+pub unsafe fn find_proxy_module(cf: *mut ngx::ffi::ngx_conf_t) {
+    // SAFETY: cf->cycle->modules is the array of the cycle's modules,
+    // NULL-terminated, each with a NUL-terminated name.
+    unsafe {
+        let cycle = (*cf).cycle;
+        if cycle.is_null() || (*cycle).modules.is_null() {
+            return;
+        }
+        let mut m = (*cycle).modules;
+        while !(*m).is_null() {
+            let name = (**m).name;
+            if !name.is_null()
+                && std::ffi::CStr::from_ptr(name).to_bytes() == b"ngx_http_proxy_module"
+            {
+                PROXY_CTX_INDEX.store((**m).ctx_index, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            m = m.add(1);
+        }
+    }
+}
+
+/// Whether the upstream `r`'s location proxies to (`proxy_pass
+/// http://name`) has a peer that can take a request now: not `down`, not
+/// inside its `fail_timeout` after `max_fails` (unless it is the only one,
+/// as round robin never fails it out), not at `max_conns` (primary or
+/// backup peers), as round robin judges them in this worker. `None`
+/// when it cannot be known (no proxy_pass, or one with variables).
+///
+/// # Safety
+/// `r` must be a live request.
+pub unsafe fn decode_capacity(r: *mut ngx_http_request_t) -> Option<bool> {
+    use ngx::ffi::{ngx_http_upstream_conf_t, ngx_http_upstream_rr_peers_t};
+    let idx = PROXY_CTX_INDEX.load(std::sync::atomic::Ordering::Relaxed);
+    if idx == usize::MAX {
+        return None;
+    }
+    // SAFETY: loc_conf has a slot per HTTP module; the proxy module's
+    // location conf begins with its ngx_http_upstream_conf_t (nginx's
+    // ngx_http_proxy_loc_conf_t), whose `upstream` is NULL or the upstream
+    // block with round robin's peer lists in `peer.data` (every balancer
+    // of nginx and pdgate keeps them).
+    unsafe {
+        let ucf = (*(*r).loc_conf.add(idx)) as *const ngx_http_upstream_conf_t;
+        let uscf = ucf.as_ref()?.upstream;
+        let uscf = uscf.as_ref()?;
+        let mut peers = uscf.peer.data as *const ngx_http_upstream_rr_peers_t;
+        if peers.is_null() {
+            return None;
+        }
+        let now = ngx::ffi::ngx_time();
+        while let Some(list) = peers.as_ref() {
+            // A lone peer is never failed out (round robin's `single`).
+            let single = list.single() != 0;
+            let mut p = list.peer;
+            while let Some(peer) = p.as_ref() {
+                let failed = !single
+                    && peer.max_fails != 0
+                    && peer.fails >= peer.max_fails
+                    && now - peer.checked <= peer.fail_timeout;
+                let full = peer.max_conns != 0 && peer.conns >= peer.max_conns;
+                if peer.down == 0 && !failed && !full {
+                    return Some(true);
+                }
+                p = peer.next;
+            }
+            peers = list.next;
+        }
+        Some(false)
+    }
+}
