@@ -282,3 +282,66 @@ client prematurely closed connection
 --- no_error_log
 pdgate_echo: POST /mock/decode
 [alert]
+
+
+
+=== TEST 14: n given as a string ("2") is refused like the number 2, and no leg is called
+--- request
+POST /v1/completions
+{"prompt":"p","n":"2"}
+--- error_code: 400
+--- response_body chomp
+{"error":{"code":400,"message":"\"n\": \"2\" is not supported through prefill/decode disaggregation, send one request per sample","param":null,"type":"BadRequestError"}}
+--- no_error_log
+pdgate_echo:
+[alert]
+
+
+
+=== TEST 15: best_of given as a float (2.0) is refused like the integer 2
+--- request
+POST /v1/chat/completions
+{"messages":[],"best_of":2.0}
+--- error_code: 400
+--- response_body_like chomp
+"message":"\\"best_of\\": 2.0 is not supported through prefill/decode disaggregation, send one request per sample"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 16: a fractional n (1.5) is an invalid n
+--- request
+POST /v1/completions
+{"prompt":"p","n":1.5}
+--- error_code: 400
+--- response_body_like chomp
+"message":"invalid \\"n\\": 1.5, expected a positive integer"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 17: an n that is not a number ("abc") is an invalid n
+--- request
+POST /v1/completions
+{"prompt":"p","n":"abc"}
+--- error_code: 400
+--- response_body_like chomp
+"message":"invalid \\"n\\": \\"abc\\", expected a positive integer"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 18: n and best_of equal to 1 in any spelling (1.0, "1") go through both legs
+--- request
+POST /v1/completions
+{"prompt":"p","n":1.0,"best_of":"1"}
+--- error_code: 200
+--- response_body_like chomp
+"body":"\{\\"prompt\\":\\"p\\",\\"n\\":1.0,\\"best_of\\":\\"1\\",\\"kv_transfer_params\\":
+--- error_log
+pdgate_echo: POST /mock/prefill/v1/completions
+--- no_error_log
+[error]
