@@ -196,7 +196,7 @@ fn samples(v: &[u8]) -> Samples {
         _ => v,
     };
     match json_number(text) {
-        Some(x) if x == 1.0 => Samples::One,
+        Some(1.0) => Samples::One,
         // 1e400 reads as infinity, more samples than anyone can serve.
         Some(x) if x > 1.0 && (x.fract() == 0.0 || x.is_infinite()) => Samples::Many,
         _ => Samples::Invalid,
