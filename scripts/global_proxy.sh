@@ -798,6 +798,7 @@ EOF
             proxy_pass http://encode_servers;
             proxy_read_timeout 600s;            # a large image or long audio clip
             subrequest_output_buffer_size 16k;  # the answer is not used
+            client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }
 
 EOF
@@ -808,6 +809,7 @@ EOF
             rewrite ^/prefill_internal(/.*)\$ \$1 break;
             proxy_pass http://prefill_servers;
             subrequest_output_buffer_size 2m;   # the prefill answer, read in memory
+            client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }
 EOF
 }
@@ -852,6 +854,7 @@ EOF
             rewrite ^/prefill_internal(/.*)\$ \$1 break;
             proxy_pass http://\$prefill_server;         # prefill_refactor's choice
             subrequest_output_buffer_size 64k;  # the answer is only checked
+            client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }
 EOF
 }

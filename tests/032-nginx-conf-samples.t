@@ -3,7 +3,8 @@
 # built yet fail here, naming the missing module, until they land. Every
 # sample with a P/D location ships the same error handling as
 # pdgate-vllm.conf (its maps, the location's tail and @pd_error), which
-# 080-pd-error-answers.t runs.
+# 080-pd-error-answers.t runs; and no internal leg location limits the body
+# again (a leg's body is a little larger than the client's).
 use strict;
 use warnings;
 use FindBin;
@@ -42,6 +43,10 @@ for my $sample (@samples) {
     unlike($text, qr/;;/, "$name has no stray ;;");
     if ($text =~ /^\s*location ~ .*completions/m) {
         is(error_handling($text), $reference, "$name answers errors as pdgate-vllm.conf does");
+    }
+    # A leg's body is larger than the client's: no second limit on it.
+    for my $internal ($text =~ /^        location \/(?:prefill|encode)_internal\/ \{\n.*?^        \}\n/msg) {
+        like($internal, qr/^\s+client_max_body_size 0;/m, "$name: no body limit on an internal leg location");
     }
 }
 

@@ -22,6 +22,8 @@ our ($maps) = $sample =~ /^(    # nginx's own errors on the P\/D location.*?^   
     or die "pdgate-vllm.conf: no error maps";
 our ($tail) = $sample =~ /^(            # POST only\..*?^            add_header X-Request-Id \$http_x_request_id always;\n)/ms
     or die "pdgate-vllm.conf: no P/D location tail";
+our ($unlimited) = $sample =~ /^(            # The client's body was checked by the P\/D location.*?^            client_max_body_size 0;\n)/ms
+    or die "pdgate-vllm.conf: no client_max_body_size 0 in /prefill_internal/";
 our ($named) = $sample =~ /^(        # The JSON error answers of the P\/D location\..*?^        }\n)/ms
     or die "pdgate-vllm.conf: no \@pd_error";
 
@@ -45,7 +47,7 @@ $named
         internal;
         rewrite ^/prefill_internal(/.*)\$ /mock/prefill\$1 break;
         proxy_pass http://prefill_pool;
-    }
+$unlimited    }
     location /mock/prefill/ { set_request_id off; pdgate_echo prefill; }
     # An engine that echoes an id of its own: the client must see the request's.
     location /mock/decode/ { set_request_id off; add_header X-Request-Id engine-id; pdgate_echo $decho; }
@@ -73,14 +75,40 @@ $named
     location /mock/decode/ { set_request_id off; add_header X-Request-Id engine-id; pdgate_echo; }
 _EOC_
 
-add_block_preprocessor(sub {
-    my $block = shift;
-    my $dservers = $block->decode_servers // "server 127.0.0.1:\$TEST_NGINX_SERVER_PORT;\n";
-    $block->set_value("http_config", <<"_EOC_" . $maps) unless defined $block->http_config;
+sub http_base {
+    my ($dservers) = @_;
+    return <<"_EOC_";
     upstream prefill_pool { server 127.0.0.1:\$TEST_NGINX_SERVER_PORT; }
     upstream decode_pool { $dservers }
     limit_req_zone \$connection zone=pd_per_connection:1m rate=1r/m;
 _EOC_
+}
+
+# A proxy whose server{} sets client_max_body_size, as the samples' http{}
+# does (the test server's own is fixed at 30M): the test server forwards
+# /v1/ to it and keeps the mocks.
+our $LIMITED = http_base("server 127.0.0.1:\$TEST_NGINX_SERVER_PORT;") . $maps . <<"_EOC_";
+    server {
+        listen 127.0.0.1:\$TEST_NGINX_RAND_PORT_1;
+        client_max_body_size 100;
+        set_request_id on;
+        location ~ ^/v1/(chat/)?completions\$ {
+            prefill /prefill_internal;
+            proxy_pass http://decode_pool/mock/decode\$uri;
+$tail        }
+$named
+        location /prefill_internal/ {
+            internal;
+            rewrite ^/prefill_internal(/.*)\$ /mock/prefill\$1 break;
+            proxy_pass http://prefill_pool;
+$unlimited        }
+    }
+_EOC_
+
+add_block_preprocessor(sub {
+    my $block = shift;
+    my $dservers = $block->decode_servers // "server 127.0.0.1:\$TEST_NGINX_SERVER_PORT;\n";
+    $block->set_value("http_config", http_base($dservers) . $maps) unless defined $block->http_config;
     $block->set_value("config", config($block)) unless defined $block->config;
 });
 
@@ -186,7 +214,26 @@ pdgate_echo:
 
 
 
-=== TEST 6: limit_req exceeded: 429 in JSON, with X-Request-Id (one request a minute per connection)
+=== TEST 6: a body just under client_max_body_size reaches both legs, though the prefill's body is larger
+--- http_config eval
+$main::LIMITED
+--- config
+    location /v1/ { proxy_pass http://127.0.0.1:$TEST_NGINX_RAND_PORT_1; }
+    location /mock/prefill/ { pdgate_echo prefill; }
+    location /mock/decode/ { pdgate_echo; }
+--- request eval
+"POST /v1/completions\n{\"prompt\":\"" . ("x" x 80) . "\"}"
+--- error_code: 200
+--- response_body_like chomp
+"uri":"/mock/decode/v1/completions"
+--- error_log
+pdgate_echo: POST /mock/prefill/v1/completions
+--- no_error_log
+[error]
+
+
+
+=== TEST 7: limit_req exceeded: 429 in JSON, with X-Request-Id (one request a minute per connection)
 --- pd_extra
         limit_req zone=pd_per_connection;
 --- pipelined_requests eval
@@ -203,7 +250,7 @@ pdgate_echo:
 
 
 
-=== TEST 7: a GET: 405 in JSON with Allow: POST and X-Request-Id, and no leg is called
+=== TEST 8: a GET: 405 in JSON with Allow: POST and X-Request-Id, and no leg is called
 --- request
 GET /v1/chat/completions
 --- error_code: 405
@@ -219,7 +266,7 @@ pdgate_echo:
 
 
 
-=== TEST 8: Allow is sent with the 405 only
+=== TEST 9: Allow is sent with the 405 only
 --- decode_servers
 server 127.0.0.1:1;
 --- request
@@ -231,7 +278,7 @@ POST /v1/completions
 
 
 
-=== TEST 9: the module's own errors (a refused request) carry X-Request-Id too
+=== TEST 10: the module's own errors (a refused request) carry X-Request-Id too
 --- request
 POST /v1/completions
 {"prompt":"p","n":2}
@@ -248,7 +295,7 @@ pdgate_echo:
 
 
 
-=== TEST 10: SGLang mode: a decode refusing connections is a 502 in JSON, with X-Request-Id
+=== TEST 11: SGLang mode: a decode refusing connections is a 502 in JSON, with X-Request-Id
 --- config eval
 $main::SGLANG =~ s/DECODE/127.0.0.1:1/r
 --- request
@@ -267,7 +314,7 @@ connect() failed (111: Connection refused) while connecting to upstream
 
 
 
-=== TEST 11: SGLang mode: a GET is a 405 in JSON with Allow: POST, and no leg is called
+=== TEST 12: SGLang mode: a GET is a 405 in JSON with Allow: POST, and no leg is called
 --- config eval
 $main::SGLANG =~ s/DECODE/127.0.0.1:\$TEST_NGINX_SERVER_PORT/r
 --- request
@@ -284,7 +331,7 @@ pdgate_echo:
 
 
 
-=== TEST 12: SGLang mode: a successful answer carries the request's X-Request-Id, in place of the engine's
+=== TEST 13: SGLang mode: a successful answer carries the request's X-Request-Id, in place of the engine's
 --- config eval
 $main::SGLANG =~ s/DECODE/127.0.0.1:\$TEST_NGINX_SERVER_PORT/r
 --- request
