@@ -214,7 +214,25 @@ pdgate_echo:
 
 
 
-=== TEST 6: a body just under client_max_body_size reaches both legs, though the prefill's body is larger
+=== TEST 6: a chunked body over client_max_body_size (found while reading it): 413 in JSON, with X-Request-Id
+--- pd_extra
+        client_max_body_size 16;
+--- raw_request eval
+"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n2a\r\n{\"prompt\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}\r\n0\r\n\r\n"
+--- error_code: 413
+--- response_body chomp
+{"error":{"code":413,"message":"request body is larger than client_max_body_size","param":null,"type":"RequestEntityTooLargeError"}}
+--- response_headers_like
+X-Request-Id: [0-9a-f-]{36}
+--- error_log
+client intended to send too large chunked body
+--- no_error_log
+pdgate_echo:
+[alert]
+
+
+
+=== TEST 7: a body just under client_max_body_size reaches both legs, though the prefill's body is larger
 --- http_config eval
 $main::LIMITED
 --- config
@@ -233,7 +251,7 @@ pdgate_echo: POST /mock/prefill/v1/completions
 
 
 
-=== TEST 7: limit_req exceeded: 429 in JSON, with X-Request-Id (one request a minute per connection)
+=== TEST 8: limit_req exceeded: 429 in JSON, with X-Request-Id (one request a minute per connection)
 --- pd_extra
         limit_req zone=pd_per_connection;
 --- pipelined_requests eval
@@ -250,7 +268,7 @@ pdgate_echo: POST /mock/prefill/v1/completions
 
 
 
-=== TEST 8: a GET: 405 in JSON with Allow: POST and X-Request-Id, and no leg is called
+=== TEST 9: a GET: 405 in JSON with Allow: POST and X-Request-Id, and no leg is called
 --- request
 GET /v1/chat/completions
 --- error_code: 405
@@ -266,7 +284,7 @@ pdgate_echo:
 
 
 
-=== TEST 9: Allow is sent with the 405 only
+=== TEST 10: Allow is sent with the 405 only
 --- decode_servers
 server 127.0.0.1:1;
 --- request
@@ -278,7 +296,7 @@ POST /v1/completions
 
 
 
-=== TEST 10: the module's own errors (a refused request) carry X-Request-Id too
+=== TEST 11: the module's own errors (a refused request) carry X-Request-Id too
 --- request
 POST /v1/completions
 {"prompt":"p","n":2}
@@ -295,7 +313,7 @@ pdgate_echo:
 
 
 
-=== TEST 11: SGLang mode: a decode refusing connections is a 502 in JSON, with X-Request-Id
+=== TEST 12: SGLang mode: a decode refusing connections is a 502 in JSON, with X-Request-Id
 --- config eval
 $main::SGLANG =~ s/DECODE/127.0.0.1:1/r
 --- request
@@ -314,7 +332,7 @@ connect() failed (111: Connection refused) while connecting to upstream
 
 
 
-=== TEST 12: SGLang mode: a GET is a 405 in JSON with Allow: POST, and no leg is called
+=== TEST 13: SGLang mode: a GET is a 405 in JSON with Allow: POST, and no leg is called
 --- config eval
 $main::SGLANG =~ s/DECODE/127.0.0.1:\$TEST_NGINX_SERVER_PORT/r
 --- request
@@ -331,7 +349,7 @@ pdgate_echo:
 
 
 
-=== TEST 13: SGLang mode: a successful answer carries the request's X-Request-Id, in place of the engine's
+=== TEST 14: SGLang mode: a successful answer carries the request's X-Request-Id, in place of the engine's
 --- config eval
 $main::SGLANG =~ s/DECODE/127.0.0.1:\$TEST_NGINX_SERVER_PORT/r
 --- request
@@ -346,3 +364,19 @@ X-Request-Id: [0-9a-f-]{36}
 qr/X-Request-Id:.*X-Request-Id:|engine-id/s
 --- no_error_log
 [error]
+
+
+
+=== TEST 15: SGLang mode: a chunked body over client_max_body_size is a 413 in JSON, with X-Request-Id
+--- config eval
+$main::SGLANG =~ s/DECODE/127.0.0.1:\$TEST_NGINX_SERVER_PORT/r =~ s/(pd_distribution pd_together;)/$1\n        client_max_body_size 16;/r
+--- raw_request eval
+"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n2a\r\n{\"prompt\":\"aaaaaaaaaaaaaaaaaaaaaaaaaaaaa\"}\r\n0\r\n\r\n"
+--- error_code: 413
+--- response_body chomp
+{"error":{"code":413,"message":"request body is larger than client_max_body_size","param":null,"type":"RequestEntityTooLargeError"}}
+--- response_headers_like
+X-Request-Id: [0-9a-f-]{36}
+--- no_error_log
+pdgate_echo:
+[alert]
