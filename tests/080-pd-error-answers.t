@@ -7,10 +7,13 @@
 # The error-handling lines are read from nginx-conf/pdgate-vllm.conf itself
 # (the maps, the P/D location's tail and @pd_error), so these blocks prove
 # the shipped text; 032 checks that every sample carries the same lines.
-# The last blocks run them in SGLang mode (prefill_refactor).
+# The last blocks run them in SGLang mode (prefill_refactor), and the lines
+# scripts/global_proxy.sh writes (its @pd_error sets the request id itself).
 use FindBin;
 use lib "$FindBin::Bin/common";
 use Pdgate::TestEnv;
+use Pdgate::GlobalProxy qw(run_gp slurp);
+use File::Temp qw(tempdir);
 use Test::Nginx::Socket 'no_plan';
 
 my $sample = do {
@@ -104,6 +107,35 @@ $named
 $unlimited        }
     }
 _EOC_
+
+# What scripts/global_proxy.sh writes: its maps, the completions location's
+# tail and @pd_error, run in a server{} without set_request_id (the
+# generator sets it per location) and with a small client_max_body_size.
+our $GENERATED = do {
+    my $tmp = tempdir(CLEANUP => 1);
+    my ($rc, undef, $err) = run_gp("-f $tmp/gp.conf --prefix $tmp --dry-run"
+        . " --prefill-servers-list 127.0.0.1:1 --decode-servers-list 127.0.0.1:1");
+    $rc == 0 or die "global_proxy.sh: $err";
+    my $gp = slurp("$tmp/gp.conf");
+    my ($gmaps) = $gp =~ /^(    # nginx's own errors on the completions location.*?^    limit_req_status 429;\n)/ms
+        or die "global_proxy.sh: no error maps";
+    my ($gtail) = $gp =~ /^(            # POST only; .*?^            add_header X-Request-Id \$http_x_request_id always;\n)/ms
+        or die "global_proxy.sh: no completions location tail";
+    my ($gnamed) = $gp =~ /^(        # The JSON error answers of the completions location\..*?^        }\n)/ms
+        or die "global_proxy.sh: no \@pd_error";
+    http_base("server 127.0.0.1:\$TEST_NGINX_SERVER_PORT;") . $gmaps . <<"_EOC_";
+    server {
+        listen 127.0.0.1:\$TEST_NGINX_RAND_PORT_1;
+        client_max_body_size 16;
+        location ~ ^/v1(/chat)?/completions\$ {
+            set_request_id on;
+            prefill /prefill_internal;
+            proxy_pass http://decode_pool/mock/decode\$uri;
+$gtail        }
+$gnamed
+    }
+_EOC_
+};
 
 add_block_preprocessor(sub {
     my $block = shift;
@@ -380,3 +412,39 @@ X-Request-Id: [0-9a-f-]{36}
 --- no_error_log
 pdgate_echo:
 [alert]
+
+
+
+=== TEST 16: the generated configuration: a body over client_max_body_size is a 413 in JSON, with X-Request-Id
+--- http_config eval
+$main::GENERATED
+--- config
+    location /v1/ { proxy_pass http://127.0.0.1:$TEST_NGINX_RAND_PORT_1; }
+--- request
+POST /v1/completions
+{"prompt":"a prompt longer than sixteen bytes"}
+--- error_code: 413
+--- response_body chomp
+{"error":{"code":413,"message":"request body is larger than client_max_body_size","param":null,"type":"RequestEntityTooLargeError"}}
+--- response_headers_like
+X-Request-Id: [0-9a-f-]{36}
+--- no_error_log
+[alert]
+
+
+
+=== TEST 17: the generated configuration: a GET is a 405 in JSON with Allow: POST and X-Request-Id
+--- http_config eval
+$main::GENERATED
+--- config
+    location /v1/ { proxy_pass http://127.0.0.1:$TEST_NGINX_RAND_PORT_1; }
+--- request
+GET /v1/chat/completions
+--- error_code: 405
+--- response_body chomp
+{"error":{"code":405,"message":"method not allowed, use POST","param":null,"type":"BadRequestError"}}
+--- response_headers_like
+Allow: POST
+X-Request-Id: [0-9a-f-]{36}
+--- no_error_log
+[error]
