@@ -16,11 +16,7 @@ use Pdgate::GlobalProxy qw(run_gp slurp);
 use File::Temp qw(tempdir);
 use Test::Nginx::Socket 'no_plan';
 
-my $sample = do {
-    local $/;
-    open my $fh, '<', "$FindBin::Bin/../nginx-conf/pdgate-vllm.conf" or die "pdgate-vllm.conf: $!";
-    <$fh>;
-};
+my $sample = slurp("$FindBin::Bin/../nginx-conf/pdgate-vllm.conf") // die "pdgate-vllm.conf: $!";
 our ($maps) = $sample =~ /^(    # nginx's own errors on the P\/D location.*?^    limit_req_status 429;\n)/ms
     or die "pdgate-vllm.conf: no error maps";
 our ($tail) = $sample =~ /^(            # POST only\..*?^            add_header X-Request-Id \$http_x_request_id always;\n)/ms
@@ -73,7 +69,7 @@ $named
         internal;
         rewrite ^/prefill_internal(/.*)\$ /mock/prefill\$1 break;
         proxy_pass http://\$prefill_server;
-    }
+$unlimited    }
     location /mock/prefill/ { set_request_id off; pdgate_echo; }
     location /mock/decode/ { set_request_id off; add_header X-Request-Id engine-id; pdgate_echo; }
 _EOC_
@@ -110,7 +106,8 @@ _EOC_
 
 # What scripts/global_proxy.sh writes: its maps, the completions location's
 # tail and @pd_error, run in a server{} without set_request_id (the
-# generator sets it per location) and with a small client_max_body_size.
+# generator sets it per location) and with a small client_max_body_size;
+# only answers that reach no leg are asked of it.
 our $GENERATED = do {
     my $tmp = tempdir(CLEANUP => 1);
     my ($rc, undef, $err) = run_gp("-f $tmp/gp.conf --prefix $tmp --dry-run"
