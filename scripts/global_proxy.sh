@@ -602,6 +602,30 @@ EOF
     tcp_nodelay on;
 
 EOF
+    # Fixed text: a quoted here-document, no expansion.
+    cat <<'EOF'
+    # nginx's own errors on the completions location (decode unreachable,
+    # no live decode server or timing out, a body over client_max_body_size,
+    # limit_req, a method other than POST) are answered by @pd_error below as
+    # OpenAI-style JSON, in the shape of the modules' own errors. The key is
+    # the status error_page keeps.
+    map $status $pd_error_json {
+        405     '{"error":{"code":405,"message":"method not allowed, use POST","param":null,"type":"BadRequestError"}}';
+        413     '{"error":{"code":413,"message":"request body is larger than client_max_body_size","param":null,"type":"RequestEntityTooLargeError"}}';
+        429     '{"error":{"code":429,"message":"too many requests, retry later","param":null,"type":"RateLimitError"}}';
+        502     '{"error":{"code":502,"message":"decode upstream is unreachable or sent an invalid response","param":null,"type":"BadGatewayError"}}';
+        503     '{"error":{"code":503,"message":"service unavailable, retry later","param":null,"type":"ServiceUnavailableError"}}';
+        504     '{"error":{"code":504,"message":"decode upstream timed out","param":null,"type":"GatewayTimeoutError"}}';
+        default '{"error":{"code":500,"message":"internal server error","param":null,"type":"InternalServerError"}}';
+    }
+    map $status $pd_error_allow {
+        405     POST;
+        default "";
+    }
+    # A limit_req added to the completions location answers 429, not 503.
+    limit_req_status 429;
+
+EOF
     if [ "$access_log" = off ]; then
         echo "    access_log off;"
     else
@@ -667,6 +691,20 @@ EOF
     else
         completions_sglang
     fi
+    cat <<'EOF'
+
+        # The JSON error answers of the completions location. error_page
+        # (without "=") keeps the error's status, which replaces the 500 of
+        # `return`; set_request_id gives an id to requests refused before
+        # the completions location ran its own (a 413).
+        location @pd_error {
+            set_request_id on;
+            default_type application/json;
+            add_header X-Request-Id $http_x_request_id always;
+            add_header Allow $pd_error_allow always;
+            return 500 $pd_error_json;
+        }
+EOF
     cat <<EOF
 
         # Everything else under /v1 (/v1/models, …) is answered by a prefill server.
@@ -702,6 +740,21 @@ EOF
 EOF
 }
 
+# The end of the completions location in both modes: POST only, every
+# answer with the request's X-Request-Id (an engine's echo of it replaced by
+# the same id), nginx's own errors as JSON from @pd_error (status kept).
+completions_errors() {
+    cat <<'EOF'
+            # POST only; X-Request-Id on every answer; errors as JSON (@pd_error).
+            if ($request_method != POST) {
+                return 405;
+            }
+            error_page 405 413 429 500 502 503 504 @pd_error;
+            proxy_hide_header X-Request-Id;
+            add_header X-Request-Id $http_x_request_id always;
+EOF
+}
+
 # The completions location and its internal locations, vLLM's P/D flow
 # (prefill module): [encoder stage,] prefill, then this location's decode.
 completions_vllm() {
@@ -729,6 +782,9 @@ EOF
     cat <<EOF
             proxy_pass http://decode_servers;
             proxy_buffering off;        # stream tokens as they come
+EOF
+    completions_errors
+    cat <<EOF
         }
 
 EOF
@@ -742,6 +798,7 @@ EOF
             proxy_pass http://encode_servers;
             proxy_read_timeout 600s;            # a large image or long audio clip
             subrequest_output_buffer_size 16k;  # the answer is not used
+            client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }
 
 EOF
@@ -752,6 +809,7 @@ EOF
             rewrite ^/prefill_internal(/.*)\$ \$1 break;
             proxy_pass http://prefill_servers;
             subrequest_output_buffer_size 2m;   # the prefill answer, read in memory
+            client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }
 EOF
 }
@@ -786,6 +844,9 @@ EOF
             pd_distribution pd_together;
             proxy_pass http://decode_servers;
             proxy_buffering off;        # stream tokens as they come
+EOF
+    completions_errors
+    cat <<EOF
         }
 
         location /prefill_internal/ {
@@ -793,6 +854,7 @@ EOF
             rewrite ^/prefill_internal(/.*)\$ \$1 break;
             proxy_pass http://\$prefill_server;         # prefill_refactor's choice
             subrequest_output_buffer_size 64k;  # the answer is only checked
+            client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }
 EOF
 }

@@ -313,7 +313,20 @@ pdgate_echo: POST /mock/decode/
 
 
 
-=== TEST 15: a prefill kv_transfer_params that is not an object is not forwarded: warning, decode without it
+=== TEST 15: n given as a string ("2") is refused like the number 2, and no leg is called
+--- request
+POST /v1/completions
+{"prompt":"p","n":"2"}
+--- error_code: 400
+--- response_body chomp
+{"error":{"code":400,"message":"\"n\": \"2\" is not supported through prefill/decode disaggregation, send one request per sample","param":null,"type":"BadRequestError"}}
+--- no_error_log
+pdgate_echo:
+[alert]
+
+
+
+=== TEST 16: a prefill kv_transfer_params that is not an object is not forwarded: warning, decode without it
 --- config
     location /v1/ {
         prefill /prefill_internal;
@@ -339,7 +352,7 @@ not-an-object
 
 
 
-=== TEST 16: a decode upstream whose every server is down gets 503 JSON before any prefill
+=== TEST 17: a decode upstream whose every server is down gets 503 JSON before any prefill
 --- http_config eval
 $Pdgate::TestEnv::HTTP_CONFIG . q{
     upstream decode_down { server 127.0.0.1:$TEST_NGINX_SERVER_PORT down; }
@@ -370,7 +383,7 @@ pdgate_echo: POST /mock/prefill/
 
 
 
-=== TEST 17: once every decode server failed (max_fails), the next request gets 503 before its prefill (the first gets 502, or 503 when repeated)
+=== TEST 18: once every decode server failed (max_fails), the next request gets 503 before its prefill (the first gets 502, or 503 when repeated)
 --- http_config eval
 $Pdgate::TestEnv::HTTP_CONFIG . q{
     upstream decode_dead {
@@ -397,3 +410,52 @@ $Pdgate::TestEnv::HTTP_CONFIG . q{
 [".", "\"message\":\"no decode server can take the request now\""]
 --- no_error_log
 [alert]
+
+
+=== TEST 19: best_of given as a float (2.0) is refused like the integer 2
+--- request
+POST /v1/chat/completions
+{"messages":[],"best_of":2.0}
+--- error_code: 400
+--- response_body_like chomp
+"message":"\\"best_of\\": 2.0 is not supported through prefill/decode disaggregation, send one request per sample"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 20: a fractional n (1.5) is an invalid n
+--- request
+POST /v1/completions
+{"prompt":"p","n":1.5}
+--- error_code: 400
+--- response_body_like chomp
+"message":"invalid \\"n\\": 1.5, expected a positive integer"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 21: an n that is not a number ("abc") is an invalid n
+--- request
+POST /v1/completions
+{"prompt":"p","n":"abc"}
+--- error_code: 400
+--- response_body_like chomp
+"message":"invalid \\"n\\": \\"abc\\", expected a positive integer"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 22: n and best_of equal to 1 in any spelling (1.0, "1") go through both legs
+--- request
+POST /v1/completions
+{"prompt":"p","n":1.0,"best_of":"1"}
+--- error_code: 200
+--- response_body_like chomp
+"body":"\{\\"prompt\\":\\"p\\",\\"n\\":1.0,\\"best_of\\":\\"1\\",\\"kv_transfer_params\\":
+--- error_log
+pdgate_echo: POST /mock/prefill/v1/completions
+--- no_error_log
+[error]

@@ -143,6 +143,6 @@ POST /v1/completions
 {"prompt":["a","b"]}
 --- error_code: 400
 --- response_body_like chomp
-a batch of prompts is not supported
+a batch \\"prompt\\" \(a list of prompts\) is not supported
 --- no_error_log
 pdgate_echo:

@@ -138,6 +138,16 @@ like($log, qr/"pd_outcome":"ok".*"prefill_status":"200".*"prefill_addr":"127\.0\
     'and the P/D figures of the prefill module');
 is($http->get("http://127.0.0.1:$port/v1/models")->{status}, 200, '/v1/models answered by the prefill');
 
+# Every answer of the completions location carries one X-Request-Id (the
+# decode's echo replaced), and nginx's own errors are JSON.
+like($res->{headers}{'x-request-id'} // '', qr/^[0-9a-f-]{36}$/, 'the answer carries one X-Request-Id');
+my $get = $http->get("http://127.0.0.1:$port/v1/chat/completions");
+is($get->{status}, 405, 'a GET on the completions location: 405');
+is($get->{headers}{allow}, 'POST', 'with Allow: POST');
+like($get->{content}, qr/^\{"error":\{"code":405,"message":"[^"]+","param":null,"type":"BadRequestError"\}\}$/,
+    'in JSON');
+like($get->{headers}{'x-request-id'} // '', qr/^[0-9a-f-]{36}$/, 'with an X-Request-Id');
+
 # The same flags again: same file, nothing restarted.
 my $before = slurp($conf);
 ($rc, $out, $err) = run_gp($flags);

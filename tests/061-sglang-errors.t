@@ -269,3 +269,65 @@ Pdgate::Sglang::config('p_before_d', '', '', '127.0.0.1:1,127.0.0.1:$TEST_NGINX_
 ["bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","bootstrap_host","\"127.0.0.1:1\":\\{\"active\":0,\"total\":1\\},\"127.0.0.1:\\d+\":\\{\"active\":0,"]
 --- no_error_log
 [alert]
+
+
+=== TEST 16: n given as a string ("2") is refused like the number 2, in the vLLM mode's words
+--- request
+POST /v1/completions
+{"prompt":"p","n":"2"}
+--- error_code: 400
+--- response_body chomp
+{"error":{"code":400,"message":"\"n\": \"2\" is not supported through prefill/decode disaggregation, send one request per sample","param":null,"type":"BadRequestError"}}
+--- no_error_log
+pdgate_echo
+[error]
+
+
+
+=== TEST 17: best_of given as a float (2.0) is refused like the integer 2
+--- request
+POST /v1/chat/completions
+{"messages":[],"best_of":2.0}
+--- error_code: 400
+--- response_body_like eval
+qr/"message":"\\"best_of\\": 2\.0 is not supported through prefill\/decode disaggregation, send one request per sample"/
+--- no_error_log
+pdgate_echo
+
+
+
+=== TEST 18: a fractional n (1.5) is an invalid n
+--- request
+POST /v1/completions
+{"prompt":"p","n":1.5}
+--- error_code: 400
+--- response_body_like eval
+qr/"message":"invalid \\"n\\": 1\.5, expected a positive integer"/
+--- no_error_log
+pdgate_echo
+
+
+
+=== TEST 19: an n that is not a number ("abc") is an invalid n
+--- request
+POST /v1/completions
+{"prompt":"p","n":"abc"}
+--- error_code: 400
+--- response_body_like eval
+qr/"message":"invalid \\"n\\": \\"abc\\", expected a positive integer"/
+--- no_error_log
+pdgate_echo
+
+
+
+=== TEST 20: n and best_of equal to 1 in any spelling (1.0, "1") go through both legs
+--- request
+POST /v1/completions
+{"prompt":"p","n":1.0,"best_of":"1"}
+--- error_code: 200
+--- response_body_like eval
+qr/"json":\{"best_of":"1","bootstrap_host":"127\.0\.0\.1","bootstrap_port":8998,"bootstrap_room":\d+,"n":1\.0,"prompt":"p"\}/
+--- error_log eval
+[qr/pdgate_echo: POST \/mock\/prefill\/v1\/completions/, qr/pdgate_echo: POST \/mock\/decode\/v1\/completions/]
+--- no_error_log
+[error]

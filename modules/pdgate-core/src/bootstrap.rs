@@ -227,55 +227,12 @@ pub fn least_active(active: &[u64], start: u64) -> Option<usize> {
     (0..n).map(|k| (s + k) % n).min_by_key(|&i| active[i])
 }
 
-/// Why a request cannot go through the bootstrap protocol (answered 400).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// `n` (or `best_of`) greater than 1: SGLang needs one room per sample.
-    ManySamples { key: &'static str, n: String },
-    /// A batch `prompt` (several prompts): SGLang needs one room per item.
-    BatchPrompt,
-}
+pub use crate::rewrite::Refusal;
 
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Refusal::ManySamples { key, n } => write!(
-                f,
-                "\"{key}\": {n} is not supported through prefill/decode disaggregation, \
-                 send one request per sample"
-            ),
-            Refusal::BatchPrompt => f.write_str(
-                "a batch \"prompt\" (a list of prompts) is not supported through \
-                 prefill/decode disaggregation, send one request per prompt",
-            ),
-        }
-    }
-}
-
-/// Refuses what one bootstrap room cannot carry.
+/// Refuses what one bootstrap room cannot carry: the same check, with the
+/// same words, as the vLLM mode's ([`crate::rewrite::refusal`]).
 pub fn check_request(obj: &Object<'_>) -> Result<(), Refusal> {
-    for key in ["n", "best_of"] {
-        if let Some(v) = obj.get(key) {
-            // Integers only count; anything else is the engine's to reject.
-            let text = String::from_utf8_lossy(v);
-            if let Ok(n) = text.parse::<u64>() {
-                if n > 1 {
-                    return Err(Refusal::ManySamples { key, n: text.into_owned() });
-                }
-            }
-        }
-    }
-    if let Some(p) = obj.get("prompt") {
-        // A list of strings or of token lists is a batch; a list of token
-        // ids is one prompt.
-        if p.first() == Some(&b'[') {
-            let inner = p[1..].iter().find(|b| !b" \t\r\n".contains(b));
-            if matches!(inner, Some(b'"') | Some(b'[')) {
-                return Err(Refusal::BatchPrompt);
-            }
-        }
-    }
-    Ok(())
+    crate::rewrite::refusal(obj).map_or(Ok(()), Err)
 }
 
 /// The members appended to both legs:
@@ -501,15 +458,24 @@ mod tests {
     }
 
     #[test]
-    fn refusals() {
-        let ok = |s: &str| check_request(&Object::parse(s.as_bytes()).unwrap());
-        assert_eq!(ok(r#"{"n":1,"prompt":"p"}"#), Ok(()));
-        assert_eq!(ok(r#"{"prompt":[1,2,3]}"#), Ok(()));
-        assert_eq!(ok(r#"{"messages":[{"content":"n"}],"n":"2"}"#), Ok(()));
-        assert!(matches!(ok(r#"{"n":2}"#), Err(Refusal::ManySamples { key: "n", .. })));
-        assert!(matches!(ok(r#"{"best_of":3}"#), Err(Refusal::ManySamples { key: "best_of", .. })));
-        assert_eq!(ok(r#"{"prompt":["a","b"]}"#), Err(Refusal::BatchPrompt));
-        assert_eq!(ok(r#"{"prompt":[ [1],[2]]}"#), Err(Refusal::BatchPrompt));
-        assert!(ok(r#"{"n":4}"#).unwrap_err().to_string().starts_with("\"n\": 4 is not supported"));
+    fn refusals_are_the_vllm_modes() {
+        // The check itself is tested in rewrite.rs; here only that the
+        // bootstrap mode answers exactly as the vLLM mode does.
+        for src in [
+            r#"{"n":1,"prompt":"p"}"#,
+            r#"{"prompt":[1,2,3]}"#,
+            r#"{"messages":[{"content":"n"}],"n":"2"}"#,
+            r#"{"n":2.0}"#,
+            r#"{"best_of":"abc"}"#,
+            r#"{"prompt":[ [1],[2]]}"#,
+        ] {
+            let obj = Object::parse(src.as_bytes()).unwrap();
+            assert_eq!(check_request(&obj).err(), crate::rewrite::refusal(&obj), "{src}");
+        }
+        let obj = Object::parse(br#"{"n":4}"#).unwrap();
+        assert!(check_request(&obj)
+            .unwrap_err()
+            .to_string()
+            .starts_with("\"n\": 4 is not supported"));
     }
 }

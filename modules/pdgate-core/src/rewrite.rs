@@ -10,6 +10,7 @@
 //! Only top-level keys are read or replaced: a `"stream"` inside a message is
 //! text, not a parameter.
 
+use std::fmt;
 use std::ops::Range;
 
 use crate::json::{JsonError, Object};
@@ -134,21 +135,116 @@ fn is_one_of(obj: &Object<'_>, m: &crate::json::Member, keys: &[&str]) -> bool {
     keys.iter().any(|k| obj.key_is(m, k))
 }
 
-/// Why a request cannot go through P/D as one request, as an error message
-/// for a 400: `n` or `best_of` above 1 (one KV handoff serves one sequence;
-/// the engines would recompute or fail), or a batch of prompts.
-pub fn pd_refusal(obj: &Object<'_>) -> Option<String> {
-    for key in ["n", "best_of"] {
-        if let Some(v) = obj.get(key) {
-            match std::str::from_utf8(v).ok().and_then(|t| t.parse::<f64>().ok()) {
-                Some(x) if x > 1.0 => {
-                    return Some(format!(
-                        "\"{key}\": {} is not supported through prefill/decode disaggregation (one KV transfer serves one sequence); send separate requests",
-                        String::from_utf8_lossy(v)
-                    ))
-                }
-                _ => {}
+/// Why a request cannot go through P/D as one request (answered 400, with
+/// the same words in every mode: vLLM's sequential protocol and SGLang's
+/// bootstrap protocol share this check through [`pd_refusal`] and
+/// `bootstrap::check_request`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `n` (or `best_of`) is not a positive integer: not a number, nor a
+    /// string holding one (`"abc"`, `true`, `[2]`), or a number below 1 or
+    /// with a fraction (`0`, `-1`, `1.5`).
+    InvalidSamples { key: &'static str, value: String },
+    /// `n` (or `best_of`) above 1: one KV handoff serves one sequence (vLLM
+    /// would recompute or fail, SGLang needs one room per sample).
+    ManySamples { key: &'static str, n: String },
+    /// A batch `prompt` (a list of prompts): one handoff per prompt.
+    BatchPrompt,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::InvalidSamples { key, value } => {
+                write!(f, "invalid \"{key}\": {value}, expected a positive integer")
             }
+            Refusal::ManySamples { key, n } => write!(
+                f,
+                "\"{key}\": {n} is not supported through prefill/decode disaggregation, \
+                 send one request per sample"
+            ),
+            Refusal::BatchPrompt => f.write_str(
+                "a batch \"prompt\" (a list of prompts) is not supported through \
+                 prefill/decode disaggregation, send one request per prompt",
+            ),
+        }
+    }
+}
+
+/// What a sample count (`n`, `best_of`) asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Samples {
+    /// Absent or `null` (the engine's default, 1), or a value equal to 1.
+    One,
+    /// An integer value above 1 (`2`, `2.0`, `"2"`, `1e3`, or too large for
+    /// any integer type).
+    Many,
+    /// Anything else.
+    Invalid,
+}
+
+/// Reads the raw JSON value of a sample count. A JSON number or a string
+/// holding exactly one (as vLLM's and SGLang's validators coerce it) counts
+/// by its value; `1.0` is 1. `"inf"`, `"NaN"`, `"0x2"` and escaped strings are
+/// not JSON numbers and so are invalid.
+fn samples(v: &[u8]) -> Samples {
+    if v == b"null" {
+        return Samples::One;
+    }
+    let text = match v {
+        [b'"', inner @ .., b'"'] => inner,
+        _ => v,
+    };
+    match json_number(text) {
+        Some(1.0) => Samples::One,
+        // 1e400 reads as infinity, more samples than anyone can serve.
+        Some(x) if x > 1.0 && (x.fract() == 0.0 || x.is_infinite()) => Samples::Many,
+        _ => Samples::Invalid,
+    }
+}
+
+/// `text` as a number if it is exactly one JSON number (RFC 8259 grammar:
+/// `-? (0 | [1-9][0-9]*) (. [0-9]+)? ([eE] [+-]? [0-9]+)?`).
+fn json_number(text: &[u8]) -> Option<f64> {
+    let digits = |i: usize| text[i..].iter().take_while(|b| b.is_ascii_digit()).count();
+    let mut i = usize::from(text.first() == Some(&b'-'));
+    match digits(i) {
+        0 => return None,
+        n if n > 1 && text[i] == b'0' => return None,
+        n => i += n,
+    }
+    if text.get(i) == Some(&b'.') {
+        match digits(i + 1) {
+            0 => return None,
+            n => i += 1 + n,
+        }
+    }
+    if matches!(text.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(text.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        match digits(i) {
+            0 => return None,
+            n => i += n,
+        }
+    }
+    if i != text.len() {
+        return None;
+    }
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// The one check of what a P/D request may carry: `n` and `best_of` must be
+/// 1 (or absent), and `prompt` must not be a batch.
+pub fn refusal(obj: &Object<'_>) -> Option<Refusal> {
+    for key in ["n", "best_of"] {
+        let Some(v) = obj.get(key) else { continue };
+        let value = String::from_utf8_lossy(v).into_owned();
+        match samples(v) {
+            Samples::One => {}
+            Samples::Many => return Some(Refusal::ManySamples { key, n: value }),
+            Samples::Invalid => return Some(Refusal::InvalidSamples { key, value }),
         }
     }
     if let Some(p) = obj.get("prompt") {
@@ -156,12 +252,15 @@ pub fn pd_refusal(obj: &Object<'_>) -> Option<String> {
         // token ids is one prompt.
         let inner = p.strip_prefix(b"[").map(|r| r.trim_ascii_start());
         if matches!(inner.and_then(|r| r.first()), Some(b'"') | Some(b'[')) {
-            return Some(
-                "a batch of prompts is not supported through prefill/decode disaggregation; send one request per prompt".into(),
-            );
+            return Some(Refusal::BatchPrompt);
         }
     }
     None
+}
+
+/// [`refusal`] as the error message of the vLLM-mode module's 400.
+pub fn pd_refusal(obj: &Object<'_>) -> Option<String> {
+    refusal(obj).map(|r| r.to_string())
 }
 
 /// `stream_ops`: what the decode leg is told about usage reporting.
@@ -460,15 +559,90 @@ mod tests {
     }
 
     #[test]
+    fn sample_counts() {
+        use Samples::*;
+        let table: &[(&str, Samples)] = &[
+            ("1", One),
+            ("\"1\"", One),
+            ("1.0", One),
+            ("1e0", One),
+            ("\"1.0\"", One),
+            ("null", One),
+            ("2", Many),
+            ("\"2\"", Many),
+            ("2.0", Many),
+            ("\"2.0\"", Many),
+            ("1e3", Many),
+            ("18446744073709551616", Many),
+            ("99999999999999999999999999999999", Many),
+            ("1e400", Many),
+            ("1.5", Invalid),
+            ("\"1.5\"", Invalid),
+            ("0", Invalid),
+            ("0.0", Invalid),
+            ("-1", Invalid),
+            ("\"-2\"", Invalid),
+            ("-1e400", Invalid),
+            ("\"abc\"", Invalid),
+            ("\"\"", Invalid),
+            ("\" 2\"", Invalid),
+            ("\"inf\"", Invalid),
+            ("\"NaN\"", Invalid),
+            ("\"0x2\"", Invalid),
+            ("\"02\"", Invalid),
+            ("\"2.\"", Invalid),
+            ("\"\\u0032\"", Invalid),
+            ("true", Invalid),
+            ("false", Invalid),
+            ("[2]", Invalid),
+            ("{\"n\":2}", Invalid),
+        ];
+        for (v, want) in table {
+            assert_eq!(samples(v.as_bytes()), *want, "n = {v}");
+            // The same value under either key, through the whole check.
+            for key in ["n", "best_of"] {
+                let src = format!(r#"{{"prompt":"p","{key}":{v}}}"#);
+                let got = refusal(&Object::parse(src.as_bytes()).unwrap());
+                let value = v.to_string();
+                let expected = match want {
+                    One => None,
+                    Many => Some(Refusal::ManySamples { key, n: value }),
+                    Invalid => Some(Refusal::InvalidSamples { key, value }),
+                };
+                assert_eq!(got, expected, "{src}");
+            }
+        }
+    }
+
+    #[test]
     fn refusals() {
-        let r = |s: &str| pd_refusal(&Object::parse(s.as_bytes()).unwrap());
-        assert!(r(r#"{"n":2}"#).unwrap().contains("\"n\": 2"));
-        assert!(r(r#"{"best_of":3}"#).unwrap().contains("best_of"));
-        assert!(r(r#"{"prompt":["a","b"]}"#).unwrap().contains("batch"));
-        assert!(r(r#"{"prompt":[[1,2],[3]]}"#).is_some());
-        assert_eq!(r(r#"{"n":1,"best_of":1,"prompt":"a"}"#), None);
+        let r = |s: &str| refusal(&Object::parse(s.as_bytes()).unwrap());
+        let m = |s: &str| pd_refusal(&Object::parse(s.as_bytes()).unwrap());
+        assert_eq!(
+            m(r#"{"n":2}"#).unwrap(),
+            "\"n\": 2 is not supported through prefill/decode disaggregation, send one request per sample"
+        );
+        assert_eq!(r(r#"{"n":"2"}"#), Some(Refusal::ManySamples { key: "n", n: "\"2\"".into() }));
+        assert_eq!(
+            r(r#"{"best_of":3.0}"#),
+            Some(Refusal::ManySamples { key: "best_of", n: "3.0".into() })
+        );
+        assert_eq!(
+            m(r#"{"n":"abc"}"#).unwrap(),
+            "invalid \"n\": \"abc\", expected a positive integer"
+        );
+        assert_eq!(
+            r(r#"{"n":1,"best_of":1.5}"#),
+            Some(Refusal::InvalidSamples { key: "best_of", value: "1.5".into() })
+        );
+        assert_eq!(m(r#"{"prompt":["a","b"]}"#).unwrap(), "a batch \"prompt\" (a list of prompts) is not supported through prefill/decode disaggregation, send one request per prompt");
+        assert_eq!(r(r#"{"prompt":[[1,2],[3]]}"#), Some(Refusal::BatchPrompt));
+        assert_eq!(r(r#"{"prompt":[ [1],[2]]}"#), Some(Refusal::BatchPrompt));
+        assert_eq!(r(r#"{"n":1,"best_of":"1","prompt":"a"}"#), None);
         assert_eq!(r(r#"{"prompt":[1,2,3]}"#), None);
         assert_eq!(r(r#"{"n":null}"#), None);
+        // A key inside a message is text, not a parameter.
+        assert_eq!(r(r#"{"messages":[{"n":2,"content":"n"}]}"#), None);
     }
 
     fn kv_prefill() -> Value {

@@ -299,7 +299,12 @@ impl Engine {
         s.prefill_left = compute;
         s.own_blocks = needed;
         s.cached_refs = hits;
-        s.cached_tokens = cached_tokens;
+        // What usage reports as cached: the prefix-cache hits, or for KV
+        // that arrived from a prefill every prompt token but the last, as
+        // vLLM with NIXL reports it (the connector loads prompt - 1 tokens
+        // and the decode computes the last one to sample from it).
+        s.cached_tokens =
+            if s.spec.kv_loaded { s.spec.prompt_tokens.saturating_sub(1) } else { cached_tokens };
         s.admitted_at = self.tick;
         self.running.push(s);
         Admit::Admitted
@@ -671,7 +676,26 @@ mod tests {
         let steps = run(&mut e);
         assert_eq!(steps[0].prefill_tokens, 0);
         assert_eq!(steps.iter().map(|s| s.prefill_tokens).sum::<u64>(), 0);
-        assert!(steps[0].events.contains(&Event::FirstToken { id: 3, cached: 0 }));
+        // Usage counts the KV that arrived as cached: all but the last token.
+        assert!(steps[0].events.contains(&Event::FirstToken { id: 3, cached: 999 }));
+    }
+
+    #[test]
+    fn cached_tokens_are_remote_kv_or_local_hits() {
+        // (prompt tokens, KV loaded, cached reported on a fresh engine)
+        let table: &[(u64, bool, u64)] =
+            &[(1000, true, 999), (17, true, 16), (1, true, 0), (1000, false, 0), (1, false, 0)];
+        for (i, &(prompt, loaded, cached)) in table.iter().enumerate() {
+            let mut e = Engine::new(prof());
+            let mut s = spec(i as u64, prompt, 1);
+            s.kv_loaded = loaded;
+            e.add(s);
+            let first = run(&mut e).into_iter().flat_map(|s| s.events).find_map(|ev| match ev {
+                Event::FirstToken { cached, .. } => Some(cached),
+                _ => None,
+            });
+            assert_eq!(first, Some(cached), "prompt {prompt}, kv loaded {loaded}");
+        }
     }
 
     #[test]

@@ -509,8 +509,11 @@ impl Sim {
             _ => {}
         }
 
-        let (out_tokens, finish) = match self.cfg.role {
-            Role::Encode => (1, "length"),
+        let (out_tokens, finish) = match (self.cfg.role, self.cfg.flavor) {
+            (Role::Encode, _) => (1, "length"),
+            // An SGLang prefill server computes the prompt and one token,
+            // whatever max_tokens asks: the decode generates the answer.
+            (Role::Prefill, Flavor::Sglang) => (1, "length"),
             _ => api::output_tokens(&areq, self.cfg.profile.max_model_len as u64),
         };
         let seq = self.next_seq.fetch_add(1, Relaxed);
@@ -632,6 +635,8 @@ impl Sim {
                         usage.cached = cached;
                         ttft = at.duration_since(t0);
                         self.metrics.ttft.observe(ttft.as_secs_f64() * self.cfg.time_scale);
+                        // The prefill is done: its KV can go to the decode.
+                        self.publish_room(areq);
                     }
                     let tok = api::token_text(seed, usage.completion);
                     usage.completion += 1;
@@ -681,12 +686,6 @@ impl Sim {
         } else {
             None
         };
-        if let (Role::Prefill, Flavor::Sglang, Some(b)) =
-            (self.cfg.role, self.cfg.flavor, &areq.bootstrap)
-        {
-            self.rooms.lock().insert(b.room, areq.prompt_tokens);
-            self.rooms_cv.notify_all();
-        }
         self.metrics.requests_ok.fetch_add(1, Relaxed);
         match stream {
             Some(mut s) => {
@@ -720,6 +719,17 @@ impl Sim {
             }
         }
         Ok((200, usage.cached, ttft))
+    }
+
+    /// SGLang prefill: makes the request's bootstrap room (its KV) available
+    /// to the decode waiting on it, once the prefill computed the prompt.
+    fn publish_room(&self, areq: &ApiRequest) {
+        if let (Role::Prefill, Flavor::Sglang, Some(b)) =
+            (self.cfg.role, self.cfg.flavor, &areq.bootstrap)
+        {
+            self.rooms.lock().insert(b.room, areq.prompt_tokens);
+            self.rooms_cv.notify_all();
+        }
     }
 
     /// vLLM decode: fetch the prompt's KV from the prefill named in
