@@ -18,17 +18,11 @@
 //! item through their encoder cache, keyed by a hash of the item (vLLM's
 //! EPD proxy behaves the same).
 
-use std::ffi::{c_char, c_void};
-use std::ptr::null_mut;
-
 use pdgate_glue::core::encode::{DEFAULT_MAX_ITEMS, MAX_MAX_ITEMS};
-use pdgate_glue::ffi::{
-    ngx_command_t, ngx_conf_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF_OFFSET,
-};
-use pdgate_glue::ngx::ngx_string;
-use pdgate_glue::{conf, guard};
+use pdgate_glue::ffi::ngx_command_t;
+use pdgate_glue::http::{Conf as NgxConf, ConfError};
 
-use crate::{LocConf, ANY_LEVEL};
+use crate::{arg, dup, take1, LocConf};
 
 /// The stage's part of the location configuration.
 #[derive(Debug, Default)]
@@ -61,83 +55,37 @@ impl Conf {
 }
 
 /// `prefill_encode <uri-prefix> | off;`
-pub const CMD_PREFILL_ENCODE: ngx_command_t = ngx_command_t {
-    name: ngx_string!("prefill_encode"),
-    type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-    set: Some(cmd_prefill_encode),
-    conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-    offset: 0,
-    post: null_mut(),
-};
+pub const CMD_PREFILL_ENCODE: ngx_command_t = take1(c"prefill_encode", Some(cmd_prefill_encode));
 
 /// `prefill_encode_max_items <number>;`
-pub const CMD_PREFILL_ENCODE_MAX_ITEMS: ngx_command_t = ngx_command_t {
-    name: ngx_string!("prefill_encode_max_items"),
-    type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-    set: Some(cmd_prefill_encode_max_items),
-    conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-    offset: 0,
-    post: null_mut(),
-};
+pub const CMD_PREFILL_ENCODE_MAX_ITEMS: ngx_command_t =
+    take1(c"prefill_encode_max_items", Some(cmd_prefill_encode_max_items));
 
-unsafe extern "C" fn cmd_prefill_encode(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    guard::catch("prefill_encode directive", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
-        // SAFETY: nginx passes this module's location conf and the parsed
-        // args; NGX_CONF_TAKE1 guarantees args[1].
-        unsafe {
-            let enc = &mut (*(lcf as *mut LocConf)).encode;
-            if enc.prefix.is_some() {
-                return conf::error(cf, "is duplicate");
-            }
-            let args = conf::args(cf);
-            let Some(arg) = args.get(1) else { return conf::error(cf, "needs an argument") };
-            match pdgate_glue::core::conf::parse_prefix(conf::str_bytes(arg)) {
-                Ok(p) => {
-                    enc.prefix = Some(p);
-                    conf::OK
-                }
-                Err(e) => conf::error(cf, &e.to_string()),
-            }
-        }
-    })
+pdgate_glue::directive!(cmd_prefill_encode, LocConf, prefill_encode);
+
+fn prefill_encode(cf: &mut NgxConf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    let enc = &mut lcf.encode;
+    dup(&enc.prefix)?;
+    let p = pdgate_glue::core::conf::parse_prefix(arg(cf)?)
+        .map_err(|e| ConfError::Directive(e.to_string()))?;
+    enc.prefix = Some(p);
+    Ok(())
 }
 
-unsafe extern "C" fn cmd_prefill_encode_max_items(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    guard::catch(
-        "prefill_encode_max_items directive",
-        pdgate_glue::ngx::core::NGX_CONF_ERROR,
-        || {
-            // SAFETY: as for cmd_prefill_encode.
-            unsafe {
-                let enc = &mut (*(lcf as *mut LocConf)).encode;
-                if enc.max_items.is_some() {
-                    return conf::error(cf, "is duplicate");
-                }
-                let args = conf::args(cf);
-                let Some(arg) = args.get(1) else { return conf::error(cf, "needs an argument") };
-                let raw = conf::str_bytes(arg);
-                match std::str::from_utf8(raw).ok().and_then(|s| s.parse::<usize>().ok()) {
-                    Some(n) if (1..=MAX_MAX_ITEMS).contains(&n) => {
-                        enc.max_items = Some(n);
-                        conf::OK
-                    }
-                    _ => conf::error(
-                        cf,
-                        &format!(
-                            "invalid value \"{}\", it must be a number from 1 to {MAX_MAX_ITEMS}",
-                            String::from_utf8_lossy(raw)
-                        ),
-                    ),
-                }
-            }
-        },
-    )
+pdgate_glue::directive!(cmd_prefill_encode_max_items, LocConf, prefill_encode_max_items);
+
+fn prefill_encode_max_items(cf: &mut NgxConf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    let enc = &mut lcf.encode;
+    dup(&enc.max_items)?;
+    let raw = arg(cf)?;
+    match std::str::from_utf8(raw).ok().and_then(|s| s.parse::<usize>().ok()) {
+        Some(n) if (1..=MAX_MAX_ITEMS).contains(&n) => {
+            enc.max_items = Some(n);
+            Ok(())
+        }
+        _ => Err(ConfError::Directive(format!(
+            "invalid value \"{}\", it must be a number from 1 to {MAX_MAX_ITEMS}",
+            String::from_utf8_lossy(raw)
+        ))),
+    }
 }

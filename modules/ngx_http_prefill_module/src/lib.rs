@@ -14,9 +14,9 @@
 //! and auth_request (waited subrequest, post handler records, re-entry acts).
 //! Every decision comes from pdgate-core; this file only executes them.
 
-use std::ffi::{c_char, c_void};
+#![forbid(unsafe_code)]
+
 use std::mem::offset_of;
-use std::ptr::{addr_of, addr_of_mut, null_mut};
 
 use pdgate_glue::core::encode::{media_items, too_many_message};
 use pdgate_glue::core::json::Object;
@@ -27,17 +27,15 @@ use pdgate_glue::core::rewrite::{
 };
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{
-    ngx_command_t, ngx_conf_set_flag_slot, ngx_conf_t, ngx_flag_t, ngx_http_module_t, ngx_int_t,
-    ngx_module_t, ngx_uint_t, NGX_CONF_FLAG, NGX_CONF_TAKE1, NGX_ERROR, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE, NGX_HTTP_SRV_CONF, NGX_LOG_WARN,
-    NGX_OK,
+    ngx_command_t, ngx_conf_set_flag_slot, ngx_flag_t, ngx_module_t, ngx_uint_t, NGX_CONF_FLAG,
+    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
+    NGX_HTTP_SRV_CONF, NGX_LOG_WARN,
 };
-use pdgate_glue::ngx::http::{
-    HttpModule, HttpModuleLocationConf, Merge, MergeConfigError, Request,
-};
+use pdgate_glue::http::{Conf, ConfError, Request};
+use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
 use pdgate_glue::ngx::log::DebugMask;
-use pdgate_glue::ngx::{ngx_log_debug, ngx_log_error, ngx_string};
-use pdgate_glue::{conf, guard};
+use pdgate_glue::ngx::{ngx_log_debug, ngx_log_error};
+use pdgate_glue::{conf, NgxError};
 
 // E/P/D: the encoder stage before the prefill (`prefill_encode`).
 mod encode;
@@ -86,155 +84,100 @@ impl Merge for LocConf {
     }
 }
 
-struct Module;
-
-impl HttpModule for Module {
-    fn module() -> &'static ngx_module_t {
-        // SAFETY: the module static is only written by nginx while loading.
-        unsafe { &*addr_of!(ngx_http_prefill_module) }
-    }
-
-    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        guard::catch("prefill preconfiguration", NGX_ERROR as ngx_int_t, || {
-            // SAFETY: nginx calls preconfiguration with a valid http conf.
-            unsafe { driver::preconfiguration::<Vllm>(cf) }
-        })
-    }
-
-    unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        guard::catch("prefill postconfiguration", NGX_ERROR as ngx_int_t, || {
-            // SAFETY: as below (metrics.rs hooks its filter and log handler).
-            if unsafe { metrics::postconfiguration(cf) } != NGX_OK as ngx_int_t {
-                return NGX_ERROR as ngx_int_t;
-            }
-            // SAFETY: nginx calls postconfiguration with a valid http conf.
-            unsafe { driver::postconfiguration::<Vllm>(cf) }
-        })
-    }
-}
-
-// SAFETY: LocationConf is the type create_loc_conf allocates for this module.
-unsafe impl HttpModuleLocationConf for Module {
-    type LocationConf = LocConf;
-}
-
-// SAFETY: MainConf is the type create_main_conf allocates for this module.
-unsafe impl pdgate_glue::ngx::http::HttpModuleMainConf for Module {
-    type MainConf = metrics::MainConf;
-}
-
-static NGX_HTTP_PREFILL_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: Some(Module::preconfiguration),
-    postconfiguration: Some(Module::postconfiguration),
-    create_main_conf: Some(Module::create_main_conf),
-    init_main_conf: None,
-    create_srv_conf: None,
-    merge_srv_conf: None,
-    create_loc_conf: Some(Module::create_loc_conf),
-    merge_loc_conf: Some(Module::merge_loc_conf),
-};
-
 const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
-static mut NGX_HTTP_PREFILL_COMMANDS: [ngx_command_t; 9] = [
+/// A directive of this module taking one argument at any level, stored in
+/// the location configuration.
+const fn take1(
+    name: &'static std::ffi::CStr,
+    set: pdgate_glue::ffi::ngx_conf_handler_pt,
+) -> ngx_command_t {
     ngx_command_t {
-        name: ngx_string!("prefill"),
+        // nginx compares directive names with strcmp: keep the NUL.
+        name: conf::name(name),
         type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(cmd_prefill),
+        set,
         conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
         offset: 0,
-        post: null_mut(),
-    },
-    ngx_command_t {
-        name: ngx_string!("prefill_kv_transfer_params"),
-        type_: (ANY_LEVEL | NGX_CONF_FLAG) as ngx_uint_t,
-        set: Some(ngx_conf_set_flag_slot),
-        conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-        offset: offset_of!(LocConf, kv_params),
-        post: null_mut(),
-    },
-    encode::CMD_PREFILL_ENCODE,
-    encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
-    ngx_command_t {
-        name: ngx_string!("stream_ops"),
-        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(cmd_stream_ops),
-        conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-        offset: 0,
-        post: null_mut(),
-    },
-    metrics::CMD_PD_METRICS,
-    metrics::CMD_PD_METRICS_ZONE,
-    metrics::CMD_ENABLE_INTERNAL_METRICS,
-    ngx_command_t::empty(),
-];
-
-#[no_mangle]
-#[allow(non_upper_case_globals)]
-pub static mut ngx_http_prefill_module: ngx_module_t = ngx_module_t {
-    ctx: addr_of!(NGX_HTTP_PREFILL_MODULE_CTX) as *mut c_void,
-    commands: addr_of_mut!(NGX_HTTP_PREFILL_COMMANDS) as *mut ngx_command_t,
-    type_: NGX_HTTP_MODULE as ngx_uint_t,
-    ..ngx_module_t::default()
-};
-
-pdgate_glue::ngx::ngx_modules!(ngx_http_prefill_module);
-
-/// `stream_ops off | add | set_opt;`
-unsafe extern "C" fn cmd_stream_ops(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    guard::catch("stream_ops directive", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
-        // SAFETY: nginx passes this module's location conf and the parsed args.
-        unsafe {
-            let lcf = &mut *(lcf as *mut LocConf);
-            if lcf.stream_ops.is_some() {
-                return conf::error(cf, "is duplicate");
-            }
-            let v = conf::args(cf).get(1).map(|a| conf::str_bytes(a)).unwrap_or(&[]);
-            match StreamOps::parse(v) {
-                Some(ops) => {
-                    lcf.stream_ops = Some(ops);
-                    conf::OK
-                }
-                None => conf::error(
-                    cf,
-                    &format!(
-                        "invalid value \"{}\", it must be \"off\", \"add\" or \"set_opt\"",
-                        String::from_utf8_lossy(v)
-                    ),
-                ),
-            }
-        }
-    })
+        post: std::ptr::null_mut(),
+    }
 }
 
+pdgate_glue::http_module! {
+    module: ngx_http_prefill_module,
+    preconfiguration: preconfiguration,
+    postconfiguration: postconfiguration,
+    main_conf: metrics::MainConf,
+    loc_conf: LocConf,
+    merge_loc_conf: yes,
+    commands: [
+        take1(c"prefill", Some(cmd_prefill)),
+        ngx_command_t {
+            name: conf::name(c"prefill_kv_transfer_params"),
+            type_: (ANY_LEVEL | NGX_CONF_FLAG) as ngx_uint_t,
+            set: Some(ngx_conf_set_flag_slot),
+            conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+            offset: offset_of!(LocConf, kv_params),
+            post: std::ptr::null_mut(),
+        },
+        encode::CMD_PREFILL_ENCODE,
+        encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
+        take1(c"stream_ops", Some(cmd_stream_ops)),
+        metrics::CMD_PD_METRICS,
+        metrics::CMD_PD_METRICS_ZONE,
+        metrics::CMD_ENABLE_INTERNAL_METRICS,
+    ],
+}
+
+/// Declares the `$pd_*` variables.
+fn preconfiguration(cf: &mut Conf) -> Result<(), NgxError> {
+    driver::declare_variables::<Vllm>(cf)
+}
+
+/// Creates the metrics zone when asked for, then installs the driver.
+fn postconfiguration(cf: &mut Conf) -> Result<(), NgxError> {
+    metrics::postconfiguration(cf)?;
+    driver::install::<Vllm>(cf)
+}
+
+/// The directive's one argument (`NGX_CONF_TAKE1` guarantees it).
+fn arg<'a>(cf: &'a Conf) -> Result<&'a [u8], ConfError> {
+    cf.args().first().copied().ok_or_else(|| ConfError::Directive("needs an argument".into()))
+}
+
+/// `"is duplicate"` when `v` is set at this level already.
+fn dup<T>(v: &Option<T>) -> Result<(), ConfError> {
+    match v {
+        Some(_) => Err(ConfError::Directive("is duplicate".into())),
+        None => Ok(()),
+    }
+}
+
+pdgate_glue::directive!(cmd_stream_ops, LocConf, stream_ops);
+
+/// `stream_ops off | add | set_opt;`
+fn stream_ops(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.stream_ops)?;
+    let v = arg(cf)?;
+    let ops = StreamOps::parse(v).ok_or_else(|| {
+        ConfError::Directive(format!(
+            "invalid value \"{}\", it must be \"off\", \"add\" or \"set_opt\"",
+            String::from_utf8_lossy(v)
+        ))
+    })?;
+    lcf.stream_ops = Some(ops);
+    Ok(())
+}
+
+pdgate_glue::directive!(cmd_prefill, LocConf, prefill);
+
 /// `prefill <uri-prefix> | off;`
-unsafe extern "C" fn cmd_prefill(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    guard::catch("prefill directive", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
-        // SAFETY: nginx passes this module's location conf and the parsed args.
-        unsafe {
-            let lcf = &mut *(lcf as *mut LocConf);
-            if lcf.prefix.is_some() {
-                return conf::error(cf, "is duplicate");
-            }
-            let args = conf::args(cf);
-            let Some(arg) = args.get(1) else { return conf::error(cf, "needs an argument") };
-            match pdgate_glue::core::conf::parse_prefix(conf::str_bytes(arg)) {
-                Ok(p) => {
-                    lcf.prefix = Some(p);
-                    conf::OK
-                }
-                Err(e) => conf::error(cf, &e.to_string()),
-            }
-        }
-    })
+fn prefill(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.prefix)?;
+    let p = pdgate_glue::core::conf::parse_prefix(arg(cf)?)
+        .map_err(|e| ConfError::Directive(e.to_string()))?;
+    lcf.prefix = Some(p);
+    Ok(())
 }
 
 /// The sequential (vLLM NIXL) protocol, with the encoder stage before it.

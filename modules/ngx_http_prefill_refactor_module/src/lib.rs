@@ -27,9 +27,7 @@
 //! Counters are released when each leg ends, and by the context's drop (a
 //! request-pool cleanup) on every other path.
 
-use std::ffi::{c_char, c_void};
-use std::ptr::NonNull;
-use std::ptr::{addr_of, addr_of_mut, null_mut};
+#![forbid(unsafe_code)]
 
 use pdgate_glue::core::balance::fails::{
     parse_duration_ms, FailWindow, DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_MAX_FAILS,
@@ -43,25 +41,21 @@ use pdgate_glue::core::bootstrap::{
 use pdgate_glue::core::json::Object;
 use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
 use pdgate_glue::core::tokens::tokens_for_bytes;
+use pdgate_glue::counters::Zone;
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{
-    ngx_command_t, ngx_conf_t, ngx_http_module_t, ngx_http_request_t, ngx_http_variable_value_t,
-    ngx_int_t, ngx_module_t, ngx_shm_zone_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_ERROR,
-    NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_MODULE,
-    NGX_HTTP_SRV_CONF, NGX_LOG_EMERG, NGX_LOG_WARN, NGX_OK,
+    ngx_command_t, ngx_module_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_WARN,
 };
-use pdgate_glue::ngx::http::{
-    HttpModule, HttpModuleLocationConf, Merge, MergeConfigError, Request,
-};
+use pdgate_glue::http::{Conf, ConfError, Request, RequestExt};
+use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
 use pdgate_glue::ngx::log::DebugMask;
-use pdgate_glue::ngx::{ngx_conf_log_error, ngx_log_debug, ngx_log_error, ngx_string};
-use pdgate_glue::{conf, counters, guard, observe, random, variable};
+use pdgate_glue::ngx::{ngx_log_debug, ngx_log_error};
+use pdgate_glue::{conf, observe, random, NgxError};
 
 /// The counters of `zone` (the shared zone of this configuration).
-fn zone_table<'a>(zone: Option<NonNull<ngx_shm_zone_t>>) -> Option<SlotTable<'a>> {
-    // SAFETY: the zone comes from counters::add_zone for the configuration
-    // the request runs under, which outlives the request.
-    unsafe { counters::table(zone?.as_ptr()) }
+fn zone_table(zone: Option<&Zone>) -> Option<SlotTable<'_>> {
+    zone?.table()
 }
 
 /// Per-location configuration; `None` means "not set at this level".
@@ -82,7 +76,7 @@ pub struct LocConf {
     fail_timeout: Option<u64>,
     /// The shared counters zone (`prefill_refactor`), attached by the
     /// directives that need it, per configuration cycle.
-    zone: Option<NonNull<ngx_shm_zone_t>>,
+    zone: Option<Zone>,
 }
 
 impl Merge for LocConf {
@@ -145,353 +139,194 @@ impl LocConf {
     }
 }
 
-struct Module;
-
-impl HttpModule for Module {
-    fn module() -> &'static ngx_module_t {
-        // SAFETY: the module static is only written by nginx while loading.
-        unsafe { &*addr_of!(ngx_http_prefill_refactor_module) }
-    }
-
-    unsafe extern "C" fn preconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        guard::catch("prefill_refactor preconfiguration", NGX_ERROR as ngx_int_t, || {
-            // SAFETY: nginx calls preconfiguration with a valid http conf.
-            if unsafe { driver::preconfiguration::<Sglang>(cf) } != NGX_OK as ngx_int_t {
-                return NGX_ERROR as ngx_int_t;
-            }
-            // SAFETY: as above.
-            let added = unsafe {
-                variable::add_volatile(
-                    cf,
-                    b"prefill_server",
-                    Some(ngx_http_prefill_server_variable),
-                    std::ptr::null(),
-                )
-                .and_then(|()| {
-                    variable::add_volatile(
-                        cf,
-                        b"decode_server",
-                        Some(ngx_http_decode_server_variable),
-                        std::ptr::null(),
-                    )
-                })
-                .and_then(|()| {
-                    variable::add_volatile(
-                        cf,
-                        b"bootstrap_room",
-                        Some(ngx_http_bootstrap_room_variable),
-                        std::ptr::null(),
-                    )
-                })
-                .and_then(|()| {
-                    variable::add_volatile(
-                        cf,
-                        b"prefill_refactor_counters",
-                        Some(ngx_http_prefill_refactor_counters_variable),
-                        std::ptr::null(),
-                    )
-                })
-            };
-            match added {
-                Ok(()) => NGX_OK as ngx_int_t,
-                Err(_) => NGX_ERROR as ngx_int_t,
-            }
-        })
-    }
-
-    unsafe extern "C" fn postconfiguration(cf: *mut ngx_conf_t) -> ngx_int_t {
-        guard::catch("prefill_refactor postconfiguration", NGX_ERROR as ngx_int_t, || {
-            // SAFETY: nginx calls postconfiguration with a valid http conf.
-            unsafe { driver::postconfiguration::<Sglang>(cf) }
-        })
-    }
-}
-
-// SAFETY: LocationConf is the type create_loc_conf allocates for this module.
-unsafe impl HttpModuleLocationConf for Module {
-    type LocationConf = LocConf;
-}
-
-/// `merge_loc_conf` with the cross-directive checks, reported as nginx
-/// reports a bad configuration.
-unsafe extern "C" fn merge_loc_conf(
-    cf: *mut ngx_conf_t,
-    prev: *mut c_void,
-    conf: *mut c_void,
-) -> *mut c_char {
-    guard::catch("prefill_refactor merge", pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
-        // SAFETY: nginx passes this module's parent and child location confs.
-        unsafe {
-            let prev = &*(prev as *const LocConf);
-            let conf = &mut *(conf as *mut LocConf);
-            let _ = conf.merge(prev);
-            match conf.check() {
-                Ok(()) => conf::OK,
-                Err(e) => {
-                    ngx_conf_log_error!(NGX_LOG_EMERG, cf, "{}", e);
-                    pdgate_glue::ngx::core::NGX_CONF_ERROR
-                }
-            }
-        }
-    })
-}
-
-static NGX_HTTP_PREFILL_REFACTOR_MODULE_CTX: ngx_http_module_t = ngx_http_module_t {
-    preconfiguration: Some(Module::preconfiguration),
-    postconfiguration: Some(Module::postconfiguration),
-    create_main_conf: None,
-    init_main_conf: None,
-    create_srv_conf: None,
-    merge_srv_conf: None,
-    create_loc_conf: Some(Module::create_loc_conf),
-    merge_loc_conf: Some(merge_loc_conf),
-};
-
 const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
 
+/// A directive of this module: one argument, at any level.
 const fn command(
-    name: pdgate_glue::ffi::ngx_str_t,
-    set: unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char,
+    name: &'static std::ffi::CStr,
+    set: pdgate_glue::ffi::ngx_conf_handler_pt,
 ) -> ngx_command_t {
     ngx_command_t {
-        name,
+        // nginx compares directive names with strcmp: keep the NUL.
+        name: conf::name(name),
         type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set: Some(set),
+        set,
         conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
         offset: 0,
-        post: null_mut(),
+        post: std::ptr::null_mut(),
     }
 }
 
-static mut NGX_HTTP_PREFILL_REFACTOR_COMMANDS: [ngx_command_t; 10] = [
-    command(ngx_string!("prefill_refactor"), cmd_prefill_refactor),
-    command(ngx_string!("prefill_servers_list"), cmd_prefill_servers_list),
-    command(ngx_string!("decode_servers_list"), cmd_decode_servers_list),
-    command(ngx_string!("bootstrap_ports_list"), cmd_bootstrap_ports_list),
-    command(ngx_string!("pd_distribution"), cmd_pd_distribution),
-    command(ngx_string!("pd_backend"), cmd_pd_backend),
-    command(ngx_string!("prefill_refactor_balance"), cmd_balance),
-    command(ngx_string!("prefill_refactor_max_fails"), cmd_max_fails),
-    command(ngx_string!("prefill_refactor_fail_timeout"), cmd_fail_timeout),
-    ngx_command_t::empty(),
-];
+pdgate_glue::http_module! {
+    module: ngx_http_prefill_refactor_module,
+    preconfiguration: preconfiguration,
+    postconfiguration: postconfiguration,
+    loc_conf: LocConf,
+    merge_loc_conf: yes,
+    // The cross-directive checks, reported as nginx reports a bad
+    // configuration.
+    check_loc_conf: check_loc_conf,
+    commands: [
+        command(c"prefill_refactor", Some(cmd_prefill_refactor)),
+        command(c"prefill_servers_list", Some(cmd_prefill_servers_list)),
+        command(c"decode_servers_list", Some(cmd_decode_servers_list)),
+        command(c"bootstrap_ports_list", Some(cmd_bootstrap_ports_list)),
+        command(c"pd_distribution", Some(cmd_pd_distribution)),
+        command(c"pd_backend", Some(cmd_pd_backend)),
+        command(c"prefill_refactor_balance", Some(cmd_balance)),
+        command(c"prefill_refactor_max_fails", Some(cmd_max_fails)),
+        command(c"prefill_refactor_fail_timeout", Some(cmd_fail_timeout)),
+    ],
+}
 
-#[no_mangle]
-#[allow(non_upper_case_globals)]
-pub static mut ngx_http_prefill_refactor_module: ngx_module_t = ngx_module_t {
-    ctx: addr_of!(NGX_HTTP_PREFILL_REFACTOR_MODULE_CTX) as *mut c_void,
-    commands: addr_of_mut!(NGX_HTTP_PREFILL_REFACTOR_COMMANDS) as *mut ngx_command_t,
-    type_: NGX_HTTP_MODULE as ngx_uint_t,
-    ..ngx_module_t::default()
-};
+/// Declares the `$pd_*` variables (the driver's) and this module's own.
+fn preconfiguration(cf: &mut Conf) -> Result<(), NgxError> {
+    driver::declare_variables::<Sglang>(cf)?;
+    cf.add_volatile_variable(b"prefill_server", Some(ngx_http_choice_variable), &PREFILL_SERVER)?;
+    cf.add_volatile_variable(b"decode_server", Some(ngx_http_choice_variable), &DECODE_SERVER)?;
+    cf.add_volatile_variable(b"bootstrap_room", Some(ngx_http_choice_variable), &BOOTSTRAP_ROOM)?;
+    cf.add_volatile_variable(
+        b"prefill_refactor_counters",
+        Some(ngx_http_prefill_refactor_counters_variable),
+        &(),
+    )
+}
 
-pdgate_glue::ngx::ngx_modules!(ngx_http_prefill_refactor_module);
+fn postconfiguration(cf: &mut Conf) -> Result<(), NgxError> {
+    driver::install::<Sglang>(cf)
+}
 
-/// Runs a directive handler body with this module's location conf and the
-/// directive's one argument (`NGX_CONF_TAKE1` guarantees it).
-unsafe fn directive(
-    what: &str,
-    cf: *mut ngx_conf_t,
-    lcf: *mut c_void,
-    f: impl FnOnce(&mut LocConf, &[u8]) -> Result<(), String>,
-) -> *mut c_char {
-    guard::catch(what, pdgate_glue::ngx::core::NGX_CONF_ERROR, || {
-        // SAFETY: nginx passes this module's location conf and the parsed args.
-        unsafe {
-            let lcf = &mut *(lcf as *mut LocConf);
-            let args = conf::args(cf);
-            let Some(arg) = args.get(1) else { return conf::error(cf, "needs an argument") };
-            match f(lcf, conf::str_bytes(arg)) {
-                Ok(()) => conf::OK,
-                Err(e) => conf::error(cf, &e),
-            }
-        }
-    })
+fn check_loc_conf(_: &Conf, lcf: &LocConf) -> Result<(), String> {
+    lcf.check()
+}
+
+/// The directive's one argument (`NGX_CONF_TAKE1` guarantees it).
+fn arg<'a>(cf: &'a Conf) -> Result<&'a [u8], ConfError> {
+    cf.args().first().copied().ok_or_else(|| ConfError::Directive("needs an argument".into()))
+}
+
+/// A directive's error message, as nginx prints it after the directive.
+fn refuse(msg: impl ToString) -> ConfError {
+    ConfError::Directive(msg.to_string())
 }
 
 /// Attaches the shared counters zone of the configuration being parsed
-/// (`ngx_shared_memory_add` returns the same zone for every call of a cycle).
-///
-/// # Safety
-/// `cf` must be the conf of a directive handler.
-unsafe fn attach_zone(cf: *mut ngx_conf_t, lcf: &mut LocConf) -> Result<(), String> {
+/// (every call of a cycle gets the same zone).
+fn attach_zone(cf: &mut Conf, lcf: &mut LocConf) -> Result<(), ConfError> {
     if lcf.zone.is_none() {
-        // SAFETY: forwarded from the caller; the name is static.
-        let z = unsafe { counters::add_zone(cf, "prefill_refactor", Module::module()) }
-            .map_err(|_| "cannot create its shared zone".to_owned())?;
-        lcf.zone = NonNull::new(z);
+        let z = Zone::add(cf, "prefill_refactor", Module::module())
+            .map_err(|_| refuse("cannot create its shared zone"))?;
+        lcf.zone = Some(z);
     }
     Ok(())
 }
 
-fn dup<T>(v: &Option<T>) -> Result<(), String> {
+fn dup<T>(v: &Option<T>) -> Result<(), ConfError> {
     if v.is_some() {
-        Err("is duplicate".into())
+        Err(refuse("is duplicate"))
     } else {
         Ok(())
     }
 }
 
+pdgate_glue::directive!(cmd_prefill_refactor, LocConf, prefill_refactor);
+
 /// `prefill_refactor <uri-prefix> | off;`
-unsafe extern "C" fn cmd_prefill_refactor(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("prefill_refactor directive", cf, lcf, |lcf, v| {
-            dup(&lcf.prefix)?;
-            let p = pdgate_glue::core::conf::parse_prefix(v).map_err(|e| e.to_string())?;
-            attach_zone(cf, lcf)?;
-            lcf.prefix = Some(p);
-            Ok(())
-        })
-    }
+fn prefill_refactor(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.prefix)?;
+    let p = pdgate_glue::core::conf::parse_prefix(arg(cf)?).map_err(refuse)?;
+    attach_zone(cf, lcf)?;
+    lcf.prefix = Some(p);
+    Ok(())
 }
+
+pdgate_glue::directive!(cmd_prefill_servers_list, LocConf, prefill_servers_list);
 
 /// `prefill_servers_list host:port[,host:port…];`
-unsafe extern "C" fn cmd_prefill_servers_list(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("prefill_servers_list directive", cf, lcf, |lcf, v| {
-            dup(&lcf.prefill)?;
-            lcf.prefill = Some(parse_servers(v).map_err(|e| e.to_string())?);
-            attach_zone(cf, lcf)?;
-            Ok(())
-        })
-    }
+fn prefill_servers_list(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.prefill)?;
+    lcf.prefill = Some(parse_servers(arg(cf)?).map_err(refuse)?);
+    attach_zone(cf, lcf)
 }
+
+pdgate_glue::directive!(cmd_decode_servers_list, LocConf, decode_servers_list);
 
 /// `decode_servers_list host:port[,host:port…];`
-unsafe extern "C" fn cmd_decode_servers_list(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("decode_servers_list directive", cf, lcf, |lcf, v| {
-            dup(&lcf.decode)?;
-            lcf.decode = Some(parse_servers(v).map_err(|e| e.to_string())?);
-            attach_zone(cf, lcf)?;
-            Ok(())
-        })
-    }
+fn decode_servers_list(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.decode)?;
+    lcf.decode = Some(parse_servers(arg(cf)?).map_err(refuse)?);
+    attach_zone(cf, lcf)
 }
+
+pdgate_glue::directive!(cmd_bootstrap_ports_list, LocConf, bootstrap_ports_list);
 
 /// `bootstrap_ports_list [port[,port…]];`
-unsafe extern "C" fn cmd_bootstrap_ports_list(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("bootstrap_ports_list directive", cf, lcf, |lcf, v| {
-            dup(&lcf.ports)?;
-            lcf.ports = Some(parse_ports(v).map_err(|e| e.to_string())?);
-            Ok(())
-        })
-    }
+fn bootstrap_ports_list(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.ports)?;
+    lcf.ports = Some(parse_ports(arg(cf)?).map_err(refuse)?);
+    Ok(())
 }
+
+pdgate_glue::directive!(cmd_pd_distribution, LocConf, pd_distribution);
 
 /// `pd_distribution p_before_d | pd_together;`
-unsafe extern "C" fn cmd_pd_distribution(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("pd_distribution directive", cf, lcf, |lcf, v| {
-            dup(&lcf.distribution)?;
-            lcf.distribution = Some(parse_distribution(v).map_err(|e| e.to_string())?);
-            Ok(())
-        })
-    }
+fn pd_distribution(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.distribution)?;
+    lcf.distribution = Some(parse_distribution(arg(cf)?).map_err(refuse)?);
+    Ok(())
 }
+
+pdgate_glue::directive!(cmd_pd_backend, LocConf, pd_backend);
 
 /// `pd_backend sglang;`
-unsafe extern "C" fn cmd_pd_backend(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("pd_backend directive", cf, lcf, |lcf, v| {
-            dup(&lcf.backend)?;
-            parse_backend(v).map_err(|e| e.to_string())?;
-            lcf.backend = Some(());
-            Ok(())
-        })
-    }
+fn pd_backend(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.backend)?;
+    parse_backend(arg(cf)?).map_err(refuse)?;
+    lcf.backend = Some(());
+    Ok(())
 }
+
+pdgate_glue::directive!(cmd_max_fails, LocConf, max_fails);
 
 /// `prefill_refactor_max_fails <number>;` (default 1; 0: never left out)
-unsafe extern "C" fn cmd_max_fails(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("prefill_refactor_max_fails directive", cf, lcf, |lcf, v| {
-            dup(&lcf.max_fails)?;
-            let n = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(
-                || format!("invalid value \"{}\", it must be a number", String::from_utf8_lossy(v)),
-            )?;
-            lcf.max_fails = Some(n);
-            Ok(())
-        })
-    }
+fn max_fails(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.max_fails)?;
+    let v = arg(cf)?;
+    let n = std::str::from_utf8(v).ok().and_then(|s| s.parse::<u64>().ok()).ok_or_else(|| {
+        refuse(format!("invalid value \"{}\", it must be a number", String::from_utf8_lossy(v)))
+    })?;
+    lcf.max_fails = Some(n);
+    Ok(())
 }
+
+pdgate_glue::directive!(cmd_fail_timeout, LocConf, fail_timeout);
 
 /// `prefill_refactor_fail_timeout <time>;` (default 10s)
-unsafe extern "C" fn cmd_fail_timeout(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("prefill_refactor_fail_timeout directive", cf, lcf, |lcf, v| {
-            dup(&lcf.fail_timeout)?;
-            let ms = parse_duration_ms(v).ok_or_else(|| {
-                format!("invalid value \"{}\", it must be a time", String::from_utf8_lossy(v))
-            })?;
-            lcf.fail_timeout = Some(ms);
-            Ok(())
-        })
-    }
+fn fail_timeout(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.fail_timeout)?;
+    let v = arg(cf)?;
+    let ms = parse_duration_ms(v).ok_or_else(|| {
+        refuse(format!("invalid value \"{}\", it must be a time", String::from_utf8_lossy(v)))
+    })?;
+    lcf.fail_timeout = Some(ms);
+    Ok(())
 }
 
+pdgate_glue::directive!(cmd_balance, LocConf, balance);
+
 /// `prefill_refactor_balance least_active | <balancer policy>;`
-unsafe extern "C" fn cmd_balance(
-    cf: *mut ngx_conf_t,
-    _cmd: *mut ngx_command_t,
-    lcf: *mut c_void,
-) -> *mut c_char {
-    // SAFETY: directive handler contract (see `directive`).
-    unsafe {
-        directive("prefill_refactor_balance directive", cf, lcf, |lcf, v| {
-            dup(&lcf.balance)?;
-            let p = Policy::parse(v).ok_or_else(|| {
-                format!(
-                    "invalid value \"{}\", it must be {}",
-                    String::from_utf8_lossy(v),
-                    Policy::NAMES
-                )
-            })?;
-            lcf.balance = Some(p);
-            Ok(())
-        })
-    }
+fn balance(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.balance)?;
+    let v = arg(cf)?;
+    let p = Policy::parse(v).ok_or_else(|| {
+        refuse(format!(
+            "invalid value \"{}\", it must be {}",
+            String::from_utf8_lossy(v),
+            Policy::NAMES
+        ))
+    })?;
+    lcf.balance = Some(p);
+    Ok(())
 }
 
 /// A server chosen for one leg, with its counter slot.
@@ -510,7 +345,7 @@ pub struct Choices {
     p: Option<Chosen>,
     d: Option<Chosen>,
     room: String,
-    zone: Option<NonNull<ngx_shm_zone_t>>,
+    zone: Option<Zone>,
     /// Prefill servers tried (by index), the last one running.
     tried: Vec<usize>,
 }
@@ -519,7 +354,7 @@ impl Choices {
     fn release(&mut self, leg: Legs) {
         let c = if leg == Legs::PREFILL { self.p.as_mut() } else { self.d.as_mut() };
         if let Some(c) = c {
-            if let (Some(i), Some(t)) = (c.slot.take(), zone_table(self.zone)) {
+            if let (Some(i), Some(t)) = (c.slot.take(), zone_table(self.zone.as_ref())) {
                 t.release(i, c.tokens, 0);
             }
         }
@@ -572,7 +407,7 @@ impl Protocol for Sglang {
         let Some(lcf) = Module::location_conf(r) else { return };
         let (Some(plist), Some(&i)) = (&lcf.prefill, st.tried.last()) else { return };
         let Some(server) = plist.get(i) else { return };
-        let Some(w) = fail_window(lcf.zone, server) else { return };
+        let Some(w) = fail_window(lcf.zone.as_ref(), server) else { return };
         if answered {
             w.succeeded();
         } else {
@@ -625,7 +460,7 @@ impl Protocol for Sglang {
 const MAX_RETRIES: usize = 2;
 
 /// The failure state of prefill server `s` (nginx's max_fails/fail_timeout).
-fn fail_window<'a>(zone: Option<NonNull<ngx_shm_zone_t>>, s: &Server) -> Option<FailWindow<'a>> {
+fn fail_window<'a>(zone: Option<&'a Zone>, s: &Server) -> Option<FailWindow<'a>> {
     let t = zone_table(zone)?;
     let i = t.find_or_claim(peer_key(b"prefill_refactor:fails", s.addr.as_bytes()))?;
     FailWindow::in_slot(&t, i)
@@ -653,7 +488,8 @@ fn legs(
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            !st.tried.contains(&i) && fail_window(lcf.zone, s).is_none_or(|w| w.available(now))
+            !st.tried.contains(&i)
+                && fail_window(lcf.zone.as_ref(), s).is_none_or(|w| w.available(now))
         })
         .collect();
     let untried: Vec<bool> = (0..plist.len()).map(|i| !st.tried.contains(&i)).collect();
@@ -662,9 +498,16 @@ fn legs(
         return Err(Refusal::new(502, "no prefill server left to try"));
     }
     let mut hold = Legs::NONE;
-    let (pi, p) =
-        choose(lcf.zone, plist, b"prefill_refactor:prefill", policy, tokens, tie, &eligible)
-            .ok_or(Refusal::new(500, "no prefill server"))?;
+    let (pi, p) = choose(
+        lcf.zone.as_ref(),
+        plist,
+        b"prefill_refactor:prefill",
+        policy,
+        tokens,
+        tie,
+        &eligible,
+    )
+    .ok_or(Refusal::new(500, "no prefill server"))?;
     let server = plist.get(pi).ok_or(Refusal::new(500, "no prefill server"))?;
     st.p = Some(p);
     st.tried.push(pi);
@@ -673,7 +516,7 @@ fn legs(
         if let Some(dlist) = &lcf.decode {
             let all = vec![true; dlist.len()];
             st.d = choose(
-                lcf.zone,
+                lcf.zone.as_ref(),
                 dlist,
                 b"prefill_refactor:decode",
                 policy,
@@ -719,7 +562,7 @@ fn legs(
 /// the `eligible` ones — the fewest requests in flight when it is `None` —
 /// now holding one more request of `tokens`.
 fn choose(
-    zone: Option<NonNull<ngx_shm_zone_t>>,
+    zone: Option<&Zone>,
     list: &[Server],
     role: &[u8],
     policy: Option<Policy>,
@@ -771,69 +614,26 @@ fn choose(
     Some((i, Chosen { addr: list.get(i)?.addr.clone(), slot, tokens }))
 }
 
+/// Which of a request's choices a variable shows.
+type Pick = fn(&Choices) -> Option<&str>;
+
+static PREFILL_SERVER: Pick = |c| c.p.as_ref().map(|p| p.addr.as_str());
+static DECODE_SERVER: Pick = |c| c.d.as_ref().map(|d| d.addr.as_str());
+static BOOTSTRAP_ROOM: Pick = |c| Some(c.room.as_str());
+
+pdgate_glue::variable_getter!(ngx_http_choice_variable, Pick, choice);
+
 /// `$prefill_server`, `$decode_server`, `$bootstrap_room`: the choices of
-/// the main request (also read from the prefill subrequest).
-///
-/// # Safety
-/// `r` must be a live request and `v` its variable value.
-unsafe fn variable(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_http_variable_value_t,
-    pick: fn(&Choices) -> Option<&str>,
-) -> ngx_int_t {
-    // SAFETY: r and v are live (caller); the value points into the
-    // pool-owned ctx, which lives as long as the request.
-    unsafe {
-        let v = &mut *v;
-        match driver::state::<Sglang>(Request::from_ngx_http_request(r)).and_then(|c| pick(c)) {
-            Some(s) if !s.is_empty() => variable::set(v, s.as_bytes()),
-            _ => variable::not_found(v),
-        }
-    }
-    NGX_OK as ngx_int_t
-}
-
-unsafe extern "C" fn ngx_http_prefill_server_variable(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_http_variable_value_t,
-    _data: usize,
-) -> ngx_int_t {
-    guard::catch("$prefill_server", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls variable getters with a live request and value.
-        unsafe { variable(r, v, |c| c.p.as_ref().map(|p| p.addr.as_str())) }
-    })
-}
-
-unsafe extern "C" fn ngx_http_decode_server_variable(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_http_variable_value_t,
-    _data: usize,
-) -> ngx_int_t {
-    guard::catch("$decode_server", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls variable getters with a live request and value.
-        unsafe { variable(r, v, |c| c.d.as_ref().map(|d| d.addr.as_str())) }
-    })
-}
-
-unsafe extern "C" fn ngx_http_bootstrap_room_variable(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_http_variable_value_t,
-    _data: usize,
-) -> ngx_int_t {
-    guard::catch("$bootstrap_room", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls variable getters with a live request and value.
-        unsafe { variable(r, v, |c| Some(c.room.as_str())) }
-    })
+/// the main request (also read from the prefill subrequest); the value
+/// lives in the pool-owned context, as long as the request.
+fn choice<'r>(r: &'r mut Request, pick: &'r Pick) -> Option<&'r [u8]> {
+    let s = pick(driver::state::<Sglang>(r)?)?;
+    (!s.is_empty()).then_some(s.as_bytes())
 }
 
 /// The counters of the servers of `list` under `role`, as JSON:
 /// `{"host:port":{"active":N,"total":M},…}`.
-fn counters_json(
-    out: &mut String,
-    zone: Option<NonNull<ngx_shm_zone_t>>,
-    list: &[Server],
-    role: &[u8],
-) {
+fn counters_json(out: &mut String, zone: Option<&Zone>, list: &[Server], role: &[u8]) {
     let table = zone_table(zone);
     out.push('{');
     for (k, s) in list.iter().enumerate() {
@@ -847,40 +647,26 @@ fn counters_json(
     out.push('}');
 }
 
-unsafe extern "C" fn ngx_http_prefill_refactor_counters_variable(
-    r: *mut ngx_http_request_t,
-    v: *mut ngx_http_variable_value_t,
-    _data: usize,
-) -> ngx_int_t {
-    guard::catch("$prefill_refactor_counters", NGX_ERROR as ngx_int_t, || {
-        // SAFETY: nginx calls variable getters with a live request and
-        // value; the text is copied into the request pool.
-        unsafe {
-            let v = &mut *v;
-            let Some(lcf) = Module::location_conf(&*r) else {
-                variable::not_found(v);
-                return NGX_OK as ngx_int_t;
-            };
-            let mut out = String::from("{\"prefill\":");
-            counters_json(
-                &mut out,
-                lcf.zone,
-                lcf.prefill.as_deref().unwrap_or(&[]),
-                b"prefill_refactor:prefill",
-            );
-            out.push_str(",\"decode\":");
-            counters_json(
-                &mut out,
-                lcf.zone,
-                lcf.decode.as_deref().unwrap_or(&[]),
-                b"prefill_refactor:decode",
-            );
-            out.push('}');
-            match pdgate_glue::headers::pool_str(r, out.as_bytes()) {
-                Some(s) => variable::set(v, pdgate_glue::response::str_of(&s)),
-                None => return NGX_ERROR as ngx_int_t,
-            }
-            NGX_OK as ngx_int_t
-        }
-    })
+pdgate_glue::variable_getter!(ngx_http_prefill_refactor_counters_variable, (), counters);
+
+/// `$prefill_refactor_counters`: the location's servers and their
+/// counters, copied into the request pool.
+fn counters<'r>(r: &'r mut Request, _: &'r ()) -> Option<&'r [u8]> {
+    let lcf = Module::location_conf(r)?;
+    let mut out = String::from("{\"prefill\":");
+    counters_json(
+        &mut out,
+        lcf.zone.as_ref(),
+        lcf.prefill.as_deref().unwrap_or(&[]),
+        b"prefill_refactor:prefill",
+    );
+    out.push_str(",\"decode\":");
+    counters_json(
+        &mut out,
+        lcf.zone.as_ref(),
+        lcf.decode.as_deref().unwrap_or(&[]),
+        b"prefill_refactor:decode",
+    );
+    out.push('}');
+    r.pool_copy(out.as_bytes())
 }

@@ -121,3 +121,21 @@ pub unsafe fn set_content_handler(
         }
     }
 }
+
+/// A size as nginx's own zone directives read it (`ngx_parse_size`:
+/// bytes, or with a `k`, `m` or `g` suffix); None when invalid.
+pub fn parse_size(value: &[u8]) -> Option<usize> {
+    let mut s = ngx_str_t { len: value.len(), data: value.as_ptr() as *mut u8 };
+    // SAFETY: ngx_parse_size only reads the `len` bytes at `data` (none
+    // when `len` is 0).
+    let n = unsafe { ngx::ffi::ngx_parse_size(&mut s) };
+    usize::try_from(n).ok()
+}
+
+/// The memory page size (`ngx_pagesize`), e.g. for the 8-page minimum of a
+/// shared zone.
+pub fn pagesize() -> usize {
+    // SAFETY: ngx_os_init sets ngx_pagesize once, before any configuration
+    // is read; it is only read afterwards.
+    unsafe { *std::ptr::addr_of!(ngx::ffi::ngx_pagesize) }
+}

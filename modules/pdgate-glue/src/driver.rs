@@ -1277,3 +1277,29 @@ unsafe extern "C" fn grace_expired<P: Protocol>(ev: *mut ngx_event_t) {
         }
     })
 }
+
+// --- safe entry points for module crates ----------------------------------------
+
+/// [`preconfiguration`] for a module crate without `unsafe`: declares the
+/// `$pd_*` variables for `P`'s requests. Call from the module's
+/// preconfiguration (`http_module!`'s).
+pub fn declare_variables<P: Protocol>(cf: &mut crate::http::Conf) -> Result<(), crate::NgxError> {
+    // SAFETY: a Conf exists only during a configuration callback: here the
+    // module's preconfiguration.
+    match unsafe { preconfiguration::<P>(cf.as_ptr()) } {
+        rc if rc == NGX_OK as ngx_int_t => Ok(()),
+        _ => Err(crate::NgxError),
+    }
+}
+
+/// [`postconfiguration`] for a module crate without `unsafe`: installs the
+/// driver for `P` (precontent and log handlers, header and body filters).
+/// Call once from the module's postconfiguration (`http_module!`'s).
+pub fn install<P: Protocol>(cf: &mut crate::http::Conf) -> Result<(), crate::NgxError> {
+    // SAFETY: a Conf exists only during a configuration callback: here the
+    // module's postconfiguration.
+    match unsafe { postconfiguration::<P>(cf.as_ptr()) } {
+        rc if rc == NGX_OK as ngx_int_t => Ok(()),
+        _ => Err(crate::NgxError),
+    }
+}

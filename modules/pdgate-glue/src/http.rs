@@ -90,6 +90,13 @@ impl Conf<'_> {
         ngx::ngx_log_error!(NGX_LOG_EMERG, log, "{}", msg);
     }
 
+    /// Logs `msg` at `emerg` as `ngx_conf_log_error` does: with ` in
+    /// <file>:<line>` of the place being read (a check of a merged
+    /// configuration points at the end of its block).
+    pub fn conf_emerg(&self, msg: &str) {
+        ngx::ngx_conf_log_error!(NGX_LOG_EMERG, self.cf, "{}", msg);
+    }
+
     /// Appends `handler` to the handlers of `phase` (postconfiguration).
     pub fn add_phase_handler(
         &mut self,
@@ -122,6 +129,21 @@ impl Conf<'_> {
     ) -> Result<(), NgxError> {
         // SAFETY: from_ptr's contract; `data` outlives the configuration.
         unsafe { crate::variable::add(self.cf, name, get, data as *const T as *const c_void) }
+    }
+
+    /// As [`Conf::add_variable`], for a value that changes during the
+    /// request (see [`crate::variable::add_volatile`]): nginx asks `get`
+    /// again at each use.
+    pub fn add_volatile_variable<T>(
+        &mut self,
+        name: &[u8],
+        get: ngx_http_get_variable_pt,
+        data: &'static T,
+    ) -> Result<(), NgxError> {
+        // SAFETY: from_ptr's contract; `data` outlives the configuration.
+        unsafe {
+            crate::variable::add_volatile(self.cf, name, get, data as *const T as *const c_void)
+        }
     }
 
     /// Declares a shared zone with a `T` in it (see [`crate::zone::add`]);
@@ -205,6 +227,9 @@ pub trait RequestExt {
     /// [`request_callback!`](crate::request_callback)); returns what a
     /// content handler returns for it.
     fn read_body(&mut self, then: ngx_http_client_body_handler_pt) -> ngx_int_t;
+    /// A copy of `bytes` in the request's pool (a value that must live as
+    /// long as the request, e.g. a variable's); None when out of memory.
+    fn pool_copy(&mut self, bytes: &[u8]) -> Option<&[u8]>;
     /// Sends a whole response (see [`crate::response::send`]).
     fn send(&mut self, status: u16, content_type: &[u8], body: &[u8]) -> ngx_int_t;
     /// `ngx_http_finalize_request`; the request must not be used after.
@@ -267,6 +292,14 @@ impl RequestExt for Request {
     fn read_body(&mut self, then: ngx_http_client_body_handler_pt) -> ngx_int_t {
         // SAFETY: as in header_in; nginx calls `then` with this request.
         unsafe { ngx_http_read_client_request_body(self.raw(), then) }
+    }
+
+    fn pool_copy(&mut self, bytes: &[u8]) -> Option<&[u8]> {
+        // SAFETY: as in header_in; the copy lives in the request's pool,
+        // freed with the request, after this borrow ends.
+        let s = unsafe { crate::headers::pool_str(self.raw(), bytes) }?;
+        // SAFETY: pool_str wrote `len` bytes at `data` (or len is 0).
+        Some(unsafe { crate::conf::str_bytes(&s) })
     }
 
     fn send(&mut self, status: u16, content_type: &[u8], body: &[u8]) -> ngx_int_t {

@@ -22,6 +22,7 @@ pub mod length;
 pub mod module;
 pub mod observe;
 pub mod paced;
+pub mod pdmetrics;
 pub mod phase;
 pub mod pool;
 pub mod random;

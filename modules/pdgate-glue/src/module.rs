@@ -24,9 +24,16 @@
 //!     main_conf: MainConf,                    // Default
 //!     loc_conf: LocConf,                      // Default
 //!     merge_loc_conf: yes,                    // LocConf: Merge
+//!     check_loc_conf: check,                  // optional, see below
 //!     commands: [ /* ngx_command_t, ... */ ],
 //! }
 //! ```
+//!
+//! `check_loc_conf: f` runs `f(&Conf, &LocConf) -> Result<(), String>` on
+//! each location conf right after it is merged (a cross-directive check, as
+//! a C module does at the end of its `merge_loc_conf`); an `Err` is logged
+//! at `emerg` with nginx's ` in <file>:<line>` (`ngx_conf_log_error`) and
+//! fails the configuration. It implies `merge_loc_conf`.
 
 /// Declares an HTTP module: `struct Module` (ngx's `HttpModule`, with the
 /// configuration types given), its `ngx_http_module_t`, its command table
@@ -40,6 +47,7 @@ macro_rules! http_module {
         $(main_conf: $main:ty,)?
         $(loc_conf: $loc:ty,)?
         $(merge_loc_conf: $merge:ident,)?
+        $(check_loc_conf: $check:path,)?
         commands: [$($cmd:expr),* $(,)?] $(,)?
     ) => {
         struct Module;
@@ -103,6 +111,42 @@ macro_rules! http_module {
             }
         )?
 
+        $(
+            unsafe extern "C" fn __pdgate_merge_loc_conf(
+                cf: *mut $crate::ffi::ngx_conf_t,
+                prev: *mut ::std::ffi::c_void,
+                conf: *mut ::std::ffi::c_void,
+            ) -> *mut ::std::ffi::c_char {
+                type L = <Module as $crate::ngx::http::HttpModuleLocationConf>::LocationConf;
+                $crate::guard::catch(
+                    concat!(stringify!($module), " merge_loc_conf"),
+                    $crate::ngx::core::NGX_CONF_ERROR,
+                    || {
+                        // SAFETY: nginx passes the parent's and the child's
+                        // location confs of this module, two distinct L
+                        // allocated by create_loc_conf.
+                        let pair =
+                            unsafe { ((prev as *const L).as_ref(), (conf as *mut L).as_mut()) };
+                        let (Some(prev), Some(conf)) = pair else {
+                            return $crate::ngx::core::NGX_CONF_ERROR;
+                        };
+                        if $crate::ngx::http::Merge::merge(conf, prev).is_err() {
+                            return $crate::ngx::core::NGX_CONF_ERROR;
+                        }
+                        // SAFETY: nginx calls merge_loc_conf while reading `cf`.
+                        let cf = unsafe { $crate::http::Conf::from_ptr(cf) };
+                        match $check(&cf, conf) {
+                            Ok(()) => $crate::conf::OK,
+                            Err(msg) => {
+                                cf.conf_emerg(&msg);
+                                $crate::ngx::core::NGX_CONF_ERROR
+                            }
+                        }
+                    },
+                )
+            }
+        )?
+
         static __PDGATE_CTX: $crate::ffi::ngx_http_module_t = $crate::ffi::ngx_http_module_t {
             preconfiguration: $crate::__pdgate_if!(($($pre)?) Some(__pdgate_preconfiguration)),
             postconfiguration: $crate::__pdgate_if!(($($post)?) Some(__pdgate_postconfiguration)),
@@ -113,8 +157,10 @@ macro_rules! http_module {
             merge_srv_conf: None,
             create_loc_conf: $crate::__pdgate_if!(($($loc)?)
                 Some(<Module as $crate::ngx::http::HttpModule>::create_loc_conf)),
-            merge_loc_conf: $crate::__pdgate_if!(($($merge)?)
-                Some(<Module as $crate::ngx::http::HttpModule>::merge_loc_conf)),
+            merge_loc_conf: $crate::__pdgate_either!(($($check)?)
+                { Some(__pdgate_merge_loc_conf) }
+                { $crate::__pdgate_if!(($($merge)?)
+                    Some(<Module as $crate::ngx::http::HttpModule>::merge_loc_conf)) }),
         };
 
         static mut __PDGATE_COMMANDS: [$crate::ffi::ngx_command_t; [$(stringify!($cmd)),*].len() + 1] = [
@@ -141,6 +187,15 @@ macro_rules! http_module {
 macro_rules! __pdgate_if {
     (() $($then:tt)*) => { None };
     (($($x:tt)+) $($then:tt)*) => { $($then)* };
+}
+
+/// The first braced group when the parenthesised tokens are not empty,
+/// else the second.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __pdgate_either {
+    (() { $($then:tt)* } { $($else:tt)* }) => { $($else)* };
+    (($($x:tt)+) { $($then:tt)* } { $($else:tt)* }) => { $($then)* };
 }
 
 /// `request_handler!(name, fallback, f)`: `unsafe extern "C" fn name(r)`
