@@ -12,6 +12,11 @@
 #   BENCH_DURATION=30 scripts/bench-overhead.sh
 #   BENCH_PERF=pd-json scripts/bench-overhead.sh   also profile the proxy worker
 #                         during that case (perf, cpu-clock) into bench-out/
+#   BENCH_BASELINE=/path/to/other/dist scripts/bench-overhead.sh
+#                         also run the P/D cases through a second proxy loading
+#                         that build's modules (same nginx binary, also pinned to
+#                         CPU 0, measured interleaved with this one): before/after
+#                         figures of a change from the same run
 #
 # Binds 127.0.0.1 only. Needs dist/ (./build.sh) and wrk (installed if missing).
 set -euo pipefail
@@ -28,6 +33,8 @@ lb_on() {
 }
 CONNS=${BENCH_CONNECTIONS:-"16 64"}
 PORT_PROXY=${BENCH_PORT:-18480}
+BASE=${BENCH_BASELINE:-}
+PORT_BASE=$((PORT_PROXY + 1))
 # Four prefill and four decode backend ports (one backend nginx).
 P_PORTS="$((PORT_PROXY + 10)) $((PORT_PROXY + 11)) $((PORT_PROXY + 12)) $((PORT_PROXY + 13))"
 D_PORTS="$((PORT_PROXY + 20)) $((PORT_PROXY + 21)) $((PORT_PROXY + 22)) $((PORT_PROXY + 23))"
@@ -40,9 +47,10 @@ ensure_debs wrk
 NGINX="$ROOT/dist/sbin/nginx"
 W=$(mktemp -d /tmp/pdgate-bench.XXXXXX)
 chmod 755 "$W"   # nginx workers (nobody) must reach their temp dirs
-mkdir -p "$W/proxy/logs" "$W/back/logs"
+mkdir -p "$W/proxy/logs" "$W/back/logs" "$W/base/logs"
 cleanup() {
     "$NGINX" -p "$W/proxy" -c nginx.conf -s stop 2>/dev/null || true
+    [ -z "$BASE" ] || "$NGINX" -p "$W/base" -c nginx.conf -s stop 2>/dev/null || true
     "$NGINX" -p "$W/back" -c nginx.conf -s stop 2>/dev/null || true
     sleep 0.3; rm -rf "$W"
 }
@@ -86,10 +94,13 @@ for lb in $BALANCERS; do
     LB_LOCATIONS+="        location /prefill_$lb/ { internal; rewrite ^/prefill_$lb/[^/]+(/.*)\$ \$1 break; proxy_pass http://prefill_$lb; subrequest_output_buffer_size 16k; }"$'\n'
 done
 
-cat > "$W/proxy/nginx.conf" <<CONF
-load_module $ROOT/dist/modules/ngx_http_set_request_id_module.so;
-load_module $ROOT/dist/modules/ngx_http_prefill_module.so;
-$LB_LOADS
+# proxy_conf <modules dir> <port> <balancer loads>
+proxy_conf() {
+    local MODS=$1 PORT=$2 LOADS=$3
+    cat <<CONF
+load_module $MODS/ngx_http_set_request_id_module.so;
+load_module $MODS/ngx_http_prefill_module.so;
+$LOADS
 worker_processes 1;
 worker_cpu_affinity 01;
 error_log logs/error.log error;
@@ -100,12 +111,12 @@ http {
     keepalive_requests 1000000;
     upstream prefill_servers { $(servers "$P_PORTS") keepalive 128; keepalive_requests 1000000; }
     upstream decode_servers { $(servers "$D_PORTS") keepalive 128; keepalive_requests 1000000; }
-$LB_UPSTREAMS
+$( [ -n "$LOADS" ] && printf '%s' "$LB_UPSTREAMS" )
     proxy_http_version 1.1;
     proxy_set_header Connection "";
     client_body_buffer_size 64k;
     server {
-        listen 127.0.0.1:$PORT_PROXY;
+        listen 127.0.0.1:$PORT;
         set_request_id on;
         # P/D, non-streaming and streaming
         location /pd/ {
@@ -123,7 +134,7 @@ $LB_UPSTREAMS
             proxy_pass http://prefill_servers;
             subrequest_output_buffer_size 16k;
         }
-$LB_LOCATIONS
+$( [ -n "$LOADS" ] && printf '%s' "$LB_LOCATIONS" )
         # the baseline: one plain hop to the same decode backend
         location /hop/ {
             set_request_id off;
@@ -137,11 +148,17 @@ $LB_LOCATIONS
     }
 }
 CONF
+}
+proxy_conf "$ROOT/dist/modules" "$PORT_PROXY" "$LB_LOADS" > "$W/proxy/nginx.conf"
+[ -z "$BASE" ] || proxy_conf "$BASE/modules" "$PORT_BASE" "" > "$W/base/nginx.conf"
 
 "$NGINX" -p "$W/back" -c nginx.conf
 "$NGINX" -p "$W/proxy" -c nginx.conf
+[ -z "$BASE" ] || "$NGINX" -p "$W/base" -c nginx.conf
 sleep 0.5
 WORKER=$(pgrep -P "$(cat "$W/proxy/logs/nginx.pid")" | head -n1)
+BWORKER=""
+[ -z "$BASE" ] || BWORKER=$(pgrep -P "$(cat "$W/base/logs/nginx.pid")" | head -n1)
 
 # A 1 KB chat request, as in the figures we compare with.
 CONTENT=$(head -c 900 /dev/zero | tr '\0' 'x')
@@ -159,7 +176,7 @@ echo "body: $(mkbody false | wc -c) bytes; proxy worker pid $WORKER on CPU 0; $R
 curl -sf "http://127.0.0.1:$PORT_PROXY/pd/v1/chat/completions" -d "$(mkbody false)" | grep -q '"finish_reason":"stop"'
 curl -sfN "http://127.0.0.1:$PORT_PROXY/pd-stream/v1/chat/completions" -d "$(mkbody true)" | grep -q 'data: \[DONE\]'
 
-ticks() { awk '{print $14 + $15}' "/proc/$WORKER/stat"; }
+ticks() { awk '{print $14 + $15}' "/proc/${RUN_WORKER:-$WORKER}/stat"; }
 HZ=$(getconf CLK_TCK)
 
 # wrk prints 250.00us / 1.50ms / 1.20s
@@ -174,7 +191,7 @@ run() {
         perf record -q -e cpu-clock -g -p "$WORKER" -o "$ROOT/bench-out/perf-$4-$3.data" -- sleep "$DUR" 2>/dev/null &
     fi
     out=$(taskset -c 1 wrk -t1 -c"$3" -d"${DUR}s" --latency -s "$W/body-$2.lua" \
-        "http://127.0.0.1:$PORT_PROXY/$1/v1/chat/completions")
+        "http://127.0.0.1:${RUN_PORT:-$PORT_PROXY}/$1/v1/chat/completions")
     t1=$(ticks)
     rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
     reqs=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -196,12 +213,15 @@ for stream in false true; do
     for c in $CONNS; do
         if [ "$stream" = true ]; then pd=pd-stream; hop=hop-stream; else pd=pd; hop=hop; fi
         label=$([ "$stream" = true ] && echo stream || echo json)
-        H=""; P=""
+        H=""; P=""; B=""
         for _ in $(seq "$ROUNDS"); do    # interleaved, so drift hits both alike
             H+="$(run "$hop" "$stream" "$c" "hop-$label")"$'\n'
             P+="$(run "$pd" "$stream" "$c" "pd-$label")"$'\n'
+            if [ -n "$BASE" ]; then
+                B+="$(RUN_PORT=$PORT_BASE RUN_WORKER=$BWORKER run "$pd" "$stream" "$c" "base-$label")"$'\n'
+            fi
         done
-        H=$(sed '/^$/d' <<<"$H"); P=$(sed '/^$/d' <<<"$P")
+        H=$(sed '/^$/d' <<<"$H"); P=$(sed '/^$/d' <<<"$P"); B=$(sed '/^$/d' <<<"$B")
         hrps=$(col 1 "$H"); hcpu=$(col 4 "$H"); rps=$(col 1 "$P"); cpu=$(col 4 "$P")
         printf '%-10s %5s | %10.0f %9.3f %9.3f %11.1f %6d | %8s %12.0f\n' "hop-$label" "$c" \
             "$hrps" "$(col 2 "$H")" "$(col 3 "$H")" "$hcpu" "$(awk '{n+=$5} END {print n+0}' <<<"$H")" \
@@ -209,6 +229,13 @@ for stream in false true; do
         printf '%-10s %5s | %10.0f %9.3f %9.3f %11.1f %6d | %8.2f %12.0f\n' "pd-$label" "$c" \
             "$rps" "$(col 2 "$P")" "$(col 3 "$P")" "$cpu" "$(awk '{n+=$5} END {print n+0}' <<<"$P")" \
             "$(awk -v a="$rps" -v b="$hrps" 'BEGIN{print a/b}')" "$(awk -v u="$cpu" 'BEGIN{print 1e6/u}')"
+        if [ -n "$BASE" ]; then
+            brps=$(col 1 "$B"); bcpu=$(col 4 "$B")
+            printf '%-10s %5s | %10.0f %9.3f %9.3f %11.1f %6d | %8.2f %12.0f   this/baseline cpu %.3f\n' "base-$label" "$c" \
+                "$brps" "$(col 2 "$B")" "$(col 3 "$B")" "$bcpu" "$(awk '{n+=$5} END {print n+0}' <<<"$B")" \
+                "$(awk -v a="$brps" -v b="$hrps" 'BEGIN{print a/b}')" "$(awk -v u="$bcpu" 'BEGIN{print 1e6/u}')" \
+                "$(awk -v a="$cpu" -v b="$bcpu" 'BEGIN{print a/b}')"
+        fi
     done
 done
 if [ -n "$BALANCERS" ]; then

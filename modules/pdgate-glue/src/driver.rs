@@ -46,7 +46,8 @@ use pdgate_core::pd::{classify_prefill, PrefillOutcome};
 use pdgate_core::rewrite::Plan;
 
 use crate::{
-    body, fanout, guard, headers, leg, observe, phase, pool, response, timer, variable, zone,
+    body, fanout, guard, headers, leg, observe, phase, pool, response, subrequest, timer, variable,
+    zone,
 };
 
 /// A client's request refused before any leg: the status and the message of
@@ -657,11 +658,12 @@ impl<P: Protocol> Ctx<P> {
                 let b = bodies.build(&encode::encode_plan(obj, item))?;
                 let slot = pool::alloc_value((*r).pool, EncoderSlot::<P> { ctx: me, index: k })
                     .ok_or_else(oom)?;
-                let sr = fanout::start_background(
+                let sr = subrequest::start(
                     r,
                     &self.encode_uri,
                     b.chain,
                     b.len,
+                    subrequest::Mode::Fanout,
                     Some(encoder_done::<P>),
                     slot as *mut c_void,
                 )
@@ -782,12 +784,12 @@ impl<P: Protocol> Ctx<P> {
                     return self.execute(r, next, wake);
                 }
                 Next::StartEncoders => NGX_DONE as ngx_int_t,
-                Next::StartPrefill => match self.start_prefill(r, leg::Mode::Waited) {
+                Next::StartPrefill => match self.start_prefill(r, subrequest::Mode::Waited) {
                     Ok(()) => NGX_DONE as ngx_int_t,
                     Err(e) => return self.start_failed(r, e, wake),
                 },
                 Next::StartTogether => {
-                    if let Err(e) = self.start_prefill(r, leg::Mode::Background) {
+                    if let Err(e) = self.start_prefill(r, subrequest::Mode::Background) {
                         return self.start_failed(r, e, wake);
                     }
                     self.proceed(r)
@@ -953,7 +955,7 @@ impl<P: Protocol> Ctx<P> {
     unsafe fn start_prefill(
         &mut self,
         r: *mut ngx_http_request_t,
-        mode: leg::Mode,
+        mode: subrequest::Mode,
     ) -> Result<(), Refusal> {
         // SAFETY: the chain and self live in the request pool.
         unsafe {
@@ -970,7 +972,7 @@ impl<P: Protocol> Ctx<P> {
                 b.len,
                 self.src.len()
             );
-            let sr = leg::start(r, uri, b.chain, b.len, mode, Some(prefill_done::<P>), data)
+            let sr = subrequest::start(r, uri, b.chain, b.len, mode, Some(prefill_done::<P>), data)
                 .map_err(|_| Refusal::new(500, "cannot create the prefill subrequest"))?;
             self.prefill_sr = sr;
             self.m.s.prefill_sent = Some(observe::now_ms());

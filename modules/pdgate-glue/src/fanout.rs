@@ -2,9 +2,9 @@
 //! of its own — what the E/P/D encoder stage needs (one encoder request per
 //! media item, all in flight together).
 //!
-//! [`start_background`] is [`crate::subrequest::start`] with nginx's
-//! `NGX_HTTP_SUBREQUEST_BACKGROUND` flag (the flag the mirror module uses):
-//! a background subrequest never becomes the connection's active request
+//! Its subrequests are [`crate::subrequest::Mode::Fanout`] ones, with
+//! nginx's `NGX_HTTP_SUBREQUEST_BACKGROUND` flag (the flag the mirror module
+//! uses): a background subrequest never becomes the connection's active request
 //! and is not queued in the parent's `postponed` list, so any number of them
 //! run side by side, and the main request can answer (an error) while some
 //! are still running; they then finish on their own and are ignored. nginx
@@ -14,44 +14,12 @@
 use std::ffi::c_void;
 
 use ngx::ffi::{
-    ngx_chain_t, ngx_http_block_reading, ngx_http_core_loc_conf_t, ngx_http_core_module,
-    ngx_http_post_request, ngx_http_post_subrequest_pt, ngx_http_request_t, ngx_http_test_reading,
-    ngx_list_init, ngx_list_part_t, ngx_list_push, ngx_list_t, ngx_str_t, ngx_table_elt_t,
-    NGX_HTTP_SUBREQUEST_BACKGROUND, NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_OK,
+    ngx_http_block_reading, ngx_http_core_loc_conf_t, ngx_http_core_module, ngx_http_post_request,
+    ngx_http_request_t, ngx_http_test_reading, ngx_list_init, ngx_list_part_t, ngx_list_push,
+    ngx_list_t, ngx_str_t, ngx_table_elt_t, NGX_OK,
 };
 
 use crate::headers::pool_str;
-
-/// Starts a background, in-memory subrequest of `r` to `uri` (with `r`'s
-/// query string and method) whose request body is `body` of `len` bytes;
-/// `handler(sr, data, rc)` runs when it finishes, its answer then in
-/// `sr->out` (up to `subrequest_output_buffer_size`).
-///
-/// # Safety
-/// `r` must be a live main request whose body has been read; `body` must be
-/// a chain living as long as the request; `data` must stay valid as long as
-/// the request's pool.
-pub unsafe fn start_background(
-    r: *mut ngx_http_request_t,
-    uri: &[u8],
-    body: *mut ngx_chain_t,
-    len: usize,
-    handler: ngx_http_post_subrequest_pt,
-    data: *mut c_void,
-) -> Result<*mut ngx_http_request_t, crate::NgxError> {
-    // SAFETY: forwarded to `subrequest::start_flags`, same contract.
-    unsafe {
-        crate::subrequest::start_flags(
-            r,
-            uri,
-            body,
-            len,
-            handler,
-            data,
-            (NGX_HTTP_SUBREQUEST_BACKGROUND | NGX_HTTP_SUBREQUEST_IN_MEMORY) as usize,
-        )
-    }
-}
 
 /// Gives subrequest `sr` a header list of its own: a copy of the one it
 /// shares with its parent, without any header named `lowcase` and with

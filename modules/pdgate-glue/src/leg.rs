@@ -1,91 +1,11 @@
-//! The request-level pieces of a parallel P/D flow (SGLang's bootstrap
-//! mode): a *background* subrequest that runs beside the main request
-//! (mirror-style: it is not in the parent's postponed list, so the main
-//! request's answer is never held back by it), cancelling a request's
-//! upstream, and chaining a header filter.
+//! The request-level pieces of a P/D leg: whether its upstream answered
+//! in full, cancelling a request's upstream, the decode upstream's
+//! capacity, and chaining a header filter. Legs are started by
+//! [`crate::subrequest::start`].
 
 use std::ffi::c_void;
 
-use ngx::ffi::{
-    ngx_chain_t, ngx_http_output_header_filter_pt, ngx_http_post_subrequest_pt,
-    ngx_http_post_subrequest_t, ngx_http_request_body_t, ngx_http_request_t, ngx_http_subrequest,
-    ngx_palloc, ngx_pcalloc, ngx_str_t, NGX_HTTP_SUBREQUEST_BACKGROUND,
-    NGX_HTTP_SUBREQUEST_IN_MEMORY, NGX_HTTP_SUBREQUEST_WAITED, NGX_OK,
-};
-
-use crate::headers::pool_str;
-
-/// How a leg subrequest runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// The parent waits for it (auth_request style): it is woken when the
-    /// subrequest is done.
-    Waited,
-    /// Beside the parent (mirror style): the parent goes on at once and may
-    /// even answer the client first; the connection stays open until the
-    /// subrequest is done, as nginx counts it in `r->main->count`. Only the
-    /// answer's status is kept (`header_only`, as mirror does): the upstream
-    /// is finalized when the header arrives, so an answer larger than
-    /// `subrequest_output_buffer_size` cannot wedge the subrequest (an
-    /// in-memory background subrequest whose capture overflows is never
-    /// finalized by nginx 1.28).
-    Background,
-}
-
-/// Starts a subrequest of `r` to `uri` (with `r`'s query string and
-/// method) whose request body is `body` of `len` bytes. `handler(sr, data,
-/// rc)` runs when it finishes (for a background subrequest too); a waited
-/// subrequest's answer is then in `sr->out` (in memory). The subrequest shares the parent's header
-/// list (so `X-Request-Id` goes along) and gets its own `Content-Length`.
-///
-/// # Safety
-/// `r` must be a live main request whose body has been read; `body` must be
-/// a chain living as long as the request; `data` must stay valid until the
-/// handler has run.
-pub unsafe fn start(
-    r: *mut ngx_http_request_t,
-    uri: &[u8],
-    body: *mut ngx_chain_t,
-    len: usize,
-    mode: Mode,
-    handler: ngx_http_post_subrequest_pt,
-    data: *mut c_void,
-) -> Result<*mut ngx_http_request_t, crate::NgxError> {
-    // SAFETY: all allocations are from the live request pool; the subrequest
-    // pointer is checked before use; the fields written are the ones the
-    // mirror module sets on its subrequests.
-    unsafe {
-        let mut uri = pool_str(r, uri).ok_or(crate::NgxError)?;
-        let ps = ngx_palloc((*r).pool, std::mem::size_of::<ngx_http_post_subrequest_t>())
-            as *mut ngx_http_post_subrequest_t;
-        let rb = ngx_pcalloc((*r).pool, std::mem::size_of::<ngx_http_request_body_t>())
-            as *mut ngx_http_request_body_t;
-        if ps.is_null() || rb.is_null() {
-            return Err(crate::NgxError);
-        }
-        (*ps).handler = handler;
-        (*ps).data = data;
-        let flags = match mode {
-            Mode::Waited => NGX_HTTP_SUBREQUEST_WAITED | NGX_HTTP_SUBREQUEST_IN_MEMORY,
-            Mode::Background => NGX_HTTP_SUBREQUEST_BACKGROUND,
-        };
-        let mut sr: *mut ngx_http_request_t = std::ptr::null_mut();
-        let args: *mut ngx_str_t = &mut (*r).args;
-        let rc = ngx_http_subrequest(r, &mut uri, args, &mut sr, ps, flags as usize);
-        if rc != NGX_OK as isize || sr.is_null() {
-            return Err(crate::NgxError);
-        }
-        if mode == Mode::Background {
-            (*sr).set_header_only(1);
-        }
-        (*sr).method = (*r).method;
-        (*sr).method_name = (*r).method_name;
-        (*rb).bufs = body;
-        (*sr).request_body = rb;
-        (*sr).headers_in.content_length_n = len as i64;
-        Ok(sr)
-    }
-}
+use ngx::ffi::{ngx_http_output_header_filter_pt, ngx_http_request_t};
 
 /// Whether `r` has an upstream that has not been finalized yet, and if so
 /// whether it already sent the response header to the client.
