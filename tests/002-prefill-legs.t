@@ -234,3 +234,32 @@ mpt\":\"p\"}\r
 qr/^\{"args":"","body":"\{\\"prompt\\":\\"p\\",\\"kv_transfer_params\\":.*"headers":\{"content-length":"\d+","host":"decode_pool","x-request-id":"[0-9a-f-]{36}"\},.*"prefill_request":\{"args":"","connection_requests":\d+,"headers":\{"content-length":"\d+","host":"prefill_pool","x-request-id":"[0-9a-f-]{36}"\},"json":\{"kv_transfer_params":\{[^}]*\},"max_tokens":1,"prompt":"p","stream":false\}/
 --- no_error_log
 [error]
+
+
+
+=== TEST 16: the client's usage reports the prefill's cached tokens, not the decode's (JSON answer, length unchanged)
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ {
+        default_type application/json;
+        return 200 '{"usage":{"prompt_tokens":100,"prompt_tokens_details":{"cached_tokens":7},"completion_tokens":1},"kv_transfer_params":{"remote_block_ids":[1]}}';
+    }
+    location /mock/decode/ {
+        default_type application/json;
+        return 200 '{"choices":[],"usage":{"prompt_tokens":100,"prompt_tokens_details":{"cached_tokens":99},"total_tokens":104}}';
+    }
+--- request
+POST /v1/completions
+{"prompt":"p"}
+--- response_body chomp
+{"choices":[],"usage":{"prompt_tokens":100,"prompt_tokens_details":{"cached_tokens":7 },"total_tokens":104}}
+--- no_error_log
+[error]

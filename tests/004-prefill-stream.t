@@ -62,3 +62,33 @@ POST /v1/chat/completions
 qr/"prefill_request":\{"args":"","connection_requests":\d+,"headers":\{[^}]*\},"json":\{"kv_transfer_params":\{[^}]*\},"max_completion_tokens":1,"messages":\[\],"stream":false\}/
 --- no_error_log
 [error]
+
+
+
+=== TEST 3: streamed: the final usage chunk reports the prefill's cached tokens
+--- config
+    location /v1/ {
+        prefill /prefill_internal;
+        proxy_buffering off;
+        proxy_pass http://decode_pool/mock/decode/v1/;
+    }
+    location /prefill_internal/ {
+        internal;
+        rewrite ^/prefill_internal(/.*)$ /mock/prefill$1 break;
+        proxy_pass http://prefill_pool;
+    }
+    location /mock/prefill/ {
+        default_type application/json;
+        return 200 '{"usage":{"prompt_tokens":1200,"prompt_tokens_details":{"cached_tokens":1024}},"kv_transfer_params":{"remote_block_ids":[1]}}';
+    }
+    location /mock/decode/ {
+        default_type text/event-stream;
+        return 200 'data: {"choices":[{"delta":{"content":"a"}}]}\n\ndata: {"choices":[],"usage":{"prompt_tokens":1200,"prompt_tokens_details":{"cached_tokens":1199},"completion_tokens":1}}\n\ndata: [DONE]\n\n';
+    }
+--- request
+POST /v1/chat/completions
+{"messages":[],"stream":true,"stream_options":{"include_usage":true}}
+--- response_body_like chomp
+"prompt_tokens_details":\{"cached_tokens":1024\},"completion_tokens":1\}
+--- no_error_log
+[error]

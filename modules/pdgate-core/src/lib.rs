@@ -17,3 +17,4 @@ pub mod pd;
 pub mod request_id;
 pub mod rewrite;
 pub mod tokens;
+pub mod usage;

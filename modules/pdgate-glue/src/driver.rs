@@ -44,6 +44,7 @@ use pdgate_core::metrics::{MetricsZone, Sample, UsageScanner};
 use pdgate_core::pd::flow::{Event, Failure, Flow, Legs, Next, Spec, Step};
 use pdgate_core::pd::{classify_prefill, PrefillOutcome};
 use pdgate_core::rewrite::Plan;
+use pdgate_core::usage::{prefill_cached_tokens, CachedTokens};
 
 use crate::{
     body, fanout, guard, headers, leg, observe, phase, pool, response, subrequest, timer, variable,
@@ -256,6 +257,8 @@ pub struct Ctx<P: Protocol> {
     pending: Option<Step>,
     /// The grace timer of a prefill still running after its decode ended.
     grace: *mut ngx_event_t,
+    /// The prefill's cached tokens, written over the decode's in its answer.
+    cached: Option<CachedTokens>,
     _p: PhantomData<P>,
 }
 
@@ -500,6 +503,7 @@ unsafe fn precontent<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_int_t {
                 content_type: &[],
                 pending: None,
                 grace: null_mut(),
+                cached: None,
                 _p: PhantomData,
             };
             let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
@@ -795,6 +799,9 @@ impl<P: Protocol> Ctx<P> {
                     self.proceed(r)
                 }
                 Next::Decode => {
+                    if !self.answer.is_empty() {
+                        self.cached = prefill_cached_tokens(self.answer).map(CachedTokens::new);
+                    }
                     if self.decode.is_none() && self.prefill.is_some() {
                         let built = match self.obj.as_ref() {
                             Some(obj) => {
@@ -1225,6 +1232,9 @@ unsafe extern "C" fn body_filter<P: Protocol>(
             let Some(ctx) = ctx_of::<P>(r) else { return };
             if ctx.m.s.decode_sent.is_none() {
                 return;
+            }
+            if let Some(c) = ctx.cached.as_mut() {
+                observe::for_each_piece_mut(in_, |bytes| c.feed(bytes));
             }
             let now = observe::now_ms();
             let mut last = false;

@@ -119,6 +119,31 @@ pub unsafe fn for_each_piece(chain: *const ngx_chain_t, mut f: impl FnMut(Piece<
     }
 }
 
+/// Calls `f` with the bytes of every in-memory buffer of `chain` that the
+/// request owns and may edit in place (a proxied answer's buffers: its
+/// upstream's own memory), in order; file and special buffers are skipped.
+///
+/// # Safety
+/// `chain` must be NULL or a valid chain of an upstream's answer passing a
+/// body filter (its memory buffers writable), untouched by anyone else
+/// during the call.
+pub unsafe fn for_each_piece_mut(chain: *const ngx_chain_t, mut f: impl FnMut(&mut [u8])) {
+    // SAFETY: links and buffers are valid per the caller; in-memory bytes
+    // lie between pos and last, in memory the request's upstream owns.
+    unsafe {
+        let mut cl = chain;
+        while let Some(link) = cl.as_ref() {
+            if let Some(b) = link.buf.as_ref() {
+                let writable = b.temporary() != 0 || b.memory() != 0;
+                if writable && b.in_file() == 0 && !b.pos.is_null() && b.last > b.pos {
+                    f(std::slice::from_raw_parts_mut(b.pos, b.last.offset_from(b.pos) as usize));
+                }
+            }
+            cl = link.next;
+        }
+    }
+}
+
 /// Request-pool copy of `text`, for a variable's value.
 ///
 /// # Safety

@@ -295,6 +295,56 @@ fn kv_moves_from_prefill_to_decode_with_one_request_id() {
 }
 
 #[test]
+fn the_client_sees_the_prefill_cached_tokens_not_the_decode_handoff() {
+    let p = sim(Role::Prefill, Profile::instant(), Faults::default());
+    let d = sim(Role::Decode, Profile::instant(), Faults::default());
+    let ngx = nginx(&p, &d);
+    let body = format!(
+        r#"{{"model":"sim","messages":[{{"role":"user","content":"{}"}}],"max_tokens":4}}"#,
+        "cache me ".repeat(200)
+    );
+    let cached = |stream: bool| {
+        let b = if stream {
+            body.replacen(
+                r#""max_tokens":4"#,
+                r#""max_tokens":4,"stream":true,"stream_options":{"include_usage":true}"#,
+                1,
+            )
+        } else {
+            body.clone()
+        };
+        let (status, answer, _) = post(ngx.port, "/v1/chat/completions", &b);
+        assert_eq!(status, 200, "{answer}");
+        let usage = if stream {
+            let last = answer
+                .lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .filter(|l| l.contains("\"usage\""))
+                .last()
+                .expect("a usage chunk")
+                .to_owned();
+            serde_json::from_str::<serde_json::Value>(&last).unwrap()["usage"].clone()
+        } else {
+            serde_json::from_str::<serde_json::Value>(&answer).unwrap()["usage"].clone()
+        };
+        let prompt = usage["prompt_tokens"].as_u64().unwrap();
+        (usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap(), prompt)
+    };
+    // A new prompt: the decode got prompt - 1 tokens through the KV
+    // handoff, but nothing was in the prefill's cache: the client sees 0.
+    let (first, prompt) = cached(false);
+    assert!(prompt > 100, "{prompt}");
+    assert_eq!(first, 0);
+    // The same prompt again: the prefill's prefix cache hit, in whole blocks.
+    let (again, _) = cached(false);
+    assert!(again > 0 && again < prompt - 1 && again % 16 == 0, "{again} of {prompt}");
+    // Streamed: the final usage chunk says the same.
+    let (streamed, _) = cached(true);
+    assert_eq!(streamed, again);
+    assert_eq!(d.metrics.kv_recomputes.load(Relaxed), 0);
+}
+
+#[test]
 fn a_decode_without_the_handoff_recomputes_and_counts_it() {
     let p = sim(Role::Prefill, Profile::instant(), Faults::default());
     let d = sim(Role::Decode, Profile::instant(), Faults::default());
