@@ -319,8 +319,7 @@ fn the_client_sees_the_prefill_cached_tokens_not_the_decode_handoff() {
             let last = answer
                 .lines()
                 .filter_map(|l| l.strip_prefix("data: "))
-                .filter(|l| l.contains("\"usage\""))
-                .last()
+                .rfind(|l| l.contains("\"usage\""))
                 .expect("a usage chunk")
                 .to_owned();
             serde_json::from_str::<serde_json::Value>(&last).unwrap()["usage"].clone()
