@@ -22,7 +22,7 @@ use pdgate_glue::core::encode::{DEFAULT_MAX_ITEMS, MAX_MAX_ITEMS};
 use pdgate_glue::ffi::ngx_command_t;
 use pdgate_glue::http::{Conf as NgxConf, ConfError};
 
-use crate::{arg, dup, take1, LocConf};
+use crate::{arg, dup, LocConf};
 
 /// The stage's part of the location configuration.
 #[derive(Debug, Default)]
@@ -55,11 +55,12 @@ impl Conf {
 }
 
 /// `prefill_encode <uri-prefix> | off;`
-pub const CMD_PREFILL_ENCODE: ngx_command_t = take1(c"prefill_encode", Some(cmd_prefill_encode));
+pub const CMD_PREFILL_ENCODE: ngx_command_t =
+    pdgate_glue::conf::take1(c"prefill_encode", Some(cmd_prefill_encode));
 
 /// `prefill_encode_max_items <number>;`
 pub const CMD_PREFILL_ENCODE_MAX_ITEMS: ngx_command_t =
-    take1(c"prefill_encode_max_items", Some(cmd_prefill_encode_max_items));
+    pdgate_glue::conf::take1(c"prefill_encode_max_items", Some(cmd_prefill_encode_max_items));
 
 pdgate_glue::directive!(cmd_prefill_encode, LocConf, prefill_encode);
 

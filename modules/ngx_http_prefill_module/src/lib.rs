@@ -28,8 +28,7 @@ use pdgate_glue::core::rewrite::{
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{
     ngx_command_t, ngx_conf_set_flag_slot, ngx_flag_t, ngx_module_t, ngx_uint_t, NGX_CONF_FLAG,
-    NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
-    NGX_HTTP_SRV_CONF, NGX_LOG_WARN,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_LOG_WARN,
 };
 use pdgate_glue::http::{Conf, ConfError, Request};
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
@@ -84,24 +83,7 @@ impl Merge for LocConf {
     }
 }
 
-const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
-
-/// A directive of this module taking one argument at any level, stored in
-/// the location configuration.
-const fn take1(
-    name: &'static std::ffi::CStr,
-    set: pdgate_glue::ffi::ngx_conf_handler_pt,
-) -> ngx_command_t {
-    ngx_command_t {
-        // nginx compares directive names with strcmp: keep the NUL.
-        name: conf::name(name),
-        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set,
-        conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-        offset: 0,
-        post: std::ptr::null_mut(),
-    }
-}
+use pdgate_glue::conf::ANY_LEVEL;
 
 pdgate_glue::http_module! {
     module: ngx_http_prefill_module,
@@ -111,7 +93,7 @@ pdgate_glue::http_module! {
     loc_conf: LocConf,
     merge_loc_conf: yes,
     commands: [
-        take1(c"prefill", Some(cmd_prefill)),
+        conf::take1(c"prefill", Some(cmd_prefill)),
         ngx_command_t {
             name: conf::name(c"prefill_kv_transfer_params"),
             type_: (ANY_LEVEL | NGX_CONF_FLAG) as ngx_uint_t,
@@ -122,7 +104,7 @@ pdgate_glue::http_module! {
         },
         encode::CMD_PREFILL_ENCODE,
         encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
-        take1(c"stream_ops", Some(cmd_stream_ops)),
+        conf::take1(c"stream_ops", Some(cmd_stream_ops)),
         metrics::CMD_PD_METRICS,
         metrics::CMD_PD_METRICS_ZONE,
         metrics::CMD_ENABLE_INTERNAL_METRICS,

@@ -15,8 +15,8 @@ use pdgate_glue::core::metrics::MetricsZone;
 use pdgate_glue::driver;
 use pdgate_glue::ffi::{
     ngx_command_t, ngx_int_t, ngx_uint_t, NGX_CONF_NOARGS, NGX_CONF_TAKE1, NGX_DECLINED, NGX_ERROR,
-    NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF,
-    NGX_HTTP_NOT_ALLOWED, NGX_OK,
+    NGX_HTTP_GET, NGX_HTTP_HEAD, NGX_HTTP_LOC_CONF, NGX_HTTP_MAIN_CONF, NGX_HTTP_NOT_ALLOWED,
+    NGX_OK,
 };
 use pdgate_glue::http::{Conf, ConfError, Request, RequestExt, Zone};
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleMainConf};
@@ -42,34 +42,24 @@ pub struct MainConf {
 
 // --- directives -------------------------------------------------------------
 
-/// A directive of the metrics part (its handler reads the main conf).
-const fn command(
-    name: &'static std::ffi::CStr,
-    type_: u32,
-    set: pdgate_glue::ffi::ngx_conf_handler_pt,
-) -> ngx_command_t {
-    ngx_command_t {
-        name: conf::name(name),
-        type_: type_ as ngx_uint_t,
-        set,
-        conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-        offset: 0,
-        post: std::ptr::null_mut(),
-    }
-}
-
 /// `pd_metrics;` (location): serve the metrics here.
 pub const CMD_PD_METRICS: ngx_command_t =
-    command(c"pd_metrics", NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, Some(cmd_pd_metrics));
+    conf::loc_command(c"pd_metrics", NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, Some(cmd_pd_metrics));
 
 /// `pd_metrics_zone <size>;` (http): collect metrics in a zone of this size.
-pub const CMD_PD_METRICS_ZONE: ngx_command_t =
-    command(c"pd_metrics_zone", NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1, Some(cmd_pd_metrics_zone));
+pub const CMD_PD_METRICS_ZONE: ngx_command_t = conf::loc_command(
+    c"pd_metrics_zone",
+    NGX_HTTP_MAIN_CONF | NGX_CONF_TAKE1,
+    Some(cmd_pd_metrics_zone),
+);
 
 /// `enable_internal_metrics <size>;` (any level): the original's name for
 /// `pd_metrics_zone`.
-pub const CMD_ENABLE_INTERNAL_METRICS: ngx_command_t =
-    command(c"enable_internal_metrics", ANY_LEVEL | NGX_CONF_TAKE1, Some(cmd_pd_metrics_zone));
+pub const CMD_ENABLE_INTERNAL_METRICS: ngx_command_t = conf::loc_command(
+    c"enable_internal_metrics",
+    ANY_LEVEL | NGX_CONF_TAKE1,
+    Some(cmd_pd_metrics_zone),
+);
 
 pdgate_glue::directive!(cmd_pd_metrics, pd_metrics);
 

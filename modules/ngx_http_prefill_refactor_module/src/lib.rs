@@ -43,10 +43,7 @@ use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
 use pdgate_glue::core::tokens::tokens_for_bytes;
 use pdgate_glue::counters::Zone;
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
-use pdgate_glue::ffi::{
-    ngx_command_t, ngx_module_t, ngx_uint_t, NGX_CONF_TAKE1, NGX_HTTP_LOC_CONF,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF, NGX_LOG_WARN,
-};
+use pdgate_glue::ffi::{ngx_module_t, NGX_LOG_WARN};
 use pdgate_glue::http::{Conf, ConfError, Request, RequestExt};
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
 use pdgate_glue::ngx::log::DebugMask;
@@ -139,24 +136,6 @@ impl LocConf {
     }
 }
 
-const ANY_LEVEL: u32 = NGX_HTTP_MAIN_CONF | NGX_HTTP_SRV_CONF | NGX_HTTP_LOC_CONF;
-
-/// A directive of this module: one argument, at any level.
-const fn command(
-    name: &'static std::ffi::CStr,
-    set: pdgate_glue::ffi::ngx_conf_handler_pt,
-) -> ngx_command_t {
-    ngx_command_t {
-        // nginx compares directive names with strcmp: keep the NUL.
-        name: conf::name(name),
-        type_: (ANY_LEVEL | NGX_CONF_TAKE1) as ngx_uint_t,
-        set,
-        conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-        offset: 0,
-        post: std::ptr::null_mut(),
-    }
-}
-
 pdgate_glue::http_module! {
     module: ngx_http_prefill_refactor_module,
     preconfiguration: preconfiguration,
@@ -167,15 +146,15 @@ pdgate_glue::http_module! {
     // configuration.
     check_loc_conf: check_loc_conf,
     commands: [
-        command(c"prefill_refactor", Some(cmd_prefill_refactor)),
-        command(c"prefill_servers_list", Some(cmd_prefill_servers_list)),
-        command(c"decode_servers_list", Some(cmd_decode_servers_list)),
-        command(c"bootstrap_ports_list", Some(cmd_bootstrap_ports_list)),
-        command(c"pd_distribution", Some(cmd_pd_distribution)),
-        command(c"pd_backend", Some(cmd_pd_backend)),
-        command(c"prefill_refactor_balance", Some(cmd_balance)),
-        command(c"prefill_refactor_max_fails", Some(cmd_max_fails)),
-        command(c"prefill_refactor_fail_timeout", Some(cmd_fail_timeout)),
+        conf::take1(c"prefill_refactor", Some(cmd_prefill_refactor)),
+        conf::take1(c"prefill_servers_list", Some(cmd_prefill_servers_list)),
+        conf::take1(c"decode_servers_list", Some(cmd_decode_servers_list)),
+        conf::take1(c"bootstrap_ports_list", Some(cmd_bootstrap_ports_list)),
+        conf::take1(c"pd_distribution", Some(cmd_pd_distribution)),
+        conf::take1(c"pd_backend", Some(cmd_pd_backend)),
+        conf::take1(c"prefill_refactor_balance", Some(cmd_balance)),
+        conf::take1(c"prefill_refactor_max_fails", Some(cmd_max_fails)),
+        conf::take1(c"prefill_refactor_fail_timeout", Some(cmd_fail_timeout)),
     ],
 }
 

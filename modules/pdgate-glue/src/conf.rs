@@ -62,6 +62,36 @@ pub const fn name(s: &'static std::ffi::CStr) -> ngx_str_t {
     ngx_str_t { len: s.count_bytes(), data: s.as_ptr() as *mut u8 }
 }
 
+/// A command-table entry for a directive whose handler gets the location
+/// configuration (`NGX_HTTP_LOC_CONF_OFFSET`): `type_` is its contexts and
+/// arity (`NGX_HTTP_LOC_CONF | NGX_CONF_TAKE1`, …).
+pub const fn loc_command(
+    name: &'static std::ffi::CStr,
+    type_: u32,
+    set: ngx::ffi::ngx_conf_handler_pt,
+) -> ngx::ffi::ngx_command_t {
+    ngx::ffi::ngx_command_t {
+        name: self::name(name),
+        type_: type_ as ngx::ffi::ngx_uint_t,
+        set,
+        conf: ngx::ffi::NGX_HTTP_LOC_CONF_OFFSET as ngx::ffi::ngx_uint_t,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    }
+}
+
+/// Every http level: main, server and location.
+pub const ANY_LEVEL: u32 =
+    ngx::ffi::NGX_HTTP_MAIN_CONF | ngx::ffi::NGX_HTTP_SRV_CONF | ngx::ffi::NGX_HTTP_LOC_CONF;
+
+/// [`loc_command`] of a directive taking one argument at any level.
+pub const fn take1(
+    name: &'static std::ffi::CStr,
+    set: ngx::ffi::ngx_conf_handler_pt,
+) -> ngx::ffi::ngx_command_t {
+    loc_command(name, ANY_LEVEL | ngx::ffi::NGX_CONF_TAKE1, set)
+}
+
 /// `file:line` of the directive being parsed, for errors reported later
 /// (in postconfiguration), in nginx's `in file:line` form.
 ///
