@@ -25,6 +25,7 @@ pub mod paced;
 pub mod phase;
 pub mod pool;
 pub mod random;
+pub mod reclaim;
 pub mod response;
 pub mod subrequest;
 pub mod timer;
