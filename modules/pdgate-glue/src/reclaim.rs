@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use ngx::ffi::{
     ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_int_t, ngx_log_t, ngx_module_t, ngx_pcalloc,
-    ngx_shm_zone_t, NGX_LOG_NOTICE, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
+    ngx_shm_zone_t, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 use pdgate_core::balance::ledger::{self, parse_proc_stat, Ledger, Owner, Reclaimed};
 use pdgate_core::balance::pending::PendingTable;
@@ -138,11 +138,16 @@ fn sweep_ledger(
 }
 
 /// Sweeps the zones of the cycle that `module` declared: balancer zones
-/// and counters zones.
+/// and counters zones. With `claim`, also takes this worker's ledger row
+/// in each now, warning when none is free.
 ///
 /// # Safety
 /// `cycle` must be the running cycle.
-pub unsafe fn sweep_module_zones(cycle: *const ngx_cycle_t, module: *const ngx_module_t) {
+pub unsafe fn sweep_module_zones(
+    cycle: *const ngx_cycle_t,
+    module: *const ngx_module_t,
+    claim: bool,
+) {
     // SAFETY: the cycle's list of shared zones and the zones live as long
     // as the cycle; each zone's state is recognised (inside its mapping,
     // with its magic) before it is used.
@@ -158,12 +163,28 @@ pub unsafe fn sweep_module_zones(cycle: *const ngx_cycle_t, module: *const ngx_m
                     continue;
                 }
                 let name = crate::conf::str_bytes(&(*z).shm.name);
-                if crate::balancer::zone::is_balancer_zone(z) {
-                    if let Some(s) = crate::balancer::zone::shared(z) {
+                let table = if crate::balancer::zone::is_balancer_zone(z) {
+                    crate::balancer::zone::shared(z).map(|s| {
                         sweep(name, &s.slots, Some(&s.pending), log);
+                        s.slots
+                    })
+                } else {
+                    crate::counters::slot_zone(z).map(|sz| {
+                        let t = sz.table();
+                        sweep(name, &t, None, log);
+                        t
+                    })
+                };
+                if let (true, Some(ledger)) = (claim, table.and_then(|t| t.ledger())) {
+                    if ledger.mine().is_none() {
+                        ngx::ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "zone \"{}\": all {} ledger rows are taken, what this worker holds is not given back if it dies",
+                            String::from_utf8_lossy(name),
+                            ledger.rows()
+                        );
                     }
-                } else if let Some(sz) = crate::counters::slot_zone(z) {
-                    sweep(name, &sz.table(), None, log);
                 }
             }
             part = p.next;
@@ -184,7 +205,7 @@ pub unsafe fn init_process(cycle: *mut ngx_cycle_t, module: *const ngx_module_t)
     // which lives as long as this worker, and is filled in before the
     // timer is added.
     unsafe {
-        sweep_module_zones(cycle, module);
+        sweep_module_zones(cycle, module, true);
         LAST_SWEEP.store(0, Ordering::Relaxed);
         let Some(c) = cycle.as_ref() else { return NGX_OK as ngx_int_t };
         let ev = ngx_pcalloc(c.pool, std::mem::size_of::<ngx_event_t>()) as *mut ngx_event_t;
@@ -206,7 +227,7 @@ unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
         // running cycle is nginx's global; the flags are plain globals.
         unsafe {
             let module = (*ev).data as *const ngx_module_t;
-            sweep_module_zones(*std::ptr::addr_of!(ngx::ffi::ngx_cycle), module);
+            sweep_module_zones(*std::ptr::addr_of!(ngx::ffi::ngx_cycle), module, false);
             if ngx::ffi::ngx_exiting == 0 && ngx::ffi::ngx_quit == 0 && ngx::ffi::ngx_terminate == 0
             {
                 ngx_add_timer(ev, PERIOD_MS as ngx::ffi::ngx_msec_t);

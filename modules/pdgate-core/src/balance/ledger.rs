@@ -236,6 +236,11 @@ impl<'a> Ledger<'a> {
         })
     }
 
+    /// Rows in all.
+    pub fn rows(&self) -> usize {
+        self.rows.len()
+    }
+
     /// Rows claimed (status pages, tests).
     pub fn rows_in_use(&self) -> usize {
         self.rows.iter().filter(|r| r.owner.load(Ordering::Relaxed) != 0).count()

@@ -30,7 +30,7 @@ pub const PENDING: usize = 1024;
 
 /// Ledger rows of a zone: worker processes using it at once (during a
 /// reload, the old ones still finishing too).
-pub const LEDGER_ROWS: usize = 128;
+pub const LEDGER_ROWS: usize = 64;
 
 /// The start of a balancer's zone; the slots, the pending table, the
 /// ledger and the prefix index follow, in that order.
