@@ -200,7 +200,11 @@ pub unsafe fn sweep_module_zones(
 /// nginx's init_process contract: `cycle` is the running cycle and
 /// `module` the module being initialised.
 pub unsafe fn init_process(cycle: *mut ngx_cycle_t, module: *const ngx_module_t) -> ngx_int_t {
-    ensure_named();
+    // Cache manager and loader processes run init_process too; they
+    // reserve nothing and sweep nothing.
+    if ensure_named().is_none() {
+        return NGX_OK as ngx_int_t;
+    }
     // SAFETY: as documented; the event is allocated from the cycle's pool,
     // which lives as long as this worker, and is filled in before the
     // timer is added.
