@@ -542,6 +542,101 @@ mod tests {
         set_current(None);
     }
 
+    /// Processes die at random points while the others keep reserving and
+    /// releasing on the same slots and a reclaimer sweeps all along; once
+    /// the survivors release what they hold, every counter is zero and
+    /// only the survivors (and the reclaimer) hold rows.
+    #[test]
+    fn dying_while_others_work_and_a_sweeper_runs() {
+        use std::sync::atomic::AtomicBool;
+        for seed in 0..8u64 {
+            let s = slots(8);
+            let r = rows(12);
+            let p: Vec<Pending> = (0..256).map(|_| Pending::default()).collect();
+            let t = SlotTable::with_ledger(&s, Ledger::new(&r));
+            let pt = PendingTable::new(&p);
+            let dead: Vec<AtomicBool> = (0..=8).map(|_| AtomicBool::new(false)).collect();
+            let done = AtomicBool::new(false);
+            let (dead, done) = (&dead, &done);
+            std::thread::scope(|sc| {
+                let sweeper = sc.spawn(move || {
+                    set_current(Some(owner(100)));
+                    let ledger = t.ledger().unwrap();
+                    let mut got = Reclaimed::default();
+                    while !done.load(Ordering::Acquire) {
+                        let g = ledger.reclaim(
+                            owner(100),
+                            &t,
+                            Some(&pt),
+                            &mut |o| {
+                                o.pid() == 100 || !dead[o.pid() as usize].load(Ordering::Acquire)
+                            },
+                            &mut |_, _| {},
+                        );
+                        got.add(&g);
+                        std::thread::yield_now();
+                    }
+                    got
+                });
+                let workers: Vec<_> = (1..=8u32)
+                    .map(|pid| {
+                        sc.spawn(move || {
+                            set_current(Some(owner(pid)));
+                            let mut rng = Rng::new(seed * 100 + u64::from(pid));
+                            // Odd pids die after a random number of steps.
+                            let steps = if pid % 2 == 1 { rng.next_u64() % 20_000 } else { 20_000 };
+                            let mut held: Vec<(usize, u64, u64, Option<(usize, u64)>)> = Vec::new();
+                            for k in 0..steps {
+                                if held.is_empty() || !rng.next_u64().is_multiple_of(3) {
+                                    let i = (rng.next_u64() % 8) as usize;
+                                    let tok = rng.next_u64() % 1000;
+                                    t.acquire(i, tok, 3);
+                                    let id = u64::from(pid) << 32 | (k + 1);
+                                    let pe = pt.add(id, 1 + tok, k, id).map(|e| (e, id));
+                                    held.push((i, tok, 3, pe));
+                                } else {
+                                    let j = (rng.next_u64() as usize) % held.len();
+                                    let (i, tok, cost, pe) = held.swap_remove(j);
+                                    t.release(i, tok, cost);
+                                    if let Some((e, id)) = pe {
+                                        pt.remove(e, id);
+                                    }
+                                }
+                            }
+                            if pid % 2 == 1 {
+                                dead[pid as usize].store(true, Ordering::Release);
+                                return;
+                            }
+                            for (i, tok, cost, pe) in held {
+                                t.release(i, tok, cost);
+                                if let Some((e, id)) = pe {
+                                    pt.remove(e, id);
+                                }
+                            }
+                        })
+                    })
+                    .collect();
+                for w in workers {
+                    w.join().unwrap();
+                }
+                // One last sweep after every death, then stop.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                done.store(true, Ordering::Release);
+                sweeper.join().unwrap();
+            });
+            let ledger = t.ledger().unwrap();
+            ledger.reclaim(owner(100), &t, Some(&pt), &mut |o| o.pid() % 2 == 0, &mut |_, _| {});
+            for i in 0..8 {
+                assert_eq!(t.load(i), (0, 0, 0), "seed {seed}, slot {i}");
+            }
+            assert_eq!(pt.len(), 0, "seed {seed}");
+            // Survivors 2, 4, 6, 8 keep their (idle) rows; the sweeper
+            // never reserved.
+            assert_eq!(ledger.rows_in_use(), 4, "seed {seed}");
+        }
+        set_current(None);
+    }
+
     /// Several reclaimers at once, each seeing every other process dead:
     /// every dead row is given back exactly once.
     #[test]
