@@ -546,6 +546,9 @@ mod tests {
     /// releasing on the same slots and a reclaimer sweeps all along; once
     /// the survivors release what they hold, every counter is zero and
     /// only the survivors (and the reclaimer) hold rows.
+    /// A reservation a test thread holds: slot, tokens, cost, pending entry.
+    type Held = (usize, u64, u64, Option<(usize, u64)>);
+
     #[test]
     fn dying_while_others_work_and_a_sweeper_runs() {
         use std::sync::atomic::AtomicBool;
@@ -585,7 +588,7 @@ mod tests {
                             let mut rng = Rng::new(seed * 100 + u64::from(pid));
                             // Odd pids die after a random number of steps.
                             let steps = if pid % 2 == 1 { rng.next_u64() % 20_000 } else { 20_000 };
-                            let mut held: Vec<(usize, u64, u64, Option<(usize, u64)>)> = Vec::new();
+                            let mut held: Vec<Held> = Vec::new();
                             for k in 0..steps {
                                 if held.is_empty() || !rng.next_u64().is_multiple_of(3) {
                                     let i = (rng.next_u64() % 8) as usize;
