@@ -26,6 +26,7 @@ pub mod pdmetrics;
 pub mod phase;
 pub mod pool;
 pub mod random;
+pub mod reclaim;
 pub mod response;
 pub mod subrequest;
 pub mod timer;

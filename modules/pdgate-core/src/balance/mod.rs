@@ -8,6 +8,7 @@
 //! it when the try ends.
 
 pub mod fails;
+pub mod ledger;
 pub mod params;
 pub mod pending;
 pub mod policy;

@@ -6,8 +6,15 @@
 //! tokens and its start time. Claiming is a compare-and-swap on the id;
 //! nothing locks, allocates or panics. A reader may see an entry being
 //! filled in with a length of 0 for an instant: it then counts for nothing.
+//!
+//! Each entry also names the process that added it (its ledger
+//! [`Owner`](super::ledger::Owner) word), so that the entries of a process
+//! that died are dropped by [`PendingTable::drop_owner`] when its ledger
+//! row is reclaimed.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::ledger;
 
 /// One request in prefill.
 #[repr(C)]
@@ -19,6 +26,9 @@ pub struct Pending {
     pub tokens: AtomicU64,
     /// When its prefill started (ms, any monotonic clock shared by workers).
     pub since: AtomicU64,
+    /// The adding process's ledger owner word (0: unknown, or the entry
+    /// is being freed).
+    pub owner: AtomicU64,
 }
 
 /// Bytes per entry.
@@ -37,7 +47,8 @@ impl<'a> PendingTable<'a> {
 
     /// Records a request `id` (non-zero) of `tokens` started at `since`,
     /// probing from `hint`; its entry, or `None` when the table is full
-    /// (the request is then simply not looked ahead over).
+    /// (the request is then simply not looked ahead over). The entry is
+    /// owned by the calling process ([`ledger::current`]).
     pub fn add(&self, id: u64, tokens: u64, since: u64, hint: u64) -> Option<usize> {
         let n = self.entries.len();
         if n == 0 || id == 0 {
@@ -51,6 +62,8 @@ impl<'a> PendingTable<'a> {
                 && e.id.compare_exchange(0, id, Ordering::AcqRel, Ordering::Relaxed).is_ok()
             {
                 e.tokens.store(tokens, Ordering::Relaxed);
+                let owner = ledger::current().map_or(0, ledger::Owner::word);
+                e.owner.store(owner, Ordering::Relaxed);
                 e.since.store(since, Ordering::Release);
                 return Some(i);
             }
@@ -63,9 +76,33 @@ impl<'a> PendingTable<'a> {
         if let Some(e) = self.entries.get(i) {
             if e.id.load(Ordering::Acquire) == id {
                 e.tokens.store(0, Ordering::Relaxed);
+                e.owner.store(0, Ordering::Relaxed);
                 let _ = e.id.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Frees every entry the process of ledger word `owner` (non-zero)
+    /// added; how many. Only the one reclaimer of that process's row calls
+    /// this, and a dead process adds nothing, so an entry seen with that
+    /// owner stays its until freed here (a freed entry's owner is cleared
+    /// before its id, and a new entry is named after its id is claimed).
+    pub fn drop_owner(&self, owner: u64) -> usize {
+        if owner == 0 {
+            return 0;
+        }
+        let mut n = 0;
+        for e in self.entries {
+            let id = e.id.load(Ordering::Acquire);
+            if id != 0 && e.owner.load(Ordering::Acquire) == owner {
+                e.tokens.store(0, Ordering::Relaxed);
+                e.owner.store(0, Ordering::Relaxed);
+                if e.id.compare_exchange(id, 0, Ordering::AcqRel, Ordering::Relaxed).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        n
     }
 
     /// The lengths of the oldest requests in prefill, at most `out.len()`,
@@ -139,6 +176,30 @@ mod tests {
         assert_eq!(t.oldest(&mut out, &mut scratch), 2);
         assert_eq!(&out[..2], &[200, 300]);
         assert_eq!(t.add(0, 1, 1, 1), None);
+    }
+
+    #[test]
+    fn a_dead_owners_entries_are_dropped() {
+        use super::super::ledger::{set_current, Owner};
+        let v = table(8);
+        let t = PendingTable::new(&v);
+        let a = Owner::new(10, 1).unwrap();
+        let b = Owner::new(11, 1).unwrap();
+        set_current(Some(a));
+        t.add(1, 5, 1, 0).unwrap();
+        let gone = t.add(2, 5, 1, 0).unwrap();
+        t.remove(gone, 2);
+        t.add(3, 5, 1, 0).unwrap();
+        set_current(Some(b));
+        t.add(4, 5, 1, 0).unwrap();
+        set_current(None);
+        t.add(5, 5, 1, 0).unwrap(); // unnamed: never dropped
+        assert_eq!(t.drop_owner(a.word()), 2);
+        assert_eq!(t.drop_owner(a.word()), 0);
+        assert_eq!(t.drop_owner(0), 0);
+        assert_eq!(t.len(), 2);
+        assert_eq!(t.drop_owner(b.word()), 1);
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

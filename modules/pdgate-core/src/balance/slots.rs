@@ -5,8 +5,16 @@
 //! shared zone and survive `nginx -s reload` (a slot is found again by its
 //! key; peers new to the reloaded configuration claim free slots). Nothing
 //! here locks, allocates or panics.
+//!
+//! A table may come with a [`Ledger`] (per-process records of what each
+//! process holds, so that a dead worker's share can be given back): then
+//! [`acquire`](SlotTable::acquire), [`release`](SlotTable::release) and
+//! [`add_tokens`](SlotTable::add_tokens) update the calling process's row
+//! as well; callers pass nothing more.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::ledger::{Ledger, Row};
 
 /// One (upstream, peer) identity's counters.
 #[repr(C)]
@@ -45,11 +53,28 @@ pub fn peer_key(upstream: &[u8], peer: &[u8]) -> u64 {
 #[derive(Debug, Clone, Copy)]
 pub struct SlotTable<'a> {
     slots: &'a [Slot],
+    ledger: Option<Ledger<'a>>,
 }
 
 impl<'a> SlotTable<'a> {
+    /// A table without a ledger (nothing is reclaimed).
     pub fn new(slots: &'a [Slot]) -> Self {
-        SlotTable { slots }
+        SlotTable { slots, ledger: None }
+    }
+
+    /// A table whose reservations are recorded per process in `ledger`.
+    pub fn with_ledger(slots: &'a [Slot], ledger: Ledger<'a>) -> Self {
+        SlotTable { slots, ledger: Some(ledger) }
+    }
+
+    /// Its ledger, if it has one.
+    pub fn ledger(&self) -> Option<Ledger<'a>> {
+        self.ledger
+    }
+
+    /// The calling process's ledger row, if recorded.
+    fn mine(&self) -> Option<&'a Row> {
+        self.ledger.as_ref().and_then(Ledger::mine)
     }
 
     /// The slot of `key` if it has one (read only: status pages must not
@@ -110,6 +135,9 @@ impl<'a> SlotTable<'a> {
     /// grew while it ran).
     pub fn add_tokens(&self, i: usize, tokens: u64) {
         if let Some(s) = self.slots.get(i) {
+            if let Some(row) = self.mine() {
+                row.add(i, 0, tokens, 0);
+            }
             s.tokens.fetch_add(tokens, Ordering::Relaxed);
         }
     }
@@ -126,8 +154,12 @@ impl<'a> SlotTable<'a> {
     }
 
     /// Places a request of `tokens` and `cost` on slot `i`.
+    /// The ledger is written first (see [`super::ledger`] on orderings).
     pub fn acquire(&self, i: usize, tokens: u64, cost: u64) {
         if let Some(s) = self.slots.get(i) {
+            if let Some(row) = self.mine() {
+                row.add(i, 1, tokens, cost);
+            }
             s.requests.fetch_add(1, Ordering::Relaxed);
             s.tokens.fetch_add(tokens, Ordering::Relaxed);
             s.cost.fetch_add(cost, Ordering::Relaxed);
@@ -171,31 +203,46 @@ impl<'a> SlotTable<'a> {
     }
 
     /// Takes a request of `tokens` and `cost` off slot `i`; never below zero
-    /// (a slot reused after a reload may see frees it never counted).
+    /// (a slot reused after a reload may see frees it never counted). The
+    /// slot is written before the ledger.
     pub fn release(&self, i: usize, tokens: u64, cost: u64) {
+        self.take_off(i, 1, tokens, cost);
+        if let Some(row) = self.mine() {
+            row.sub(i, 1, tokens, cost);
+        }
+    }
+
+    /// Takes `requests`, `tokens` and `cost` off slot `i`, never below
+    /// zero, without touching the ledger.
+    pub(crate) fn take_off(&self, i: usize, requests: u64, tokens: u64, cost: u64) {
         if let Some(s) = self.slots.get(i) {
             let dec = |by: u64| move |v: u64| Some(v.saturating_sub(by));
-            let _ = s.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(1));
+            let _ = s.requests.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(requests));
             let _ = s.tokens.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(tokens));
             let _ = s.cost.fetch_update(Ordering::Relaxed, Ordering::Relaxed, dec(cost));
         }
     }
 }
 
-/// A shared zone holding nothing but a slot table (a module's own
-/// in-flight counters, e.g. the SGLang mode's server lists): all-zero
-/// memory is an empty table; [`attach`](Self::attach) claims it.
+/// A shared zone holding nothing but a slot table and its ledger (a
+/// module's own in-flight counters, e.g. the SGLang mode's server lists):
+/// all-zero memory is an empty table; [`attach`](Self::attach) claims it.
 #[repr(C)]
 #[derive(Debug)]
 pub struct SlotZone {
     magic: AtomicU64,
     slots: [Slot; SLOT_ZONE_SLOTS],
+    ledger: [Row; SLOT_ZONE_ROWS],
 }
 
 /// Slots of a [`SlotZone`].
 pub const SLOT_ZONE_SLOTS: usize = 1024;
 
-const SLOT_ZONE_MAGIC: u64 = 0x7064_6761_7465_0c02;
+/// Ledger rows of a [`SlotZone`]: processes using it at once (workers, and
+/// during a reload the old ones still finishing).
+pub const SLOT_ZONE_ROWS: usize = 64;
+
+const SLOT_ZONE_MAGIC: u64 = 0x7064_6761_7465_0c03;
 
 impl SlotZone {
     /// Claims all-zero memory or recognises a zone of this layout.
@@ -206,15 +253,24 @@ impl SlotZone {
         }
     }
 
-    /// Its slot table.
+    /// Whether it holds this layout (without claiming all-zero memory).
+    pub fn is_attached(&self) -> bool {
+        self.magic.load(Ordering::Acquire) == SLOT_ZONE_MAGIC
+    }
+
+    /// Its slot table, recording in its ledger.
     pub fn table(&self) -> SlotTable<'_> {
-        SlotTable::new(&self.slots)
+        SlotTable::with_ledger(&self.slots, Ledger::new(&self.ledger))
     }
 }
 
 impl Default for SlotZone {
     fn default() -> Self {
-        SlotZone { magic: AtomicU64::new(0), slots: std::array::from_fn(|_| Slot::default()) }
+        SlotZone {
+            magic: AtomicU64::new(0),
+            slots: std::array::from_fn(|_| Slot::default()),
+            ledger: std::array::from_fn(|_| Row::default()),
+        }
     }
 }
 

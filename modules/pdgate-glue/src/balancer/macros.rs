@@ -170,12 +170,23 @@ macro_rules! balancer_module {
             $crate::ffi::ngx_command_t::empty(),
         ];
 
+        unsafe extern "C" fn __pdgate_init_process(
+            cycle: *mut $crate::ffi::ngx_cycle_t,
+        ) -> $crate::ffi::ngx_int_t {
+            $crate::guard::catch("balancer init_process", $crate::ffi::NGX_OK as $crate::ffi::ngx_int_t, || {
+                // SAFETY: nginx's init_process contract; the module static
+                // is only written by nginx while loading.
+                unsafe { $crate::reclaim::init_process(cycle, ::std::ptr::addr_of!($module)) }
+            })
+        }
+
         #[no_mangle]
         #[allow(non_upper_case_globals)]
         pub static mut $module: $crate::ffi::ngx_module_t = $crate::ffi::ngx_module_t {
             ctx: ::std::ptr::addr_of!(__PDGATE_CTX) as *mut ::std::ffi::c_void,
             commands: ::std::ptr::addr_of_mut!(__PDGATE_COMMANDS) as *mut $crate::ffi::ngx_command_t,
             type_: $crate::ffi::NGX_HTTP_MODULE as $crate::ffi::ngx_uint_t,
+            init_process: Some(__pdgate_init_process),
             ..$crate::ffi::ngx_module_t::default()
         };
 

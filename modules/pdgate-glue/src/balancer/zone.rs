@@ -1,7 +1,9 @@
 //! A balancer's shared zone: one per balancer module, shared by every
 //! upstream that uses the balancer. A header, then the slots (in-flight
-//! counters per (upstream, peer)), the pending table and the prefix index,
-//! each an array of 8-byte atomics (pdgate-core's layouts).
+//! counters per (upstream, peer)), the pending table, the ledger (what each
+//! worker holds, so a dead worker's share is given back: see
+//! [`crate::reclaim`]) and the prefix index, each an array of 8-byte
+//! atomics (pdgate-core's layouts).
 
 use std::ffi::c_void;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -10,6 +12,7 @@ use ngx::ffi::{
     ngx_conf_t, ngx_int_t, ngx_module_t, ngx_shared_memory_add, ngx_shm_zone_t, ngx_slab_calloc,
     ngx_slab_pool_t, ngx_str_t, NGX_ERROR, NGX_OK,
 };
+use pdgate_core::balance::ledger::{Ledger, Row, ROW_BYTES};
 use pdgate_core::balance::pending::{Pending, PendingTable, PENDING_BYTES};
 use pdgate_core::balance::policy::Shared;
 use pdgate_core::balance::prefix::{self, PrefixIndex, ENTRY_BYTES};
@@ -25,19 +28,24 @@ pub const SLOTS: usize = 2048;
 /// Entries of a zone's table of requests in prefill (pd_score_balance).
 pub const PENDING: usize = 1024;
 
-/// The start of a balancer's zone; the slots, the pending table and the
-/// prefix index follow, in that order.
+/// Ledger rows of a zone: worker processes using it at once (during a
+/// reload, the old ones still finishing too).
+pub const LEDGER_ROWS: usize = 64;
+
+/// The start of a balancer's zone; the slots, the pending table, the
+/// ledger and the prefix index follow, in that order.
 #[repr(C)]
 pub(crate) struct TableHeader {
     magic: u64,
     slots: u64,
     pending: u64,
+    ledger: u64,
     index: u64,
     /// The prefix index's LRU clock.
     clock: AtomicU64,
 }
 
-const MAGIC: u64 = 0x7064_6761_7465_0002;
+const MAGIC: u64 = 0x7064_6761_7465_0003;
 
 /// Entries of the prefix index a new zone gets (set at postconfiguration;
 /// each balancer module has its own copy of this crate's statics).
@@ -57,6 +65,7 @@ pub(super) fn layout_bytes(index: usize) -> usize {
     std::mem::size_of::<TableHeader>()
         + SLOTS * SLOT_BYTES
         + PENDING * PENDING_BYTES
+        + LEDGER_ROWS * ROW_BYTES
         + index * ENTRY_BYTES
 }
 
@@ -82,6 +91,7 @@ unsafe extern "C" fn zone_init(zone: *mut ngx_shm_zone_t, data: *mut c_void) -> 
         (*h).magic = MAGIC;
         (*h).slots = SLOTS as u64;
         (*h).pending = PENDING as u64;
+        (*h).ledger = LEDGER_ROWS as u64;
         (*h).index = index as u64;
         (*shpool).data = h as *mut c_void;
         (*zone).data = h as *mut c_void;
@@ -146,9 +156,15 @@ pub(crate) fn shared<'a>(zone: *mut ngx_shm_zone_t) -> Option<Shared<'a>> {
         }
         let slots = (h as *const TableHeader).add(1) as *const Slot;
         let pending = slots.add(h.slots as usize) as *const Pending;
-        let index = pending.add(h.pending as usize) as *const prefix::Entry;
+        let rows = pending.add(h.pending as usize) as *const Row;
+        let index = rows.add(h.ledger as usize) as *const prefix::Entry;
+        let ledger = Ledger::new(std::slice::from_raw_parts(rows, h.ledger as usize));
+        crate::reclaim::ensure_named();
         Some(Shared {
-            slots: SlotTable::new(std::slice::from_raw_parts(slots, h.slots as usize)),
+            slots: SlotTable::with_ledger(
+                std::slice::from_raw_parts(slots, h.slots as usize),
+                ledger,
+            ),
             pending: PendingTable::new(std::slice::from_raw_parts(pending, h.pending as usize)),
             index: PrefixIndex::new(std::slice::from_raw_parts(index, h.index as usize), &h.clock),
         })
@@ -184,6 +200,7 @@ pub(crate) unsafe fn is_balancer_zone(z: *const ngx_shm_zone_t) -> bool {
         let bytes = std::mem::size_of::<TableHeader>()
             + ((*h).slots as usize).saturating_mul(SLOT_BYTES)
             + ((*h).pending as usize).saturating_mul(PENDING_BYTES)
+            + ((*h).ledger as usize).saturating_mul(ROW_BYTES)
             + ((*h).index as usize).saturating_mul(ENTRY_BYTES);
         h_at.saturating_add(bytes) <= shm_end
     }
