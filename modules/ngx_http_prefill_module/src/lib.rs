@@ -165,14 +165,6 @@ fn prefill(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
 /// The sequential (vLLM NIXL) protocol, with the encoder stage before it.
 struct Vllm;
 
-/// `<prefix><uri>`: a leg's location.
-fn leg_uri(prefix: &[u8], uri: &[u8]) -> Vec<u8> {
-    let mut target = Vec::with_capacity(prefix.len() + uri.len());
-    target.extend_from_slice(prefix);
-    target.extend_from_slice(uri);
-    target
-}
-
 impl Protocol for Vllm {
     type State = ();
     const NAME: &'static str = "prefill";
@@ -218,7 +210,7 @@ impl Protocol for Vllm {
                 kv_transfer_params: lcf.kv_params != 0,
             };
             let body = bodies.build(&prefill_plan(&obj, opts))?;
-            p.prefill = Some((leg_uri(prefix, uri), body));
+            p.prefill = Some((driver::leg_uri(prefix, uri), body));
         }
         if let Some(eprefix) = lcf.encode.prefix() {
             let items = media_items(&obj);
@@ -229,7 +221,7 @@ impl Protocol for Vllm {
                 ));
             }
             p.media = items;
-            p.encode_uri = leg_uri(eprefix, uri);
+            p.encode_uri = driver::leg_uri(eprefix, uri);
         }
         p.obj = Some(obj);
         Ok(p)

@@ -513,10 +513,7 @@ fn legs(
     let pbody = bodies.build(&leg_plan(obj, members.as_bytes(), Leg::Prefill))?;
     let dbody = bodies.build(&leg_plan(obj, members.as_bytes(), Leg::Decode))?;
 
-    let uri = r.path().as_bytes();
-    let mut target = Vec::with_capacity(prefix.len() + uri.len());
-    target.extend_from_slice(prefix);
-    target.extend_from_slice(uri);
+    let target = driver::leg_uri(prefix, r.path().as_bytes());
     ngx_log_debug!(
         mask: DebugMask::Http,
         r.log(),

@@ -105,6 +105,14 @@ impl Bodies {
     }
 }
 
+/// `<prefix><uri>`: the URI of a leg's (internal) location.
+pub fn leg_uri(prefix: &[u8], uri: &[u8]) -> Vec<u8> {
+    let mut target = Vec::with_capacity(prefix.len() + uri.len());
+    target.extend_from_slice(prefix);
+    target.extend_from_slice(uri);
+    target
+}
+
 /// What [`Protocol::prepare`] found and built.
 #[derive(Default)]
 pub struct Prepared {
