@@ -18,6 +18,8 @@ const KEY: &[u8] = b"\"cached_tokens\"";
 
 /// `usage.prompt_tokens_details.cached_tokens` of a prefill answer.
 pub fn prefill_cached_tokens(answer: &[u8]) -> Option<u64> {
+    // Most answers have none: look before parsing.
+    memchr::memmem::find(answer, KEY)?;
     let usage = Object::parse(answer).ok()?.get("usage")?;
     let details = Object::parse(usage).ok()?.get("prompt_tokens_details")?;
     let n = Object::parse(details).ok()?.get("cached_tokens")?;
