@@ -610,6 +610,7 @@ EOF
     # OpenAI-style JSON, in the shape of the modules' own errors. The key is
     # the status error_page keeps.
     map $status $pd_error_json {
+        404     '{"error":{"code":404,"message":"no such route on this proxy","param":null,"type":"NotFoundError"}}';
         405     '{"error":{"code":405,"message":"method not allowed, use POST","param":null,"type":"BadRequestError"}}';
         413     '{"error":{"code":413,"message":"request body is larger than client_max_body_size","param":null,"type":"RequestEntityTooLargeError"}}';
         429     '{"error":{"code":429,"message":"too many requests, retry later","param":null,"type":"RateLimitError"}}';
@@ -687,6 +688,12 @@ EOF
 
 EOF
     if [ "$ENGINE" = vllm ]; then
+        cat <<'EOF'
+        # Bodies sent to an engine outside the P/D flow lose the keys only the
+        # proxy may set (kv_transfer_params, bootstrap_*, …), whatever the route.
+        pd_strip_reserved on;
+
+EOF
         completions_vllm
     else
         completions_sglang
@@ -707,8 +714,14 @@ EOF
 EOF
     cat <<EOF
 
-        # Everything else under /v1 (/v1/models, …) is answered by a prefill server.
+        # Everything else under /v1: GETs (/v1/models, …) are answered by a
+        # prefill server; any other POST is no route of this proxy (404 JSON),
+        # so no body reaches an engine around the P/D flow.
         location /v1 {
+            if (\$request_method = POST) {
+                return 404;
+            }
+            error_page 404 @pd_error;
             proxy_pass http://prefill_servers;
         }
 EOF
@@ -733,6 +746,7 @@ EOF
     cat <<EOF
 
         location / {
+            error_page 404 @pd_error;
             return 404;
         }
     }

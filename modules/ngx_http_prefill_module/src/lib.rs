@@ -22,13 +22,13 @@ use pdgate_glue::core::encode::{media_items, too_many_message};
 use pdgate_glue::core::json::Object;
 use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
 use pdgate_glue::core::rewrite::{
-    decode_plan, kv_params_of, pd_refusal, prefill_plan, Endpoint, KvParams, PrefillOptions,
-    StreamOps,
+    decode_plan, has_reserved, kv_params_of, pd_refusal, prefill_plan, stripped_plan, Endpoint,
+    KvParams, PrefillOptions, StreamOps,
 };
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{
     ngx_command_t, ngx_conf_set_flag_slot, ngx_flag_t, ngx_module_t, ngx_uint_t, NGX_CONF_FLAG,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_LOG_WARN,
+    NGX_HTTP_LOC_CONF_OFFSET, NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use pdgate_glue::http::{Conf, ConfError, Request};
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
@@ -54,6 +54,8 @@ pub struct LocConf {
     encode: encode::Conf,
     /// `stream_ops off|add|set_opt`: `None` when not set at this level.
     stream_ops: Option<StreamOps>,
+    /// `pd_strip_reserved on|off`.
+    strip: ngx_flag_t,
 }
 
 impl Default for LocConf {
@@ -63,6 +65,7 @@ impl Default for LocConf {
             kv_params: NGX_CONF_UNSET,
             encode: encode::Conf::default(),
             stream_ops: None,
+            strip: NGX_CONF_UNSET,
         }
     }
 }
@@ -76,6 +79,9 @@ impl Merge for LocConf {
             self.kv_params = if prev.kv_params == NGX_CONF_UNSET { 1 } else { prev.kv_params };
         }
         self.encode.merge(&prev.encode);
+        if self.strip == NGX_CONF_UNSET {
+            self.strip = if prev.strip == NGX_CONF_UNSET { 0 } else { prev.strip };
+        }
         if self.stream_ops.is_none() {
             self.stream_ops = prev.stream_ops;
         }
@@ -105,6 +111,14 @@ pdgate_glue::http_module! {
         encode::CMD_PREFILL_ENCODE,
         encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
         conf::take1(c"stream_ops", Some(cmd_stream_ops)),
+        ngx_command_t {
+            name: conf::name(c"pd_strip_reserved"),
+            type_: (ANY_LEVEL | NGX_CONF_FLAG) as ngx_uint_t,
+            set: Some(ngx_conf_set_flag_slot),
+            conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
+            offset: offset_of!(LocConf, strip),
+            post: std::ptr::null_mut(),
+        },
         metrics::CMD_PD_METRICS,
         metrics::CMD_PD_METRICS_ZONE,
         metrics::CMD_ENABLE_INTERNAL_METRICS,
@@ -177,7 +191,10 @@ impl Protocol for Vllm {
         let lcf = Module::location_conf(r)?;
         let prefill = matches!(&lcf.prefix, Some(Some(_)));
         let encode = lcf.encode.prefix().is_some();
-        if !prefill && !encode {
+        // `pd_strip_reserved` alone: read and check bodies an engine would
+        // parse as JSON, forward everything else untouched.
+        let strip = lcf.strip == 1 && driver::may_carry_json(r);
+        if !prefill && !encode && !strip {
             return None;
         }
         let shape = if prefill { Shape::Sequential } else { Shape::DecodeOnly };
@@ -222,6 +239,16 @@ impl Protocol for Vllm {
             }
             p.media = items;
             p.encode_uri = driver::leg_uri(eprefix, uri);
+        }
+        if prefix.is_none() && has_reserved(&obj) {
+            // No prefill leg to rebuild the body: the body goes on to the
+            // engine as sent, less the keys only the proxy may set.
+            ngx_log_error!(
+                NGX_LOG_INFO,
+                r.log(),
+                "prefill: reserved keys (kv_transfer_params, bootstrap_*, …) dropped from the request body"
+            );
+            p.decode = Some(bodies.build(&stripped_plan(&obj))?);
         }
         p.obj = Some(obj);
         Ok(p)

@@ -120,6 +120,18 @@ pub const PD_RESERVED: &[&str] = &[
     "migration_request",
 ];
 
+/// True when the request carries a key only the proxy may set.
+pub fn has_reserved(obj: &Object<'_>) -> bool {
+    obj.members.iter().any(|m| is_one_of(obj, m, PD_RESERVED))
+}
+
+/// The client's body without the keys of [`PD_RESERVED`] (every other byte
+/// as sent): what a location that forwards a body to an engine without a
+/// P/D flow sends (`pd_strip_reserved`).
+pub fn stripped_plan<'a>(obj: &Object<'a>) -> Plan<'a> {
+    decode_plan(obj, None, StreamOps::Off)
+}
+
 /// Keys the prefill leg replaces or must not see (besides [`PD_RESERVED`]).
 const PREFILL_DROPPED: &[&str] = &[
     "stream",
@@ -831,5 +843,17 @@ mod tests {
             a.push(b'}');
             assert_eq!(kv_params_of(&a), KvParams::NotObject(v), "{}", String::from_utf8_lossy(v));
         }
+    }
+
+    #[test]
+    fn stripping_drops_only_the_reserved_keys() {
+        let src = br#"{"model":"m","kv_transfer_params":{"do_remote_decode":true},"prompt":"p","bootstrap_room":7,"n":2}"#;
+        let obj = Object::parse(src).unwrap();
+        assert!(has_reserved(&obj));
+        let out = stripped_plan(&obj).to_vec(src);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v, serde_json::json!({"model":"m","prompt":"p","n":2}));
+        let clean = br#"{"model":"m","prompt":"kv_transfer_params"}"#;
+        assert!(!has_reserved(&Object::parse(clean).unwrap()));
     }
 }

@@ -241,6 +241,16 @@ impl Flow {
         Flow { spec, state: State::ReadingBody, held: Legs::NONE }
     }
 
+    pub fn spec(&self) -> Spec {
+        self.spec
+    }
+
+    /// A flow with a prefill or an encoder stage (not a location that only
+    /// strips the reserved keys on the way to an engine).
+    pub fn is_pd(&self) -> bool {
+        self.spec.encode || self.spec.shape != Shape::DecodeOnly
+    }
+
     pub fn state(&self) -> &State {
         &self.state
     }

@@ -36,6 +36,9 @@ pub(super) unsafe extern "C" fn log_handler<P: Protocol>(r: *mut ngx_http_reques
                 return NGX_OK as ngx_int_t;
             }
             let Some(ctx) = ctx_of::<P>(r) else { return NGX_OK as ngx_int_t };
+            if !ctx.flow.is_pd() {
+                return NGX_OK as ngx_int_t;
+            }
             let m = &mut ctx.m;
             if m.counted {
                 return NGX_OK as ngx_int_t;

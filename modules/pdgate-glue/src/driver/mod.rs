@@ -307,7 +307,22 @@ unsafe fn ctx_of<'a, P: Protocol>(r: *mut ngx_http_request_t) -> Option<&'a mut 
 /// `r` must be a live request.
 pub unsafe fn record<'a, P: Protocol>(r: *mut ngx_http_request_t) -> Option<&'a mut Record> {
     // SAFETY: r is live (caller).
-    unsafe { ctx_of::<P>((*r).main).map(|c| &mut c.m) }
+    unsafe { ctx_of::<P>((*r).main).filter(|c| c.flow.is_pd()).map(|c| &mut c.m) }
+}
+
+/// Whether `r` may carry a JSON body an engine would parse: a POST, PUT
+/// or PATCH whose body is not a multipart form (`pd_strip_reserved` reads
+/// and checks those).
+pub fn may_carry_json(r: &Request) -> bool {
+    let req: &ngx::ffi::ngx_http_request_t = r.as_ref();
+    let m = req.method as u32;
+    if m & (ngx::ffi::NGX_HTTP_POST | ngx::ffi::NGX_HTTP_PUT | ngx::ffi::NGX_HTTP_PATCH) == 0 {
+        return false;
+    }
+    // SAFETY: headers_in.content_type is NULL or a header of the live
+    // request, its value in the request pool.
+    let ct = unsafe { req.headers_in.content_type.as_ref().map(|h| response::str_of(&h.value)) };
+    !ct.is_some_and(|v| v.len() >= 10 && v[..10].eq_ignore_ascii_case(b"multipart/"))
 }
 
 /// The module's state for `r`'s main request, when it runs a P/D flow.
