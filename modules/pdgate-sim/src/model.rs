@@ -186,6 +186,14 @@ impl Engine {
         self.running.len()
     }
 
+    /// Tokens the engine holds for its requests: the context of every running
+    /// sequence plus the prompt of every waiting one (SGLang's `num_tokens`).
+    pub fn num_tokens(&self) -> u64 {
+        let running: u64 = self.running.iter().map(|s| s.context()).sum();
+        let waiting: u64 = self.waiting.iter().map(|s| s.spec.prompt_tokens).sum();
+        running + waiting
+    }
+
     pub fn num_held(&self) -> usize {
         self.held.len()
     }

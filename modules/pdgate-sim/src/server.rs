@@ -262,6 +262,49 @@ impl Sim {
         j.push_back(r);
     }
 
+    /// The scheduler's running and waiting sequences and the tokens they hold.
+    pub fn load(&self) -> (usize, usize, u64) {
+        let e = self.engine.lock();
+        (e.num_running(), e.num_waiting(), e.num_tokens())
+    }
+
+    /// `GET /get_load`: `load` is what vllm-router's and SGLang router's load
+    /// monitors read (running + waiting); the rest are SGLang's own names.
+    pub fn load_json(&self) -> Value {
+        let (running, waiting, tokens) = self.load();
+        json!({
+            "load": running + waiting,
+            "num_reqs": running + waiting,
+            "num_running_reqs": running,
+            "num_waiting_reqs": waiting,
+            "num_tokens": tokens,
+            "dp_rank": 0,
+        })
+    }
+
+    /// `GET /get_server_info` (SGLang mode).
+    fn server_info_json(&self) -> Value {
+        let mode = match self.cfg.role {
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+            Role::Both | Role::Encode => "null",
+        };
+        json!({
+            "model_path": self.cfg.model,
+            "served_model_name": self.cfg.model,
+            "tokenizer_path": self.cfg.model,
+            "disaggregation_mode": mode,
+            "disaggregation_bootstrap_port": self.cfg.kv_port,
+            "context_length": self.cfg.profile.max_model_len,
+            "max_total_num_tokens": self.cfg.profile.num_gpu_blocks as u64
+                * self.cfg.profile.block_size as u64,
+            "page_size": self.cfg.profile.block_size,
+            "tp_size": 1,
+            "dp_size": 1,
+            "version": concat!("engine-sim ", env!("CARGO_PKG_VERSION")),
+        })
+    }
+
     fn snapshot(&self) -> EngineSnapshot {
         let e = self.engine.lock();
         EngineSnapshot {
@@ -398,6 +441,28 @@ impl Sim {
                 )
                 .map(|_| After::KeepAlive)
             }
+            ("GET", "/get_load") => {
+                let body = self.load_json();
+                self.json_ok(w, &body, ka)
+            }
+            ("GET", "/load") if self.cfg.flavor == Flavor::Vllm => {
+                let (running, waiting, _) = self.load();
+                self.json_ok(w, &json!({"server_load": running + waiting}), ka)
+            }
+            ("GET", "/health_generate") if self.cfg.flavor == Flavor::Sglang => {
+                http::write_response(w, 200, json_ct, b"", ka, &[]).map(|_| After::KeepAlive)
+            }
+            ("GET", "/get_model_info") if self.cfg.flavor == Flavor::Sglang => {
+                let body = json!({
+                    "model_path": self.cfg.model, "tokenizer_path": self.cfg.model,
+                    "is_generation": true,
+                });
+                self.json_ok(w, &body, ka)
+            }
+            ("GET", "/get_server_info") if self.cfg.flavor == Flavor::Sglang => {
+                let body = self.server_info_json();
+                self.json_ok(w, &body, ka)
+            }
             ("GET", "/metrics") => {
                 let page = self.metrics.render(&self.cfg.model, self.snapshot());
                 http::write_response(w, 200, "text/plain; version=0.0.4", page.as_bytes(), ka, &[])
@@ -407,7 +472,12 @@ impl Sim {
             ("POST", "/v1/completions") => self.completion(Api::Completions, req, w, r),
             (
                 _,
-                "/v1/chat/completions" | "/v1/completions" | "/health" | "/v1/models" | "/metrics",
+                "/v1/chat/completions"
+                | "/v1/completions"
+                | "/health"
+                | "/v1/models"
+                | "/metrics"
+                | "/get_load",
             ) => {
                 let body = api::error_json(405, "Method Not Allowed");
                 http::write_response(w, 405, json_ct, &body, ka, &[]).map(|_| After::KeepAlive)
@@ -417,6 +487,11 @@ impl Sim {
                 http::write_response(w, 404, json_ct, &body, ka, &[]).map(|_| After::KeepAlive)
             }
         }
+    }
+
+    fn json_ok(&self, w: &mut TcpStream, body: &Value, ka: bool) -> std::io::Result<After> {
+        let bytes = serde_json::to_vec(body).unwrap_or_default();
+        http::write_response(w, 200, "application/json", &bytes, ka, &[]).map(|_| After::KeepAlive)
     }
 
     fn fail(&self, w: &mut TcpStream, status: u16, msg: &str, ka: bool) -> std::io::Result<After> {
