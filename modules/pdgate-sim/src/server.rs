@@ -268,18 +268,25 @@ impl Sim {
         (e.num_running(), e.num_waiting(), e.num_tokens())
     }
 
-    /// `GET /get_load`: `load` is what vllm-router's and SGLang router's load
-    /// monitors read (running + waiting); the rest are SGLang's own names.
+    /// `GET /get_load`. SGLang mode: SGLang's shape, one entry per DP rank
+    /// (`dp_rank`, `num_reqs` = running + waiting, `num_waiting_reqs`,
+    /// `num_tokens`); SGLang's router sums `num_tokens` over the array.
+    /// vLLM mode: an object whose `load` (running + waiting) is what
+    /// vllm-router's power_of_two monitor reads. Both carry every field.
     pub fn load_json(&self) -> Value {
         let (running, waiting, tokens) = self.load();
-        json!({
+        let entry = json!({
+            "dp_rank": 0,
             "load": running + waiting,
             "num_reqs": running + waiting,
             "num_running_reqs": running,
             "num_waiting_reqs": waiting,
             "num_tokens": tokens,
-            "dp_rank": 0,
-        })
+        });
+        match self.cfg.flavor {
+            Flavor::Sglang => Value::Array(vec![entry]),
+            Flavor::Vllm => entry,
+        }
     }
 
     /// `GET /get_server_info` (SGLang mode).

@@ -1,8 +1,10 @@
 //! The load and health endpoints peer routers poll (issue 16 item 2):
-//! vllm-router's and SGLang router's load monitors read `load` from
-//! `GET /get_load`; vLLM's own `/load` answers `server_load`; SGLang mode
-//! answers the startup probes (`/health_generate`, `/get_model_info`,
-//! `/get_server_info`). The counts are the scheduler's.
+//! vllm-router's power_of_two monitor reads `load` from the object
+//! `GET /get_load` answers in vLLM mode; SGLang's router sums `num_tokens`
+//! over the per-DP-rank array SGLang mode answers; vLLM's own `/load` answers
+//! `server_load`; SGLang mode answers the startup probes
+//! (`/health_generate`, `/get_model_info`, `/get_server_info`). The counts
+//! are the scheduler's.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -58,9 +60,30 @@ fn start_request(port: u16, i: usize) -> TcpStream {
     s
 }
 
-/// What the routers do with the answer: `data.get("load").and_then(as_i64)`.
-fn router_load(v: &Value) -> Option<i64> {
+/// What vllm-router does with the answer: `data.get("load")` as an integer.
+fn vllm_router_load(v: &Value) -> Option<i64> {
     v.get("load").and_then(Value::as_i64)
+}
+
+/// What SGLang's router does with it: an array, `num_tokens` summed.
+fn sglang_router_load(v: &Value) -> Option<i64> {
+    let ranks = v.as_array()?;
+    Some(ranks.iter().filter_map(|r| r.get("num_tokens").and_then(Value::as_i64)).sum())
+}
+
+/// The one DP rank's entry, whatever the mode's shape.
+fn rank0(v: &Value) -> &Value {
+    match v.as_array() {
+        Some(a) => {
+            assert_eq!(a.len(), 1, "{v}");
+            &a[0]
+        }
+        None => v,
+    }
+}
+
+fn requests(v: &Value) -> Option<i64> {
+    rank0(v).get("num_reqs").and_then(Value::as_i64)
 }
 
 /// Polls until `n` requests are in and the scheduler has admitted what it
@@ -69,7 +92,8 @@ fn wait_for_load(port: u16, n: i64, running: i64) -> Value {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let v = get_json(port, "/get_load");
-        let settled = router_load(&v) == Some(n) && v["num_running_reqs"] == running;
+        let r = rank0(&v);
+        let settled = requests(&v) == Some(n) && r["num_running_reqs"] == running;
         if settled || Instant::now() > deadline {
             return v;
         }
@@ -80,26 +104,32 @@ fn wait_for_load(port: u16, n: i64, running: i64) -> Value {
 fn in_flight_requests_are_reported(flavor: Flavor) {
     let s = sim(flavor, Role::Both);
     let idle = get_json(s.cfg.port, "/get_load");
-    assert_eq!(router_load(&idle), Some(0), "{idle}");
-    assert_eq!(idle["num_tokens"], 0, "{idle}");
+    assert_eq!(requests(&idle), Some(0), "{idle}");
+    assert_eq!(rank0(&idle)["num_tokens"], 0, "{idle}");
 
     let n = 5;
     let _conns: Vec<TcpStream> = (0..n).map(|i| start_request(s.cfg.port, i)).collect();
     let v = wait_for_load(s.cfg.port, n as i64, 2);
-    assert_eq!(router_load(&v), Some(n as i64), "{v}");
+    let r = rank0(&v);
     // Two run (max_num_seqs), the rest wait: the scheduler's own counts.
-    assert_eq!(v["num_running_reqs"], 2, "{v}");
-    assert_eq!(v["num_waiting_reqs"], 3, "{v}");
-    assert_eq!(v["num_reqs"], 5, "{v}");
-    assert_eq!(
-        v["num_running_reqs"].as_i64().unwrap() + v["num_waiting_reqs"].as_i64().unwrap(),
-        router_load(&v).unwrap(),
-        "{v}"
-    );
-    assert!(v["num_tokens"].as_u64().unwrap() >= 5 * 10, "{v}");
-    if flavor == Flavor::Vllm {
-        let l = get_json(s.cfg.port, "/load");
-        assert_eq!(l["server_load"], 5, "{l}");
+    assert_eq!(r["num_reqs"], 5, "{v}");
+    assert_eq!(r["num_running_reqs"], 2, "{v}");
+    assert_eq!(r["num_waiting_reqs"], 3, "{v}");
+    assert_eq!(r["load"], 5, "{v}");
+    let tokens = r["num_tokens"].as_i64().unwrap();
+    assert!(tokens >= 5 * 10, "{v}");
+    match flavor {
+        Flavor::Vllm => {
+            assert!(v.is_object(), "{v}");
+            assert_eq!(vllm_router_load(&v), Some(5), "{v}");
+            let l = get_json(s.cfg.port, "/load");
+            assert_eq!(l["server_load"], 5, "{l}");
+        }
+        Flavor::Sglang => {
+            assert!(v.is_array(), "{v}");
+            assert_eq!(r["dp_rank"], 0, "{v}");
+            assert_eq!(sglang_router_load(&v), Some(tokens), "{v}");
+        }
     }
 }
 
