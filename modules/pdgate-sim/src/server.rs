@@ -306,6 +306,7 @@ impl Sim {
             "max_total_num_tokens": self.cfg.profile.num_gpu_blocks as u64
                 * self.cfg.profile.block_size as u64,
             "page_size": self.cfg.profile.block_size,
+            "max_running_requests": self.cfg.profile.max_num_seqs,
             "tp_size": 1,
             "dp_size": 1,
             "version": concat!("engine-sim ", env!("CARGO_PKG_VERSION")),

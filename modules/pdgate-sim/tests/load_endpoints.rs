@@ -157,6 +157,9 @@ fn sglang_mode_answers_the_startup_probes() {
         let server = get_json(port, "/get_server_info");
         assert_eq!(server["disaggregation_mode"], mode, "{server}");
         assert_eq!(server["served_model_name"], s.cfg.model.as_str(), "{server}");
+        // SGLang's router reads model_path, and dp_size for DP-aware workers.
+        assert_eq!(server["model_path"], s.cfg.model.as_str(), "{server}");
+        assert_eq!(server["dp_size"], 1, "{server}");
         assert_eq!(server["disaggregation_bootstrap_port"], s.cfg.kv_port, "{server}");
         let models = get_json(port, "/v1/models");
         assert_eq!(models["data"][0]["id"], s.cfg.model.as_str(), "{models}");
