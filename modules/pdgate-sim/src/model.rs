@@ -591,6 +591,25 @@ mod tests {
     }
 
     #[test]
+    fn num_tokens_counts_running_context_and_waiting_prompts() {
+        let mut e = Engine::new(prof());
+        assert_eq!(e.num_tokens(), 0);
+        for id in 0..6 {
+            e.add(spec(id, 8, 3));
+        }
+        // All six wait with their prompts.
+        assert_eq!(e.num_tokens(), 6 * 8);
+        e.step();
+        // Four run (prompt plus what they generated), two still wait.
+        assert_eq!((e.num_running(), e.num_waiting()), (4, 2));
+        assert!(e.num_tokens() >= 6 * 8 && e.num_tokens() <= 4 * (8 + 3) + 2 * 8);
+        while e.has_work() {
+            e.step();
+        }
+        assert_eq!(e.num_tokens(), 0);
+    }
+
+    #[test]
     fn max_num_seqs_queues_the_rest() {
         let mut e = Engine::new(prof());
         for id in 0..6 {
