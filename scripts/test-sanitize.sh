@@ -59,7 +59,7 @@ rm -rf "$LOGS"
 mods=()
 for m in $MODULES; do mods+=("$CARGO_TARGET_DIR/release/lib$m.so"); done
 export TEST_NGINX_LOAD_MODULES="${mods[*]}"
-export TEST_NGINX_SERVROOT="$ROOT/t/servroot-sanitize"
+export TEST_NGINX_SERVROOT="$CARGO_TARGET_DIR/servroot"
 export TEST_NGINX_TIMEOUT="${TEST_NGINX_TIMEOUT:-20}"
 export TEST_NGINX_SLEEP="${TEST_NGINX_SLEEP:-0.3}"
 
