@@ -26,7 +26,9 @@
 # logs go to target/sanitize/valgrind/<file>/; the script prints every
 # non-empty one and exits 1 when there is any, or when a .t file fails.
 #
-# Environment: TEST_NGINX_PORT (default 1984), TEST_NGINX_TIMEOUT (default 20:
+# Environment: SANITIZE_OUT (where valgrind/ and servroot/ go, default
+# target/sanitize; set it and TEST_NGINX_PORT to run two at once),
+# TEST_NGINX_PORT (default 1984), TEST_NGINX_TIMEOUT (default 20:
 # valgrind slows nginx down 20-50x), VALGRIND_EXTRA (more valgrind options).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -68,12 +70,13 @@ if [ $# -eq 0 ]; then
         case "$t" in tests/03[0-2]-*) ;; *) set -- "$@" "$t" ;; esac
     done
 fi
-LOGS="$CARGO_TARGET_DIR/valgrind"
+OUT="${SANITIZE_OUT:-$CARGO_TARGET_DIR}"
+LOGS="$OUT/valgrind"
 rm -rf "$LOGS"
 mods=()
 for m in $MODULES; do mods+=("$CARGO_TARGET_DIR/release/lib$m.so"); done
 export TEST_NGINX_LOAD_MODULES="${mods[*]}"
-export TEST_NGINX_SERVROOT="$CARGO_TARGET_DIR/servroot"
+export TEST_NGINX_SERVROOT="$OUT/servroot"
 export TEST_NGINX_TIMEOUT="${TEST_NGINX_TIMEOUT:-20}"
 export TEST_NGINX_SLEEP="${TEST_NGINX_SLEEP:-0.3}"
 
