@@ -29,7 +29,7 @@
 # Environment: SANITIZE_OUT (where valgrind/ and servroot/ go, default
 # target/sanitize; set it and TEST_NGINX_PORT to run two at once),
 # TEST_NGINX_PORT (default 1984), TEST_NGINX_TIMEOUT (default 20:
-# valgrind slows nginx down 20-50x), VALGRIND_EXTRA (more valgrind options).
+# valgrind makes nginx far slower), VALGRIND_EXTRA (more valgrind options).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
