@@ -31,7 +31,7 @@ __DATA__
 GET /from/127.0.0.1
 --- error_code: 200
 --- response_body_like
-^# HELP pdgate_requests_total
+pdgate_requests_total\{outcome="ok"\} 0
 --- no_error_log
 [error]
 [warn]
@@ -81,6 +81,6 @@ access forbidden by rule, client: 127.0.0.2
 GET /from/127.0.0.2
 --- error_code: 200
 --- response_body_like
-^# HELP pdgate_requests_total
+pdgate_requests_total\{outcome="ok"\} 0
 --- no_error_log
 [error]
