@@ -159,7 +159,8 @@ mod tests {
     fn client_ids() {
         let long = [b'a'; CLIENT_ID_MAX_LEN + 1];
         let max = [b'Z'; CLIENT_ID_MAX_LEN];
-        let cases: &[(&[&[u8]], Result<(), ClientIdReject>)] = &[
+        type Case<'a> = (&'a [&'a [u8]], Result<(), ClientIdReject>);
+        let cases: &[Case] = &[
             (&[], Ok(())),
             (&[b"abc-123"], Ok(())),
             (&[b"req_1.2:3-X"], Ok(())),
