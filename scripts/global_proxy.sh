@@ -73,6 +73,7 @@ DECODE_MAX_SEQS=32
 ENGINE=vllm
 BOOTSTRAP_PORTS=""
 METRICS_SIZE=""
+METRICS_ALLOW=""
 AFD=0
 ATTENTION_NUM=""
 STREAM_OPS=off
@@ -126,7 +127,9 @@ Engines and request handling
   --enable-internal-metrics [SIZE]
                                 P/D metrics in a shared zone of SIZE (default 128k),
                                 served as Prometheus text at /internal/metrics
-                                (vllm only)
+                                (vllm only); local clients only (127.0.0.1, ::1)
+  --metrics-allow ADDR[,ADDR…]  also allow these addresses or CIDRs to read
+                                /internal/metrics (nginx "allow" syntax)
   --client-body-buffer-size SIZE  default 1024K
 
 nginx process
@@ -206,6 +209,7 @@ parse_args() {
                 # is not a flag.
                 METRICS_SIZE=128k
                 if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then METRICS_SIZE=$1; shift; fi ;;
+            --metrics-allow) need_value "$arg" "$@"; METRICS_ALLOW=$1; shift ;;
             --enable-attention-ffn-disaggregation) AFD=1 ;;
             --attention-num) need_value "$arg" "$@"; ATTENTION_NUM=$1; shift ;;
             --stream-ops) need_value "$arg" "$@"; STREAM_OPS=$1; shift ;;
@@ -368,6 +372,19 @@ validate() {
 
     if [ -n "$METRICS_SIZE" ]; then
         is_size "$METRICS_SIZE" || bad "--enable-internal-metrics $METRICS_SIZE: not a size (e.g. 128k, 1m)"
+    fi
+    METRICS_ALLOWS=()
+    if [ -n "$METRICS_ALLOW" ]; then
+        [ -n "$METRICS_SIZE" ] || bad "--metrics-allow $METRICS_ALLOW: only with --enable-internal-metrics"
+        [[ $METRICS_ALLOW != *, && $METRICS_ALLOW != ,* && $METRICS_ALLOW != *,,* ]] \
+            || bad "--metrics-allow $METRICS_ALLOW: empty entry"
+        IFS=, read -r -a METRICS_ALLOWS <<< "${METRICS_ALLOW//[[:space:]]/}"
+        for n in "${METRICS_ALLOWS[@]}"; do
+            # An IPv4 or IPv6 address, optionally with a /prefix length;
+            # nginx -t checks the rest.
+            [[ $n =~ ^[0-9A-Fa-f.:]+(/[0-9]{1,3})?$ ]] \
+                || bad "--metrics-allow $METRICS_ALLOW: \"$n\" is not an address or CIDR"
+        done
     fi
     if [ "$AFD" = 1 ]; then
         [ -n "$ATTENTION_NUM" ] || bad "--enable-attention-ffn-disaggregation: needs --attention-num"
@@ -736,9 +753,17 @@ EOF
     if [ -n "$METRICS_SIZE" ]; then
         cat <<EOF
 
-        # P/D metrics of all workers, Prometheus text (the original's path).
-        # Restrict it (allow/deny) where the port is reachable from outside.
+        # P/D metrics of all workers, Prometheus text (the original's path);
+        # local clients only, plus --metrics-allow.
         location = /internal/metrics {
+            allow 127.0.0.1;
+            allow ::1;
+EOF
+        for n in "${METRICS_ALLOWS[@]}"; do
+            echo "            allow $n;"
+        done
+        cat <<EOF
+            deny all;
             pd_metrics;
         }
 EOF
@@ -772,6 +797,9 @@ EOF
 # The completions location and its internal locations, vLLM's P/D flow
 # (prefill module): [encoder stage,] prefill, then this location's decode.
 completions_vllm() {
+    # Each prefill server once, at most 3 (a leg's retries stay bounded).
+    local PREFILL_TRIES=${#PREFILL[@]}
+    [ "$PREFILL_TRIES" -le 3 ] || PREFILL_TRIES=3
     if [ -n "$ENCODE_LIST" ]; then
         cat <<EOF
         # Chat and text completions: each media item to the encoders first
@@ -822,6 +850,13 @@ EOF
             internal;
             rewrite ^/prefill_internal(/.*)\$ \$1 break;
             proxy_pass http://prefill_servers;
+            # A prefill has no side effect worth protecting: one that fails
+            # before answering (refused, reset, timed out) is sent to another
+            # prefill server, POST included (non_idempotent), a bounded
+            # number of times.
+            proxy_next_upstream error timeout non_idempotent;
+            proxy_next_upstream_tries $PREFILL_TRIES;
+            proxy_next_upstream_timeout 30s;
             subrequest_output_buffer_size 2m;   # the prefill answer, read in memory
             client_max_body_size 0;             # checked on the client's body; this leg adds keys
         }

@@ -35,6 +35,7 @@ __DATA__
 
 
 === TEST 2: length_balance: the history is divided every merge_threshold placements
+--- skip_eval: 1: $ENV{TEST_NGINX_USE_HUP}
 --- http_config
     upstream pool {
         server 127.0.0.1:$TEST_NGINX_RAND_PORT_1;

@@ -37,6 +37,7 @@ my @CASES = (
     [ 'internal-metrics-stream-ops' => '--enable-internal-metrics 1m --stream-ops set_opt'
         . ' --prefill-lb-sdk pd_score_balance --decode-lb-sdk pd_score_balance' ],
     [ 'internal-metrics-default-size' => '--enable-internal-metrics --stream-ops add' ],
+    [ 'internal-metrics-allow' => '--enable-internal-metrics --metrics-allow 10.1.0.0/16,fd00::/8,192.0.2.7' ],
     [ 'pca-prefill-wla-decode' => '--prefill-lb-sdk prefix_cache_affinity --decode-lb-sdk weighted_least_active' ],
     [ 'afd' => '--prefill-lb-sdk least_conn --decode-lb-sdk least_conn --enable-attention-ffn-disaggregation'
         . ' --attention-num 1 --engine-type vllm' ],
@@ -136,6 +137,9 @@ my @BAD = (
     [ "$SERVERS --enable-attention-ffn-disaggregation" => qr/^--enable-attention-ffn-disaggregation: needs --attention-num$/ ],
     [ "$SERVERS --enable-attention-ffn-disaggregation --attention-num 0" => qr/^--attention-num 0: not a positive integer$/ ],
     [ "$SERVERS --enable-attention-ffn-disaggregation --attention-num 3" => qr/^--attention-num 3: more than the 2 decode servers$/ ],
+    [ "$SERVERS --metrics-allow 10.0.0.0/8" => qr/^--metrics-allow 10\.0\.0\.0\/8: only with --enable-internal-metrics$/ ],
+    [ "$SERVERS --enable-internal-metrics --metrics-allow 10.0.0.1,,10.0.0.2" => qr/^--metrics-allow 10\.0\.0\.1,,10\.0\.0\.2: empty entry$/ ],
+    [ "$SERVERS --enable-internal-metrics --metrics-allow all" => qr/^--metrics-allow all: "all" is not an address or CIDR$/ ],
     [ "$SERVERS --stream-ops replace" => qr/^--stream-ops replace: not add, set_opt or off$/ ],
     [ "$SERVERS $LC --stream-ops set_opt --modules-dir $NO_OPS" => qr/^--stream-ops set_opt: not available in this build \(ngx_http_prefill_module\.so has no "stream_ops" directive\)$/ ],
     [ "$SERVERS --enable-internal-metrics 12q" => qr/^--enable-internal-metrics 12q: not a size/ ],

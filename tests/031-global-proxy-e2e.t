@@ -295,6 +295,9 @@ like($out, qr/stopped nginx/, 'stopped again');
     my $pm = $http->get("http://127.0.0.1:$eport/internal/metrics");
     is($pm->{status}, 200, 'epd: /internal/metrics answers');
     like($pm->{content} // '', qr/^pdgate_requests_total\{outcome="ok"\} 2$/m, 'epd: and counted both requests');
+    my $outside = HTTP::Tiny->new(local_address => '127.0.0.2', timeout => 10);
+    is($outside->get("http://127.0.0.1:$eport/internal/metrics")->{status}, 403,
+        'epd: /internal/metrics refuses a client other than 127.0.0.1 and ::1');
     ($rc, $out, $err) = run_gp("--stop -f $econf");
     is($rc, 0, 'epd: --stop') or diag($err);
     like($out, qr/stopped nginx \d+ \(\Q$econf\E\)/, 'epd: stopped');

@@ -92,10 +92,103 @@ pub fn traceparent(rng: &mut Rng) -> [u8; TRACEPARENT_LEN] {
     out
 }
 
+/// The longest client `X-Request-Id` kept, in bytes.
+pub const CLIENT_ID_MAX_LEN: usize = 128;
+
+/// Why a client's `X-Request-Id` is replaced by a generated one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientIdReject {
+    /// The header came more than once (this many times).
+    Repeated(usize),
+    /// Longer than [`CLIENT_ID_MAX_LEN`] (this many bytes).
+    TooLong(usize),
+    /// Empty value.
+    Empty,
+    /// A byte outside `[A-Za-z0-9._:-]` at this offset.
+    BadByte(usize),
+}
+
+impl std::fmt::Display for ClientIdReject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientIdReject::Repeated(n) => write!(f, "sent {n} times"),
+            ClientIdReject::TooLong(n) => {
+                write!(f, "{n} bytes long (at most {CLIENT_ID_MAX_LEN})")
+            }
+            ClientIdReject::Empty => f.write_str("empty"),
+            ClientIdReject::BadByte(at) => {
+                write!(f, "a byte outside [A-Za-z0-9._:-] at offset {at}")
+            }
+        }
+    }
+}
+
+/// Whether a byte may appear in a kept client id: `[A-Za-z0-9._:-]`.
+pub fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-')
+}
+
+/// Checks the client's `X-Request-Id` values (every header of that name, in
+/// arrival order): `Ok` when there is exactly one, 1 to
+/// [`CLIENT_ID_MAX_LEN`] bytes of `[A-Za-z0-9._:-]`, else why it is replaced.
+/// Called with no value, it has nothing to reject (`Ok`).
+pub fn check_client_id(values: &[&[u8]]) -> Result<(), ClientIdReject> {
+    let v = match values {
+        [] => return Ok(()),
+        [v] => v,
+        _ => return Err(ClientIdReject::Repeated(values.len())),
+    };
+    if v.is_empty() {
+        return Err(ClientIdReject::Empty);
+    }
+    if v.len() > CLIENT_ID_MAX_LEN {
+        return Err(ClientIdReject::TooLong(v.len()));
+    }
+    match v.iter().position(|&b| !is_id_byte(b)) {
+        Some(at) => Err(ClientIdReject::BadByte(at)),
+        None => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::collections::HashSet;
+
+    #[test]
+    fn client_ids() {
+        let long = [b'a'; CLIENT_ID_MAX_LEN + 1];
+        let max = [b'Z'; CLIENT_ID_MAX_LEN];
+        type Case<'a> = (&'a [&'a [u8]], Result<(), ClientIdReject>);
+        let cases: &[Case] = &[
+            (&[], Ok(())),
+            (&[b"abc-123"], Ok(())),
+            (&[b"req_1.2:3-X"], Ok(())),
+            (&[b"e265ea48-60c7-44cc-83f9-4c17113c75e1"], Ok(())),
+            (&[&max], Ok(())),
+            (&[&long], Err(ClientIdReject::TooLong(CLIENT_ID_MAX_LEN + 1))),
+            (&[b""], Err(ClientIdReject::Empty)),
+            (&[b"a b"], Err(ClientIdReject::BadByte(1))),
+            (&[b"id\"x"], Err(ClientIdReject::BadByte(2))),
+            (&[b"\xff"], Err(ClientIdReject::BadByte(0))),
+            (&[b"a/b"], Err(ClientIdReject::BadByte(1))),
+            (&[b"a", b"a"], Err(ClientIdReject::Repeated(2))),
+            (&[b"a", b"b", b"c"], Err(ClientIdReject::Repeated(3))),
+        ];
+        for (values, want) in cases {
+            assert_eq!(check_client_id(values), *want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn client_id_reasons_read_like_nginx() {
+        assert_eq!(ClientIdReject::Repeated(2).to_string(), "sent 2 times");
+        assert_eq!(ClientIdReject::TooLong(200).to_string(), "200 bytes long (at most 128)");
+        assert_eq!(
+            ClientIdReject::BadByte(3).to_string(),
+            "a byte outside [A-Za-z0-9._:-] at offset 3"
+        );
+    }
 
     #[test]
     fn uuid_format() {
