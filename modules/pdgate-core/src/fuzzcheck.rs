@@ -152,7 +152,8 @@ mod tests {
     #[test]
     fn corpus_replays() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
-        let targets: [(&str, fn(&[u8])); 4] = [
+        type Check = fn(&[u8]);
+        let targets: [(&str, Check); 4] = [
             ("json", json),
             ("rewrite", rewrite),
             ("usage_scanner", usage_scanner),
