@@ -105,9 +105,15 @@ pub fn rewrite(data: &[u8]) {
 }
 
 /// `UsageScanner` finds the same counts whether the answer comes whole or in
-/// pieces (the first byte seeds where the pieces end).
+/// pieces (the first byte seeds where the pieces end), for counts of up to
+/// ten digits.
 pub fn usage_scanner(data: &[u8]) {
     let Some((&seed, body)) = data.split_first() else { return };
+    // The scanner keeps enough bytes across a piece boundary for ten-digit
+    // counts (`TAIL` in metrics.rs); longer digit runs are outside its contract.
+    if body.split(|b| !b.is_ascii_digit()).any(|run| run.len() > 10) {
+        return;
+    }
     let mut whole = UsageScanner::default();
     whole.feed(body);
     let mut split = UsageScanner::default();
