@@ -109,9 +109,11 @@ pub fn rewrite(data: &[u8]) {
 /// ten digits.
 pub fn usage_scanner(data: &[u8]) {
     let Some((&seed, body)) = data.split_first() else { return };
-    // The scanner keeps enough bytes across a piece boundary for ten-digit
-    // counts (`TAIL` in metrics.rs); longer digit runs are outside its contract.
-    if body.split(|b| !b.is_ascii_digit()).any(|run| run.len() > 10) {
+    // The scanner keeps enough bytes across a piece boundary for a key, a
+    // colon, a little whitespace and a ten-digit count (`TAIL` in
+    // metrics.rs); longer digit or whitespace runs are outside its contract.
+    let runs = |f: fn(&u8) -> bool, max: usize| body.split(|b| !f(b)).any(|r| r.len() > max);
+    if runs(u8::is_ascii_digit, 10) || runs(u8::is_ascii_whitespace, 4) {
         return;
     }
     let mut whole = UsageScanner::default();
