@@ -32,6 +32,13 @@ if [ $# -eq 0 ]; then
     step "unit tests and end-to-end tests (core, simulator + nginx)"
     cargo test --locked -p pdgate-core -p pdgate-sim
 
+    # The seed corpus always replays through core's fuzzcheck test (above);
+    # the fuzzers themselves need nightly + cargo-fuzz, so only when present.
+    if rustup toolchain list 2>/dev/null | grep -q nightly && command -v cargo-fuzz >/dev/null; then
+        step "fuzz smoke (15 s a target)"
+        scripts/fuzz.sh 15
+    fi
+
     set -- tests/*.t tests/selftest/*.t
 else
     step "build (nginx + modules, release) and stage dist/"

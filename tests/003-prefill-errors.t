@@ -459,3 +459,25 @@ POST /v1/completions
 pdgate_echo: POST /mock/prefill/v1/completions
 --- no_error_log
 [error]
+
+
+
+=== TEST 23: more than 1024 top-level members get 413 as JSON and no leg is called
+--- request eval
+"POST /v1/completions\n{" . join(",", map { "\"k$_\":1" } 0..1024) . "}"
+--- error_code: 413
+--- response_body_like chomp
+"message":"request body is not a JSON object: JSON object has more than 1024 members at byte \d+"
+--- no_error_log
+pdgate_echo:
+
+
+
+=== TEST 24: arrays nested deeper than 128 levels get 400 as JSON and no leg is called
+--- request eval
+"POST /v1/completions\n{\"a\":" . ("[" x 129) . ("]" x 129) . "}"
+--- error_code: 400
+--- response_body_like chomp
+"message":"request body is not a JSON object: JSON nested deeper than 128 levels at byte \d+"
+--- no_error_log
+pdgate_echo:

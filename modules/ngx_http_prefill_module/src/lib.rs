@@ -212,7 +212,10 @@ impl Protocol for Vllm {
             Ok(obj) => obj,
             // The prefill leg rewrites the body, so it must be an object...
             Err(e) if prefix.is_some() => {
-                return Err(Refusal::new(400, format!("request body is not a JSON object: {e}")))
+                return Err(Refusal::new(
+                    e.status(),
+                    format!("request body is not a JSON object: {e}"),
+                ))
             }
             // ...but a combined P/D engine gets it as it is, and judges it.
             Err(_) => return Ok(Prepared::default()),

@@ -373,8 +373,9 @@ impl Protocol for Sglang {
     /// Checks the body, chooses the servers, builds both bodies.
     fn prepare(r: &Request, bodies: &Bodies, st: &mut Choices) -> Result<Prepared, Refusal> {
         let lcf = Module::location_conf(r).ok_or(Refusal::new(500, "no configuration"))?;
-        let obj = Object::parse(bodies.src())
-            .map_err(|e| Refusal::new(400, format!("request body is not a JSON object: {e}")))?;
+        let obj = Object::parse(bodies.src()).map_err(|e| {
+            Refusal::new(e.status(), format!("request body is not a JSON object: {e}"))
+        })?;
         check_request(&obj).map_err(|e| Refusal::new(400, e.to_string()))?;
         st.zone = lcf.zone;
         let mut p = legs(r, lcf, bodies, &obj, st, true)?;

@@ -15,6 +15,12 @@ use std::ops::Range;
 /// Deepest nesting of arrays/objects accepted inside a body.
 pub const MAX_DEPTH: usize = 128;
 
+/// Most top-level members accepted in one object. A chat or completion
+/// request has a few dozen; the bound keeps the member list (the only memory
+/// the scanner allocates, 40 bytes a member) at a fixed size whatever the body,
+/// where a 60 MB body of `"a":1,` would otherwise need ~400 MB of it.
+pub const MAX_MEMBERS: usize = 1024;
+
 /// Why a body is not a JSON object we can work with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JsonError {
@@ -26,6 +32,19 @@ pub enum JsonError {
     NotObject,
     /// Nesting deeper than [`MAX_DEPTH`].
     TooDeep { offset: usize },
+    /// More than [`MAX_MEMBERS`] top-level members.
+    TooManyMembers { offset: usize },
+}
+
+impl JsonError {
+    /// The HTTP status a request body with this error is refused with:
+    /// 413 when it is too large to look at, 400 otherwise.
+    pub fn status(&self) -> u16 {
+        match self {
+            JsonError::TooManyMembers { .. } => 413,
+            _ => 400,
+        }
+    }
 }
 
 impl fmt::Display for JsonError {
@@ -38,6 +57,9 @@ impl fmt::Display for JsonError {
             JsonError::NotObject => f.write_str("top-level JSON value is not an object"),
             JsonError::TooDeep { offset } => {
                 write!(f, "JSON nested deeper than {MAX_DEPTH} levels at byte {offset}")
+            }
+            JsonError::TooManyMembers { offset } => {
+                write!(f, "JSON object has more than {MAX_MEMBERS} members at byte {offset}")
             }
         }
     }
@@ -96,6 +118,9 @@ impl<'a> Object<'a> {
                 if p.peek() != Some(b'"') {
                     return Err(p.err("'\"' (an object key)"));
                 }
+                if members.len() == MAX_MEMBERS {
+                    return Err(JsonError::TooManyMembers { offset: p.i });
+                }
                 let kstart = p.i;
                 let key_escaped = p.string()?;
                 let key = kstart..p.i;
@@ -138,10 +163,7 @@ impl<'a> Object<'a> {
         if !m.key_escaped {
             return raw == name.as_bytes();
         }
-        match serde_json::from_slice::<String>(&self.src[m.key.clone()]) {
-            Ok(k) => k == name,
-            Err(_) => false,
-        }
+        unescaped_eq(raw, name.as_bytes())
     }
 
     /// The raw text of the value of the last member named `name` (JSON
@@ -154,6 +176,68 @@ impl<'a> Object<'a> {
     pub fn has(&self, name: &str) -> bool {
         self.members.iter().any(|m| self.key_is(m, name))
     }
+}
+
+/// True when the raw text of a key (between its quotes, already validated by
+/// [`Parser::string`]) decodes to `name`. Decodes escapes one at a time while
+/// comparing, so an escaped key costs one pass and no allocation.
+fn unescaped_eq(raw: &[u8], name: &[u8]) -> bool {
+    let (mut i, mut j) = (0, 0);
+    while i < raw.len() {
+        if raw[i] != b'\\' {
+            if name.get(j) != Some(&raw[i]) {
+                return false;
+            }
+            i += 1;
+            j += 1;
+            continue;
+        }
+        let single = match raw.get(i + 1) {
+            Some(b'"') => b'"',
+            Some(b'\\') => b'\\',
+            Some(b'/') => b'/',
+            Some(b'b') => 0x08,
+            Some(b'f') => 0x0c,
+            Some(b'n') => b'\n',
+            Some(b'r') => b'\r',
+            Some(b't') => b'\t',
+            Some(b'u') => {
+                let Some(hi) = hex4(raw.get(i + 2..i + 6)) else { return false };
+                i += 6;
+                let code = if (0xd800..0xdc00).contains(&hi) {
+                    // The scanner only lets a high surrogate through when a
+                    // `\uDC00`..`\uDFFF` escape follows it.
+                    let Some(lo) = hex4(raw.get(i + 2..i + 6)) else { return false };
+                    i += 6;
+                    0x10000 + ((hi - 0xd800) << 10) + (lo.wrapping_sub(0xdc00) & 0x3ff)
+                } else {
+                    hi
+                };
+                let Some(c) = char::from_u32(code) else { return false };
+                let mut buf = [0u8; 4];
+                let enc = c.encode_utf8(&mut buf).as_bytes();
+                if name.get(j..j + enc.len()) != Some(enc) {
+                    return false;
+                }
+                j += enc.len();
+                continue;
+            }
+            _ => return false,
+        };
+        if name.get(j) != Some(&single) {
+            return false;
+        }
+        i += 2;
+        j += 1;
+    }
+    j == name.len()
+}
+
+/// The value of four hex digits.
+fn hex4(d: Option<&[u8]>) -> Option<u32> {
+    let d = d?;
+    let s = std::str::from_utf8(d).ok()?;
+    u32::from_str_radix(s, 16).ok()
 }
 
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -545,5 +629,90 @@ mod tests {
             }
         }
         assert!(accepted > 100, "mutation test accepted only {accepted} inputs");
+    }
+
+    fn members_body(n: usize, member: &str) -> Vec<u8> {
+        let mut b = b"{".to_vec();
+        for i in 0..n {
+            if i > 0 {
+                b.push(b',');
+            }
+            b.extend_from_slice(member.as_bytes());
+        }
+        b.push(b'}');
+        b
+    }
+
+    #[test]
+    fn member_count_is_bounded_with_413() {
+        let at = members_body(MAX_MEMBERS, r#""a":1"#);
+        assert_eq!(Object::parse(&at).unwrap().members.len(), MAX_MEMBERS);
+        let over = members_body(MAX_MEMBERS + 1, r#""a":1"#);
+        let e = Object::parse(&over).unwrap_err();
+        assert!(matches!(e, JsonError::TooManyMembers { .. }), "{e:?}");
+        assert_eq!(e.status(), 413);
+        assert!(e.to_string().contains("more than 1024 members"), "{e}");
+        // Nested members are validated, not stored, so they do not count.
+        let nested = format!(r#"{{"a":{}}}"#, String::from_utf8(over).unwrap());
+        assert_eq!(Object::parse(nested.as_bytes()).unwrap().members.len(), 1);
+    }
+
+    #[test]
+    fn depth_is_bounded_with_400() {
+        let ok = format!(r#"{{"a":{}{}}}"#, "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        assert!(Object::parse(ok.as_bytes()).is_ok());
+        let deep = format!(r#"{{"a":{}{}}}"#, "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
+        let e = Object::parse(deep.as_bytes()).unwrap_err();
+        assert!(matches!(e, JsonError::TooDeep { .. }), "{e:?}");
+        assert_eq!(e.status(), 400);
+    }
+
+    #[test]
+    fn escaped_keys_compare_like_serde_json() {
+        let keys = [
+            r#""\u0061""#,
+            r#""\u0061b""#,
+            r#""a\"b""#,
+            r#""a\\b""#,
+            r#""a\/b""#,
+            r#""\b\f\n\r\t""#,
+            r#""caf\u00e9""#,
+            r#""caf\u00E9""#,
+            r#""\ud83d\ude00x""#,
+            r#""\u20ac""#,
+            r#""max\u005ftokens""#,
+            r#""\u0000""#,
+        ];
+        let names = ["a", "ab", "a\"b", "a\\b", "a/b", "\u{8}\u{c}\n\r\t", "café", "😀x", "€"];
+        let names = names.iter().copied().chain(["max_tokens", "\0", "", "a\u{0}", "max_token"]);
+        let names: Vec<&str> = names.collect();
+        for k in keys {
+            let src = format!("{{{k}:1}}");
+            let o = Object::parse(src.as_bytes()).unwrap();
+            let m = &o.members[0];
+            assert!(m.key_escaped, "{k}");
+            let want: String = serde_json::from_str(k).unwrap();
+            for &n in &names {
+                assert_eq!(o.key_is(m, n), want == n, "key {k} vs {n:?}");
+            }
+            assert!(o.key_is(m, &want), "{k}");
+        }
+    }
+
+    #[test]
+    fn escaped_keys_cost_about_what_plain_keys_cost() {
+        // Within the member bound, lookups of absent keys walk every member.
+        let plain = members_body(MAX_MEMBERS, r#""abcdef":1"#);
+        let escaped = members_body(MAX_MEMBERS, r#""\u0061bcdef":1"#);
+        let time = |b: &[u8]| {
+            let start = std::time::Instant::now();
+            for _ in 0..20 {
+                let o = Object::parse(b).unwrap();
+                assert!(!o.has("max_tokens") && !o.has("abcdeg"));
+            }
+            start.elapsed()
+        };
+        let (p, e) = (time(&plain), time(&escaped));
+        assert!(e < p * 20 + std::time::Duration::from_millis(20), "plain {p:?}, escaped {e:?}");
     }
 }

@@ -11,6 +11,7 @@ pub mod conf;
 pub mod echo;
 pub mod encode;
 pub mod error;
+pub mod fuzzcheck;
 pub mod json;
 pub mod metrics;
 pub mod pd;

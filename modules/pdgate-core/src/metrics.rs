@@ -516,7 +516,9 @@ impl UsageScanner {
             let Some((v, num_end)) = number_after_colon(s, key_end) else { continue };
             let seen = match boundary {
                 None => num_end == s.len(),
-                Some(t) => key_end <= t && num_end < t,
+                // A number touching the join's end may go on: in this piece
+                // (whose own scan sees it) or in the next (the next join).
+                Some(t) => (key_end <= t && num_end < t) || num_end == s.len(),
             };
             if seen {
                 continue;
@@ -881,5 +883,22 @@ pdgate_upstream_tokens_in_flight{balancer=\"least_total_load\",upstream=\"decode
         assert_eq!(find(b"ab", b"abc"), None);
         assert_eq!(find(b"", b"a"), None);
         assert_eq!(find(b"abc", b""), None);
+    }
+
+    /// Found by the usage_scanner fuzz target: a number cut at the end of a
+    /// boundary join (short piece) was taken whole, here 12345974 for 123459745.
+    #[test]
+    fn number_cut_at_a_join_end_is_not_taken() {
+        let answer = br#"{"usage":{"total_tokens":123459745}}"#;
+        let at = answer.len() - 4;
+        let mut u = UsageScanner::default();
+        for piece in [&answer[..at - 3], &answer[at - 3..at], &answer[at..]] {
+            u.feed(piece);
+        }
+        assert_eq!(u.total, Some(123459745));
+        let mut u = UsageScanner::default();
+        u.feed(&answer[..answer.len() - 3]);
+        u.feed(&answer[answer.len() - 3..answer.len() - 2]);
+        assert_eq!(u.total, None);
     }
 }
