@@ -120,3 +120,64 @@ traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01
 ttft_traceparent
 --- no_error_log
 [error]
+
+
+
+=== TEST 8: a client X-Request-Id longer than 128 bytes is replaced by a generated one, with a warning
+--- config
+    set_request_id on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- more_headers
+X-Request-Id: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa
+--- response_body_like eval
+qr/"x-request-id":"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"/
+--- response_body_unlike
+aaaaaaaaaaaaaaaaaaaa
+--- error_log eval
+qr/set_request_id: client X-Request-Id replaced by [0-9a-f-]{36} \(200 bytes long \(at most 128\)\)/
+--- no_error_log
+[error]
+
+
+
+=== TEST 9: a client X-Request-Id with a byte outside [A-Za-z0-9._:-] is replaced
+--- config
+    set_request_id on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- more_headers
+X-Request-Id: abc<script>
+--- response_body_like eval
+qr/"x-request-id":"[0-9a-f]{8}-[0-9a-f-]{27}"/
+--- response_body_unlike
+script
+--- error_log
+a byte outside [A-Za-z0-9._:-] at offset 3
+--- no_error_log
+[error]
+
+
+
+=== TEST 10: two client X-Request-Id headers become one generated id on the leg
+--- config
+    set_request_id on;
+    location /up/ { proxy_pass http://127.0.0.1:$TEST_NGINX_SERVER_PORT/mock/; }
+    location /mock/ { pdgate_echo; }
+--- request
+GET /up/x
+--- more_headers
+X-Request-Id: first-id
+X-Request-Id: second-id
+--- response_body_like eval
+qr/"x-request-id":"[0-9a-f]{8}-[0-9a-f-]{27}"/
+--- response_body_unlike
+first-id|second-id
+--- error_log
+client X-Request-Id replaced
+--- no_error_log
+[error]

@@ -14,12 +14,12 @@
 
 use std::mem::offset_of;
 
-use pdgate_glue::core::request_id::{traceparent, uuid_v4};
+use pdgate_glue::core::request_id::{check_client_id, traceparent, uuid_v4};
 use pdgate_glue::ffi::{
     ngx_command_t, ngx_conf_set_flag_slot, ngx_flag_t, ngx_http_phases_NGX_HTTP_REWRITE_PHASE,
     ngx_int_t, ngx_uint_t, NGX_CONF_FLAG, NGX_DECLINED, NGX_HTTP_INTERNAL_SERVER_ERROR,
     NGX_HTTP_LOC_CONF, NGX_HTTP_LOC_CONF_OFFSET, NGX_HTTP_MAIN_CONF, NGX_HTTP_SRV_CONF,
-    NGX_LOG_INFO,
+    NGX_LOG_INFO, NGX_LOG_WARN,
 };
 use pdgate_glue::http::{Conf, Request, RequestExt};
 use pdgate_glue::ngx::http::{HttpModuleLocationConf, Merge, MergeConfigError};
@@ -105,6 +105,28 @@ fn handler(r: &mut Request) -> Result<(), NgxError> {
         return Ok(());
     }
     let Some(lcf) = Module::location_conf(r) else { return Ok(()) };
+    if lcf.enabled == 1 {
+        // A client's id goes to every leg and into the engines' logs: only a
+        // short one of a safe alphabet is kept, otherwise it is replaced.
+        let sent: Vec<Vec<u8>> = r
+            .headers_in_all()
+            .into_iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(b"x-request-id"))
+            .map(|(_, v)| v.to_vec())
+            .collect();
+        let values: Vec<&[u8]> = sent.iter().map(Vec::as_slice).collect();
+        if let Err(why) = check_client_id(&values) {
+            let id = random::with_rng(uuid_v4);
+            r.replace_header_in("X-Request-Id", "x-request-id", &id)?;
+            ngx_log_error!(
+                NGX_LOG_WARN,
+                r.log(),
+                "set_request_id: client X-Request-Id replaced by {} ({})",
+                std::str::from_utf8(&id).unwrap_or(""),
+                why
+            );
+        }
+    }
     if lcf.enabled == 1 && r.header_in(b"x-request-id").is_none() {
         let id = random::with_rng(uuid_v4);
         r.push_header_in("X-Request-Id", "x-request-id", &id)?;

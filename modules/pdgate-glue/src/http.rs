@@ -213,6 +213,15 @@ pub trait RequestExt {
     ) -> Result<(), NgxError>;
     /// Every request header, in arrival order.
     fn headers_in_all(&mut self) -> Vec<(&[u8], &[u8])>;
+    /// Replaces every request header `lowcase` with one `name: value`: the
+    /// header list is rebuilt without them (what the proxy module forwards
+    /// and `$http_*` read), the rest kept in order.
+    fn replace_header_in(
+        &mut self,
+        name: &'static str,
+        lowcase: &'static str,
+        value: &[u8],
+    ) -> Result<(), NgxError>;
     /// The whole client body, once read.
     fn body_bytes(&mut self) -> Result<&[u8], BodyError>;
     /// Bytes of the client's body (see [`crate::length::client_body_bytes`]).
@@ -255,6 +264,18 @@ impl RequestExt for Request {
     ) -> Result<(), NgxError> {
         // SAFETY: as in header_in.
         unsafe { crate::headers::push_in(self.raw(), name, lowcase, value) }
+    }
+
+    fn replace_header_in(
+        &mut self,
+        name: &'static str,
+        lowcase: &'static str,
+        value: &[u8],
+    ) -> Result<(), NgxError> {
+        // SAFETY: a &mut Request is a live request that has not started
+        // its content phase yet (rewrite phase callers); the new list and
+        // value live in its pool.
+        unsafe { crate::fanout::own_header_in(self.raw(), name, lowcase, value) }
     }
 
     fn headers_in_all(&mut self) -> Vec<(&[u8], &[u8])> {
