@@ -188,3 +188,15 @@ $Pdgate::TestEnv::HTTP_CONFIG . q{
  "\"body\":\"\\{\\\\\"input\\\\\":\\\\\"p\\\\\"\\}\""]
 --- no_error_log
 [error]
+
+
+
+=== TEST 11: a body beyond the member bound is refused (413 JSON), never forwarded with its reserved keys unchecked
+--- request eval
+"POST /invocations\n{\"kv_transfer_params\":{\"evil\":1}," . join(",", map { "\"k$_\":$_" } 0 .. 1099) . "}"
+--- error_code: 413
+--- response_body_like chomp
+"code":413
+--- no_error_log
+pdgate_echo: POST /mock/engine/
+[alert]

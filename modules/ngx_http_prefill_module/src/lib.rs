@@ -217,7 +217,12 @@ impl Protocol for Vllm {
                     format!("request body is not a JSON object: {e}"),
                 ))
             }
-            // ...but a combined P/D engine gets it as it is, and judges it.
+            // ...and so must one beyond the bounds, whose reserved keys
+            // could not be looked for (pd_strip_reserved, encoder stage)...
+            Err(e) if e.is_bound() => {
+                return Err(Refusal::new(e.status(), format!("request body refused: {e}")))
+            }
+            // ...but a combined P/D engine gets any other as it is, and judges it.
             Err(_) => return Ok(Prepared::default()),
         };
         let mut p = Prepared::default();

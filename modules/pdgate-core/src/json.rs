@@ -45,6 +45,13 @@ impl JsonError {
             _ => 400,
         }
     }
+
+    /// Beyond pdgate's documented bounds (members, depth) although perhaps
+    /// valid JSON an engine would take: such a body is never forwarded
+    /// unchecked (its reserved keys could not be looked for).
+    pub fn is_bound(&self) -> bool {
+        matches!(self, JsonError::TooDeep { .. } | JsonError::TooManyMembers { .. })
+    }
 }
 
 impl fmt::Display for JsonError {
