@@ -26,10 +26,7 @@ use pdgate_glue::core::rewrite::{
     KvParams, PrefillOptions, StreamOps,
 };
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
-use pdgate_glue::ffi::{
-    ngx_command_t, ngx_conf_set_flag_slot, ngx_flag_t, ngx_module_t, ngx_uint_t, NGX_CONF_FLAG,
-    NGX_HTTP_LOC_CONF_OFFSET, NGX_LOG_INFO, NGX_LOG_WARN,
-};
+use pdgate_glue::ffi::{ngx_flag_t, ngx_module_t, NGX_LOG_INFO, NGX_LOG_WARN};
 use pdgate_glue::http::{Conf, ConfError, Request};
 use pdgate_glue::ngx::http::{HttpModule, HttpModuleLocationConf, Merge, MergeConfigError};
 use pdgate_glue::ngx::log::DebugMask;
@@ -100,25 +97,11 @@ pdgate_glue::http_module! {
     merge_loc_conf: yes,
     commands: [
         conf::take1(c"prefill", Some(cmd_prefill)),
-        ngx_command_t {
-            name: conf::name(c"prefill_kv_transfer_params"),
-            type_: (ANY_LEVEL | NGX_CONF_FLAG) as ngx_uint_t,
-            set: Some(ngx_conf_set_flag_slot),
-            conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-            offset: offset_of!(LocConf, kv_params),
-            post: std::ptr::null_mut(),
-        },
+        conf::flag(c"prefill_kv_transfer_params", offset_of!(LocConf, kv_params)),
         encode::CMD_PREFILL_ENCODE,
         encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
         conf::take1(c"stream_ops", Some(cmd_stream_ops)),
-        ngx_command_t {
-            name: conf::name(c"pd_strip_reserved"),
-            type_: (ANY_LEVEL | NGX_CONF_FLAG) as ngx_uint_t,
-            set: Some(ngx_conf_set_flag_slot),
-            conf: NGX_HTTP_LOC_CONF_OFFSET as ngx_uint_t,
-            offset: offset_of!(LocConf, strip),
-            post: std::ptr::null_mut(),
-        },
+        conf::flag(c"pd_strip_reserved", offset_of!(LocConf, strip)),
         metrics::CMD_PD_METRICS,
         metrics::CMD_PD_METRICS_ZONE,
         metrics::CMD_ENABLE_INTERNAL_METRICS,

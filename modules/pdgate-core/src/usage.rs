@@ -1,5 +1,7 @@
-//! The client's `usage.prompt_tokens_details.cached_tokens` after a P/D
-//! request: the prefill's prefix-cache hits, not the decode's.
+//! An answer's `usage`, read and rewritten as it passes: [`UsageScanner`]
+//! finds its token counts (metrics, balancers); [`CachedTokens`] makes the
+//! client's `usage.prompt_tokens_details.cached_tokens` the prefill's
+//! prefix-cache hits, not the decode's.
 //!
 //! A decode engine of a P/D pair reports the prompt it received through
 //! the KV transfer as cached (vLLM NIXL: prompt − 1), which tells the client
@@ -205,5 +207,228 @@ mod tests {
         // Every occurrence (one per SSE usage chunk).
         let two = r#"{"cached_tokens":10} {"cached_tokens":20}"#;
         assert_eq!(rewrite(3, &[two]).0, r#"{"cached_tokens":3 } {"cached_tokens":3 }"#);
+    }
+}
+
+/// Finds the last `usage.prompt_tokens`, `usage.completion_tokens` and
+/// `usage.total_tokens` of an answer that arrives in pieces (the metrics
+/// read the first two; a balancer learning what a request holds on its
+/// engine reads the third), without copying it: each piece is
+/// searched where it lies, and only a few bytes at each piece boundary are
+/// looked at again (a key or number split between two pieces).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UsageScanner {
+    pub prompt: Option<u64>,
+    pub completion: Option<u64>,
+    pub total: Option<u64>,
+    tail: [u8; TAIL],
+    tail_len: u8,
+}
+
+/// Bytes kept from a piece's end: enough for `"completion_tokens": ` and
+/// ten digits.
+const TAIL: usize = 32;
+
+const NEEDLE: &[u8] = b"_tokens\"";
+
+impl UsageScanner {
+    /// Scans the next piece of the answer.
+    pub fn feed(&mut self, piece: &[u8]) {
+        if piece.is_empty() {
+            return;
+        }
+        let t = usize::from(self.tail_len);
+        if t > 0 {
+            // The boundary: the previous tail and this piece's head.
+            let mut join = [0u8; 2 * TAIL];
+            let h = piece.len().min(TAIL);
+            join[..t].copy_from_slice(&self.tail[..t]);
+            join[t..t + h].copy_from_slice(&piece[..h]);
+            self.scan(&join[..t + h], Some(t));
+        }
+        self.scan(piece, None);
+        // Keep the last TAIL bytes of everything seen.
+        let keep = piece.len().min(TAIL);
+        let old = (t + keep).saturating_sub(TAIL).min(t);
+        let kept_old = t - old;
+        self.tail.copy_within(old..t, 0);
+        self.tail[kept_old..kept_old + keep].copy_from_slice(&piece[piece.len() - keep..]);
+        self.tail_len = (kept_old + keep) as u8;
+    }
+
+    /// Records every `"prompt_tokens": N` / `"completion_tokens": N` /
+    /// `"total_tokens": N` of
+    /// `s`, in order. A piece (`boundary` None) skips a number that touches
+    /// its end (it may go on in the next piece); a boundary (`Some(t)`: the
+    /// previous piece's last `t` bytes, then the new piece's head) takes
+    /// only what the pieces on either side could not see whole.
+    fn scan(&mut self, s: &[u8], boundary: Option<usize>) {
+        let mut at = 0;
+        while let Some(p) = find(&s[at..], NEEDLE) {
+            let key_end = at + p + NEEDLE.len();
+            let head = &s[..at + p];
+            at += p + 1;
+            let field = if head.ends_with(b"\"prompt") {
+                &mut self.prompt
+            } else if head.ends_with(b"\"completion") {
+                &mut self.completion
+            } else if head.ends_with(b"\"total") {
+                &mut self.total
+            } else {
+                continue;
+            };
+            let Some((v, num_end)) = number_after_colon(s, key_end) else { continue };
+            let seen = match boundary {
+                None => num_end == s.len(),
+                // A number touching the join's end may go on: in this piece
+                // (whose own scan sees it) or in the next (the next join).
+                Some(t) => (key_end <= t && num_end < t) || num_end == s.len(),
+            };
+            if seen {
+                continue;
+            }
+            *field = Some(v);
+        }
+    }
+}
+
+/// `: N` (JSON whitespace allowed) at `from`: the number and where it ends.
+fn number_after_colon(s: &[u8], from: usize) -> Option<(u64, usize)> {
+    let skip = |i: usize| i + s[i..].iter().take_while(|c| c.is_ascii_whitespace()).count();
+    let i = skip(from);
+    if s.get(i) != Some(&b':') {
+        return None;
+    }
+    let start = skip(i + 1);
+    let len = s[start..].iter().take_while(|c| c.is_ascii_digit()).count();
+    if len == 0 || len > 19 {
+        return None;
+    }
+    let v = s[start..start + len].iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+    Some((v, start + len))
+}
+
+/// The first position of `needle` in `hay`: a byte scan for its first
+/// byte (which the compiler vectorises), then a compare of the rest only
+/// there — the answer bytes are looked at about once, not once per byte
+/// of the needle.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    let (&first, rest) = needle.split_first()?;
+    let last_start = hay.len().checked_sub(needle.len())?;
+    let mut i = 0;
+    while i <= last_start {
+        i += hay[i..=last_start].iter().position(|&b| b == first)?;
+        if &hay[i + 1..i + needle.len()] == rest {
+            return Some(i);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod scanner_tests {
+    use super::*;
+
+    fn scan_pieces(pieces: &[&[u8]]) -> (Option<u64>, Option<u64>) {
+        let mut u = UsageScanner::default();
+        for p in pieces {
+            u.feed(p);
+        }
+        (u.prompt, u.completion)
+    }
+
+    #[test]
+    fn usage_whole() {
+        let body = br#"{"id":"x","choices":[],"usage":{"prompt_tokens":12,"total_tokens":17,"completion_tokens":5,"prompt_tokens_details":null}}"#;
+        assert_eq!(scan_pieces(&[body]), (Some(12), Some(5)));
+        let spaced = b"{\"usage\": {\"prompt_tokens\" :  3,\n \"completion_tokens\":\t40}}";
+        assert_eq!(scan_pieces(&[spaced]), (Some(3), Some(40)));
+        // Text inside a string is escaped, so never a key.
+        let text = br#"{"content":"\"prompt_tokens\": 99","x_prompt_tokens":1}"#;
+        assert_eq!(scan_pieces(&[text]), (None, None));
+        assert_eq!(scan_pieces(&[b"data: [DONE]\n\n"]), (None, None));
+    }
+
+    #[test]
+    fn usage_last_sse_event_wins() {
+        let a: &[u8] = b"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":1}}\n\n";
+        let b: &[u8] = b"data: {\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2}}\n\n";
+        let c: &[u8] = b"data: {\"choices\":[],\"usage\":null}\n\ndata: [DONE]\n\n";
+        assert_eq!(scan_pieces(&[a, b, c]), (Some(5), Some(2)));
+    }
+
+    #[test]
+    fn usage_split_anywhere() {
+        let body: &[u8] = br#"{"choices":[{"text":"hello"}],"usage":{"prompt_tokens":123,"total_tokens":4690,"completion_tokens":4567}}"#;
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            assert_eq!(scan_pieces(&[a, b]), (Some(123), Some(4567)), "split at {i}");
+        }
+        // One byte at a time.
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(scan_pieces(&bytes), (Some(123), Some(4567)));
+        for n in [2, 3, 7, 50] {
+            let pieces: Vec<&[u8]> = body.chunks(n).collect();
+            assert_eq!(scan_pieces(&pieces), (Some(123), Some(4567)), "chunks of {n}");
+        }
+    }
+
+    #[test]
+    fn usage_total_split_at_every_byte() {
+        // What a balancer learns from: `total_tokens`, in SSE events
+        // (vLLM's continuous usage stats); the last one counts.
+        let body: &[u8] = b"data: {\"usage\":{\"prompt_tokens\":5,\"total_tokens\": 6}}\n\ndata: {\"usage\":{\"prompt_tokens\":5,\"total_tokens\":4077,\"completion_tokens\":4072}}\n\n";
+        let total = |pieces: &[&[u8]]| {
+            let mut u = UsageScanner::default();
+            pieces.iter().for_each(|p| u.feed(p));
+            u.total
+        };
+        assert_eq!(total(&[body]), Some(4077));
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            assert_eq!(total(&[a, b]), Some(4077), "split at {i}");
+            for j in i..=body.len() {
+                let (b, c) = b.split_at(j - i);
+                assert_eq!(total(&[a, b, c]), Some(4077), "split at {i} and {j}");
+            }
+        }
+        let bytes: Vec<&[u8]> = body.chunks(1).collect();
+        assert_eq!(total(&bytes), Some(4077));
+        assert_eq!(total(&[b"data: [DONE]"]), None);
+        assert_eq!(total(&[b"{\"total_tokens\":x}"]), None);
+        // A key of another name that ends the same way is not one.
+        assert_eq!(total(&[b"{\"subtotal_tokens\":3}"]), None);
+    }
+
+    #[test]
+    fn find_agrees_with_a_naive_search() {
+        let naive = |h: &[u8], n: &[u8]| h.windows(n.len()).position(|w| w == n);
+        let hay = br#"{"usage":{"prompt_tokens":7,"total_tokens":9,"completion_tokens":2}}_tok"#;
+        for needle in [&b"_tokens\""[..], b"_tok", b"}", b"{", b"x", b"\"usage\"", b"2}}_tok"] {
+            for start in 0..hay.len() {
+                assert_eq!(find(&hay[start..], needle), naive(&hay[start..], needle), "{start}");
+            }
+        }
+        assert_eq!(find(b"ab", b"abc"), None);
+        assert_eq!(find(b"", b"a"), None);
+        assert_eq!(find(b"abc", b""), None);
+    }
+
+    /// Found by the usage_scanner fuzz target: a number cut at the end of a
+    /// boundary join (short piece) was taken whole, here 12345974 for 123459745.
+    #[test]
+    fn number_cut_at_a_join_end_is_not_taken() {
+        let answer = br#"{"usage":{"total_tokens":123459745}}"#;
+        let at = answer.len() - 4;
+        let mut u = UsageScanner::default();
+        for piece in [&answer[..at - 3], &answer[at - 3..at], &answer[at..]] {
+            u.feed(piece);
+        }
+        assert_eq!(u.total, Some(123459745));
+        let mut u = UsageScanner::default();
+        u.feed(&answer[..answer.len() - 3]);
+        u.feed(&answer[answer.len() - 3..answer.len() - 2]);
+        assert_eq!(u.total, None);
     }
 }

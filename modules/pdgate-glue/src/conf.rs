@@ -92,6 +92,19 @@ pub const fn take1(
     loc_command(name, ANY_LEVEL | ngx::ffi::NGX_CONF_TAKE1, set)
 }
 
+/// An `on|off` directive at any level stored by nginx's own flag slot at
+/// `offset` of the location configuration.
+pub const fn flag(name: &'static std::ffi::CStr, offset: usize) -> ngx::ffi::ngx_command_t {
+    ngx::ffi::ngx_command_t {
+        name: self::name(name),
+        type_: (ANY_LEVEL | ngx::ffi::NGX_CONF_FLAG) as ngx::ffi::ngx_uint_t,
+        set: Some(ngx::ffi::ngx_conf_set_flag_slot),
+        conf: ngx::ffi::NGX_HTTP_LOC_CONF_OFFSET as ngx::ffi::ngx_uint_t,
+        offset,
+        post: std::ptr::null_mut(),
+    }
+}
+
 /// `file:line` of the directive being parsed, for errors reported later
 /// (in postconfiguration), in nginx's `in file:line` form.
 ///
