@@ -4,6 +4,8 @@
 //!
 //! Each function takes arbitrary bytes and panics when a property fails.
 
+use crate::bootstrap::{bootstrap_members, leg_plan, Leg, PROXY_OWNED};
+use crate::encode::{encode_plan, error_detail, media_items, MEDIA_TYPES};
 use crate::json::{JsonError, Object};
 use crate::metrics::UsageScanner;
 use crate::rewrite::{decode_plan, prefill_plan, Endpoint, PrefillOptions, StreamOps, PD_RESERVED};
@@ -104,18 +106,109 @@ pub fn rewrite(data: &[u8]) {
     }
 }
 
+/// The SGLang bootstrap leg bodies of any object: valid JSON objects that
+/// keep every client member but the proxy-owned ones (and, on the prefill,
+/// `stream`/`stream_options`) in order with their bytes unchanged, then the
+/// proxy's own `bootstrap_*` members exactly once. The first byte picks the
+/// host (one that needs escaping, or not), port and room.
+pub fn bootstrap(data: &[u8]) {
+    let Some((&opt, body)) = data.split_first() else { return };
+    let Ok(obj) = Object::parse(body) else { return };
+    let host = if opt & 1 != 0 { "10.0.0.1" } else { "h\"\\\u{1}\u{e9}" };
+    let port = u16::from(opt) * 257;
+    let room = u64::from(opt).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let members = bootstrap_members(host, port, room);
+    let input: Vec<(String, String)> = obj
+        .members
+        .iter()
+        .map(|m| {
+            let k = serde_json::from_slice(&body[m.key.clone()]).expect("key");
+            (k, String::from_utf8_lossy(&body[m.value.clone()]).into_owned())
+        })
+        .collect();
+    for leg in [Leg::Prefill, Leg::Decode] {
+        let plan = leg_plan(&obj, members.as_bytes(), leg);
+        let out = plan.to_vec(body);
+        assert_eq!(out.len(), plan.len(), "plan length");
+        let keys = out_keys(&out);
+        let dropped = |k: &str| {
+            PROXY_OWNED.contains(&k)
+                || (leg == Leg::Prefill && (k == "stream" || k == "stream_options"))
+        };
+        let kept: Vec<_> = input.iter().filter(|(k, _)| !dropped(k)).cloned().collect();
+        let extra = if leg == Leg::Prefill { 4 } else { 3 };
+        assert_eq!(keys.len(), kept.len() + extra, "{leg:?} member count");
+        assert_eq!(keys[..kept.len()], kept[..], "{leg:?} client members");
+        let tail: Vec<&str> = keys[kept.len()..].iter().map(|(k, _)| k.as_str()).collect();
+        let mut want = vec!["bootstrap_host", "bootstrap_port", "bootstrap_room"];
+        if leg == Leg::Prefill {
+            want.insert(0, "stream");
+            assert_eq!(keys[kept.len()].1, "false");
+        }
+        assert_eq!(tail, want, "{leg:?} proxy members");
+        // Raw values: a client's number beyond f64 is valid JSON all the same.
+        let v: HashMap<String, &RawValue> = serde_json::from_slice(&out).expect("leg JSON");
+        let host_out: String = serde_json::from_str(v["bootstrap_host"].get()).expect("host");
+        assert_eq!(host_out, host, "host round-trips");
+        assert_eq!(v["bootstrap_port"].get(), port.to_string());
+        assert_eq!(v["bootstrap_room"].get(), room.to_string());
+    }
+}
+
+/// The media items `media_items` finds are those serde_json sees in the
+/// request (each `messages[i].content[j]` object whose `type` is a media
+/// type, the last of duplicate keys winning as in serde_json), and each
+/// item's encoder body is valid JSON carrying exactly that part, one output
+/// token and no stream. Also: `error_detail` never panics on any answer.
+pub fn encode(data: &[u8]) {
+    let _ = error_detail(data);
+    let Ok(obj) = Object::parse(data) else { return };
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(data) else { return };
+    let mut want = Vec::new();
+    if let Some(msgs) = v.get("messages").and_then(serde_json::Value::as_array) {
+        for (mi, msg) in msgs.iter().enumerate() {
+            let Some(parts) = msg.get("content").and_then(serde_json::Value::as_array) else {
+                continue;
+            };
+            for part in parts {
+                let Some(ty) = part.get("type").and_then(serde_json::Value::as_str) else {
+                    continue;
+                };
+                if MEDIA_TYPES.contains(&ty) {
+                    want.push((ty.to_owned(), mi, part.clone()));
+                }
+            }
+        }
+    }
+    let items = media_items(&obj);
+    assert_eq!(items.len(), want.len(), "media item count");
+    for (item, (ty, mi, part)) in items.iter().zip(&want) {
+        assert_eq!((item.kind, item.message), (ty.as_str(), *mi), "item kind/message");
+        let ours: serde_json::Value =
+            serde_json::from_slice(&data[item.part.clone()]).expect("part");
+        assert_eq!(&ours, part, "item bytes");
+    }
+    for item in items.iter().take(4) {
+        let plan = encode_plan(&obj, item);
+        let out = plan.to_vec(data);
+        let e: serde_json::Value = serde_json::from_slice(&out).expect("encoder body is JSON");
+        assert_eq!(e["messages"].as_array().map(Vec::len), Some(1));
+        assert_eq!(e["messages"][0]["role"], "user");
+        assert_eq!(e["messages"][0]["content"].as_array().map(Vec::len), Some(1));
+        assert_eq!(e["messages"][0]["content"][0]["type"], item.kind);
+        assert_eq!(e["stream"], false);
+        assert_eq!(e["max_tokens"], 1);
+        assert_eq!(e["max_completion_tokens"], 1);
+        for k in ["model", "mm_processor_kwargs", "media_io_kwargs"] {
+            assert_eq!(e.get(k), v.get(k), "kept member {k}");
+        }
+    }
+}
+
 /// `UsageScanner` finds the same counts whether the answer comes whole or in
-/// pieces (the first byte seeds where the pieces end), for counts of up to
-/// ten digits.
+/// pieces (the first byte seeds where the pieces end).
 pub fn usage_scanner(data: &[u8]) {
     let Some((&seed, body)) = data.split_first() else { return };
-    // The scanner keeps enough bytes across a piece boundary for a key, a
-    // colon, a little whitespace and a ten-digit count (`TAIL` in
-    // metrics.rs); longer digit or whitespace runs are outside its contract.
-    let runs = |f: fn(&u8) -> bool, max: usize| body.split(|b| !f(b)).any(|r| r.len() > max);
-    if runs(u8::is_ascii_digit, 10) || runs(u8::is_ascii_whitespace, 4) {
-        return;
-    }
     let mut whole = UsageScanner::default();
     whole.feed(body);
     let mut split = UsageScanner::default();
@@ -161,9 +254,11 @@ mod tests {
     fn corpus_replays() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
         type Check = fn(&[u8]);
-        let targets: [(&str, Check); 4] = [
+        let targets: [(&str, Check); 6] = [
             ("json", json),
             ("rewrite", rewrite),
+            ("bootstrap", bootstrap),
+            ("encode", encode),
             ("usage_scanner", usage_scanner),
             ("cached_tokens", cached_tokens),
         ];

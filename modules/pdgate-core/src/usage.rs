@@ -213,23 +213,97 @@ mod tests {
 /// Finds the last `usage.prompt_tokens`, `usage.completion_tokens` and
 /// `usage.total_tokens` of an answer that arrives in pieces (the metrics
 /// read the first two; a balancer learning what a request holds on its
-/// engine reads the third), without copying it: each piece is
-/// searched where it lies, and only a few bytes at each piece boundary are
-/// looked at again (a key or number split between two pieces).
+/// engine reads the third), without copying it: each piece is searched
+/// where it lies for the keys' common end (`_tokens"`). A key split between
+/// two pieces is found in a small join of the previous piece's last bytes
+/// and the new piece's head; what follows a key (whitespace, `:`, the
+/// digits) is read by a small state machine that carries over any number
+/// of pieces, so the counts never depend on where the pieces end.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct UsageScanner {
     pub prompt: Option<u64>,
     pub completion: Option<u64>,
     pub total: Option<u64>,
+    /// The read of a key's value that reached the end of the last piece.
+    pending: Option<Value>,
     tail: [u8; TAIL],
     tail_len: u8,
 }
 
-/// Bytes kept from a piece's end: enough for `"completion_tokens": ` and
-/// ten digits.
-const TAIL: usize = 32;
+/// Bytes kept from a piece's end: the longest key, `"completion_tokens"`,
+/// less its last byte (a key that ended in the last piece was found there).
+const TAIL: usize = 18;
 
 const NEEDLE: &[u8] = b"_tokens\"";
+
+/// Which count a key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Prompt,
+    Completion,
+    Total,
+}
+
+impl Field {
+    /// The length of its key, quotes included.
+    fn key_len(self) -> usize {
+        NEEDLE.len()
+            + match self {
+                Field::Prompt => "\"prompt".len(),
+                Field::Completion => "\"completion".len(),
+                Field::Total => "\"total".len(),
+            }
+    }
+}
+
+/// Where the read of a key's value is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Whitespace, then `:`.
+    Colon,
+    /// Whitespace, then the first digit.
+    First,
+    /// Digits so far (`None` once beyond `u64`).
+    Digits(Option<u64>),
+}
+
+/// The read of one key's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Value {
+    field: Field,
+    phase: Phase,
+}
+
+/// What reading a value from a piece came to.
+enum Read {
+    /// The value ended at this index: a count (or nothing: not a number).
+    Done(usize, Option<u64>),
+    /// The piece ended first.
+    More(Value),
+}
+
+impl Value {
+    fn read(mut self, s: &[u8], mut i: usize) -> Read {
+        while let Some(&b) = s.get(i) {
+            match self.phase {
+                Phase::Colon if b == b':' => self.phase = Phase::First,
+                Phase::Colon | Phase::First if b.is_ascii_whitespace() => {}
+                Phase::First | Phase::Digits(_) if b.is_ascii_digit() => {
+                    let v = match self.phase {
+                        Phase::Digits(v) => v,
+                        _ => Some(0),
+                    };
+                    let d = u64::from(b - b'0');
+                    self.phase = Phase::Digits(v.and_then(|v| v.checked_mul(10)?.checked_add(d)));
+                }
+                Phase::Digits(v) => return Read::Done(i, v),
+                _ => return Read::Done(i, None),
+            }
+            i += 1;
+        }
+        Read::More(self)
+    }
+}
 
 impl UsageScanner {
     /// Scans the next piece of the answer.
@@ -237,16 +311,36 @@ impl UsageScanner {
         if piece.is_empty() {
             return;
         }
+        let mut from = 0;
+        if let Some(v) = self.pending.take() {
+            from = match self.finish(v, piece, 0) {
+                Some(end) => end,
+                None => piece.len(),
+            };
+        }
         let t = usize::from(self.tail_len);
-        if t > 0 {
-            // The boundary: the previous tail and this piece's head.
+        if t > 0 && from == 0 {
+            // A key begun in the last piece and ended in this one: it ends
+            // within this piece's first TAIL bytes.
             let mut join = [0u8; 2 * TAIL];
             let h = piece.len().min(TAIL);
             join[..t].copy_from_slice(&self.tail[..t]);
             join[t..t + h].copy_from_slice(&piece[..h]);
-            self.scan(&join[..t + h], Some(t));
+            let j = &join[..t + h];
+            let mut at = 0;
+            while let Some(p) = find(&j[at..], NEEDLE) {
+                let key_end = at + p + NEEDLE.len();
+                let field = field_before(&j[..at + p]);
+                at += p + 1;
+                let Some(field) = field else { continue };
+                if key_end > t && key_end - field.key_len() < t {
+                    let v = Value { field, phase: Phase::Colon };
+                    from = self.finish(v, piece, key_end - t).unwrap_or(piece.len());
+                    break;
+                }
+            }
         }
-        self.scan(piece, None);
+        self.scan(piece, from);
         // Keep the last TAIL bytes of everything seen.
         let keep = piece.len().min(TAIL);
         let old = (t + keep).saturating_sub(TAIL).min(t);
@@ -256,56 +350,54 @@ impl UsageScanner {
         self.tail_len = (kept_old + keep) as u8;
     }
 
+    /// Reads a value from `s[i..]`: records it and gives where it ended, or
+    /// keeps the read pending when `s` ends first.
+    fn finish(&mut self, v: Value, s: &[u8], i: usize) -> Option<usize> {
+        match v.read(s, i) {
+            Read::Done(end, n) => {
+                if let Some(n) = n {
+                    *match v.field {
+                        Field::Prompt => &mut self.prompt,
+                        Field::Completion => &mut self.completion,
+                        Field::Total => &mut self.total,
+                    } = Some(n);
+                }
+                Some(end)
+            }
+            Read::More(v) => {
+                self.pending = Some(v);
+                None
+            }
+        }
+    }
+
     /// Records every `"prompt_tokens": N` / `"completion_tokens": N` /
-    /// `"total_tokens": N` of
-    /// `s`, in order. A piece (`boundary` None) skips a number that touches
-    /// its end (it may go on in the next piece); a boundary (`Some(t)`: the
-    /// previous piece's last `t` bytes, then the new piece's head) takes
-    /// only what the pieces on either side could not see whole.
-    fn scan(&mut self, s: &[u8], boundary: Option<usize>) {
-        let mut at = 0;
+    /// `"total_tokens": N` of `s` from `from`, in order.
+    fn scan(&mut self, s: &[u8], mut at: usize) {
         while let Some(p) = find(&s[at..], NEEDLE) {
             let key_end = at + p + NEEDLE.len();
-            let head = &s[..at + p];
+            let field = field_before(&s[..at + p]);
             at += p + 1;
-            let field = if head.ends_with(b"\"prompt") {
-                &mut self.prompt
-            } else if head.ends_with(b"\"completion") {
-                &mut self.completion
-            } else if head.ends_with(b"\"total") {
-                &mut self.total
-            } else {
-                continue;
-            };
-            let Some((v, num_end)) = number_after_colon(s, key_end) else { continue };
-            let seen = match boundary {
-                None => num_end == s.len(),
-                // A number touching the join's end may go on: in this piece
-                // (whose own scan sees it) or in the next (the next join).
-                Some(t) => (key_end <= t && num_end < t) || num_end == s.len(),
-            };
-            if seen {
-                continue;
+            let Some(field) = field else { continue };
+            match self.finish(Value { field, phase: Phase::Colon }, s, key_end) {
+                Some(end) => at = end,
+                None => return,
             }
-            *field = Some(v);
         }
     }
 }
 
-/// `: N` (JSON whitespace allowed) at `from`: the number and where it ends.
-fn number_after_colon(s: &[u8], from: usize) -> Option<(u64, usize)> {
-    let skip = |i: usize| i + s[i..].iter().take_while(|c| c.is_ascii_whitespace()).count();
-    let i = skip(from);
-    if s.get(i) != Some(&b':') {
-        return None;
+/// The count named by the bytes before a `_tokens"`.
+fn field_before(head: &[u8]) -> Option<Field> {
+    if head.ends_with(b"\"prompt") {
+        Some(Field::Prompt)
+    } else if head.ends_with(b"\"completion") {
+        Some(Field::Completion)
+    } else if head.ends_with(b"\"total") {
+        Some(Field::Total)
+    } else {
+        None
     }
-    let start = skip(i + 1);
-    let len = s[start..].iter().take_while(|c| c.is_ascii_digit()).count();
-    if len == 0 || len > 19 {
-        return None;
-    }
-    let v = s[start..start + len].iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
-    Some((v, start + len))
 }
 
 /// The first position of `needle` in `hay`: a byte scan for its first
@@ -413,6 +505,35 @@ mod scanner_tests {
         assert_eq!(find(b"ab", b"abc"), None);
         assert_eq!(find(b"", b"a"), None);
         assert_eq!(find(b"abc", b""), None);
+    }
+
+    /// Whitespace and digits of any length, split anywhere: what follows a
+    /// key is read across any number of pieces (the old 32-byte tail lost
+    /// a count far from its key or longer than ten digits).
+    #[test]
+    fn long_runs_split_anywhere() {
+        let pad = " \n\t ".repeat(20);
+        let body = format!(
+            "{{\"usage\":{{\"prompt_tokens\"{pad}:{pad}18446744073709551615,\
+             \"completion_tokens\":{pad}00000000000000000000000007,\
+             \"total_tokens\":{pad}184467440737095516160}}}}"
+        );
+        let body = body.as_bytes();
+        let want = (Some(u64::MAX), Some(7), None);
+        let scan = |pieces: &[&[u8]]| {
+            let mut u = UsageScanner::default();
+            pieces.iter().for_each(|p| u.feed(p));
+            (u.prompt, u.completion, u.total)
+        };
+        assert_eq!(scan(&[body]), want);
+        for i in 0..=body.len() {
+            let (a, b) = body.split_at(i);
+            assert_eq!(scan(&[a, b]), want, "split at {i}");
+        }
+        for n in [1, 2, 5, 17, 18, 19, 33] {
+            let pieces: Vec<&[u8]> = body.chunks(n).collect();
+            assert_eq!(scan(&pieces), want, "chunks of {n}");
+        }
     }
 
     /// Found by the usage_scanner fuzz target: a number cut at the end of a
