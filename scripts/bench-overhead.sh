@@ -39,9 +39,9 @@ PORT_BASE=$((PORT_PROXY + 1))
 P_PORTS="$((PORT_PROXY + 10)) $((PORT_PROXY + 11)) $((PORT_PROXY + 12)) $((PORT_PROXY + 13))"
 D_PORTS="$((PORT_PROXY + 20)) $((PORT_PROXY + 21)) $((PORT_PROXY + 22)) $((PORT_PROXY + 23))"
 servers() { for p in $1; do printf 'server 127.0.0.1:%s; ' "$p"; done; }
-listens() { for p in $1; do printf 'listen 127.0.0.1:%s; ' "$p"; done; }
 
 . scripts/ensure-debs.sh
+. scripts/lib/bench-backends.sh
 ensure_debs wrk
 [ -x dist/sbin/nginx ] || ./build.sh
 NGINX="$ROOT/dist/sbin/nginx"
@@ -57,33 +57,7 @@ cleanup() {
 trap cleanup EXIT
 
 # --- the backends: fixed answers shaped like vLLM's --------------------------
-KV='{"do_remote_prefill":true,"do_remote_decode":false,"remote_engine_id":"e0-1a2b","remote_block_ids":[1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16],"remote_host":"127.0.0.1","remote_port":5600,"tp_size":1}'
-PREFILL_ANSWER='{"id":"chatcmpl-0","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"A"},"finish_reason":"length"}],"usage":{"prompt_tokens":256,"completion_tokens":1,"total_tokens":257},"kv_transfer_params":'"$KV"'}'
-DECODE_ANSWER='{"id":"chatcmpl-0","object":"chat.completion","created":1,"model":"m","choices":[{"index":0,"message":{"role":"assistant","content":"A short answer."},"finish_reason":"stop"}],"usage":{"prompt_tokens":256,"completion_tokens":4,"total_tokens":260}}'
-EV='data: {"id":"chatcmpl-0","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":"tok"}}]}\n\n'
-DECODE_SSE="$EV$EV$EV"'data: [DONE]\n\n'
-esc() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
-
-cat > "$W/back/nginx.conf" <<CONF
-worker_processes 1;
-worker_cpu_affinity 10;
-error_log logs/error.log error;
-pid logs/nginx.pid;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    keepalive_requests 1000000;
-    server {
-        $(listens "$P_PORTS")
-        location / { default_type application/json; return 200 "$(esc "$PREFILL_ANSWER")"; }
-    }
-    server {
-        $(listens "$D_PORTS")
-        location / { default_type application/json; return 200 "$(esc "$DECODE_ANSWER")"; }
-        location /stream/ { default_type text/event-stream; return 200 "$(printf '%s' "$DECODE_SSE" | sed 's/"/\\"/g')"; }
-    }
-}
-CONF
+backends_conf "$P_PORTS" "$D_PORTS" > "$W/back/nginx.conf"
 
 LB_LOADS=""; LB_UPSTREAMS=""; LB_LOCATIONS=""
 for lb in $BALANCERS; do
@@ -161,15 +135,8 @@ BWORKER=""
 [ -z "$BASE" ] || BWORKER=$(pgrep -P "$(cat "$W/base/logs/nginx.pid")" | head -n1)
 
 # A 1 KB chat request, as in the figures we compare with.
-CONTENT=$(head -c 900 /dev/zero | tr '\0' 'x')
-mkbody() { printf '{"model":"m","messages":[{"role":"system","content":"You are helpful."},{"role":"user","content":"%s"}],"max_tokens":64,"stream":%s,"temperature":0}' "$CONTENT" "$1"; }
-for s in false true; do
-    cat > "$W/body-$s.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["Content-Type"] = "application/json"
-wrk.body = '$(mkbody $s)'
-LUA
-done
+mkbody() { chat_body "$1"; }
+for s in false true; do wrk_lua "$W/body-$s.lua" "$s"; done
 echo "body: $(mkbody false | wc -c) bytes; proxy worker pid $WORKER on CPU 0; $ROUNDS x ${DUR}s per case" >&2
 
 # Sanity: both paths answer 200 with the expected shape before measuring.
@@ -202,8 +169,6 @@ run() {
         'BEGIN { printf "%s %s %s %.1f %d\n", r, p50, p99, dt * 1e6 / hz / n, e }'
 }
 
-# median of the values on stdin
-median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 # col <n> <lines>: the median of column n
 col() { awk -v n="$1" '{print $n}' <<<"$2" | median; }
 

@@ -23,6 +23,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 
+# Test::Nginx's dependencies that tests/lib does not need.
+. scripts/ensure-debs.sh
+ensure_debs liblist-moreutils-perl libipc-run-perl libtest-base-perl libtest-longstring-perl libtext-diff-perl liburi-perl libhttp-message-perl libwww-perl
+
 [ -x dist/sbin/nginx ] || { echo "test-real-test-nginx.sh: no dist/sbin/nginx: run ./build.sh first" >&2; exit 1; }
 
 lib=""
