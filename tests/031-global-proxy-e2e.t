@@ -304,6 +304,50 @@ like($out, qr/stopped nginx/, 'stopped again');
     ok(!wait_port($eport, 0.2), 'epd: its port is closed');
 }
 
+# Two workers balance as one: the generated upstreams have a shared zone, so
+# round robin's turn is the same in every worker and requests on fresh
+# connections (spread over the workers by reuseport) alternate exactly
+# between the two decode servers. Each worker on its own turn would break
+# the alternation whenever consecutive requests land in different workers.
+{
+    my $pp = new_port();
+    my @dp = (new_port(), new_port());
+    start_sim(prefill => $pp);
+    start_sim(decode => $_) for @dp;
+    my $wport = new_port();
+    my $wconf = "$tmp/conf/workers.conf";
+    my $wlog = "$tmp/prefix/logs/workers-access.log";
+    push @nginx_pid_files, "$tmp/prefix/logs/workers.pid";
+    ($rc, $out, $err) = run_gp("-f $wconf --prefix $tmp/prefix --nginx-bin $NGINX -c 2 --listen-address 127.0.0.1"
+        . " -p $wport --prefill-servers-list 127.0.0.1:$pp"
+        . " --decode-servers-list 127.0.0.1:$dp[0],127.0.0.1:$dp[1]"
+        . " --prefill-lb-sdk round_robin --decode-lb-sdk round_robin --access-log-file $wlog"
+        . " --access-log-buffer off");   # lines in the order the requests ended
+    is($rc, 0, 'two workers: global_proxy.sh started nginx') or diag("$out$err");
+    my $n = 12;
+    my $ok = 0;
+    for (1 .. $n) {
+        my $fresh = HTTP::Tiny->new(timeout => 10, keep_alive => 0);
+        my $r = $fresh->post("http://127.0.0.1:$wport/v1/chat/completions",
+            { content => '{"model":"gp-e2e","messages":[{"role":"user","content":"hi"}],"max_tokens":2}',
+              headers => { 'Content-Type' => 'application/json' } });
+        $ok++ if $r->{status} == 200;
+    }
+    is($ok, $n, "two workers: $n completions answered");
+    my @addrs;
+    for (1 .. 60) {
+        @addrs = (slurp($wlog) // '') =~ /"upstream_addr":"127\.0\.0\.1:(\d+)"/g;
+        last if @addrs >= $n;
+        select undef, undef, undef, 0.1;
+    }
+    is(scalar @addrs, $n, 'two workers: one log line each');
+    my $alternating = @addrs == $n && !grep { $addrs[$_] == $addrs[$_ - 1] } 1 .. $#addrs;
+    ok($alternating, 'two workers: the decode servers alternate exactly (one shared round robin)')
+        or diag("decode ports in order: @addrs");
+    ($rc, $out, $err) = run_gp("--stop -f $wconf");
+    is($rc, 0, 'two workers: --stop') or diag($err);
+}
+
 my $script = slurp("$FindBin::Bin/../scripts/global_proxy.sh");
 unlike($script, qr/\b(pgrep|pkill|killall|pidof)\b/, 'the script never looks processes up by name');
 

@@ -686,3 +686,83 @@ pdgate_upstream_tokens_in_flight{balancer=\"least_total_load\",upstream=\"decode
         );
     }
 }
+
+/// A variable's text formatted on the stack: what the `$pd_*` getters
+/// write before copying it into the request pool (no allocation on the log
+/// path, where nginx calls a no-cacheable getter twice per `escape=json`
+/// field). Holds any u64 and any millisecond count as seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct VarText {
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl Default for VarText {
+    fn default() -> VarText {
+        VarText::new()
+    }
+}
+
+impl VarText {
+    pub fn new() -> VarText {
+        VarText { buf: [0; 32], len: 0 }
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+
+    /// Appends `n` in decimal; false when it does not fit (never for one
+    /// number in an empty text).
+    pub fn num(&mut self, n: u64) -> bool {
+        std::fmt::Write::write_fmt(self, format_args!("{n}")).is_ok()
+    }
+
+    /// Appends `ms` milliseconds as seconds with three decimals, the shape
+    /// of nginx's `$request_time`.
+    pub fn secs(&mut self, ms: u64) -> bool {
+        std::fmt::Write::write_fmt(self, format_args!("{}.{:03}", ms / 1000, ms % 1000)).is_ok()
+    }
+}
+
+impl std::fmt::Write for VarText {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(std::fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod var_text_tests {
+    use super::VarText;
+
+    #[test]
+    fn formats_numbers_and_seconds() {
+        let text = |f: &dyn Fn(&mut VarText) -> bool| {
+            let mut t = VarText::new();
+            assert!(f(&mut t));
+            String::from_utf8(t.bytes().to_vec()).unwrap()
+        };
+        assert_eq!(text(&|t| t.num(0)), "0");
+        assert_eq!(text(&|t| t.num(u64::MAX)), u64::MAX.to_string());
+        assert_eq!(text(&|t| t.secs(0)), "0.000");
+        assert_eq!(text(&|t| t.secs(1234)), "1.234");
+        assert_eq!(text(&|t| t.secs(7)), "0.007");
+        assert_eq!(text(&|t| t.secs(u64::MAX)), "18446744073709551.615");
+    }
+
+    #[test]
+    fn refuses_what_does_not_fit() {
+        let mut t = VarText::new();
+        assert!(t.num(u64::MAX)); // 20 bytes
+        assert!(!t.num(u64::MAX)); // 40 > 32
+        assert_eq!(
+            t.bytes(),
+            u64::MAX.to_string().as_bytes(),
+            "a failed write leaves the text as it was"
+        );
+    }
+}

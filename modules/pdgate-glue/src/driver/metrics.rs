@@ -54,10 +54,6 @@ pub(super) unsafe extern "C" fn log_handler<P: Protocol>(r: *mut ngx_http_reques
 }
 
 /// `ms` milliseconds as seconds with three decimals (`$request_time`'s form).
-pub(super) fn secs(ms: u64) -> String {
-    format!("{}.{:03}", ms / 1000, ms % 1000)
-}
-
 pub(super) unsafe extern "C" fn pd_variable<P: Protocol>(
     r: *mut ngx_http_request_t,
     v: *mut ngx_variable_value_t,
@@ -77,27 +73,30 @@ pub(super) unsafe extern "C" fn pd_variable<P: Protocol>(
             };
             let s = m.sample();
             let (status, closed) = (observe::final_status(main), observe::connection_broken(main));
-            let text: Option<String> = match data {
-                0 => (s.prefill_status != 0).then(|| s.prefill_status.to_string()),
-                1 => {
-                    if !m.prefill_addr.is_empty() {
-                        variable::set(v, m.prefill_addr);
-                        return NGX_OK as ngx_int_t;
-                    }
-                    None
-                }
-                2 => s.prefill_ms().map(secs),
-                3 => s.gap_ms().map(secs),
-                4 => s.ttft_ms().map(secs),
-                5 => s.tpot_us().map(|us| secs(us / 1000)),
-                6 => s.e2e_ms().map(secs),
-                7 => s.prompt_tokens.map(|n| n.to_string()),
-                8 => s.completion_tokens.map(|n| n.to_string()),
-                9 => Some(s.outcome(status, closed).label().to_owned()),
-                10 => s.failed_stage(status, closed).map(|st| st.label().to_owned()),
+            // Labels and the address need no copy: static, or in the pool.
+            let fixed: Option<&[u8]> = match data {
+                1 => Some(m.prefill_addr).filter(|a| !a.is_empty()),
+                9 => Some(s.outcome(status, closed).label().as_bytes()),
+                10 => s.failed_stage(status, closed).map(|st| st.label().as_bytes()),
                 _ => None,
             };
-            match text.and_then(|t| observe::pool_bytes(r, t.as_bytes())) {
+            if let Some(b) = fixed {
+                variable::set(v, b);
+                return NGX_OK as ngx_int_t;
+            }
+            let mut t = pdgate_core::metrics::VarText::new();
+            let found = match data {
+                0 => s.prefill_status != 0 && t.num(u64::from(s.prefill_status)),
+                2 => s.prefill_ms().is_some_and(|ms| t.secs(ms)),
+                3 => s.gap_ms().is_some_and(|ms| t.secs(ms)),
+                4 => s.ttft_ms().is_some_and(|ms| t.secs(ms)),
+                5 => s.tpot_us().is_some_and(|us| t.secs(us / 1000)),
+                6 => s.e2e_ms().is_some_and(|ms| t.secs(ms)),
+                7 => s.prompt_tokens.is_some_and(|n| t.num(n)),
+                8 => s.completion_tokens.is_some_and(|n| t.num(n)),
+                _ => false,
+            };
+            match found.then(|| observe::pool_bytes(r, t.bytes())).flatten() {
                 Some(b) => variable::set(v, b),
                 None => variable::not_found(v),
             }
