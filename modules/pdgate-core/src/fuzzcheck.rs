@@ -8,6 +8,7 @@ use crate::bootstrap::{bootstrap_members, leg_plan, Leg, PROXY_OWNED};
 use crate::encode::{encode_plan, error_detail, media_items, MEDIA_TYPES};
 use crate::json::{JsonError, Object};
 use crate::metrics::UsageScanner;
+use crate::prom::{samples, EngineLoad};
 use crate::rewrite::{decode_plan, prefill_plan, Endpoint, PrefillOptions, StreamOps, PD_RESERVED};
 use crate::usage::CachedTokens;
 use serde_json::value::RawValue;
@@ -205,6 +206,68 @@ pub fn encode(data: &[u8]) {
     }
 }
 
+/// An engine's `/metrics` text: read without a panic; every sample found
+/// re-reads the same from its canonical rendering; every label value
+/// unescapes and escapes back to its raw bytes.
+pub fn prom(data: &[u8]) {
+    let load = EngineLoad::read(data, None);
+    let _ = EngineLoad::read(data, Some("m"));
+    let mut canonical = Vec::new();
+    let mut found = Vec::new();
+    let mut bad = 0u32;
+    for s in samples(data) {
+        let Ok(s) = s else {
+            bad += 1;
+            continue;
+        };
+        assert!(!s.name.is_empty() && !s.name.as_bytes()[0].is_ascii_digit(), "name {:?}", s.name);
+        let value = if s.value.is_nan() {
+            "NaN".to_owned()
+        } else if s.value.is_infinite() {
+            if s.value > 0.0 { "+Inf" } else { "-Inf" }.to_owned()
+        } else {
+            format!("{:?}", s.value)
+        };
+        canonical.extend_from_slice(s.name.as_bytes());
+        canonical.push(b'{');
+        canonical.extend_from_slice(s.labels);
+        canonical.extend_from_slice(b"} ");
+        canonical.extend_from_slice(value.as_bytes());
+        canonical.push(b'\n');
+        found.push(s);
+        if let Ok(raw) = std::str::from_utf8(s.labels) {
+            let mut rest = raw;
+            let mut seen = Vec::new();
+            while let Some(eq) = rest.find("=\"") {
+                let key = rest[..eq].trim_start_matches([',', ' ', '\t']).trim();
+                let after = &rest[eq + 2..];
+                // The value's end: the first quote not escaped.
+                let mut end = 0;
+                let b = after.as_bytes();
+                while b[end] != b'"' {
+                    end += if b[end] == b'\\' { 2 } else { 1 };
+                }
+                // label() gives the first of duplicate names.
+                if !seen.contains(&key) {
+                    let v = s.label(key).expect("a label the parser accepted");
+                    let escaped = v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
+                    assert_eq!(escaped, &after[..end], "label {key}");
+                    seen.push(key);
+                }
+                rest = &after[end + 1..];
+            }
+        }
+    }
+    assert_eq!(load.bad_lines, bad);
+    let again: Vec<_> = samples(&canonical).collect();
+    assert_eq!(again.len(), found.len(), "canonical lines");
+    for (a, b) in again.iter().zip(&found) {
+        let a = a.as_ref().expect("a canonical line parses");
+        assert_eq!((a.name, a.labels), (b.name, b.labels));
+        assert!(a.value == b.value || (a.value.is_nan() && b.value.is_nan()), "value");
+    }
+}
+
 /// `UsageScanner` finds the same counts whether the answer comes whole or in
 /// pieces (the first byte seeds where the pieces end).
 pub fn usage_scanner(data: &[u8]) {
@@ -254,7 +317,8 @@ mod tests {
     fn corpus_replays() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
         type Check = fn(&[u8]);
-        let targets: [(&str, Check); 6] = [
+        let targets: [(&str, Check); 7] = [
+            ("prom", prom),
             ("json", json),
             ("rewrite", rewrite),
             ("bootstrap", bootstrap),

@@ -15,6 +15,7 @@ pub mod fuzzcheck;
 pub mod json;
 pub mod metrics;
 pub mod pd;
+pub mod prom;
 pub mod request_id;
 pub mod rewrite;
 pub mod tokens;
