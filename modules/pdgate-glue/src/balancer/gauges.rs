@@ -1,8 +1,6 @@
 //! Every pdgate balancer's in-flight counters, read across modules (the
 //! P/D module's metrics page shows them as gauges).
 
-use std::ptr::null_mut;
-
 use ngx::ffi::{ngx_http_request_t, ngx_http_upstream_rr_peers_t, ngx_shm_zone_t};
 use pdgate_core::balance::slots::peer_key;
 
@@ -44,9 +42,12 @@ pub unsafe fn for_each_peer_gauge(
                 let Some(table) = zone::table(z) else { continue };
                 for &us in ups {
                     let up = str_bytes(&(*us).host);
-                    let mut peer = ((*us).peer.data as *mut ngx_http_upstream_rr_peers_t)
-                        .as_ref()
-                        .map_or(null_mut(), |peers| peers.peer);
+                    let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+                    if peers.is_null() {
+                        continue;
+                    }
+                    let _read = super::hooks::PeersRead::lock(peers);
+                    let mut peer = (*peers).peer;
                     while let Some(pe) = peer.as_ref() {
                         let pname = str_bytes(&pe.name);
                         if let Some(slot) = table.find(peer_key(up, pname)) {

@@ -284,17 +284,32 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         if peers != pd.primary || peers.is_null() {
             return delegate(pc); // round robin moved on to the backup servers
         }
-        let n = (*peers).number;
-        let Some(z) = zone::shared(conf.zone) else { return delegate(pc) };
-        let b = &*pd.balancer;
-        if n == 0 || n > MAX_PEERS {
+        // With `zone` the list is shared: `server … resolve` may add,
+        // remove or swap peers in any worker. Round robin counts each
+        // change in `*config`; a request whose round robin view is older
+        // is round robin's to refuse ("busy"), and the list is read under
+        // its read lock, let go before the wrapped get takes the write lock.
+        let generation = (*peers).config.as_ref().copied().unwrap_or(0);
+        if !(*peers).config.is_null() && rrp.config != generation {
             return delegate(pc);
         }
-        // Slots of the peers, once per worker: one per peer, then the
-        // upstream's clock (for a state that needs one).
+        let Some(z) = zone::shared(conf.zone) else { return delegate(pc) };
+        let b = &*pd.balancer;
+        // Every return below drops the guard before the wrapped get runs.
+        let guard = PeersRead::lock(peers);
+        let n = (*peers).number;
+        if n == 0 || n > MAX_PEERS {
+            drop(guard);
+            return delegate(pc);
+        }
+        // Slots of the peers, once per worker and again after any change
+        // of the list (keyed by each peer's address, so a peer swapped for
+        // another at the same count gets the other's slot): one per peer,
+        // then the upstream's clock (for a state that needs one).
         {
             let mut slot_of = conf.slot_of.borrow_mut();
-            if slot_of.len() != n + 1 {
+            if slot_of.len() != n + 1 || conf.slot_gen.get() != generation {
+                conf.slot_gen.set(generation);
                 slot_of.clear();
                 let mut p = (*peers).peer;
                 while !p.is_null() {
@@ -325,6 +340,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         } else {
             decide::<MAX_PEERS>(rrp, peers, &z, &up, b, pd)
         };
+        drop(guard);
         let Some(Decision { c, view, affinity, npending }) = decided else {
             return delegate(pc);
         };
@@ -379,6 +395,35 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             );
         }
         rc
+    }
+}
+
+/// Round robin's read lock on a shared (`zone`) peer list, held while the
+/// list is walked; nothing without a zone (one worker's own list).
+pub(super) struct PeersRead(*mut ngx_http_upstream_rr_peers_t);
+
+impl PeersRead {
+    /// # Safety
+    /// `peers` must be a live round robin peer list.
+    pub(super) unsafe fn lock(peers: *mut ngx_http_upstream_rr_peers_t) -> PeersRead {
+        // SAFETY: as ngx_http_upstream_rr_peers_rlock: the lock word lives
+        // beside the list in the zone when shpool is set.
+        unsafe {
+            if !(*peers).shpool.is_null() {
+                ngx::ffi::ngx_rwlock_rlock(&mut (*peers).rwlock);
+                return PeersRead(peers);
+            }
+        }
+        PeersRead(null_mut())
+    }
+}
+
+impl Drop for PeersRead {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the lock `lock` took on this live list.
+            unsafe { ngx::ffi::ngx_rwlock_unlock(&mut (*self.0).rwlock) }
+        }
     }
 }
 

@@ -95,8 +95,11 @@ pub struct UpstreamConf {
     zone: *mut ngx_shm_zone_t,
     upstream_name: Vec<u8>,
     saved_init_peer: ngx_http_upstream_init_peer_pt,
-    /// Per worker: the slot of each primary peer, built on first use.
+    /// Per worker: the slot of each primary peer, built on first use and
+    /// again whenever the peer list changed (see `hooks::get`).
     slot_of: RefCell<Vec<usize>>,
+    /// The peer list's generation `slot_of` was built for.
+    slot_gen: std::cell::Cell<usize>,
 }
 
 impl Default for UpstreamConf {
@@ -108,6 +111,7 @@ impl Default for UpstreamConf {
             upstream_name: Vec::new(),
             saved_init_peer: None,
             slot_of: RefCell::new(Vec::new()),
+            slot_gen: std::cell::Cell::new(0),
         }
     }
 }
