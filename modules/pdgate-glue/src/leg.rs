@@ -150,12 +150,14 @@ pub unsafe fn decode_capacity(r: *mut ngx_http_request_t) -> Option<bool> {
         let ucf = (*(*r).loc_conf.add(idx)) as *const ngx_http_upstream_conf_t;
         let uscf = ucf.as_ref()?.upstream;
         let uscf = uscf.as_ref()?;
-        let mut peers = uscf.peer.data as *const ngx_http_upstream_rr_peers_t;
+        let mut peers = uscf.peer.data as *mut ngx_http_upstream_rr_peers_t;
         if peers.is_null() {
             return None;
         }
         let now = ngx::ffi::ngx_time();
         while let Some(list) = peers.as_ref() {
+            // Under round robin's read lock when the list is shared (zone).
+            let _read = crate::balancer::PeersRead::lock(peers);
             // A lone peer is never failed out (round robin's `single`).
             let single = list.single() != 0;
             let mut p = list.peer;

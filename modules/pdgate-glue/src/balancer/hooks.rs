@@ -400,12 +400,12 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
 
 /// Round robin's read lock on a shared (`zone`) peer list, held while the
 /// list is walked; nothing without a zone (one worker's own list).
-pub(super) struct PeersRead(*mut ngx_http_upstream_rr_peers_t);
+pub(crate) struct PeersRead(*mut ngx_http_upstream_rr_peers_t);
 
 impl PeersRead {
     /// # Safety
     /// `peers` must be a live round robin peer list.
-    pub(super) unsafe fn lock(peers: *mut ngx_http_upstream_rr_peers_t) -> PeersRead {
+    pub(crate) unsafe fn lock(peers: *mut ngx_http_upstream_rr_peers_t) -> PeersRead {
         // SAFETY: as ngx_http_upstream_rr_peers_rlock: the lock word lives
         // beside the list in the zone when shpool is set.
         unsafe {

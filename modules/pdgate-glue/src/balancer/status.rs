@@ -62,9 +62,12 @@ pub unsafe fn status_text(
             let Some(table) = zone::table(conf.zone) else { continue };
             roles |= conf.params.role != Role::Any;
             zone_seen = conf.zone;
-            let mut p = ((*us).peer.data as *mut ngx_http_upstream_rr_peers_t)
-                .as_ref()
-                .map_or(null_mut(), |peers| peers.peer);
+            let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+            if peers.is_null() {
+                continue;
+            }
+            let _read = super::hooks::PeersRead::lock(peers);
+            let mut p = (*peers).peer;
             while let Some(peer) = p.as_ref() {
                 let key = peer_key(&conf.upstream_name, str_bytes(&peer.name));
                 let (requests, tokens, cost, total) = match table.find(key) {
