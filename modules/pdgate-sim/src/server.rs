@@ -82,6 +82,10 @@ pub struct Config {
     pub kv_hold_ms: u64,
     /// How long a decode waits for its bootstrap room.
     pub bootstrap_timeout_ms: u64,
+    /// The model "loads" this long after start: a vLLM engine refuses
+    /// connections (its HTTP server listens only once the engine is up),
+    /// an SGLang one answers its health probes and completions 503.
+    pub loading_ms: u64,
     pub quiet: bool,
 }
 
@@ -103,6 +107,7 @@ impl Config {
             seed: 1,
             faults: Faults { error_status: 500, ..Faults::default() },
             kv_hold_ms: 30_000,
+            loading_ms: 0,
             bootstrap_timeout_ms: 30_000,
             quiet: false,
         }
@@ -148,6 +153,7 @@ pub struct Sim {
     rng: Mutex<Rng>,
     journal: Mutex<std::collections::VecDeque<Record>>,
     pub metrics: Metrics,
+    started: std::time::Instant,
 }
 
 fn now_secs() -> u64 {
@@ -170,7 +176,13 @@ impl Sim {
             rng: Mutex::new(Rng::new(seed)),
             journal: Mutex::new(std::collections::VecDeque::new()),
             metrics: Metrics::default(),
+            started: std::time::Instant::now(),
         })
+    }
+
+    /// Whether the model is still "loading" (`Config::loading_ms`).
+    pub fn loading(&self) -> bool {
+        self.started.elapsed() < Duration::from_millis(self.cfg.loading_ms)
     }
 
     fn log(&self, msg: std::fmt::Arguments<'_>) {
@@ -350,7 +362,8 @@ pub fn start(cfg: Config) -> std::io::Result<Arc<Sim>> {
     let s = Arc::clone(&sim);
     thread::Builder::new().name("accept".into()).spawn(move || {
         for conn in http.incoming().flatten() {
-            if s.cfg.faults.refuse {
+            // A vLLM engine that is loading has no HTTP server yet.
+            if s.cfg.faults.refuse || (s.cfg.flavor == Flavor::Vllm && s.loading()) {
                 let _ = set_linger_zero(&conn);
                 drop(conn);
                 continue;
@@ -429,6 +442,16 @@ impl Sim {
     ) -> std::io::Result<After> {
         let ka = req.keep_alive;
         let json_ct = "application/json";
+        if self.loading()
+            && matches!(
+                req.path.as_str(),
+                "/health" | "/health_generate" | "/v1/chat/completions" | "/v1/completions"
+            )
+        {
+            // SGLang answers 503 until its scheduler is up.
+            let body = api::error_json(503, "the model is loading");
+            return http::write_response(w, 503, json_ct, &body, ka, &[]).map(|_| After::KeepAlive);
+        }
         match (req.method.as_str(), req.path.as_str()) {
             ("GET", "/health") => {
                 http::write_response(w, 200, json_ct, b"", ka, &[]).map(|_| After::KeepAlive)

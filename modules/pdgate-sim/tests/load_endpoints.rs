@@ -180,3 +180,45 @@ fn vllm_mode_answers_health_and_models_but_not_sglang_probes() {
         assert_eq!(get(port, path).0, 404, "{path}");
     }
 }
+
+/// `--loading-ms`: a loading vLLM engine has no HTTP server yet (every
+/// connection is reset before a byte is read); a loading SGLang engine
+/// answers its health probes and completions 503, its other pages 200;
+/// both serve normally once loaded.
+#[test]
+fn loading_at_start() {
+    let start = |flavor| {
+        server::start(Config {
+            flavor,
+            port: 0,
+            loading_ms: 1500,
+            profile: Profile::instant(),
+            quiet: true,
+            ..Config::new(Role::Both)
+        })
+        .expect("simulator listens")
+    };
+    let t0 = Instant::now();
+    let vllm = start(Flavor::Vllm);
+    let sglang = start(Flavor::Sglang);
+    // A reset while loading: no status line comes back.
+    let refused = |port: u16| {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return true };
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = write!(s, "GET /health HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        out.is_empty()
+    };
+    assert!(refused(vllm.cfg.port), "vLLM while loading");
+    assert_eq!(get(sglang.cfg.port, "/health").0, 503);
+    assert_eq!(get(sglang.cfg.port, "/health_generate").0, 503);
+    assert_eq!(get(sglang.cfg.port, "/get_model_info").0, 200, "not a probe: served");
+    assert!(t0.elapsed() < Duration::from_millis(1500), "the checks ran within the loading time");
+    std::thread::sleep(
+        Duration::from_millis(1500).saturating_sub(t0.elapsed()) + Duration::from_millis(50),
+    );
+    assert_eq!(get(vllm.cfg.port, "/health").0, 200, "vLLM once loaded");
+    assert_eq!(get(sglang.cfg.port, "/health").0, 200, "SGLang once loaded");
+    assert_eq!(get(sglang.cfg.port, "/health_generate").0, 200);
+}

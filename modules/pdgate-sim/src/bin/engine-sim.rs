@@ -35,6 +35,8 @@ Timing model
   --no-prefix-caching       override the profile
   --seed N                  seed of the fault injection [1]
   --kv-hold-ms N            a prefill's KV waits this long to be fetched [30000]
+  --loading-ms N            the model loads this long after start: vLLM refuses
+                            connections, SGLang answers /health and completions 503 [0]
   --bootstrap-timeout-ms N  a decode waits this long for its bootstrap room [30000]
 
 Faults (for reliability tests)
@@ -121,6 +123,7 @@ fn parse(args: &[String]) -> Result<Option<Config>, String> {
             }
             "--seed" => cfg.seed = num(val()?)?,
             "--kv-hold-ms" => cfg.kv_hold_ms = num(val()?)?,
+            "--loading-ms" => cfg.loading_ms = num(val()?)?,
             "--bootstrap-timeout-ms" => cfg.bootstrap_timeout_ms = num(val()?)?,
             "--fault-error-rate" => cfg.faults.error_rate = frac(val()?)?,
             "--fault-error-status" => {
