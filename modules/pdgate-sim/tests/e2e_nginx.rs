@@ -183,6 +183,7 @@ http {{
         location = /status/weighted_least_active {{ weighted_least_active_status; }}
         location = /status/pd_score_balance {{ pd_score_balance_status; }}
         location = /status/least_total_load {{ least_total_load_status; }}
+        location = /whoami {{ return 200 "nginx {port}"; }}
     }}
 }}
 "#,
@@ -193,28 +194,48 @@ http {{
 fn start_nginx_opts(upstreams: &str, master: bool) -> Nginx {
     let bin = dist().join("sbin/nginx");
     assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
-    let dir =
-        std::env::temp_dir().join(format!("pdgate-e2e-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = free_port();
-    std::fs::write(dir.join("nginx.conf"), conf_text(upstreams, port, master)).unwrap();
-    let child = Command::new(&bin)
-        .arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg("nginx.conf")
-        .spawn()
-        .expect("nginx starts");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not start: {:?}",
-            std::fs::read_to_string(dir.join("logs/error.log"))
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    // A port from free_port() may be taken by a simulator of a test running
+    // beside this one before nginx binds it: then nginx exits and the port
+    // answers, but not as nginx. Ask it who it is, and start again elsewhere.
+    for _ in 0..5 {
+        let dir =
+            std::env::temp_dir().join(format!("pdgate-e2e-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(dir.join("logs")).unwrap();
+        let port = free_port();
+        std::fs::write(dir.join("nginx.conf"), conf_text(upstreams, port, master)).unwrap();
+        let mut child = Command::new(&bin)
+            .arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg("nginx.conf")
+            .spawn()
+            .expect("nginx starts");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if whoami(port).as_deref() == Some(&format!("nginx {port}")[..]) {
+                return Nginx { child, port, dir };
+            }
+            if child.try_wait().ok().flatten().is_some() || Instant::now() >= deadline {
+                let log = std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default();
+                assert!(log.contains("Address already in use"), "nginx did not start: {log}");
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    Nginx { child, port, dir }
+    panic!("nginx found no free port in five tries");
+}
+
+/// The body of `GET /whoami` on `port`, if something answers there.
+fn whoami(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(s, "GET /whoami HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split("\r\n\r\n").nth(1).map(str::to_owned)
 }
 
 /// Status, body, and the arrival time of each body read (after the head).
