@@ -38,7 +38,6 @@ PORT_BASE=$((PORT_PROXY + 1))
 # Four prefill and four decode backend ports (one backend nginx).
 P_PORTS="$((PORT_PROXY + 10)) $((PORT_PROXY + 11)) $((PORT_PROXY + 12)) $((PORT_PROXY + 13))"
 D_PORTS="$((PORT_PROXY + 20)) $((PORT_PROXY + 21)) $((PORT_PROXY + 22)) $((PORT_PROXY + 23))"
-servers() { for p in $1; do printf 'server 127.0.0.1:%s; ' "$p"; done; }
 
 . scripts/ensure-debs.sh
 . scripts/lib/bench-backends.sh

@@ -35,6 +35,7 @@ P_PORTS="18710 18711 18712 18713"
 D_PORTS="18720 18721 18722 18723"
 PORT=18790
 
+. scripts/lib/bench-backends.sh
 [ -x dist/bin/engine-sim ] && [ -x dist/bin/pd-bench ] && [ -x dist/sbin/nginx ] || ./build.sh
 case " $ROUTERS " in *" vllm-router "*)
     if [ ! -x .venv-bench/bin/vllm-router ]; then
@@ -57,7 +58,6 @@ stop_all() {
 }
 trap 'stop_all; rm -rf "$W"' EXIT
 wait_http() { for _ in $(seq 100); do curl -sf "http://127.0.0.1:$1$2" >/dev/null && return 0; sleep 0.1; done; return 1; }
-list() { for p in $1; do printf '127.0.0.1:%s,' "$p"; done | sed 's/,$//'; }
 
 start_sims() {
     for p in $P_PORTS; do
@@ -76,12 +76,7 @@ start_router() { # start_router <name>
         pdgate | base)
             local co=$ROOT
             [ "$1" = base ] && co=$BASE
-            mkdir -p "$W/gp/logs"
-            "$co/scripts/global_proxy.sh" --dry-run -f "$W/gp/nginx.conf" --prefix "$W/gp" \
-                --nginx-bin "$ROOT/dist/sbin/nginx" --modules-dir "$co/dist/modules" \
-                --listen-address 127.0.0.1 -p "$PORT" -c "$WORKERS" -s 0 \
-                --prefill-servers-list "$(list "$P_PORTS")" --decode-servers-list "$(list "$D_PORTS")" \
-                --prefill-lb-sdk round_robin --decode-lb-sdk round_robin 2>/dev/null >/dev/null
+            gp_round_robin "$co" "$W/gp" "$PORT" "$WORKERS" "$P_PORTS" "$D_PORTS"
             "$ROOT/dist/sbin/nginx" -p "$W/gp" -c nginx.conf 2>>"$W/logs/nginx.log" ;;
         vllm-router)
             local args=()

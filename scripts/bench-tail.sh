@@ -36,7 +36,6 @@ PORT=${BENCH_PORT:-18540}
 P_PORTS="$((PORT + 10)) $((PORT + 11)) $((PORT + 12)) $((PORT + 13))"
 D_PORTS="$((PORT + 20)) $((PORT + 21)) $((PORT + 22)) $((PORT + 23))"
 S_PORTS="$((PORT + 30)) $((PORT + 31)) $((PORT + 32)) $((PORT + 33))"
-list() { for p in $1; do printf '127.0.0.1:%s,' "$p"; done | sed 's/,$//'; }
 
 . scripts/ensure-debs.sh
 . scripts/lib/bench-backends.sh
@@ -61,17 +60,10 @@ backends_conf "$P_PORTS" "$D_PORTS" "$S_PORTS" > "$W/back/nginx.conf"
 start "$W/back"
 
 # gen <name> <checkout> <port> <decode ports>: a proxy from that checkout's generator.
-PROXIES=()
 gen() {
-    local name=$1 co=$2 port=$3 dports=$4
-    mkdir -p "$W/$name/logs"
     # shellcheck disable=SC2086
-    "$co/scripts/global_proxy.sh" --dry-run -f "$W/$name/nginx.conf" --prefix "$W/$name" \
-        --nginx-bin "$NGINX" --modules-dir "$co/dist/modules" \
-        --listen-address 127.0.0.1 -p "$port" -c "$WORKERS" -s 0 \
-        --prefill-servers-list "$(list "$P_PORTS")" --decode-servers-list "$(list "$dports")" \
-        --prefill-lb-sdk round_robin --decode-lb-sdk round_robin $GEN_FLAGS >/dev/null
-    start "$W/$name"
+    gp_round_robin "$2" "$W/$1" "$3" "$WORKERS" "$P_PORTS" "$4" $GEN_FLAGS
+    start "$W/$1"
 }
 gen this-json "$ROOT" $((PORT + 1)) "$D_PORTS"
 gen this-stream "$ROOT" $((PORT + 2)) "$S_PORTS"
@@ -94,8 +86,8 @@ http {
     tcp_nodelay on;
     proxy_http_version 1.1;
     proxy_set_header Connection "";
-    upstream decode_servers { $(for p in $D_PORTS; do printf 'server 127.0.0.1:%s; ' "$p"; done) keepalive 2048; keepalive_requests 20000; }
-    upstream sse_servers { $(for p in $S_PORTS; do printf 'server 127.0.0.1:%s; ' "$p"; done) keepalive 2048; keepalive_requests 20000; }
+    upstream decode_servers { $(servers "$D_PORTS") keepalive 2048; keepalive_requests 20000; }
+    upstream sse_servers { $(servers "$S_PORTS") keepalive 2048; keepalive_requests 20000; }
     server {
         listen 127.0.0.1:$((PORT + 5)) reuseport;
         location / { proxy_buffering off; proxy_pass http://decode_servers; }

@@ -13,9 +13,28 @@
 #                                  done() prints "pct <p> <microseconds>" for
 #                                  p50 p90 p99 p99.9 and max
 # median                           the median of the numbers on stdin
+# servers "<ports>" / listens "<ports>"   nginx `server 127.0.0.1:P;` /
+#                                  `listen 127.0.0.1:P;` for each port
+# addr_list "<ports>"              127.0.0.1:P1,127.0.0.1:P2,… (generator lists)
+# gp_round_robin <checkout> <dir> <port> <workers> "<prefill ports>" "<decode ports>" [flags…]
+#                                  writes <dir>/nginx.conf with that checkout's
+#                                  scripts/global_proxy.sh and dist/modules (this
+#                                  checkout's nginx), round robin on both pools
 
-_bb_servers() { for p in $1; do printf 'server 127.0.0.1:%s; ' "$p"; done; }
-_bb_listens() { for p in $1; do printf 'listen 127.0.0.1:%s; ' "$p"; done; }
+servers() { for p in $1; do printf 'server 127.0.0.1:%s; ' "$p"; done; }
+listens() { for p in $1; do printf 'listen 127.0.0.1:%s; ' "$p"; done; }
+addr_list() { for p in $1; do printf '127.0.0.1:%s,' "$p"; done | sed 's/,$//'; }
+
+gp_round_robin() {
+    local co=$1 dir=$2 port=$3 workers=$4 pports=$5 dports=$6
+    shift 6
+    mkdir -p "$dir/logs"
+    "$co/scripts/global_proxy.sh" --dry-run -f "$dir/nginx.conf" --prefix "$dir" \
+        --nginx-bin "$ROOT/dist/sbin/nginx" --modules-dir "$co/dist/modules" \
+        --listen-address 127.0.0.1 -p "$port" -c "$workers" -s 0 \
+        --prefill-servers-list "$(addr_list "$pports")" --decode-servers-list "$(addr_list "$dports")" \
+        --prefill-lb-sdk round_robin --decode-lb-sdk round_robin "$@" >/dev/null 2>&1
+}
 _bb_esc() { printf '%s' "$1" | sed 's/\\/\\\\/g; s/"/\\"/g'; }
 
 backends_conf() {
@@ -35,16 +54,16 @@ http {
     access_log off;
     keepalive_requests 1000000;
     server {
-        $(_bb_listens "$1")
+        $(listens "$1")
         location / { default_type application/json; return 200 "$(_bb_esc "$prefill")"; }
     }
     server {
-        $(_bb_listens "$2")
+        $(listens "$2")
         location / { default_type application/json; return 200 "$(_bb_esc "$decode")"; }
         location /stream/ { default_type text/event-stream; return 200 "$(printf '%s' "$sse" | sed 's/"/\\"/g')"; }
     }
 $([ -z "${3:-}" ] || printf '    server {\n        %s\n        location / { default_type text/event-stream; return 200 "%s"; }\n    }' \
-    "$(_bb_listens "$3")" "$(printf '%s' "$sse" | sed 's/"/\\"/g')")
+    "$(listens "$3")" "$(printf '%s' "$sse" | sed 's/"/\\"/g')")
 }
 CONF
 }

@@ -23,7 +23,7 @@ pub struct PromSample<'a> {
 impl<'a> PromSample<'a> {
     /// The value of label `key`, unescaped (`\\`, `\"`, `\n`).
     pub fn label(&self, key: &str) -> Option<String> {
-        labels(self.labels).find(|(k, _)| *k == key.as_bytes()).map(|(_, v)| unescape(v))
+        labels(self.labels).flatten().find(|(k, _)| *k == key.as_bytes()).map(|(_, v)| unescape(v))
     }
 }
 
@@ -73,11 +73,11 @@ fn parse_line(line: &[u8]) -> Option<PromSample<'_>> {
     // ASCII by construction.
     let name = std::str::from_utf8(&line[..n]).ok()?;
     let mut rest = &line[n..];
-    let mut labels: &[u8] = &[];
+    let mut set: &[u8] = &[];
     if rest.first() == Some(&b'{') {
         let close = labels_end(rest)?;
-        labels = &rest[1..close];
-        if !labels_valid(labels) {
+        set = &rest[1..close];
+        if labels(set).any(|l| l.is_err()) {
             return None;
         }
         rest = &rest[close + 1..];
@@ -95,7 +95,7 @@ fn parse_line(line: &[u8]) -> Option<PromSample<'_>> {
     if parts.next().is_some() {
         return None;
     }
-    Some(PromSample { name, labels, value })
+    Some(PromSample { name, labels: set, value })
 }
 
 /// The index of the `}` closing the label set that starts at `s[0] == '{'`
@@ -115,81 +115,72 @@ fn labels_end(s: &[u8]) -> Option<usize> {
     None
 }
 
-/// `name="value"` pairs separated by commas (blanks around the commas and
-/// a trailing comma allowed, none around `=`).
-fn labels_valid(s: &[u8]) -> bool {
+/// One label's `(name, raw value)`, or `Err(())` where a set stops being one.
+type Label<'a> = Result<(&'a [u8], &'a [u8]), ()>;
+
+/// The `(name, raw value)` pairs of a label set: `name="value"` separated
+/// by commas (blanks around the commas and a trailing comma allowed, none
+/// around `=`; escapes `\\`, `\"`, `\n` only). An item is `Err(())` where
+/// the set stops being one, and nothing follows it.
+fn labels(s: &[u8]) -> impl Iterator<Item = Label<'_>> {
     let mut i = 0;
-    let skip_ws = |i: &mut usize| {
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        let item = next_label(s, &mut i);
+        done = !matches!(item, Some(Ok(_)));
+        item
+    })
+}
+
+/// The label at `*i` (after blanks and at most one comma), moving `*i`
+/// past it; `None` at the end of the set.
+fn next_label<'a>(s: &'a [u8], i: &mut usize) -> Option<Label<'a>> {
+    let blanks = |i: &mut usize| {
         while s.get(*i).is_some_and(|b| *b == b' ' || *b == b'\t') {
             *i += 1;
         }
     };
+    blanks(i);
+    if *i > 0 && s.get(*i) == Some(&b',') {
+        *i += 1;
+        blanks(i);
+    }
+    if *i >= s.len() {
+        return None;
+    }
+    let k0 = *i;
+    if !is_name_start(s[k0]) || s[k0] == b':' {
+        return Some(Err(()));
+    }
+    while s.get(*i).is_some_and(|&b| is_name_byte(b) && b != b':') {
+        *i += 1;
+    }
+    let key = &s[k0..*i];
+    if s.get(*i..*i + 2) != Some(&b"=\""[..]) {
+        return Some(Err(()));
+    }
+    *i += 2;
+    let v0 = *i;
     loop {
-        skip_ws(&mut i);
-        if i == s.len() {
-            return true;
-        }
-        if !is_name_start(s[i]) || s[i] == b':' {
-            return false;
-        }
-        while s.get(i).is_some_and(|&b| is_name_byte(b) && b != b':') {
-            i += 1;
-        }
-        if s.get(i) != Some(&b'=') {
-            return false;
-        }
-        i += 1;
-        if s.get(i) != Some(&b'"') {
-            return false;
-        }
-        i += 1;
-        loop {
-            match s.get(i) {
-                None => return false,
-                Some(b'\\') => {
-                    if !matches!(s.get(i + 1), Some(b'\\' | b'"' | b'n')) {
-                        return false;
-                    }
-                    i += 2;
-                }
-                Some(b'"') => {
-                    i += 1;
-                    break;
-                }
-                Some(b'\n') => return false,
-                Some(_) => i += 1,
-            }
-        }
-        skip_ws(&mut i);
-        match s.get(i) {
-            None => return true,
-            Some(b',') => i += 1,
-            Some(_) => return false,
+        match s.get(*i) {
+            None | Some(b'\n') => return Some(Err(())),
+            Some(b'\\') if matches!(s.get(*i + 1), Some(b'\\' | b'"' | b'n')) => *i += 2,
+            Some(b'\\') => return Some(Err(())),
+            Some(b'"') => break,
+            Some(_) => *i += 1,
         }
     }
-}
-
-/// The `(name, raw value)` pairs of a label set [`labels_valid`] accepted.
-fn labels(s: &[u8]) -> impl Iterator<Item = (&[u8], &[u8])> {
-    let mut i = 0;
-    std::iter::from_fn(move || {
-        while s.get(i).is_some_and(|b| matches!(b, b' ' | b'\t' | b',')) {
-            i += 1;
-        }
-        let k0 = i;
-        while s.get(i).is_some_and(|&b| is_name_byte(b)) {
-            i += 1;
-        }
-        let key = &s[k0..i];
-        i += s[i..].iter().position(|&b| b == b'"')? + 1;
-        let v0 = i;
-        while i < s.len() && s[i] != b'"' {
-            i += if s[i] == b'\\' { 2 } else { 1 };
-        }
-        let value = s.get(v0..i)?;
-        i += 1;
-        Some((key, value))
-    })
+    let value = &s[v0..*i];
+    *i += 1;
+    // What follows a value: the end, or blanks then a comma or the end.
+    blanks(i);
+    if *i < s.len() && s[*i] != b',' {
+        return Some(Err(()));
+    }
+    Some(Ok((key, value)))
 }
 
 fn unescape(v: &[u8]) -> String {

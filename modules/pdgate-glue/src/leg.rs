@@ -157,7 +157,7 @@ pub unsafe fn decode_capacity(r: *mut ngx_http_request_t) -> Option<bool> {
         let now = ngx::ffi::ngx_time();
         while let Some(list) = peers.as_ref() {
             // Under round robin's read lock when the list is shared (zone).
-            let _read = crate::balancer::PeersRead::lock(peers);
+            let _read = crate::upstream::PeersRead::lock(peers);
             // A lone peer is never failed out (round robin's `single`).
             let single = list.single() != 0;
             let mut p = list.peer;

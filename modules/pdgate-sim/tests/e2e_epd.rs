@@ -8,8 +8,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command};
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,9 +16,8 @@ use std::time::{Duration, Instant};
 use pdgate_sim::profile::Profile;
 use pdgate_sim::server::{self, Config, Faults, Record, Role, Sim};
 
-fn dist() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../dist")
-}
+mod common;
+use common::{dist, whoami_location, Nginx};
 
 fn sim(role: Role, faults: Faults) -> Arc<Sim> {
     server::start(Config {
@@ -34,39 +32,15 @@ fn sim(role: Role, faults: Faults) -> Arc<Sim> {
     .expect("simulator listens")
 }
 
-/// A running nginx, stopped on drop.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// nginx with `/v1/` running E → P → D and `/pd/v1/` running E → combined
 /// P/D (`prefill off`). `prefill` may be `None` when only /pd/ is used.
 fn start_nginx(encode: &Sim, prefill: Option<&Sim>, decode: &Sim) -> Nginx {
-    let bin = dist().join("sbin/nginx");
-    assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
-    let dir =
-        std::env::temp_dir().join(format!("pdgate-epd-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = free_port();
     let m = dist().join("modules");
     // An unused prefill points at a closed port: any prefill request fails.
     let p = prefill.map_or(1, |p| p.cfg.port);
-    let conf = format!(
-        r#"load_module {m}/ngx_http_set_request_id_module.so;
+    let conf = |port: u16| {
+        format!(
+            r#"load_module {m}/ngx_http_set_request_id_module.so;
 load_module {m}/ngx_http_prefill_module.so;
 daemon off;
 master_process off;
@@ -83,6 +57,7 @@ http {{
     proxy_set_header Connection "";
     server {{
         listen 127.0.0.1:{port};
+        {whoami}
         set_request_id on;
         location ~ ^/v1/(chat/)?completions$ {{
             prefill_encode /encode_internal;
@@ -109,28 +84,13 @@ http {{
     }}
 }}
 "#,
-        m = m.display(),
-        e = encode.cfg.port,
-        d = decode.cfg.port,
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new(&bin)
-        .arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg("nginx.conf")
-        .spawn()
-        .expect("nginx starts");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not start: {:?}",
-            std::fs::read_to_string(dir.join("logs/error.log"))
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Nginx { child, port, dir }
+            m = m.display(),
+            whoami = whoami_location(port),
+            e = encode.cfg.port,
+            d = decode.cfg.port,
+        )
+    };
+    Nginx::start("epd", conf)
 }
 
 /// Status and body of a POST (answers are not chunked: non-streaming).

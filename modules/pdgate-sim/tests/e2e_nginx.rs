@@ -6,8 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +13,8 @@ use std::time::{Duration, Instant};
 use pdgate_sim::profile::Profile;
 use pdgate_sim::server::{self, Config, Faults, Role, Sim};
 
-fn dist() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../dist")
-}
+mod common;
+use common::{dist, whoami_location, Nginx};
 
 fn sim(role: Role, profile: Profile, faults: Faults) -> Arc<Sim> {
     server::start(Config {
@@ -53,48 +50,10 @@ fn on(b: &str) -> String {
 }
 
 /// A running nginx that is stopped on drop.
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Nginx {
-    /// Rewrites the configuration with these upstreams and reloads.
-    fn reload(&self, upstreams: &str) {
-        std::fs::write(self.dir.join("nginx.conf"), conf_text(upstreams, self.port, true)).unwrap();
-        let st = Command::new(dist().join("sbin/nginx"))
-            .arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg("nginx.conf")
-            .args(["-s", "reload"])
-            .status()
-            .expect("nginx -s reload runs");
-        assert!(st.success(), "reload failed");
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        // SIGTERM through the pid file: a master then stops its workers
-        // (SIGKILL would leave them running).
-        let _ = Command::new(dist().join("sbin/nginx"))
-            .arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg("nginx.conf")
-            .args(["-s", "stop"])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Rewrites the configuration with these upstreams and reloads.
+fn reload(n: &Nginx, upstreams: &str) {
+    std::fs::write(n.dir.join("nginx.conf"), conf_text(upstreams, n.port, true)).unwrap();
+    assert!(n.signal("reload").success(), "reload failed");
 }
 
 /// The simulator's journal once it has `n` records (a request is recorded
@@ -108,10 +67,6 @@ fn journal(sim: &Sim, n: usize) -> Vec<server::Record> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 fn nginx(prefill: &Sim, decode: &Sim) -> Nginx {
@@ -183,59 +138,17 @@ http {{
         location = /status/weighted_least_active {{ weighted_least_active_status; }}
         location = /status/pd_score_balance {{ pd_score_balance_status; }}
         location = /status/least_total_load {{ least_total_load_status; }}
-        location = /whoami {{ return 200 "nginx {port}"; }}
+        {whoami}
     }}
 }}
 "#,
         m = m.display(),
+        whoami = whoami_location(port),
     )
 }
 
 fn start_nginx_opts(upstreams: &str, master: bool) -> Nginx {
-    let bin = dist().join("sbin/nginx");
-    assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
-    // A port from free_port() may be taken by a simulator of a test running
-    // beside this one before nginx binds it: then nginx exits and the port
-    // answers, but not as nginx. Ask it who it is, and start again elsewhere.
-    for _ in 0..5 {
-        let dir =
-            std::env::temp_dir().join(format!("pdgate-e2e-{}-{}", std::process::id(), free_port()));
-        std::fs::create_dir_all(dir.join("logs")).unwrap();
-        let port = free_port();
-        std::fs::write(dir.join("nginx.conf"), conf_text(upstreams, port, master)).unwrap();
-        let mut child = Command::new(&bin)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg("nginx.conf")
-            .spawn()
-            .expect("nginx starts");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            if whoami(port).as_deref() == Some(&format!("nginx {port}")[..]) {
-                return Nginx { child, port, dir };
-            }
-            if child.try_wait().ok().flatten().is_some() || Instant::now() >= deadline {
-                let log = std::fs::read_to_string(dir.join("logs/error.log")).unwrap_or_default();
-                assert!(log.contains("Address already in use"), "nginx did not start: {log}");
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    panic!("nginx found no free port in five tries");
-}
-
-/// The body of `GET /whoami` on `port`, if something answers there.
-fn whoami(port: u16) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET /whoami HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    out.split("\r\n\r\n").nth(1).map(str::to_owned)
+    Nginx::start("e2e", |port| conf_text(upstreams, port, master))
 }
 
 /// Status, body, and the arrival time of each body read (after the head).
@@ -615,7 +528,7 @@ fn balancer_state_survives_reload() {
     let (_, before, _) = post(port, "/status/least_total_load", "");
     assert_eq!(line_of(&before, a.cfg.port)[2], "1", "{before}");
     // Reload with a second peer.
-    ngx.reload(&pd(&format!("server 127.0.0.1:{};", b.cfg.port)));
+    reload(&ngx, &pd(&format!("server 127.0.0.1:{};", b.cfg.port)));
     let deadline = Instant::now() + Duration::from_secs(10);
     let after = loop {
         let (_, st, _) = post(port, "/status/least_total_load", "");

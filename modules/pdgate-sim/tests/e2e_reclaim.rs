@@ -8,18 +8,12 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn dist() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../dist")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+mod common;
+use common::{dist, whoami_location, Nginx};
 
 /// A backend that accepts connections and keeps them, never answering.
 struct Silent {
@@ -47,46 +41,12 @@ impl Silent {
     }
 }
 
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = Command::new(dist().join("sbin/nginx"))
-            .arg("-p")
-            .arg(&self.dir)
-            .arg("-c")
-            .arg("nginx.conf")
-            .args(["-s", "stop"])
-            .stderr(std::process::Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 impl Nginx {
-    fn start(a: u16, b: u16) -> Nginx {
-        let bin = dist().join("sbin/nginx");
-        assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
-        let dir = std::env::temp_dir().join(format!(
-            "pdgate-reclaim-{}-{}",
-            std::process::id(),
-            free_port()
-        ));
-        std::fs::create_dir_all(dir.join("logs")).unwrap();
-        let port = free_port();
+    fn start_pair(a: u16, b: u16) -> Nginx {
         let m = dist().join("modules");
-        let conf = format!(
-            r#"load_module {m}/ngx_http_upstream_least_total_load_module.so;
+        let conf = |port: u16| {
+            format!(
+                r#"load_module {m}/ngx_http_upstream_least_total_load_module.so;
 load_module {m}/ngx_http_upstream_pd_score_balance_module.so;
 load_module {m}/ngx_http_prefill_refactor_module.so;
 daemon off;
@@ -104,6 +64,7 @@ http {{
         # One listening socket per worker: the kernel spreads the test's
         # connections over both workers.
         listen 127.0.0.1:{port} reuseport;
+        {whoami}
         location /ltl/ {{ proxy_pass http://lb_ltl; }}
         location /pds/ {{ proxy_pass http://lb_pds; }}
         location = /status/ltl {{ least_total_load_status; }}
@@ -130,22 +91,11 @@ http {{
     }}
 }}
 "#,
-            m = m.display()
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-        let child = Command::new(&bin)
-            .arg("-p")
-            .arg(&dir)
-            .arg("-c")
-            .arg("nginx.conf")
-            .spawn()
-            .expect("nginx starts");
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "nginx did not start: {}", log(&dir));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Nginx { child, port, dir }
+                m = m.display(),
+                whoami = whoami_location(port),
+            )
+        };
+        Nginx::start("reclaim", conf)
     }
 
     /// The master's worker processes, by /proc.
@@ -268,7 +218,7 @@ const N: usize = 6;
 fn a_killed_worker_gives_back_what_it_held() {
     let a = Silent::start();
     let b = Silent::start();
-    let ngx = Nginx::start(a.port, b.port);
+    let ngx = Nginx::start_pair(a.port, b.port);
     let body = format!(r#"{{"prompt":"{}","max_tokens":8}}"#, "x".repeat(400));
     // Each kind: (path, counts it adds per request).
     let mut conns: Vec<(usize, TcpStream)> = Vec::new();

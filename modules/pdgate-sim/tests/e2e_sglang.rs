@@ -6,8 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command};
+
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,9 +14,8 @@ use std::time::{Duration, Instant};
 use pdgate_sim::profile::Profile;
 use pdgate_sim::server::{self, Config, Flavor, Role, Sim};
 
-fn dist() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../dist")
-}
+mod common;
+use common::{dist, free_port, whoami_location, Nginx};
 
 fn sim(role: Role) -> Arc<Sim> {
     server::start(Config {
@@ -33,39 +31,16 @@ fn sim(role: Role) -> Arc<Sim> {
     .expect("simulator listens")
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Nginx {
-    child: Child,
-    port: u16,
-    dir: PathBuf,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 /// nginx with /together/ (pd_together) and /before/ (p_before_d) in front
 /// of these prefill servers (with their bootstrap ports) and decodes.
 fn nginx(prefills: &[(u16, u16)], decodes: &[u16]) -> Nginx {
-    let bin = dist().join("sbin/nginx");
-    assert!(bin.exists(), "{} is missing: run ./build.sh first", bin.display());
-    let dir =
-        std::env::temp_dir().join(format!("pdgate-sgl-{}-{}", std::process::id(), free_port()));
-    std::fs::create_dir_all(dir.join("logs")).unwrap();
-    let port = free_port();
     let m = dist().join("modules");
     let plist: Vec<String> = prefills.iter().map(|(p, _)| format!("127.0.0.1:{p}")).collect();
     let ports: Vec<String> = prefills.iter().map(|(_, b)| b.to_string()).collect();
     let dservers: String = decodes.iter().map(|d| format!("server 127.0.0.1:{d}; ")).collect();
-    let conf = format!(
-        r#"load_module {m}/ngx_http_set_request_id_module.so;
+    let conf = |port: u16| {
+        format!(
+            r#"load_module {m}/ngx_http_set_request_id_module.so;
 load_module {m}/ngx_http_prefill_refactor_module.so;
 daemon off;
 master_process off;
@@ -80,6 +55,7 @@ http {{
     proxy_set_header Connection "";
     server {{
         listen 127.0.0.1:{port};
+        {whoami}
         set_request_id on;
         prefill_servers_list {plist};
         bootstrap_ports_list {ports};
@@ -105,28 +81,13 @@ http {{
     }}
 }}
 "#,
-        m = m.display(),
-        plist = plist.join(","),
-        ports = ports.join(","),
-    );
-    std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new(&bin)
-        .arg("-p")
-        .arg(&dir)
-        .arg("-c")
-        .arg("nginx.conf")
-        .spawn()
-        .expect("nginx starts");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nginx did not start: {:?}",
-            std::fs::read_to_string(dir.join("logs/error.log"))
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Nginx { child, port, dir }
+            m = m.display(),
+            whoami = whoami_location(port),
+            plist = plist.join(","),
+            ports = ports.join(","),
+        )
+    };
+    Nginx::start("sglang", conf)
 }
 
 fn post(port: u16, path: &str, body: &str) -> (u16, String) {

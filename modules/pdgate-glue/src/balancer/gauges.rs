@@ -46,7 +46,7 @@ pub unsafe fn for_each_peer_gauge(
                     if peers.is_null() {
                         continue;
                     }
-                    let _read = super::hooks::PeersRead::lock(peers);
+                    let _read = crate::upstream::PeersRead::lock(peers);
                     let mut peer = (*peers).peer;
                     while let Some(pe) = peer.as_ref() {
                         let pname = str_bytes(&pe.name);

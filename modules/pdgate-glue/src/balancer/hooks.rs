@@ -296,7 +296,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         let Some(z) = zone::shared(conf.zone) else { return delegate(pc) };
         let b = &*pd.balancer;
         // Every return below drops the guard before the wrapped get runs.
-        let guard = PeersRead::lock(peers);
+        let guard = crate::upstream::PeersRead::lock(peers);
         let n = (*peers).number;
         if n == 0 || n > MAX_PEERS {
             drop(guard);
@@ -395,35 +395,6 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             );
         }
         rc
-    }
-}
-
-/// Round robin's read lock on a shared (`zone`) peer list, held while the
-/// list is walked; nothing without a zone (one worker's own list).
-pub(crate) struct PeersRead(*mut ngx_http_upstream_rr_peers_t);
-
-impl PeersRead {
-    /// # Safety
-    /// `peers` must be a live round robin peer list.
-    pub(crate) unsafe fn lock(peers: *mut ngx_http_upstream_rr_peers_t) -> PeersRead {
-        // SAFETY: as ngx_http_upstream_rr_peers_rlock: the lock word lives
-        // beside the list in the zone when shpool is set.
-        unsafe {
-            if !(*peers).shpool.is_null() {
-                ngx::ffi::ngx_rwlock_rlock(&mut (*peers).rwlock);
-                return PeersRead(peers);
-            }
-        }
-        PeersRead(null_mut())
-    }
-}
-
-impl Drop for PeersRead {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: the lock `lock` took on this live list.
-            unsafe { ngx::ffi::ngx_rwlock_unlock(&mut (*self.0).rwlock) }
-        }
     }
 }
 

@@ -56,7 +56,6 @@ pub use directives::{
     flag, flag_or_bare, location_command, param, reset_main_settings, role, shm_size,
 };
 pub use gauges::for_each_peer_gauge;
-pub(crate) use hooks::PeersRead;
 pub use hooks::{init_peer, install};
 pub use status::status_text;
 pub use usage::learn_usage;

@@ -66,7 +66,7 @@ pub unsafe fn status_text(
             if peers.is_null() {
                 continue;
             }
-            let _read = super::hooks::PeersRead::lock(peers);
+            let _read = crate::upstream::PeersRead::lock(peers);
             let mut p = (*peers).peer;
             while let Some(peer) = p.as_ref() {
                 let key = peer_key(&conf.upstream_name, str_bytes(&peer.name));
