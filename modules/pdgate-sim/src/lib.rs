@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod capacity;
 pub mod http;
 pub mod metrics;
 pub mod model;

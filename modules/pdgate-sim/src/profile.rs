@@ -46,12 +46,16 @@ impl Profile {
     pub fn h100_llama3_8b() -> Profile {
         Profile {
             name: "h100-llama3-8b".into(),
-            // 16 GB of weights / 3.35 TB/s ≈ 4.8 ms; plus launch overheads.
-            step_base_us: 5_500.0,
+            // 16 GB of weights / 3.35 TB/s ≈ 4.8 ms at full bandwidth; vLLM
+            // measures 7.0–7.5 ms per decode step at batch 1–10 (fidelity
+            // table in docs/engine-sim.md).
+            step_base_us: 7_000.0,
             // 2 × 8e9 FLOP per token at ~55 % of 989 TFLOPS ≈ 29 µs.
             prefill_token_us: 30.0,
-            // Per-sequence sampling, logits (128k vocab) and scheduling.
-            decode_seq_us: 25.0,
+            // Per-sequence sampling, logits (128k vocab) and scheduling;
+            // fitted with step_base_us to the ~13 ms per step vLLM measures
+            // at ~220–256 sequences of ~300 tokens (docs/engine-sim.md).
+            decode_seq_us: 15.0,
             // 128 KiB of KV per context token / 3.35 TB/s ≈ 0.04 µs.
             context_token_us: 0.04,
             max_num_seqs: 256,
@@ -192,10 +196,10 @@ mod tests {
     #[test]
     fn ideal_prefill() {
         let p = Profile::h100_llama3_8b();
-        // 1,000 tokens: one step, 5.5 ms + 30 ms.
-        assert_eq!(p.ideal_prefill_us(1000), 35_500.0);
+        // 1,000 tokens: one step, 7 ms + 30 ms.
+        assert_eq!(p.ideal_prefill_us(1000), 37_000.0);
         // 10,000 tokens: two chunks of at most 8,192.
-        assert_eq!(p.ideal_prefill_us(10_000), 2.0 * 5_500.0 + 300_000.0);
+        assert_eq!(p.ideal_prefill_us(10_000), 2.0 * 7_000.0 + 300_000.0);
         assert_eq!(Profile::instant().ideal_prefill_us(5000), 0.0);
     }
 }

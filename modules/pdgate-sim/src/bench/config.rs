@@ -6,7 +6,8 @@ use serde_json::{json, Map, Value};
 use super::http::{self, Target};
 use super::stats::Slo;
 use super::workload::{
-    Arrivals, Endpoint, Lengths, Prefix, SHAREGPT_INPUT_MEDIAN, SHAREGPT_OUTPUT_MEDIAN,
+    Arrivals, Endpoint, Lengths, LongPrompts, Prefix, LONG_RANGE, LONG_SHARE,
+    SHAREGPT_INPUT_MEDIAN, SHAREGPT_INPUT_RANGE, SHAREGPT_OUTPUT_MEDIAN, SHAREGPT_OUTPUT_RANGE,
 };
 use crate::profile::Profile;
 
@@ -36,6 +37,9 @@ Arrivals (default: closed loop with --concurrency 1)
   --rate R               Poisson arrivals, R requests/s
   --burst N              N requests at once every --burst-interval
   --burst-interval S     seconds between bursts [1]
+  --on-off ON,OFF        with --rate: bursty arrivals, Poisson during ON
+                         seconds and none for OFF seconds, repeated, R
+                         requests/s on average (R x (ON+OFF)/ON while on)
   --concurrency C        without --rate/--burst: a closed loop of C
                          connections, each sending its next request when the
                          last is answered; with them: at most C in flight
@@ -54,7 +58,7 @@ Length and count
                          seed gives the same request sequence
 
 Workload (tokens; a prompt of N tokens is 4N bytes of words, the shared rule)
-  --lengths L            fixed, uniform or sharegpt [fixed]
+  --lengths L            fixed, uniform, sharegpt or longtail [fixed]
   --input-len N          fixed: prompt tokens [512]; sharegpt: their median
                          [200]
   --output-len N         fixed: max_tokens [128]; sharegpt: its median [150]
@@ -62,7 +66,13 @@ Workload (tokens; a prompt of N tokens is 4N bytes of words, the shared rule)
                          uniform: inclusive ranges [±50 % around --input-len
                          and --output-len]
                          sharegpt: lognormal input (sigma 1.0, 4..4096) and
-                         output (sigma 0.8, 4..2048), independent
+                         output (sigma 0.8, 4..2048), independent;
+                         --input-max/--output-max lower those upper clamps
+                         longtail: sharegpt, with a share of the prompts
+                         replaced by long ones:
+  --long-share F         ... F of them [0.1] ...
+  --long-min N, --long-max N
+                         ... uniform in N..N tokens [8192..16384]
   --prefix-groups N      shared-prefix conversations: N system prompts ...
   --users-per-group M    ... M users on each [4] ...
   --turns T              ... T turns per conversation [1], each sending the
@@ -70,6 +80,8 @@ Workload (tokens; a prompt of N tokens is 4N bytes of words, the shared rule)
                          text of their max_tokens); each new user message
                          and answer takes its length from --lengths
   --prefix-tokens P      system prompt tokens [1024]
+  --prefix-tokens-max P  each system prompt uniform in --prefix-tokens..P
+                         tokens (drawn per group) [--prefix-tokens]
 
 Report
   --profile FILE         engine profile for the ideal TTFT (key = value lines;
@@ -123,6 +135,7 @@ pub struct Config {
 #[derive(Debug)]
 pub enum Command {
     Run(Box<Config>),
+    Predict(Box<Config>),
     Help,
 }
 
@@ -160,7 +173,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
             None => (name, None),
         };
         let flag = format!("--{name}");
-        let switch = matches!(name, "no-stream" | "fail-on-error" | "quiet");
+        let switch = matches!(name, "no-stream" | "fail-on-error" | "quiet" | "predict-capacity");
         let known = switch
             || matches!(
                 name,
@@ -174,6 +187,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                     | "rate"
                     | "burst"
                     | "burst-interval"
+                    | "on-off"
                     | "concurrency"
                     | "max-conns"
                     | "num-requests"
@@ -191,6 +205,10 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                     | "users-per-group"
                     | "turns"
                     | "prefix-tokens"
+                    | "prefix-tokens-max"
+                    | "long-share"
+                    | "long-min"
+                    | "long-max"
                     | "profile"
                     | "slo-ttft-ms"
                     | "slo-tpot-ms"
@@ -211,7 +229,9 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
         }
         raw.push((flag, value));
     }
-    build(&raw).map(|c| Command::Run(Box::new(c)))
+    let predict = raw.iter().any(|(n, _)| n == "--predict-capacity");
+    build(&raw)
+        .map(|c| if predict { Command::Predict(Box::new(c)) } else { Command::Run(Box::new(c)) })
 }
 
 fn build(raw: &[(String, String)]) -> Result<Config, String> {
@@ -250,12 +270,30 @@ fn build(raw: &[(String, String)]) -> Result<Config, String> {
     let rate = opt_pos("--rate")?;
     let burst = opt_count("--burst")?;
     let burst_interval = opt_pos("--burst-interval")?;
+    let on_off = match get("--on-off") {
+        None => None,
+        Some(v) => {
+            let bad = || format!("--on-off: \"{v}\" is not ON,OFF (seconds, both positive)");
+            let (on, off) = v.split_once(',').ok_or_else(bad)?;
+            let (on, off) = (
+                positive("--on-off", on).map_err(|_| bad())?,
+                positive("--on-off", off).map_err(|_| bad())?,
+            );
+            Some((on, off))
+        }
+    };
     let arrivals = match (rate, burst) {
         (Some(_), Some(_)) => return Err("--burst: cannot be combined with --rate".into()),
-        (Some(rate), None) => Arrivals::Poisson { rate },
+        (Some(rate), None) => match on_off {
+            Some((on_s, off_s)) => Arrivals::OnOff { rate, on_s, off_s },
+            None => Arrivals::Poisson { rate },
+        },
         (None, Some(size)) => Arrivals::Burst { size, interval_s: burst_interval.unwrap_or(1.0) },
         (None, None) => Arrivals::Closed,
     };
+    if on_off.is_some() && rate.is_none() {
+        return Err("--on-off: only with --rate".into());
+    }
     if burst.is_none() && burst_interval.is_some() {
         return Err("--burst-interval: only with --burst".into());
     }
@@ -285,15 +323,70 @@ fn build(raw: &[(String, String)]) -> Result<Config, String> {
                 output: range("--output-min", "--output-max", around(o))?,
             }
         }
-        "sharegpt" => Lengths::ShareGpt {
-            input_median: input_len.unwrap_or(SHAREGPT_INPUT_MEDIAN),
-            output_median: output_len.unwrap_or(SHAREGPT_OUTPUT_MEDIAN),
-        },
-        v => return Err(format!("--lengths: \"{v}\" is not fixed, uniform or sharegpt")),
+        kind @ ("sharegpt" | "longtail") => {
+            let input_median = input_len.unwrap_or(SHAREGPT_INPUT_MEDIAN);
+            let output_median = output_len.unwrap_or(SHAREGPT_OUTPUT_MEDIAN);
+            let clamp = |f: &str, median: u64, lo: u64, def: u64| -> Result<u64, String> {
+                match opt_count(f)? {
+                    Some(m) if m < median.max(lo) => {
+                        Err(format!("{f}: {m} is below the median {} (or {lo})", median))
+                    }
+                    m => Ok(m.unwrap_or(def)),
+                }
+            };
+            let long = if kind == "longtail" {
+                let share = match get("--long-share") {
+                    None => LONG_SHARE,
+                    Some(v) => match v.parse::<f64>() {
+                        Ok(x) if (0.0..=1.0).contains(&x) => x,
+                        _ => return Err(format!("--long-share: \"{v}\" is not between 0 and 1")),
+                    },
+                };
+                let lo = opt_count("--long-min")?.unwrap_or(LONG_RANGE.0);
+                let hi = opt_count("--long-max")?.unwrap_or(LONG_RANGE.1.max(lo));
+                if lo > hi {
+                    return Err(format!("--long-min: {lo} is above --long-max {hi}"));
+                }
+                Some(LongPrompts { share, range: (lo, hi) })
+            } else {
+                None
+            };
+            Lengths::ShareGpt {
+                input_median,
+                output_median,
+                input_max: clamp(
+                    "--input-max",
+                    input_median,
+                    SHAREGPT_INPUT_RANGE.0,
+                    SHAREGPT_INPUT_RANGE.1,
+                )?,
+                output_max: clamp(
+                    "--output-max",
+                    output_median,
+                    SHAREGPT_OUTPUT_RANGE.0,
+                    SHAREGPT_OUTPUT_RANGE.1,
+                )?,
+                long,
+            }
+        }
+        v => return Err(format!("--lengths: \"{v}\" is not fixed, uniform, sharegpt or longtail")),
     };
-    if !matches!(lengths, Lengths::Uniform { .. }) {
-        if let Some(f) = range_flags.iter().find(|f| has(f)) {
-            return Err(format!("{f}: only with --lengths uniform"));
+    match lengths {
+        Lengths::Uniform { .. } => {}
+        Lengths::ShareGpt { .. } => {
+            if let Some(f) = ["--input-min", "--output-min"].iter().find(|f| has(f)) {
+                return Err(format!("{f}: only with --lengths uniform"));
+            }
+        }
+        Lengths::Fixed { .. } => {
+            if let Some(f) = range_flags.iter().find(|f| has(f)) {
+                return Err(format!("{f}: only with --lengths uniform"));
+            }
+        }
+    }
+    if !matches!(lengths, Lengths::ShareGpt { long: Some(_), .. }) {
+        if let Some(f) = ["--long-share", "--long-min", "--long-max"].iter().find(|f| has(f)) {
+            return Err(format!("{f}: only with --lengths longtail"));
         }
     }
 
@@ -309,10 +402,13 @@ fn build(raw: &[(String, String)]) -> Result<Config, String> {
                 Some(v) => number::<u64>("--prefix-tokens", v)?,
                 None => 1024,
             },
+            tokens_max: 0,
         }),
         None => {
             if let Some(f) =
-                ["--users-per-group", "--turns", "--prefix-tokens"].iter().find(|f| has(f))
+                ["--users-per-group", "--turns", "--prefix-tokens", "--prefix-tokens-max"]
+                    .iter()
+                    .find(|f| has(f))
             {
                 return Err(format!("{f}: only with --prefix-groups"));
             }
@@ -320,6 +416,24 @@ fn build(raw: &[(String, String)]) -> Result<Config, String> {
         }
     };
 
+    let prefix = match prefix {
+        Some(mut p) => {
+            p.tokens_max = match get("--prefix-tokens-max") {
+                None => p.tokens,
+                Some(v) => match number::<u64>("--prefix-tokens-max", v)? {
+                    m if m < p.tokens => {
+                        return Err(format!(
+                            "--prefix-tokens-max: {m} is below --prefix-tokens {}",
+                            p.tokens
+                        ))
+                    }
+                    m => m,
+                },
+            };
+            Some(p)
+        }
+        None => None,
+    };
     let num_requests = match (opt_count("--num-requests")?, has("--duration"), prefix) {
         (Some(n), _, _) => Some(n),
         (None, true, _) => None,
@@ -391,11 +505,14 @@ impl Config {
             Arrivals::Burst { size, interval_s } => {
                 json!({"kind": "burst", "size": size, "interval_s": interval_s})
             }
+            Arrivals::OnOff { rate, on_s, off_s } => {
+                json!({"kind": "on_off", "rate": rate, "on_s": on_s, "off_s": off_s})
+            }
             Arrivals::Closed => json!({"kind": "closed"}),
         };
         let prefix = self.prefix.map(|p| {
             json!({"groups": p.groups, "users_per_group": p.users, "turns": p.turns,
-                   "prefix_tokens": p.tokens})
+                   "prefix_tokens": p.tokens, "prefix_tokens_max": p.tokens_max})
         });
         let header_names: Vec<&str> =
             self.headers.iter().filter_map(|h| h.split_once(':')).map(|(n, _)| n).collect();
@@ -431,6 +548,7 @@ mod tests {
         let v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         match parse(&v)? {
             Command::Run(c) => Ok(*c),
+            Command::Predict(_) => Err("predict".into()),
             Command::Help => Err("help".into()),
         }
     }
@@ -481,7 +599,16 @@ mod tests {
         let c = run(&["--prefix-groups", "2", "--users-per-group", "3", "--turns", "4"]).unwrap();
         assert_eq!(c.num_requests, Some(24));
         let c = run(&["--lengths", "sharegpt", "--burst", "10"]).unwrap();
-        assert_eq!(c.lengths, Lengths::ShareGpt { input_median: 200, output_median: 150 });
+        assert_eq!(
+            c.lengths,
+            Lengths::ShareGpt {
+                input_median: 200,
+                output_median: 150,
+                input_max: 4096,
+                output_max: 2048,
+                long: None
+            }
+        );
         assert_eq!(c.arrivals, Arrivals::Burst { size: 10, interval_s: 1.0 });
         assert!(matches!(parse(&["--help".into()]), Ok(Command::Help)));
     }
@@ -564,6 +691,64 @@ mod tests {
             if let Err(e) = parse(&v) {
                 assert!(!e.starts_with("unknown flag"), "{f}: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn bursty_longtail_and_ranged_prefixes() {
+        let c = run(&[
+            "--rate",
+            "10",
+            "--on-off",
+            "2,3",
+            "--lengths",
+            "longtail",
+            "--long-share",
+            "0.2",
+        ])
+        .unwrap();
+        assert_eq!(c.arrivals, Arrivals::OnOff { rate: 10.0, on_s: 2.0, off_s: 3.0 });
+        let long = Some(LongPrompts { share: 0.2, range: LONG_RANGE });
+        assert!(
+            matches!(c.lengths, Lengths::ShareGpt { long: l, input_max: 4096, .. } if l == long)
+        );
+        let c =
+            run(&["--lengths", "sharegpt", "--output-len", "100", "--output-max", "512"]).unwrap();
+        assert!(matches!(c.lengths, Lengths::ShareGpt { output_max: 512, long: None, .. }));
+        let c =
+            run(&["--prefix-groups", "2", "--prefix-tokens", "10", "--prefix-tokens-max", "40"])
+                .unwrap();
+        assert_eq!(c.prefix.map(|p| (p.tokens, p.tokens_max)), Some((10, 40)));
+        let c = run(&["--prefix-groups", "2", "--prefix-tokens", "10"]).unwrap();
+        assert_eq!(c.prefix.map(|p| p.tokens_max), Some(10));
+        assert!(matches!(parse(&["--predict-capacity".into()]), Ok(Command::Predict(_))));
+        for (args, msg) in [
+            (&["--on-off", "2,3"][..], "--on-off: only with --rate"),
+            (
+                &["--rate", "1", "--on-off", "2"],
+                "--on-off: \"2\" is not ON,OFF (seconds, both positive)",
+            ),
+            (&["--long-share", "0.2"], "--long-share: only with --lengths longtail"),
+            (
+                &["--lengths", "longtail", "--long-share", "2"],
+                "--long-share: \"2\" is not between 0 and 1",
+            ),
+            (
+                &["--lengths", "sharegpt", "--output-max", "50"],
+                "--output-max: 50 is below the median 150 (or 4)",
+            ),
+            (
+                &["--lengths", "sharegpt", "--input-min", "5"],
+                "--input-min: only with --lengths uniform",
+            ),
+            (
+                &["--prefix-groups", "1", "--prefix-tokens", "9", "--prefix-tokens-max", "8"],
+                "--prefix-tokens-max: 8 is below --prefix-tokens 9",
+            ),
+            (&["--prefix-tokens-max", "8"], "--prefix-tokens-max: only with --prefix-groups"),
+        ] {
+            let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+            assert_eq!(parse(&args).unwrap_err(), msg, "{args:?}");
         }
     }
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+use crate::capacity::Demand;
 use client::Client;
 use config::{Command, Config};
 use runner::{Plan, Pool};
@@ -83,11 +84,51 @@ fn plan(cfg: &Config, seed: u64, limit: Option<u64>, duration: Option<f64>) -> P
     }
 }
 
+/// Requests sampled for `--predict-capacity` (at least one round of every
+/// conversation).
+const PREDICT_SAMPLES: u64 = 20_000;
+
+/// What one prefill and one decode engine of the profile sustain for the
+/// workload's first requests (`crate::capacity`), as a JSON line.
+fn predict(cfg: &Config) -> String {
+    let mut g = Generator::new(Workload {
+        seed: cfg.seed,
+        lengths: cfg.lengths.clone(),
+        prefix: cfg.prefix,
+    });
+    let n = cfg.prefix.map_or(PREDICT_SAMPLES, |p| p.epoch().max(PREDICT_SAMPLES));
+    let demand = Demand::of((0..n).map(|i| {
+        let s = g.spec(i);
+        // A perfect prefix cache holds the system prompt and the history.
+        let last = s.messages.last().map_or(0, |t| t.tokens);
+        (s.input_tokens(), s.input_tokens() - last, s.max_tokens)
+    }));
+    let Some(d) = demand else {
+        return serde_json::json!({"error": "the workload has no output tokens"}).to_string();
+    };
+    let c = cfg.profile.capacity(&d);
+    serde_json::json!({
+        "profile": cfg.profile.name,
+        "samples": n,
+        "demand": {"input": d.input, "input_uncached": d.input_uncached, "output": d.output,
+                   "decode_context": d.decode_context},
+        "prefill": {"tokens_per_s": c.prefill_tokens_per_s, "rps": c.prefill_rps,
+                    "rps_cached": c.prefill_rps_cached},
+        "decode": {"batch": c.decode_batch, "tpot_ms": c.decode_tpot_ms,
+                   "tokens_per_s": c.decode_tokens_per_s, "rps": c.decode_rps},
+    })
+    .to_string()
+}
+
 /// Runs pd-bench with `args` (without the program name); returns the exit
 /// status.
 pub fn main(args: &[String]) -> i32 {
     let cfg = match config::parse(args) {
         Ok(Command::Run(cfg)) => cfg,
+        Ok(Command::Predict(cfg)) => {
+            println!("{}", predict(&cfg));
+            return 0;
+        }
         Ok(Command::Help) => {
             print!("{}", config::HELP);
             return 0;

@@ -22,10 +22,15 @@ fn arrivals(cfg: &Config) -> String {
 fn workload(cfg: &Config) -> String {
     let mut w = cfg.lengths.describe();
     if let Some(p) = cfg.prefix {
+        let tokens = if p.tokens_max > p.tokens {
+            format!("{}..{}", p.tokens, p.tokens_max)
+        } else {
+            p.tokens.to_string()
+        };
         let _ = write!(
             w,
-            "; {} system prompts of {} tokens x {} users x {} turns",
-            p.groups, p.tokens, p.users, p.turns
+            "; {} system prompts of {tokens} tokens x {} users x {} turns",
+            p.groups, p.users, p.turns
         );
     }
     w

@@ -255,7 +255,7 @@ pub fn run(client: &Client, pool: &Pool, plan: Plan) -> Outcome {
     let first = match arrivals {
         Arrivals::Closed => cap,
         Arrivals::Burst { size, .. } => cap.min(usize::try_from(size).unwrap_or(usize::MAX)),
-        Arrivals::Poisson { .. } => 1,
+        Arrivals::Poisson { .. } | Arrivals::OnOff { .. } => 1,
     };
     let shared = Shared {
         client,
@@ -434,7 +434,7 @@ mod tests {
     fn turns_wait_for_the_previous_answer() {
         let c = client(server(200, 5));
         let pool = Pool::new(Vec::new());
-        let p = Prefix { groups: 1, users: 2, turns: 3, tokens: 16 };
+        let p = Prefix { groups: 1, users: 2, turns: 3, tokens: 16, tokens_max: 16 };
         let out = run(&c, &pool, plan(Arrivals::Poisson { rate: 1000.0 }, 8, 6, Some(p)));
         assert_eq!(out.records.len(), 6);
         for a in &out.records {

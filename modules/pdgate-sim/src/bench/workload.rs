@@ -32,6 +32,7 @@ const TAG_TURN: u64 = 3;
 const TAG_ORDER: u64 = 4;
 const TAG_ARRIVALS: u64 = 5;
 const TAG_WARMUP: u64 = 6;
+const TAG_SYSTEM_LEN: u64 = 7;
 
 /// One 64-bit seed from several (splitmix64's finaliser after each part).
 pub fn mix(parts: &[u64]) -> u64 {
@@ -86,12 +87,30 @@ pub enum Lengths {
         input: (u64, u64),
         output: (u64, u64),
     },
-    /// The ShareGPT-like lognormal mix around these medians.
+    /// The ShareGPT-like lognormal mix around these medians, clamped to
+    /// `SHAREGPT_*_RANGE` below and to these maxima above; with `long`, a
+    /// share of the prompts replaced by long ones (a long-tailed mix).
     ShareGpt {
         input_median: u64,
         output_median: u64,
+        input_max: u64,
+        output_max: u64,
+        long: Option<LongPrompts>,
     },
 }
+
+/// Long prompts mixed into the ShareGPT-like lengths: each prompt is, with
+/// probability `share`, uniform in `range` instead (RAG contexts, pasted
+/// documents).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LongPrompts {
+    pub share: f64,
+    pub range: (u64, u64),
+}
+
+/// `--lengths longtail`'s defaults: a tenth of the prompts 8k–16k tokens.
+pub const LONG_SHARE: f64 = 0.1;
+pub const LONG_RANGE: (u64, u64) = (8192, 16384);
 
 impl Lengths {
     /// (input, output) tokens.
@@ -102,10 +121,15 @@ impl Lengths {
                 let i = between(rng, input.0, input.1);
                 (i, between(rng, output.0, output.1))
             }
-            Lengths::ShareGpt { input_median, output_median } => {
-                let i = lognormal(rng, input_median, SHAREGPT_INPUT_SIGMA, SHAREGPT_INPUT_RANGE);
-                let o = lognormal(rng, output_median, SHAREGPT_OUTPUT_SIGMA, SHAREGPT_OUTPUT_RANGE);
-                (i, o)
+            Lengths::ShareGpt { input_median, output_median, input_max, output_max, long } => {
+                let in_range = (SHAREGPT_INPUT_RANGE.0, input_max);
+                let out_range = (SHAREGPT_OUTPUT_RANGE.0, output_max);
+                let i = lognormal(rng, input_median, SHAREGPT_INPUT_SIGMA, in_range);
+                let o = lognormal(rng, output_median, SHAREGPT_OUTPUT_SIGMA, out_range);
+                match long {
+                    Some(l) if unit(rng) < l.share => (between(rng, l.range.0, l.range.1), o),
+                    _ => (i, o),
+                }
             }
         }
     }
@@ -116,8 +140,14 @@ impl Lengths {
             Lengths::Uniform { input, output } => {
                 format!("uniform {}..{} in / {}..{} out", input.0, input.1, output.0, output.1)
             }
-            Lengths::ShareGpt { input_median, output_median } => {
-                format!("sharegpt-like, medians {input_median} in / {output_median} out")
+            Lengths::ShareGpt { input_median, output_median, long, .. } => {
+                let mut d =
+                    format!("sharegpt-like, medians {input_median} in / {output_median} out");
+                if let Some(l) = long {
+                    let pct = l.share * 100.0;
+                    d += &format!("; {pct} % of prompts {}..{} tokens", l.range.0, l.range.1);
+                }
+                d
             }
         }
     }
@@ -130,26 +160,31 @@ impl Lengths {
             Lengths::Uniform { input, output } => json!({
                 "kind": "uniform", "input": [input.0, input.1], "output": [output.0, output.1],
             }),
-            Lengths::ShareGpt { input_median, output_median } => json!({
-                "kind": "sharegpt",
-                "input": {"median": input_median, "sigma": SHAREGPT_INPUT_SIGMA,
-                          "range": [SHAREGPT_INPUT_RANGE.0, SHAREGPT_INPUT_RANGE.1]},
-                "output": {"median": output_median, "sigma": SHAREGPT_OUTPUT_SIGMA,
-                           "range": [SHAREGPT_OUTPUT_RANGE.0, SHAREGPT_OUTPUT_RANGE.1]},
-            }),
+            Lengths::ShareGpt { input_median, output_median, input_max, output_max, long } => {
+                json!({
+                    "kind": if long.is_some() { "longtail" } else { "sharegpt" },
+                    "input": {"median": input_median, "sigma": SHAREGPT_INPUT_SIGMA,
+                              "range": [SHAREGPT_INPUT_RANGE.0, input_max]},
+                    "output": {"median": output_median, "sigma": SHAREGPT_OUTPUT_SIGMA,
+                               "range": [SHAREGPT_OUTPUT_RANGE.0, output_max]},
+                    "long": long.map(|l| json!({"share": l.share, "range": [l.range.0, l.range.1]})),
+                })
+            }
         }
     }
 }
 
-/// Shared-prefix conversations: `groups` system prompts of `tokens` tokens,
-/// `users` users on each, `turns` turns per conversation, each turn sending
-/// the whole history again.
+/// Shared-prefix conversations: `groups` system prompts of `tokens` tokens
+/// (each uniform in `tokens..=tokens_max`, drawn per group, when that is
+/// larger), `users` users on each, `turns` turns per conversation, each turn
+/// sending the whole history again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Prefix {
     pub groups: u64,
     pub users: u64,
     pub turns: u32,
     pub tokens: u64,
+    pub tokens_max: u64,
 }
 
 impl Prefix {
@@ -237,8 +272,13 @@ impl Generator {
         let local = self.order_of(epoch, turn, convs)[(r % convs) as usize];
         let conv = epoch * convs + local;
         let group = local % p.groups;
-        let system = (p.tokens > 0)
-            .then(|| Text { seed: mix(&[seed, TAG_SYSTEM, group]), tokens: p.tokens });
+        let system_tokens = if p.tokens_max > p.tokens {
+            between(&mut Rng::new(mix(&[seed, TAG_SYSTEM_LEN, group])), p.tokens, p.tokens_max)
+        } else {
+            p.tokens
+        };
+        let system = (system_tokens > 0)
+            .then(|| Text { seed: mix(&[seed, TAG_SYSTEM, group]), tokens: system_tokens });
         let mut messages = Vec::with_capacity(2 * turn as usize + 1);
         let mut max_tokens = 0;
         for t in 0..=turn {
@@ -381,6 +421,10 @@ pub enum Arrivals {
     Poisson { rate: f64 },
     /// `size` requests at once every `interval_s`, the first burst at 0.
     Burst { size: u64, interval_s: f64 },
+    /// On/off: Poisson arrivals during `on_s` seconds, none for `off_s`,
+    /// repeated, at `rate` requests/s on average (so `rate × (on + off) /
+    /// on` while on), the first window on at 0.
+    OnOff { rate: f64, on_s: f64, off_s: f64 },
     /// Closed loop: each connection sends its next request when its last
     /// one is answered.
     Closed,
@@ -392,6 +436,9 @@ impl Arrivals {
             Arrivals::Poisson { rate } => format!("poisson {rate} req/s"),
             Arrivals::Burst { size, interval_s } => {
                 format!("bursts of {size} every {interval_s} s")
+            }
+            Arrivals::OnOff { rate, on_s, off_s } => {
+                format!("on/off poisson {rate} req/s on average, {on_s} s on, {off_s} s off")
             }
             Arrivals::Closed => "closed loop".into(),
         }
@@ -422,6 +469,14 @@ impl ArrivalClock {
                 at
             }
             Arrivals::Burst { size, interval_s } => (self.k / size) as f64 * interval_s,
+            Arrivals::OnOff { rate, on_s, off_s } => {
+                // `t` runs on the "on" clock only; each window of it is
+                // placed after the off gaps before it.
+                let on_time = self.t;
+                self.t += -(1.0 - unit(&mut self.rng)).ln() / (rate * (on_s + off_s) / on_s);
+                let window = (on_time / on_s).floor();
+                window * (on_s + off_s) + (on_time - window * on_s)
+            }
             Arrivals::Closed => return None,
         };
         self.k += 1;
@@ -438,6 +493,16 @@ pub fn text_tokens(s: &str) -> u64 {
 mod tests {
     use super::*;
 
+    fn sharegpt() -> Lengths {
+        Lengths::ShareGpt {
+            input_median: 200,
+            output_median: 150,
+            input_max: SHAREGPT_INPUT_RANGE.1,
+            output_max: SHAREGPT_OUTPUT_RANGE.1,
+            long: None,
+        }
+    }
+
     fn gen(seed: u64, lengths: Lengths, prefix: Option<Prefix>) -> Generator {
         Generator::new(Workload { seed, lengths, prefix })
     }
@@ -448,7 +513,7 @@ mod tests {
 
     #[test]
     fn same_seed_same_sequence() {
-        let l = Lengths::ShareGpt { input_median: 200, output_median: 150 };
+        let l = sharegpt();
         let (mut a, mut b) = (gen(7, l.clone(), None), gen(7, l.clone(), None));
         let o = opts(Endpoint::Chat);
         let first: Vec<Vec<u8>> = (0..50).map(|n| body(&a.spec(n), &o)).collect();
@@ -495,7 +560,7 @@ mod tests {
 
     #[test]
     fn sharegpt_medians_are_roughly_right() {
-        let mut g = gen(11, Lengths::ShareGpt { input_median: 200, output_median: 150 }, None);
+        let mut g = gen(11, sharegpt(), None);
         let n = 20_000;
         let (mut ins, mut outs): (Vec<u64>, Vec<u64>) =
             (0..n).map(|i| g.spec(i)).map(|s| (s.input_tokens(), s.max_tokens)).unzip();
@@ -512,7 +577,7 @@ mod tests {
 
     #[test]
     fn prefix_groups_share_system_prompts_and_grow_history() {
-        let p = Prefix { groups: 3, users: 2, turns: 3, tokens: 100 };
+        let p = Prefix { groups: 3, users: 2, turns: 3, tokens: 100, tokens_max: 100 };
         let mut g = gen(5, Lengths::Fixed { input: 10, output: 7 }, Some(p));
         assert_eq!(p.epoch(), 18);
         let specs: Vec<RequestSpec> = (0..36).map(|n| g.spec(n)).collect();
@@ -583,5 +648,67 @@ mod tests {
         assert_eq!(q.next_s(), Some(0.0));
         assert_eq!(q.next_s(), Some(t[1]));
         assert_eq!(ArrivalClock::new(Arrivals::Closed, 0).next_s(), None);
+    }
+
+    #[test]
+    fn longtail_replaces_a_share_of_prompts_and_clamps_hold() {
+        let long = LongPrompts { share: 0.1, range: (8192, 16384) };
+        let l = Lengths::ShareGpt {
+            input_median: 200,
+            output_median: 100,
+            input_max: 1000,
+            output_max: 300,
+            long: Some(long),
+        };
+        let mut g = gen(5, l, None);
+        let specs: Vec<RequestSpec> = (0..20_000).map(|n| g.spec(n)).collect();
+        let n_long = specs.iter().filter(|s| s.input_tokens() >= 8192).count();
+        // 10 % ± 1 % of 20,000.
+        assert!((1800..=2200).contains(&n_long), "{n_long}");
+        for s in &specs {
+            let i = s.input_tokens();
+            assert!((4..=1000).contains(&i) || (8192..=16384).contains(&i), "{i}");
+            assert!((4..=300).contains(&s.max_tokens));
+        }
+        // A mix without long prompts draws the same outputs.
+        let no_long = Lengths::ShareGpt {
+            input_median: 200,
+            output_median: 100,
+            input_max: 1000,
+            output_max: 300,
+            long: None,
+        };
+        let mut plain = gen(5, no_long, None);
+        assert!((0..100).all(|n| plain.spec(n).max_tokens == specs[n as usize].max_tokens));
+    }
+
+    #[test]
+    fn system_prompt_lengths_drawn_per_group() {
+        let p = Prefix { groups: 4, users: 3, turns: 2, tokens: 1000, tokens_max: 4000 };
+        let mut g = gen(3, Lengths::Fixed { input: 10, output: 5 }, Some(p));
+        let mut by_group = std::collections::HashMap::new();
+        for n in 0..p.epoch() {
+            let s = g.spec(n);
+            let sys = s.system.unwrap();
+            assert!((1000..=4000).contains(&sys.tokens));
+            // Same text seed, same length: one prompt per group.
+            assert_eq!(*by_group.entry(sys.seed).or_insert(sys.tokens), sys.tokens);
+        }
+        assert_eq!(by_group.len(), 4);
+        let lens: std::collections::HashSet<u64> = by_group.values().copied().collect();
+        assert!(lens.len() > 1, "{lens:?}");
+    }
+
+    #[test]
+    fn on_off_arrivals_keep_the_mean_rate_and_the_gaps() {
+        let mut c = ArrivalClock::new(Arrivals::OnOff { rate: 50.0, on_s: 2.0, off_s: 3.0 }, 4);
+        let t: Vec<f64> = (0..10_000).filter_map(|_| c.next_s()).collect();
+        assert_eq!(t[0], 0.0);
+        assert!(t.windows(2).all(|w| w[1] >= w[0]));
+        // Nothing arrives in an off window: [2, 5), [7, 10), ...
+        assert!(t.iter().all(|x| x % 5.0 < 2.0), "an arrival while off");
+        // 10,000 arrivals at 50/s on average: about 200 s.
+        let end = t[9_999];
+        assert!((end - 200.0).abs() < 8.0, "{end}");
     }
 }

@@ -1,0 +1,453 @@
+#!/usr/bin/env python3
+"""mirror: pdgate's routing against the peer routers on one simulated cluster.
+
+Run by scripts/bench-mirror.sh (which builds, installs the peer routers into
+.venv-bench/ and documents the knobs); Python 3 standard library only.
+
+For every scenario (a workload, an arrival process and a cluster), every
+router in the run meets the same seeded requests on a fresh engine-sim
+cluster (xPyD, vLLM NIXL or SGLang bootstrap protocol, whichever the router
+speaks), run slower than real time so that the simulated cluster and not the
+2-core host is the limit. Rates are set against the capacity the engine
+profile predicts for the workload (`pd-bench --predict-capacity`). Every
+figure is in model time (real time x the time scale), so it reads as on the
+GPUs the profile describes. Writes one pd-bench JSON per run, runs.json (the
+figures, the engines' counters, the host's CPU) and the report (report.md,
+plots) to the output directory.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIST = os.path.join(ROOT, "dist")
+VENV = os.path.join(ROOT, ".venv-bench", "bin")
+P_BASE, D_BASE, SIDE_OFFSET, ROUTER_PORT = 18710, 18730, 1000, 18790
+
+# --- the routers ------------------------------------------------------------
+
+PDGATE_LBS = ["round_robin", "least_conn", "least_total_load", "weighted_least_active",
+              "auto_balance_controller", "prefill_score_balance", "greedy_timeout",
+              "length_balance", "pd_score_balance", "prefix_cache_affinity"]
+# prefill_refactor's choices (SGLang mode); least_active is its default.
+PDGATE_SGLANG = ["least_active", "least_total_load", "weighted_least_active",
+                 "auto_balance_controller", "prefill_score_balance", "pd_score_balance"]
+# kv_aware needs the engines' KV events (issue 15; engine-sim publishes none yet).
+VLLM_ROUTER = ["round_robin", "random", "power_of_two", "cache_aware", "consistent_hash",
+               "sticky_least_loaded"]
+# manual needs routing keys from the client; bucket is a prefill-only policy.
+SGLANG_ROUTER = ["round_robin", "random", "power_of_two", "cache_aware", "bucket"]
+
+
+def all_routers():
+    return ([f"pdgate/{x}" for x in PDGATE_LBS] + [f"pdgate-sglang/{x}" for x in PDGATE_SGLANG]
+            + [f"vllm-router/{x}" for x in VLLM_ROUTER]
+            + [f"sglang-router/{x}" for x in SGLANG_ROUTER])
+
+
+def engine_of(router):
+    """The P/D protocol the router speaks."""
+    return "sglang" if router.split("/")[0] in ("pdgate-sglang", "sglang-router") else "vllm"
+
+
+def is_baseline(router):
+    return router == "pdgate/round_robin"
+
+
+def kind_of(router):
+    return "pdgate" if router.startswith("pdgate") else "peer"
+
+# --- the scenarios ----------------------------------------------------------
+
+SHAREGPT = ["--lengths", "sharegpt", "--output-len", "100", "--output-max", "256"]
+SCENARIOS = {
+    # name: (description, pd-bench workload flags, load (fraction of the
+    #        predicted capacity), options)
+    "a50": ("ShareGPT-like chat at 50 % of capacity", SHAREGPT, 0.50, {}),
+    "a80": ("ShareGPT-like chat at 80 %", SHAREGPT, 0.80, {}),
+    "a95": ("ShareGPT-like chat at 95 %", SHAREGPT, 0.95, {}),
+    "a110": ("ShareGPT-like chat at 110 % (overload)", SHAREGPT, 1.10, {}),
+    "b": ("long-tailed prompts (10 % of 8k-16k tokens) at 90 %",
+          ["--lengths", "longtail", "--output-len", "100", "--output-max", "256"], 0.90, {}),
+    "c": ("prefix-heavy: 16 system prompts of 1-4k tokens, 16 users each, 4-turn "
+          "conversations, at 80 % of the capacity with a perfect prefix cache",
+          SHAREGPT + ["--prefix-groups", "16", "--users-per-group", "16", "--turns", "4",
+                      "--prefix-tokens", "1024", "--prefix-tokens-max", "4096"],
+          0.80, {"cached": True}),
+    "d": ("heterogeneous: one prefill and one decode 2.5x slower, at 90 %",
+          SHAREGPT, 0.90, {"slow": 0.4}),
+    "e": ("bursty: on/off arrivals (on 4 s, off 4 s of real time), 70 % on average",
+          SHAREGPT, 0.70, {"on_off": "4,4"}),
+}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def predict(flags, prefills, decodes, slow):
+    """Predicted capacity (req/s, model time) of the cluster for `flags`."""
+    out = subprocess.run([f"{DIST}/bin/pd-bench", "--predict-capacity", *flags],
+                         check=True, capture_output=True, text=True).stdout
+    p = json.loads(out)
+    # Engine speeds: the first of each role at `slow` of the others'.
+    speed = lambda n: n - 1 + slow if slow else n
+    return p, speed(prefills), speed(decodes)
+
+
+def capacity(p, pspeed, dspeed, cached):
+    pre = pspeed * (p["prefill"]["rps_cached"] if cached else p["prefill"]["rps"])
+    return min(pre, dspeed * p["decode"]["rps"]), pre, dspeed * p["decode"]["rps"]
+
+# --- processes --------------------------------------------------------------
+
+
+class Run:
+    """The processes of one run, stopped together."""
+
+    def __init__(self, work):
+        self.work, self.procs, self.nginx_dir = work, [], None
+
+    def spawn(self, args, log_name):
+        f = open(os.path.join(self.work, log_name), "ab")
+        self.procs.append(subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT,
+                                           start_new_session=True))
+        f.close()
+
+    def stop(self):
+        if self.nginx_dir:
+            subprocess.run([f"{DIST}/sbin/nginx", "-p", self.nginx_dir, "-c", "nginx.conf",
+                            "-s", "stop"], capture_output=True)
+            for _ in range(50):
+                if not os.path.exists(os.path.join(self.nginx_dir, "logs", "nginx.pid")):
+                    break
+                time.sleep(0.1)
+            self.nginx_dir = None
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        self.procs = []
+
+
+def get(url, timeout=1.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode("utf-8", "replace")
+
+
+def wait_http(url, seconds=30):
+    end = time.time() + seconds
+    while time.time() < end:
+        try:
+            if get(url)[0] == 200:
+                return True
+        except Exception:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def ports(n, base):
+    return [base + i for i in range(n)]
+
+
+def start_cluster(run, engine, prefills, decodes, scale, slow):
+    for role, base, n in (("prefill", P_BASE, prefills), ("decode", D_BASE, decodes)):
+        for i, port in enumerate(ports(n, base)):
+            s = scale * slow if (slow and i == 0) else scale
+            run.spawn([f"{DIST}/bin/engine-sim", "--role", role, "--engine", engine,
+                       "--port", str(port), "--kv-port", str(port + SIDE_OFFSET),
+                       "--time-scale", f"{s:.6g}", "--kv-hold-ms", "600000",
+                       "--bootstrap-timeout-ms", "600000", "--quiet"], "engines.log")
+    for port in ports(prefills, P_BASE) + ports(decodes, D_BASE):
+        if not wait_http(f"http://127.0.0.1:{port}/health"):
+            raise RuntimeError(f"engine-sim on {port} did not come up")
+
+
+def addr_list(ps):
+    return ",".join(f"127.0.0.1:{p}" for p in ps)
+
+
+def start_router(run, router, prefills, decodes, workers):
+    family, policy = router.split("/", 1)
+    pp, dp = ports(prefills, P_BASE), ports(decodes, D_BASE)
+    if family in ("pdgate", "pdgate-sglang"):
+        d = os.path.join(run.work, "nginx")
+        shutil.rmtree(d, ignore_errors=True)
+        os.makedirs(os.path.join(d, "logs"))
+        args = [f"{ROOT}/scripts/global_proxy.sh", "--dry-run", "-f", f"{d}/nginx.conf",
+                "--prefix", d, "--nginx-bin", f"{DIST}/sbin/nginx", "--modules-dir",
+                f"{DIST}/modules", "--listen-address", "127.0.0.1", "-p", str(ROUTER_PORT),
+                "-c", str(workers), "-s", "0", "--prefill-servers-list", addr_list(pp),
+                "--decode-servers-list", addr_list(dp)]
+        if family == "pdgate":
+            args += ["--prefill-lb-sdk", policy, "--decode-lb-sdk", policy]
+        else:
+            args += ["--engine-type", "sglang",
+                     "--bootstrap-port", ",".join(str(p + SIDE_OFFSET) for p in pp)]
+            if policy != "least_active":
+                args += ["--prefill-lb-sdk", policy, "--decode-lb-sdk", policy]
+            else:
+                args += ["--decode-lb-sdk", "least_conn"]
+        r = subprocess.run(args, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"global_proxy.sh: {r.stdout}{r.stderr}")
+        subprocess.run([f"{DIST}/sbin/nginx", "-p", d, "-c", "nginx.conf"], check=True)
+        run.nginx_dir = d
+    elif family == "vllm-router":
+        args = [f"{VENV}/vllm-router", "--host", "127.0.0.1", "--port", str(ROUTER_PORT),
+                "--vllm-pd-disaggregation", "--policy", policy, "--log-level", "warning"]
+        for p in pp:
+            args += ["--prefill", f"http://127.0.0.1:{p}"]
+        for p in dp:
+            args += ["--decode", f"http://127.0.0.1:{p}"]
+        run.spawn(args, "router.log")
+    elif family == "sglang-router":
+        args = [f"{VENV}/python", "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
+                "--port", str(ROUTER_PORT), "--pd-disaggregation", "--log-level", "warn"]
+        if policy == "bucket":
+            args += ["--prefill-policy", "bucket", "--decode-policy", "round_robin"]
+        else:
+            args += ["--policy", policy]
+        for p in pp:
+            args += ["--prefill", f"http://127.0.0.1:{p}", str(p + SIDE_OFFSET)]
+        for p in dp:
+            args += ["--decode", f"http://127.0.0.1:{p}"]
+        run.spawn(args, "router.log")
+    else:
+        raise ValueError(f"unknown router {router}")
+    if not wait_http(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", 60):
+        raise RuntimeError(f"{router} did not come up (see {run.work}/router.log)")
+
+
+def engine_counters(prefills, decodes):
+    """Sums of the engines' counters, per role."""
+    want = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+            "engine_sim:kv_recompute_total", "engine_sim:kv_transfers_total",
+            "vllm:num_preemptions_total", "vllm:prompt_tokens_total")
+    out = {}
+    for role, ps in (("prefill", ports(prefills, P_BASE)), ("decode", ports(decodes, D_BASE))):
+        sums = dict.fromkeys(want, 0.0)
+        for p in ps:
+            _, text = get(f"http://127.0.0.1:{p}/metrics", 5)
+            for line in text.splitlines():
+                if line.startswith("#"):
+                    continue
+                name = line.split("{", 1)[0].split(" ", 1)[0]
+                if name in sums:
+                    sums[name] += float(line.rsplit(" ", 1)[1])
+        out[role] = sums
+    return out
+
+
+def cpu_times():
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    idle = v[3] + v[4]
+    return sum(v), idle
+
+# --- figures ----------------------------------------------------------------
+
+
+def pct(sorted_vals, p):
+    if not sorted_vals:
+        return None
+    rank = p / 100 * (len(sorted_vals) - 1)
+    lo, hi = int(rank), min(int(rank) + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (rank - lo)
+
+
+def figures(doc, scale, slo_ttft, slo_tpot, arrival_s):
+    """Model-time figures of one pd-bench JSON."""
+    reqs = doc["requests"]
+    ok = [r for r in reqs if r["status"] == 200 and not r["error"] and r["ttft_ms"] is not None]
+    ms = lambda r, k: r[k] * scale if r[k] is not None else None
+    ttft = sorted(ms(r, "ttft_ms") for r in ok)
+    tpot = sorted(ms(r, "tpot_ms") for r in ok if r["tpot_ms"] is not None)
+    e2e = sorted(ms(r, "e2e_ms") for r in ok if r["e2e_ms"] is not None)
+    good = sum(1 for r in ok if ms(r, "ttft_ms") <= slo_ttft
+               and (r["tpot_ms"] is None or ms(r, "tpot_ms") <= slo_tpot))
+    model_s = arrival_s * scale
+    f = {"requests": len(reqs), "ok": len(ok), "errors": len(reqs) - len(ok),
+         "ttft_mean": sum(ttft) / len(ttft) if ttft else None,
+         "ttft_p50": pct(ttft, 50), "ttft_p90": pct(ttft, 90), "ttft_p99": pct(ttft, 99),
+         "tpot_p50": pct(tpot, 50), "tpot_p99": pct(tpot, 99), "e2e_p99": pct(e2e, 99),
+         "good": good, "goodput": good / model_s if model_s else None,
+         "throughput": len(ok) / model_s if model_s else None}
+    errs = {}
+    for r in reqs:
+        if r not in ok:
+            key = str(r["status"] or r["error"] or "no first token")[:60]
+            errs[key] = errs.get(key, 0) + 1
+    f["error_kinds"] = errs
+    return f
+
+# --- main -------------------------------------------------------------------
+
+
+def env_list(name, default):
+    v = os.environ.get(name)
+    return v.split() if v else default
+
+
+def main():
+    quick = os.environ.get("QUICK") == "1"
+    out = os.path.join(ROOT, os.environ.get("MIRROR_OUT",
+                                            "bench-out/mirror-quick" if quick else "bench-out/mirror"))
+    prefills = int(os.environ.get("MIRROR_PREFILLS", "4"))
+    decodes = int(os.environ.get("MIRROR_DECODES", "4"))
+    workers = int(os.environ.get("MIRROR_WORKERS", "2"))
+    host_rps = float(os.environ.get("MIRROR_HOST_RPS", "200"))
+    seconds = float(os.environ.get("MIRROR_SECONDS", "10" if quick else "25"))
+    seeds = env_list("MIRROR_SEEDS", ["7"])
+    slo_ttft = float(os.environ.get("MIRROR_SLO_TTFT_MS", "1000"))
+    slo_tpot = float(os.environ.get("MIRROR_SLO_TPOT_MS", "50"))
+    core = ["pdgate/round_robin", "pdgate/least_total_load", "pdgate/pd_score_balance",
+            "pdgate/prefix_cache_affinity", "vllm-router/round_robin", "vllm-router/cache_aware",
+            "sglang-router/cache_aware"]
+    if quick:
+        plan = {"a95": ["pdgate/round_robin", "pdgate/least_total_load",
+                        "vllm-router/round_robin", "sglang-router/round_robin"],
+                "c": ["pdgate/round_robin", "pdgate/prefix_cache_affinity",
+                      "vllm-router/cache_aware", "sglang-router/cache_aware"]}
+    else:
+        plan = {"a95": all_routers()}
+        for s in ("a50", "a80", "a110", "b", "c", "d", "e"):
+            plan[s] = core
+    if os.environ.get("MIRROR_SCENARIOS"):
+        names = os.environ["MIRROR_SCENARIOS"].split()
+        plan = {s: plan.get(s, core) for s in names}
+    if os.environ.get("MIRROR_ROUTERS"):
+        rs = os.environ["MIRROR_ROUTERS"].split()
+        rs = all_routers() if rs == ["all"] else rs
+        plan = {s: rs for s in plan}
+    for s, rs in plan.items():
+        if s not in SCENARIOS:
+            sys.exit(f"mirror: unknown scenario {s} (known: {' '.join(SCENARIOS)})")
+        for r in rs:
+            if r not in all_routers():
+                sys.exit(f"mirror: unknown router {r} (known: {' '.join(all_routers())})")
+        if not is_baseline(rs[0]) and "pdgate/round_robin" not in rs:
+            rs.insert(0, "pdgate/round_robin")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    work = os.path.join(out, "work")
+    os.makedirs(work)
+    n_runs = sum(len(v) for v in plan.values()) * len(seeds)
+    log(f"mirror: {prefills}P{decodes}D, {n_runs} runs of {seconds:g} s of arrivals "
+        f"(about {n_runs * (seconds + 25) / 60:.0f} min), output {out}")
+    started = time.time()
+    results = {"config": {"prefills": prefills, "decodes": decodes, "workers": workers,
+                          "seconds": seconds, "seeds": seeds, "slo_ttft_ms": slo_ttft,
+                          "slo_tpot_ms": slo_tpot, "host_rps": host_rps, "quick": quick,
+                          "versions": versions(), "command": command_line()},
+               "scenarios": {}, "runs": []}
+    k = 0
+    for name, routers in plan.items():
+        desc, flags, load, opt = SCENARIOS[name]
+        slow = opt.get("slow")
+        p, pspeed, dspeed = predict(flags, prefills, decodes, slow)
+        cap, pre_cap, dec_cap = capacity(p, pspeed, dspeed, opt.get("cached"))
+        rate_model = load * cap
+        # The time scale puts the cluster's capacity at host_rps of real time
+        # (never faster than real time: the proxies' own latency stays real).
+        scale = min(1.0, host_rps / cap)
+        rate = rate_model * scale
+        results["scenarios"][name] = {
+            "description": desc, "flags": flags, "load": load, "prediction": p,
+            "capacity": cap, "prefill_capacity": pre_cap, "decode_capacity": dec_cap,
+            "rate_model": rate_model, "time_scale": scale, "rate_real": rate,
+            "routers": routers}
+        log(f"\n{name}: {desc}\n  predicted capacity {cap:.1f} req/s (prefill {pre_cap:.1f}, "
+            f"decode {dec_cap:.1f}); {rate_model:.1f} req/s of model time; time scale "
+            f"{scale:.4g}, {rate:.2f} req/s real")
+        for seed in seeds:
+            for router in routers:
+                k += 1
+                run = Run(work)
+                label = f"{name}-{router.replace('/', '-')}-s{seed}"
+                try:
+                    start_cluster(run, engine_of(router), prefills, decodes, scale, slow)
+                    start_router(run, router, prefills, decodes, workers)
+                    bench = [f"{DIST}/bin/pd-bench", "--url", f"http://127.0.0.1:{ROUTER_PORT}",
+                             "--rate", f"{rate:.6g}", "--duration", f"{seconds:g}",
+                             "--seed", seed, "--quiet", "--max-conns", "4000",
+                             "--timeout", "900", "--json", f"{out}/{label}.json",
+                             "--label", f"{router} @ {name}", *flags]
+                    if opt.get("on_off"):
+                        bench += ["--on-off", opt["on_off"]]
+                    t0, i0 = cpu_times()
+                    w0 = time.time()
+                    subprocess.run(bench, check=True, capture_output=True)
+                    wall = time.time() - w0
+                    t1, i1 = cpu_times()
+                    counters = engine_counters(prefills, decodes)
+                finally:
+                    run.stop()
+                with open(f"{out}/{label}.json") as f:
+                    doc = json.load(f)
+                fig = figures(doc, scale, slo_ttft, slo_tpot, seconds)
+                pre = counters["prefill"]
+                q = pre["vllm:prefix_cache_queries_total"]
+                fig["prefix_hit_rate"] = pre["vllm:prefix_cache_hits_total"] / q if q else None
+                fig["kv_recompute"] = counters["decode"]["engine_sim:kv_recompute_total"]
+                fig["preemptions"] = counters["decode"]["vllm:num_preemptions_total"]
+                fig["host_cpu"] = 1 - (i1 - i0) / (t1 - t0) if t1 > t0 else None
+                fig["wall_s"] = wall
+                results["runs"].append({"scenario": name, "router": router, "seed": seed,
+                                        "json": f"{label}.json", **fig})
+                log(f"  [{k}/{n_runs}] {router:34s} TTFT mean {fmt(fig['ttft_mean'])} "
+                    f"p99 {fmt(fig['ttft_p99'])} ms, TPOT p99 {fmt(fig['tpot_p99'])} ms, "
+                    f"goodput {fmt(fig['goodput'])} req/s, hit {fmt(fig['prefix_hit_rate'], 3)}, "
+                    f"errors {fig['errors']}, recompute {fig['kv_recompute']:.0f}, "
+                    f"cpu {fmt(100 * fig['host_cpu'], 0)} %")
+                with open(f"{out}/runs.json", "w") as f:
+                    json.dump(results, f, indent=1)
+    results["config"]["elapsed_s"] = time.time() - started
+    with open(f"{out}/runs.json", "w") as f:
+        json.dump(results, f, indent=1)
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"\nmirror: {n_runs} runs in {results['config']['elapsed_s'] / 60:.1f} min; "
+        f"report: scripts/mirror-report.py {os.path.relpath(out, ROOT)}")
+
+
+def fmt(x, nd=1):
+    return "-" if x is None else f"{x:.{nd}f}"
+
+
+def versions():
+    v = {}
+    for pkg in ("vllm-router", "sglang-router"):
+        try:
+            r = subprocess.run([f"{VENV}/pip", "show", pkg], capture_output=True, text=True)
+            v[pkg] = next((ln.split()[1] for ln in r.stdout.splitlines()
+                           if ln.startswith("Version:")), None)
+        except OSError:
+            v[pkg] = None
+    r = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                       capture_output=True, text=True)
+    v["pdgate"] = r.stdout.strip()
+    return v
+
+
+def command_line():
+    keys = sorted(k for k in os.environ if k.startswith("MIRROR_") or k == "QUICK")
+    env = " ".join(f"{k}={os.environ[k]!r}" for k in keys)
+    return (env + " " if env else "") + "scripts/bench-mirror.sh"
+
+
+if __name__ == "__main__":
+    main()
