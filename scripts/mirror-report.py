@@ -21,6 +21,44 @@ COLOURS = {"pdgate": "#0072B2", "pdgate-sglang": "#56B4E9", "vllm-router": "#E69
            "sglang-router": "#009E73"}
 
 
+# Scenarios in reading order (scripts/mirror.py's SCENARIOS).
+ORDER = ["a50", "a80", "a95", "a110", "b", "c", "d", "e"]
+
+
+def completion_rate(d, run, scale, seconds):
+    """Requests finished per second of model time in the second half of the
+    arrival window (scripts/mirror.py), from the run's JSON when runs.json
+    predates the figure."""
+    if run.get("completion_rate") is not None:
+        return run["completion_rate"]
+    try:
+        with open(os.path.join(d, run["json"])) as f:
+            doc = json.load(f)
+    except OSError:
+        return None
+    lo, hi = seconds * 500, seconds * 1000
+    n = sum(1 for r in doc["requests"]
+            if r["e2e_ms"] is not None and lo <= r["start_ms"] + r["e2e_ms"] < hi)
+    return n / (seconds / 2 * scale)
+
+
+def tight_goodput(d, run, scale, ttft, tpot, seconds):
+    """Goodput at the tight TTFT SLO, from the run's pd-bench JSON when
+    runs.json predates the figure."""
+    if run.get("goodput_tight") is not None:
+        return run["goodput_tight"]
+    try:
+        with open(os.path.join(d, run["json"])) as f:
+            doc = json.load(f)
+    except OSError:
+        return None
+    good = sum(1 for r in doc["requests"]
+               if r["status"] == 200 and not r["error"] and r["ttft_ms"] is not None
+               and r["ttft_ms"] * scale <= ttft
+               and (r["tpot_ms"] is None or r["tpot_ms"] * scale <= tpot))
+    return good / (seconds * scale)
+
+
 def family(router):
     return router.split("/")[0]
 
@@ -65,7 +103,7 @@ def best(rows, pred, key="ttft_p99"):
 
 def bars_svg(title, rows, panels):
     """Horizontal bars: one panel per (key, label, better) in `panels`."""
-    name_w, bar_w, row_h, top, gap = 230, 230, 18, 58, 24
+    name_w, bar_w, row_h, top, gap = 250, 240, 18, 58, 70
     w = name_w + len(panels) * (bar_w + gap) + 20
     h = top + row_h * len(rows) + 40
     o = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
@@ -166,6 +204,13 @@ def main(argv):
     with open(os.path.join(d, "runs.json")) as f:
         res = json.load(f)
     cfg, scen = res["config"], res["scenarios"]
+    scen = {k: scen[k] for k in sorted(scen, key=lambda k: ORDER.index(k) if k in ORDER else 99)}
+    tight = cfg.get("slo_tight_ttft_ms", 300)
+    for r in res["runs"]:
+        s = scen[r["scenario"]]
+        r["goodput_tight"] = tight_goodput(d, r, s["time_scale"], tight, cfg["slo_tpot_ms"],
+                                           cfg["seconds"])
+        r["completion_rate"] = completion_rate(d, r, s["time_scale"], cfg["seconds"])
     means = mean_runs(res["runs"])
     v = cfg["versions"]
     slo = f"TTFT ≤ {cfg['slo_ttft_ms']:g} ms and TPOT ≤ {cfg['slo_tpot_ms']:g} ms"
@@ -184,24 +229,27 @@ def main(argv):
           f"{cfg['host_rps']:g} requests/s of real time, which the 2-core host drives (its CPU during "
           "each run is in the tables). **Every figure is in model time** (real × the time scale), so "
           "it reads as on the GPUs the profile describes. Goodput: requests per second of model time "
-          f"that met {slo}. Hit rate: the prefill engines' prefix-cache hits ÷ queries (their "
+          f"that met {slo}; goodput@{tight:g} the same with TTFT ≤ {tight:g} ms. Hit rate: the prefill engines' prefix-cache hits ÷ queries (their "
           "`/metrics`). Recompute: decodes that had to recompute a prompt (KV not handed over); "
           "0 everywhere means every router really hands the KV over.", "",
           f"Command: `{cfg['command']}` ({cfg.get('elapsed_s', 0) / 60:.0f} min). Raw runs: "
           "`runs.json` and one pd-bench JSON per run in the output directory.", "",
           "## Scenarios and capacity", "",
           "| scenario | predicted capacity (req/s) | prefill / decode limit | time scale | rate (req/s, model) "
-          "| measured throughput (req/s) | host CPU max |",
+          "| finished (req/s), most / least | host CPU max |",
           "|:---|---:|---:|---:|---:|---:|---:|"]
     for name, s in scen.items():
         rows = [m for (sn, _), m in means.items() if sn == name]
-        thr = max((r["throughput"] or 0) for r in rows) if rows else None
+        done = [r["completion_rate"] for r in rows if r.get("completion_rate") is not None]
         cpu = max((r["host_cpu"] or 0) for r in rows) if rows else None
         md.append(f"| **{name}**: {s['description']} | {s['capacity']:.0f} | "
                   f"{s['prefill_capacity']:.0f} / {s['decode_capacity']:.0f} | {s['time_scale']:.3g} | "
-                  f"{s['rate_model']:.0f} | {fmt(thr, 0)} | {fmt(100 * cpu if cpu else None, 0)} % |")
-    md += ["", "Measured throughput is the most any router finished per second of model time over the "
-           "arrival window; at 110 % it shows whether the cluster saturates where the profile says.", ""]
+                  f"{s['rate_model']:.0f} | {fmt(max(done) if done else None, 0)} / "
+                  f"{fmt(min(done) if done else None, 0)} | {fmt(100 * cpu if cpu else None, 0)} % |")
+    md += ["", "Finished: requests completed per second of model time during the second half of the "
+           "arrival window (the batches filled), the most and the least over the routers. Below "
+           "capacity it follows the offered rate; at 110 % it is the capacity the cluster reaches, "
+           "beside the one the profile predicts.", ""]
 
     summary = []
     loads = {}
@@ -215,17 +263,18 @@ def main(argv):
                f"{s['time_scale']:.3g}). Ratios: against pdgate's round robin (÷ rr) and against the "
                f"best peer policy of this scenario by TTFT p99 (÷ peer: "
                f"{peer['router'] if peer else 'none run'}).", "",
-               "| router | TTFT mean | p50 | p99 | TPOT p99 | E2E p99 | goodput | hit rate | errors "
-               "| recompute | p99 ÷ rr | p99 ÷ peer | goodput ÷ rr | CPU |",
-               "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               f"| router | TTFT mean | p50 | p99 | TPOT p99 | E2E p99 | goodput | goodput@{tight:g} | hit rate "
+               "| errors | recompute | p99 ÷ rr | p99 ÷ peer | goodput@ ÷ rr | CPU |",
+               "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             md.append(
                 f"| {r['router']} | {fmt(r['ttft_mean'])} | {fmt(r['ttft_p50'])} | "
                 f"{fmt(r['ttft_p99'])} | {fmt(r['tpot_p99'])} | {fmt(r['e2e_p99'], 0)} | "
-                f"{fmt(r['goodput'])} | {fmt(r['prefix_hit_rate'], 3)} | {r['errors']:.0f} | "
+                f"{fmt(r['goodput'])} | {fmt(r['goodput_tight'])} | {fmt(r['prefix_hit_rate'], 3)} | "
+                f"{r['errors']:.0f} | "
                 f"{r['kv_recompute']:.0f} | {fmt(ratio(r['ttft_p99'], base and base['ttft_p99']), 2)} | "
                 f"{fmt(ratio(r['ttft_p99'], peer and peer['ttft_p99']), 2)} | "
-                f"{fmt(ratio(r['goodput'], base and base['goodput']), 2)} | "
+                f"{fmt(ratio(r['goodput_tight'], base and base['goodput_tight']), 2)} | "
                 f"{fmt(100 * r['host_cpu'] if r['host_cpu'] is not None else None, 0)} % |")
         errs = {}
         for r in res["runs"]:
@@ -236,7 +285,7 @@ def main(argv):
             md += ["", "Errors: " + "; ".join(f"{k}: {', '.join(v)}" for k, v in errs.items()) + "."]
         svg = bars_svg(f"{name}: {s['description']}", rows,
                        [("ttft_p99", "TTFT p99, ms", "shorter"), ("ttft_mean", "TTFT mean, ms", "shorter"),
-                        ("goodput", "goodput, req/s", "longer"),
+                        ("goodput_tight", f"goodput@{tight:g}, req/s", "longer"),
                         ("prefix_hit_rate", "prefix hit rate", "longer")])
         with open(os.path.join(d, f"mirror-{name}.svg"), "w") as f:
             f.write(svg)
@@ -258,12 +307,13 @@ def main(argv):
                "pdgate's best policy per scenario (lowest TTFT p99 but round robin) against round robin "
                "and the best peer policy:", "",
                "| scenario | pdgate's best | TTFT p99 ÷ rr | ÷ best peer | mean TTFT ÷ rr | goodput ÷ rr "
-               "| hit rate ÷ rr |", "|:---|:---|---:|---:|---:|---:|---:|"]
+               f"| goodput@{tight:g} ÷ rr | hit rate ÷ rr |", "|:---|:---|---:|---:|---:|---:|---:|---:|"]
         for name, ours, base, peer in summary:
             md.append(f"| {name} | {ours['router']} | {fmt(ratio(ours['ttft_p99'], base['ttft_p99']), 2)} | "
                       f"{fmt(ratio(ours['ttft_p99'], peer and peer['ttft_p99']), 2)} | "
                       f"{fmt(ratio(ours['ttft_mean'], base['ttft_mean']), 2)} | "
                       f"{fmt(ratio(ours['goodput'], base['goodput']), 2)} | "
+                      f"{fmt(ratio(ours['goodput_tight'], base['goodput_tight']), 2)} | "
                       f"{fmt(ratio(ours['prefix_hit_rate'], base['prefix_hit_rate']), 2)} |")
         md.append("")
     with open(os.path.join(d, "report.md"), "w") as f:

@@ -270,7 +270,28 @@ def pct(sorted_vals, p):
     return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (rank - lo)
 
 
-def figures(doc, scale, slo_ttft, slo_tpot, arrival_s):
+def goodput(doc, scale, slo_ttft, slo_tpot, arrival_s):
+    """Requests per second of model time that met both SLOs."""
+    good = 0
+    for r in doc["requests"]:
+        if r["status"] != 200 or r["error"] or r["ttft_ms"] is None:
+            continue
+        if r["ttft_ms"] * scale <= slo_ttft and (r["tpot_ms"] is None or r["tpot_ms"] * scale <= slo_tpot):
+            good += 1
+    return good / (arrival_s * scale) if arrival_s else None
+
+
+def completion_rate(doc, scale, arrival_s):
+    """Requests finished per second of model time during the second half of
+    the arrival window: the cluster's throughput once its batches filled;
+    under overload, its capacity."""
+    lo, hi = arrival_s * 500, arrival_s * 1000
+    n = sum(1 for r in doc["requests"]
+            if r["e2e_ms"] is not None and lo <= r["start_ms"] + r["e2e_ms"] < hi)
+    return n / (arrival_s / 2 * scale) if arrival_s else None
+
+
+def figures(doc, scale, slo_ttft, slo_tpot, arrival_s, slo_tight=None):
     """Model-time figures of one pd-bench JSON."""
     reqs = doc["requests"]
     ok = [r for r in reqs if r["status"] == 200 and not r["error"] and r["ttft_ms"] is not None]
@@ -293,6 +314,9 @@ def figures(doc, scale, slo_ttft, slo_tpot, arrival_s):
             key = str(r["status"] or r["error"] or "no first token")[:60]
             errs[key] = errs.get(key, 0) + 1
     f["error_kinds"] = errs
+    if slo_tight is not None:
+        f["goodput_tight"] = goodput(doc, scale, slo_tight, slo_tpot, arrival_s)
+    f["completion_rate"] = completion_rate(doc, scale, arrival_s)
     return f
 
 # --- main -------------------------------------------------------------------
@@ -315,6 +339,7 @@ def main():
     seeds = env_list("MIRROR_SEEDS", ["7"])
     slo_ttft = float(os.environ.get("MIRROR_SLO_TTFT_MS", "1000"))
     slo_tpot = float(os.environ.get("MIRROR_SLO_TPOT_MS", "50"))
+    slo_tight = float(os.environ.get("MIRROR_SLO_TIGHT_TTFT_MS", "300"))
     core = ["pdgate/round_robin", "pdgate/least_total_load", "pdgate/pd_score_balance",
             "pdgate/prefix_cache_affinity", "vllm-router/round_robin", "vllm-router/cache_aware",
             "sglang-router/cache_aware"]
@@ -352,7 +377,7 @@ def main():
     started = time.time()
     results = {"config": {"prefills": prefills, "decodes": decodes, "workers": workers,
                           "seconds": seconds, "seeds": seeds, "slo_ttft_ms": slo_ttft,
-                          "slo_tpot_ms": slo_tpot, "host_rps": host_rps, "quick": quick,
+                          "slo_tpot_ms": slo_tpot, "slo_tight_ttft_ms": slo_tight, "host_rps": host_rps, "quick": quick,
                           "versions": versions(), "command": command_line()},
                "scenarios": {}, "runs": []}
     k = 0
@@ -399,7 +424,7 @@ def main():
                     run.stop()
                 with open(f"{out}/{label}.json") as f:
                     doc = json.load(f)
-                fig = figures(doc, scale, slo_ttft, slo_tpot, seconds)
+                fig = figures(doc, scale, slo_ttft, slo_tpot, seconds, slo_tight)
                 pre = counters["prefill"]
                 q = pre["vllm:prefix_cache_queries_total"]
                 fig["prefix_hit_rate"] = pre["vllm:prefix_cache_hits_total"] / q if q else None
