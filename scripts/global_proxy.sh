@@ -32,6 +32,7 @@ internal_metrics        ngx_http_prefill_module                        pd_metric
 sglang                  ngx_http_prefill_refactor_module               prefill_refactor
 sglang_balance          ngx_http_prefill_refactor_module               prefill_refactor_balance
 encode                  ngx_http_prefill_module                        prefill_encode
+health                  ngx_http_upstream_pd_health_module             pd_health_check
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
 lb:weighted_least_active ngx_http_upstream_weighted_least_active_module weighted_least_active
 lb:auto_balance_controller ngx_http_upstream_auto_balance_controller_module auto_balance_controller
@@ -82,6 +83,10 @@ LOG_FILE=""
 LOG_LEVEL=""
 ACCESS_LOG=""
 ACCESS_LOG_BUFFER=64k
+# pd_health_check's parameters on every engine pool ("off": none).
+HEALTH_DEFAULT="interval=2s timeout=1s fails=2 passes=1 uri=/health"
+HEALTH=$HEALTH_DEFAULT
+HEALTH_GIVEN=""
 DRY_RUN=0
 STOP=0
 ROLLBACK=0
@@ -132,6 +137,14 @@ Engines and request handling
   --metrics-allow ADDR[,ADDR…]  also allow these addresses or CIDRs to read
                                 /internal/metrics (nginx "allow" syntax)
   --client-body-buffer-size SIZE  default 1024K
+  --health-check PARAMS|off     active health checks of every engine pool
+                                (pd_health_check PARAMS; default "interval=2s
+                                timeout=1s fails=2 passes=1 uri=/health"): only
+                                engines that pass take traffic, /health answers
+                                the proxy's readiness (200, or 503 JSON while a
+                                pool has no healthy engine), /internal/health
+                                shows each engine (local clients only); off: none
+                                of it (/health answers 404)
 
 nginx process
   -f, --nginx-conf-file FILE    the file written (default dist/conf/global_proxy.conf);
@@ -217,6 +230,7 @@ parse_args() {
             --attention-num) need_value "$arg" "$@"; ATTENTION_NUM=$1; shift ;;
             --stream-ops) need_value "$arg" "$@"; STREAM_OPS=$1; shift ;;
             --client-body-buffer-size) need_value "$arg" "$@"; BODY_BUFFER=$1; shift ;;
+            --health-check) need_value "$arg" "$@"; HEALTH=$1; HEALTH_GIVEN=1; shift ;;
             -l|--log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
             --log-level) need_value "$arg" "$@"; LOG_LEVEL=$1; shift ;;
             --access-log-file) need_value "$arg" "$@"; ACCESS_LOG=$1; shift ;;
@@ -291,6 +305,16 @@ require_feature() {
     [ -f "$so" ] || bad "$flag $value: not available in this build ($so not found)"
     has_directive "$so" "$directive" \
         || bad "$flag $value: not available in this build ($module.so has no \"$directive\" directive)"
+}
+
+# feature_available NAME: whether the module of NAME is there and defines its
+# directive.
+feature_available() {
+    local row module directive
+    row=$(feature_row "$1") || return 1
+    module=${row% *}
+    directive=${row#* }
+    [ -f "$MODULES_DIR/$module.so" ] && has_directive "$MODULES_DIR/$module.so" "$directive"
 }
 
 # has_directive SO NAME: whether SO holds NAME as a whole NUL-terminated
@@ -432,6 +456,20 @@ validate() {
             || bad "--enable-internal-metrics $METRICS_SIZE: this script cannot write pd_metrics yet (the module has it; the template does not)"
     fi
     [ -z "$ENCODE_LIST" ] || require_feature encode --encode-servers-list "$ENCODE_LIST"
+    if [ "$HEALTH" != off ]; then
+        local t
+        for t in $HEALTH; do
+            [[ $t =~ ^(interval|timeout)=[0-9]+(ms|s|m)?$ || $t =~ ^(fails|passes)=[0-9]+$ \
+                || $t =~ ^uri=/[^[:space:]\;\'\"]*$ || $t =~ ^port=[0-9]+$ ]] \
+                || bad "--health-check \"$HEALTH\": \"$t\" is not interval=, timeout=, fails=, passes=, uri= or port= (see pd_health_check in README.md), or off"
+        done
+        if [ -n "$HEALTH_GIVEN" ]; then
+            require_feature health --health-check "$HEALTH"
+        elif ! feature_available health; then
+            printf '%s: warning: this build has no pd_health_check (ngx_http_upstream_pd_health_module.so): no health checks, /health answers 404\n' "$PROG" >&2
+            HEALTH=off
+        fi
+    fi
     # With sglang the prefill upstream only serves /v1 (round robin): the
     # completions' prefill server is prefill_refactor's choice.
     if [ "$ENGINE" = vllm ]; then
@@ -493,6 +531,7 @@ used_modules() {
     [ "$STREAM_OPS" = off ] || used[stream_ops]=1
     [ -z "$METRICS_SIZE" ] || used[internal_metrics]=1
     [ -z "$ENCODE_LIST" ] || used[encode]=1
+    [ "$HEALTH" = off ] || used[health]=1
     used[lb:$DECODE_LB]=1
     local -A emitted=()
     while read -r f m d; do
@@ -553,6 +592,10 @@ upstream_block() {
     echo "    upstream $name {"
     echo "        zone $name $(( 64 + 2 * $# ))k;"
     [ -n "$lb" ] && lb_lines "$lb" "$side"
+    if [ "$HEALTH" != off ] && [ "$side" != metrics ]; then
+        echo "        # Only engines that pass take traffic (a new or loading one too)."
+        echo "        pd_health_check $HEALTH;"
+    fi
     for s in "$@"; do
         echo "        server $s max_fails=3 fail_timeout=10s;"
     done
@@ -782,6 +825,26 @@ EOF
         cat <<EOF
             deny all;
             pd_metrics;
+        }
+EOF
+    fi
+    if [ "$HEALTH" != off ]; then
+        local pools="prefill_servers decode_servers"
+        [ ${#ENCODE[@]} -eq 0 ] || pools+=" encode_servers"
+        cat <<EOF
+
+        # The proxy's readiness: 200 while every pool has an engine that
+        # passes its health checks, else 503 JSON naming the pool.
+        location = /health {
+            pd_health_ready $pools;
+        }
+
+        # Each engine's health and the worker that probes; local clients only.
+        location = /internal/health {
+            allow 127.0.0.1;
+            allow ::1;
+            deny all;
+            pd_health_status;
         }
 EOF
     fi
@@ -1033,11 +1096,40 @@ start_or_reload() {
     for ((waited = 0; waited < 50; waited++)); do
         if pid=$(running_pid "$CONF_FILE"); then
             say "started nginx $pid: $CONF_FILE, listening on ${LISTEN_ADDRESS:-*}:$LISTEN_PORT"
+            [ "$HEALTH" = off ] || wait_ready
             return 0
         fi
         sleep 0.1
     done
     fail "nginx did not write its pid file $(conf_pid_file "$CONF_FILE") (see $(error_log_of))"
+}
+
+# ready_line: the status line and body of the proxy's GET /health (empty
+# when nothing answers), over bash's /dev/tcp.
+ready_line() {
+    local host=${LISTEN_ADDRESS:-127.0.0.1} answer
+    [ "$host" != "0.0.0.0" ] || host=127.0.0.1
+    [ "$host" != "[::]" ] || host=::1
+    host=${host#[}; host=${host%]}
+    answer=$( { exec 3<>"/dev/tcp/$host/$LISTEN_PORT" \
+        && printf 'GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n' >&3 \
+        && timeout 2 cat <&3; } 2>/dev/null ) || true
+    printf '%s\n' "$answer" | tr -d '\r' | sed -n '1p;$p'
+}
+
+# wait_ready: after a start, up to 3 s for every engine pool to have an
+# engine that passed its health checks; says which it is.
+wait_ready() {
+    local i out
+    for ((i = 0; i < 30; i++)); do
+        out=$(ready_line)
+        case $out in
+            *" 200 "*) say "ready: every engine pool has a healthy engine (GET /health)"; return 0 ;;
+        esac
+        sleep 0.1
+    done
+    out=$(printf '%s\n' "$out" | sed -n 's/.*"message":"\([^"]*\)".*/\1/p')
+    say "not ready yet: ${out:-/health does not answer}; nginx sends no request to an engine until its health checks pass (GET /health, /internal/health)"
 }
 
 error_log_of() { printf '%s\n' "${LOG_FILE:-$PREFIX/logs/error.log}"; }

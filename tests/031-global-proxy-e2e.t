@@ -115,6 +115,12 @@ my ($master) = $out =~ /started nginx (\d+)/;
 $master //= 0;
 ok($master && alive($master), "master $master is running");
 ok(-d "$tmp/prefix/logs", 'it made the prefix logs directory');
+like($out, qr/^global_proxy\.sh: ready: every engine pool has a healthy engine/m, 'and waits until the engines pass their health checks');
+my $ready = $http->get("http://127.0.0.1:$port/health");
+is($ready->{status}, 200, '/health: ready');
+is($ready->{content}, qq({"status":"ready"}\n), 'in JSON');
+like($http->get("http://127.0.0.1:$port/internal/health")->{content} // '',
+    qr/^upstream decode_servers peer 127\.0\.0\.1:$d_port up eligible=1 probes=[1-9]/m, '/internal/health: the decode engine is up');
 
 # A P/D chat completion through the generated configuration.
 my $body = '{"model":"gp-e2e","messages":[{"role":"user","content":"Say hello to the global proxy."}],"max_tokens":8}';

@@ -206,6 +206,28 @@ pub fn encode(data: &[u8]) {
     }
 }
 
+/// A health probe's answer, read as it arrives: no panic; a status code only
+/// from a whole `HTTP/1.x NNN` line (code 100-599, a line end present); a
+/// verdict never changes once given (more bytes cannot turn an invalid or
+/// complete line into something else).
+pub fn health_status(data: &[u8]) {
+    use crate::health::{status_line, StatusLine};
+    let whole = status_line(data);
+    if let StatusLine::Code(c) = whole {
+        assert!((100..=599).contains(&c));
+        assert!(data.starts_with(b"HTTP/1.0 ") || data.starts_with(b"HTTP/1.1 "));
+        assert!(data.contains(&b'\n'));
+        assert_eq!(data[9..12].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0')), c);
+    }
+    // (A verdict is reached within the first 1,025 bytes.)
+    for cut in 0..data.len().min(1100) {
+        match status_line(&data[..cut]) {
+            StatusLine::Partial => {}
+            decided => assert_eq!(decided, whole, "a verdict at {cut} bytes changed"),
+        }
+    }
+}
+
 /// An engine's `/metrics` text: read without a panic; every sample found
 /// re-reads the same from its canonical rendering; every label value
 /// unescapes and escapes back to its raw bytes.
@@ -317,7 +339,8 @@ mod tests {
     fn corpus_replays() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
         type Check = fn(&[u8]);
-        let targets: [(&str, Check); 7] = [
+        let targets: [(&str, Check); 8] = [
+            ("health_status", health_status),
             ("prom", prom),
             ("json", json),
             ("rewrite", rewrite),

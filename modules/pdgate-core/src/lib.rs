@@ -12,6 +12,7 @@ pub mod echo;
 pub mod encode;
 pub mod error;
 pub mod fuzzcheck;
+pub mod health;
 pub mod json;
 pub mod metrics;
 pub mod pd;

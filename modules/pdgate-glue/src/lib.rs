@@ -16,6 +16,7 @@ pub mod driver;
 pub mod fanout;
 pub mod guard;
 pub mod headers;
+pub mod health;
 pub mod http;
 pub mod leg;
 pub mod length;

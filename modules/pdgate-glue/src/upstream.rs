@@ -39,3 +39,32 @@ impl Drop for PeersRead {
         }
     }
 }
+
+/// Round robin's write lock on a shared (`zone`) peer list, held while
+/// peers are changed (the health checks' `down` flags); nothing without a
+/// zone (one worker's own list).
+pub struct PeersWrite(*mut ngx_http_upstream_rr_peers_t);
+
+impl PeersWrite {
+    /// # Safety
+    /// `peers` must be a live round robin peer list.
+    pub unsafe fn lock(peers: *mut ngx_http_upstream_rr_peers_t) -> PeersWrite {
+        // SAFETY: as ngx_http_upstream_rr_peers_wlock.
+        unsafe {
+            if !(*peers).shpool.is_null() {
+                ngx::ffi::ngx_rwlock_wlock(&mut (*peers).rwlock);
+                return PeersWrite(peers);
+            }
+        }
+        PeersWrite(null_mut())
+    }
+}
+
+impl Drop for PeersWrite {
+    fn drop(&mut self) {
+        if !self.0.is_null() {
+            // SAFETY: the lock `lock` took on this live list.
+            unsafe { ngx::ffi::ngx_rwlock_unlock(&mut (*self.0).rwlock) }
+        }
+    }
+}

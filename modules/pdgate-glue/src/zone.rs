@@ -45,6 +45,13 @@ unsafe impl ZoneState for pdgate_core::balance::slots::SlotZone {
     }
 }
 
+// SAFETY: HealthZone is #[repr(C)], made of AtomicU64 only (zero = empty).
+unsafe impl ZoneState for pdgate_core::health::HealthZone {
+    fn attach(&self) -> bool {
+        pdgate_core::health::HealthZone::attach(self)
+    }
+}
+
 /// Declares (or finds, when this configuration declared it already) the
 /// zone `name` of `size` bytes for `module` with a `T` in it.
 ///
