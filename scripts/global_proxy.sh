@@ -32,6 +32,7 @@ internal_metrics        ngx_http_prefill_module                        pd_metric
 sglang                  ngx_http_prefill_refactor_module               prefill_refactor
 sglang_balance          ngx_http_prefill_refactor_module               prefill_refactor_balance
 encode                  ngx_http_prefill_module                        prefill_encode
+fallback                ngx_http_prefill_module                        prefill_fallback
 health                  ngx_http_upstream_pd_health_module             pd_health_check
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
 lb:weighted_least_active ngx_http_upstream_weighted_least_active_module weighted_least_active
@@ -87,6 +88,7 @@ ACCESS_LOG_BUFFER=64k
 HEALTH_DEFAULT="interval=2s timeout=1s fails=2 passes=1 uri=/health"
 HEALTH=$HEALTH_DEFAULT
 HEALTH_GIVEN=""
+FALLBACK=off
 DRY_RUN=0
 STOP=0
 ROLLBACK=0
@@ -137,6 +139,10 @@ Engines and request handling
   --metrics-allow ADDR[,ADDR…]  also allow these addresses or CIDRs to read
                                 /internal/metrics (nginx "allow" syntax)
   --client-body-buffer-size SIZE  default 1024K
+  --prefill-fallback decode|off when the prefill fails (no prefill server
+                                answers, or 5xx), send the request to the decode
+                                alone, which computes the prompt (prefill_fallback;
+                                vllm only; default off: the client gets 502 JSON)
   --health-check PARAMS|off     active health checks of every engine pool
                                 (pd_health_check PARAMS; default "interval=2s
                                 timeout=1s fails=2 passes=1 uri=/health"): only
@@ -231,6 +237,7 @@ parse_args() {
             --stream-ops) need_value "$arg" "$@"; STREAM_OPS=$1; shift ;;
             --client-body-buffer-size) need_value "$arg" "$@"; BODY_BUFFER=$1; shift ;;
             --health-check) need_value "$arg" "$@"; HEALTH=$1; HEALTH_GIVEN=1; shift ;;
+            --prefill-fallback) need_value "$arg" "$@"; FALLBACK=$1; shift ;;
             -l|--log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
             --log-level) need_value "$arg" "$@"; LOG_LEVEL=$1; shift ;;
             --access-log-file) need_value "$arg" "$@"; ACCESS_LOG=$1; shift ;;
@@ -448,6 +455,13 @@ validate() {
         require_feature sglang --engine-type "$ENGINE"
     fi
     [ "$STREAM_OPS" = off ] || require_feature stream_ops --stream-ops "$STREAM_OPS"
+    case $FALLBACK in
+        off) ;;
+        decode)
+            [ "$ENGINE" = vllm ] || bad "--prefill-fallback decode: only with --engine-type vllm (the SGLang mode runs both legs at once)"
+            require_feature fallback --prefill-fallback "$FALLBACK" ;;
+        *) bad "--prefill-fallback $FALLBACK: not decode or off" ;;
+    esac
     if [ -n "$METRICS_SIZE" ]; then
         [ "$ENGINE" = vllm ] \
             || bad "--enable-internal-metrics $METRICS_SIZE: the SGLang mode (prefill_refactor) keeps no P/D metrics yet; use the engines' /metrics"
@@ -899,6 +913,7 @@ EOF
             set_trace_headers_force off;
 EOF
     [ "$STREAM_OPS" = off ] || echo "            stream_ops $STREAM_OPS;"
+    [ "$FALLBACK" = off ] || echo "            prefill_fallback decode;   # a failed prefill: the decode computes the prompt"
     [ -z "$ENCODE_LIST" ] || echo "            prefill_encode /encode_internal;"
     echo "            prefill /prefill_internal;"
     cat <<EOF

@@ -37,6 +37,7 @@ my @CASES = (
     [ 'access-log-unbuffered' => '--access-log-buffer off' ],
     [ 'access-log-buffer-1m' => '--access-log-buffer 1m --prefill-lb-sdk round_robin --decode-lb-sdk least_conn' ],
     [ 'health-off' => '--health-check off' ],
+    [ 'prefill-fallback' => '--prefill-fallback decode' ],
     [ 'health-fast' => '--health-check "interval=500ms timeout=200ms fails=3 passes=2 uri=/ping"' ],
     [ 'internal-metrics-stream-ops' => '--enable-internal-metrics 1m --stream-ops set_opt'
         . ' --prefill-lb-sdk pd_score_balance --decode-lb-sdk pd_score_balance' ],
@@ -155,6 +156,8 @@ my @BAD = (
     [ "$SERVERS --encode-servers-list 10.0.0.7:8300 --encode-lb-sdk pd_score_balance" => qr/^--encode-lb-sdk pd_score_balance: not round_robin or least_conn$/ ],
     [ "$SERVERS --client-body-buffer-size big" => qr/^--client-body-buffer-size big: not a size/ ],
     [ "$SERVERS --access-log-buffer lots" => qr/^--access-log-buffer lots: not a size \(e\.g\. 64k\) or off/ ],
+    [ "$SERVERS --prefill-fallback maybe" => qr/^--prefill-fallback maybe: not decode or off/ ],
+    [ "$SERVERS --engine-type sglang --prefill-fallback decode" => qr/^--prefill-fallback decode: only with --engine-type vllm/ ],
     [ "$SERVERS --health-check interval=soon" => qr/^--health-check "interval=soon": "interval=soon" is not interval=, timeout=, fails=, passes=, uri= or port=/ ],
     [ "$SERVERS --log-level verbose" => qr/^--log-level verbose: not debug, info/ ],
     [ "$SERVERS --log-file 'a;b'" => qr/^--log-file a;b: path has characters/ ],
@@ -265,7 +268,7 @@ subtest '--help lists every flag' => sub {
                      --prefill-lb-sdk --decode-lb-sdk --encode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
                      --engine-type --bootstrap-port --enable-internal-metrics
                      --enable-attention-ffn-disaggregation --attention-num --stream-ops
-                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check
+                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --prefill-fallback
                      --dry-run -d --stop -S --rollback -R --help -h --modules-dir --nginx-bin
                      --prefix --listen-address)) {
         like($out, qr/(^|[\s,])\Q$flag\E\b/m, $flag);

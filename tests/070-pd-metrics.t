@@ -105,6 +105,7 @@ pdgate_time_per_output_token_seconds_count 1
 pdgate_prefill_time_seconds_count 1
 pdgate_prefill_decode_gap_seconds_count 1
 pdgate_kv_transfer_params_missing_total 0
+pdgate_prefill_fallback_total 0
 pdgate_generation_tokens_total 3
 --- no_error_log
 [error]

@@ -53,6 +53,8 @@ pub struct LocConf {
     stream_ops: Option<StreamOps>,
     /// `pd_strip_reserved on|off`.
     strip: ngx_flag_t,
+    /// `prefill_fallback decode|off`: `None` when not set at this level.
+    fallback: Option<bool>,
 }
 
 impl Default for LocConf {
@@ -63,6 +65,7 @@ impl Default for LocConf {
             encode: encode::Conf::default(),
             stream_ops: None,
             strip: NGX_CONF_UNSET,
+            fallback: None,
         }
     }
 }
@@ -81,6 +84,9 @@ impl Merge for LocConf {
         }
         if self.stream_ops.is_none() {
             self.stream_ops = prev.stream_ops;
+        }
+        if self.fallback.is_none() {
+            self.fallback = prev.fallback;
         }
         Ok(())
     }
@@ -102,6 +108,7 @@ pdgate_glue::http_module! {
         encode::CMD_PREFILL_ENCODE_MAX_ITEMS,
         conf::take1(c"stream_ops", Some(cmd_stream_ops)),
         conf::flag(c"pd_strip_reserved", offset_of!(LocConf, strip)),
+        conf::take1(c"prefill_fallback", Some(cmd_fallback)),
         metrics::CMD_PD_METRICS,
         metrics::CMD_PD_METRICS_ZONE,
         metrics::CMD_ENABLE_INTERNAL_METRICS,
@@ -148,6 +155,25 @@ fn stream_ops(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError>
     Ok(())
 }
 
+pdgate_glue::directive!(cmd_fallback, LocConf, fallback);
+
+/// `prefill_fallback decode | off;`
+fn fallback(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.fallback)?;
+    let v = arg(cf)?;
+    lcf.fallback = Some(match v {
+        b"decode" => true,
+        b"off" => false,
+        _ => {
+            return Err(ConfError::Directive(format!(
+                "invalid value \"{}\", it must be \"decode\" or \"off\"",
+                String::from_utf8_lossy(v)
+            )))
+        }
+    });
+    Ok(())
+}
+
 pdgate_glue::directive!(cmd_prefill, LocConf, prefill);
 
 /// `prefill <uri-prefix> | off;`
@@ -181,7 +207,8 @@ impl Protocol for Vllm {
             return None;
         }
         let shape = if prefill { Shape::Sequential } else { Shape::DecodeOnly };
-        Some(Spec { encode, shape, retries: 0 })
+        let fallback = prefill && lcf.fallback == Some(true);
+        Some(Spec { encode, shape, retries: 0, fallback })
     }
 
     fn prepare(r: &Request, bodies: &Bodies, _: &mut ()) -> Result<Prepared, Refusal> {
@@ -295,6 +322,15 @@ impl Protocol for Vllm {
             kv.map_or(0, <[u8]>::len)
         );
         Ok(body)
+    }
+
+    fn decode_alone(
+        r: &Request,
+        bodies: &Bodies,
+        obj: &Object<'static>,
+    ) -> Option<Result<Body, Refusal>> {
+        let ops = Module::location_conf(r).and_then(|c| c.stream_ops).unwrap_or_default();
+        Some(bodies.build(&decode_plan(obj, None, ops)))
     }
 
     fn release(_: &mut (), _: Legs) {}

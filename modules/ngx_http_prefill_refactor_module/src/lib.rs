@@ -367,7 +367,7 @@ impl Protocol for Sglang {
             Shape::Sequential => others.min(MAX_RETRIES) as u8,
             _ => 0,
         };
-        Some(Spec { encode: false, shape, retries })
+        Some(Spec { encode: false, shape, retries, fallback: false })
     }
 
     /// Checks the body, chooses the servers, builds both bodies.

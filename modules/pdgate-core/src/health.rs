@@ -214,8 +214,11 @@ pub fn status_line(buf: &[u8]) -> StatusLine {
             return StatusLine::Invalid;
         }
     }
-    if !buf.contains(&b'\n') {
-        return if buf.len() > 1024 { StatusLine::Invalid } else { StatusLine::Partial };
+    // A status line longer than this is not one (looked for only there, so
+    // the verdict on a prefix never changes as more bytes come).
+    const MAX_LINE: usize = 1024;
+    if !buf[..buf.len().min(MAX_LINE)].contains(&b'\n') {
+        return if buf.len() >= MAX_LINE { StatusLine::Invalid } else { StatusLine::Partial };
     }
     let code = buf[9..12].iter().fold(0u16, |a, &d| a * 10 + u16::from(d - b'0'));
     if (100..=599).contains(&code) {
@@ -610,6 +613,11 @@ mod tests {
         let mut long = b"HTTP/1.1 200 ".to_vec();
         long.resize(2000, b'a');
         assert_eq!(status_line(&long), StatusLine::Invalid);
+        // A line end past 1,024 bytes comes too late (fuzz find: the verdict
+        // on the first 1,024 bytes must stand).
+        long.push(b'\n');
+        assert_eq!(status_line(&long), StatusLine::Invalid);
+        assert_eq!(status_line(&long[..1023]), StatusLine::Partial);
     }
 
     #[test]

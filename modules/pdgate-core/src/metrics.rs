@@ -164,6 +164,8 @@ pub struct Sample {
     pub complete: bool,
     /// The prefill answer had no usable `kv_transfer_params`.
     pub kv_missing: bool,
+    /// The prefill failed and the decode ran alone (`prefill_fallback`).
+    pub fallback: bool,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
 }
@@ -207,7 +209,7 @@ impl Sample {
         if client_closed || status == 499 {
             return None;
         }
-        if self.prefill_done.is_some() && !self.prefill_ok {
+        if self.prefill_done.is_some() && !self.prefill_ok && !self.fallback {
             return Some(Stage::Prefill);
         }
         let failed = status >= 400 || status == 0;
@@ -278,7 +280,7 @@ impl Histogram {
 }
 
 /// Marks a zone holding a [`MetricsZone`] of this layout.
-pub const MAGIC: u64 = 0x7064_6d65_7472_0001;
+pub const MAGIC: u64 = 0x7064_6d65_7472_0002;
 
 /// The counters every worker shares.
 #[repr(C)]
@@ -289,6 +291,7 @@ pub struct MetricsZone {
     outcomes: [AtomicU64; 7],
     stages: [AtomicU64; 3],
     kv_missing: AtomicU64,
+    fallback: AtomicU64,
     prompt_tokens: AtomicU64,
     completion_tokens: AtomicU64,
 }
@@ -301,6 +304,7 @@ impl Default for MetricsZone {
             outcomes: [const { AtomicU64::new(0) }; 7],
             stages: [const { AtomicU64::new(0) }; 3],
             kv_missing: AtomicU64::new(0),
+            fallback: AtomicU64::new(0),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
         }
@@ -326,6 +330,9 @@ impl MetricsZone {
         }
         if s.kv_missing {
             self.kv_missing.fetch_add(1, Ordering::Relaxed);
+        }
+        if s.fallback {
+            self.fallback.fetch_add(1, Ordering::Relaxed);
         }
         let ms = |h: Hist, v: Option<u64>| {
             if let Some(v) = v {
@@ -400,11 +407,16 @@ pub fn render(z: &MetricsZone, gauges: &[PeerGauge<'_>]) -> String {
         let n = z.stages[st as usize].load(Ordering::Relaxed);
         let _ = writeln!(o, "pdgate_stage_failures_total{{stage=\"{}\"}} {n}", st.label());
     }
-    let counters: [(&str, &str, &AtomicU64); 3] = [
+    let counters: [(&str, &str, &AtomicU64); 4] = [
         (
             "pdgate_kv_transfer_params_missing_total",
             "Prefill answers without usable kv_transfer_params.",
             &z.kv_missing,
+        ),
+        (
+            "pdgate_prefill_fallback_total",
+            "Requests sent to the decode alone after their prefill failed (prefill_fallback decode).",
+            &z.fallback,
         ),
         ("pdgate_prompt_tokens_total", "Prompt tokens of successful requests.", &z.prompt_tokens),
         (
@@ -555,6 +567,23 @@ mod tests {
     }
 
     #[test]
+    fn a_fallback_is_counted_and_judged_by_its_decode() {
+        let fell_back =
+            Sample { prefill_ok: false, prefill_status: 502, fallback: true, ..ok_sample() };
+        assert_eq!(fell_back.outcome(200, false), Outcome::Ok);
+        assert_eq!(fell_back.failed_stage(200, false), None);
+        let broke = Sample { complete: false, ..fell_back };
+        assert_eq!(broke.failed_stage(200, false), Some(Stage::Decode));
+        let z = MetricsZone::default();
+        assert!(z.attach());
+        z.record(&fell_back, 200, false);
+        z.record(&ok_sample(), 200, false);
+        let text = render(&z, &[]);
+        assert!(text.contains("\npdgate_prefill_fallback_total 1\n"), "{text}");
+        assert!(text.contains("pdgate_requests_total{outcome=\"ok\"} 2\n"), "{text}");
+    }
+
+    #[test]
     fn render_exact() {
         let z = MetricsZone::default();
         assert!(z.attach());
@@ -595,6 +624,9 @@ pdgate_stage_failures_total{stage=\"decode\"} 1
 # HELP pdgate_kv_transfer_params_missing_total Prefill answers without usable kv_transfer_params.
 # TYPE pdgate_kv_transfer_params_missing_total counter
 pdgate_kv_transfer_params_missing_total 1
+# HELP pdgate_prefill_fallback_total Requests sent to the decode alone after their prefill failed (prefill_fallback decode).
+# TYPE pdgate_prefill_fallback_total counter
+pdgate_prefill_fallback_total 0
 # HELP pdgate_prompt_tokens_total Prompt tokens of successful requests.
 # TYPE pdgate_prompt_tokens_total counter
 pdgate_prompt_tokens_total 7

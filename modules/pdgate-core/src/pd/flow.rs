@@ -40,6 +40,11 @@ pub struct Spec {
     /// (unreachable, timed out, cut off) is tried again on another server,
     /// before anything reached the client.
     pub retries: u8,
+    /// Sequential: when the prefill failed (no server answered, or it
+    /// answered 5xx) and no retry is left, send the request to the decode
+    /// alone, which computes the prompt itself (`prefill_fallback decode`),
+    /// instead of answering an error.
+    pub fallback: bool,
 }
 
 /// A set of legs (bit set): the legs holding counters, or to cancel.
@@ -199,6 +204,10 @@ pub enum Next {
     StartTogether,
     /// Install the decode body and let the request go on to `proxy_pass`.
     Decode,
+    /// The prefill failed and the flow falls back: install a decode body
+    /// without prefill results (the decode computes the prompt) and go on
+    /// to `proxy_pass`.
+    DecodeAlone,
     /// Answer the client with the prefill's own answer and this status.
     PassThrough {
         status: u16,
@@ -411,6 +420,8 @@ impl Flow {
                 if ready {
                     let attempt = *attempt + 1;
                     self.go(State::Prefilling { attempt }, Legs::NONE, Next::StartPrefill)
+                } else if self.spec.fallback {
+                    self.go(State::Decoding, Legs::PREFILL, Next::DecodeAlone)
                 } else {
                     let f = Failure::Prefill(*failure);
                     self.finish(End::Failed(f.clone()), Legs::NONE, Next::Fail(f))
@@ -418,11 +429,17 @@ impl Flow {
             }
             (State::Prefilling { .. }, E::PrefillEnded(outcome)) => match outcome {
                 PrefillOutcome::Decode => self.go(State::Decoding, Legs::PREFILL, Next::Decode),
+                PrefillOutcome::PassThrough { status } if self.spec.fallback && status >= 500 => {
+                    self.go(State::Decoding, Legs::PREFILL, Next::DecodeAlone)
+                }
                 PrefillOutcome::PassThrough { status } => self.finish(
                     End::PassedThrough { status },
                     Legs::NONE,
                     Next::PassThrough { status },
                 ),
+                PrefillOutcome::Fail(f) if self.spec.fallback && f.may_fall_back() => {
+                    self.go(State::Decoding, Legs::PREFILL, Next::DecodeAlone)
+                }
                 PrefillOutcome::Fail(f) => {
                     let f = Failure::Prefill(f);
                     self.finish(End::Failed(f.clone()), Legs::NONE, Next::Fail(f))

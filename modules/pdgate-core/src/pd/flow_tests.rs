@@ -2,18 +2,22 @@
 //! one test per path.
 use super::*;
 
-const SEQ: Spec = Spec { encode: false, shape: Shape::Sequential, retries: 0 };
-const SEQ_RETRY: Spec = Spec { encode: false, shape: Shape::Sequential, retries: 2 };
-const TOG: Spec = Spec { encode: false, shape: Shape::Together, retries: 0 };
-const EPD: Spec = Spec { encode: true, shape: Shape::Sequential, retries: 0 };
-const ENC_ONLY: Spec = Spec { encode: true, shape: Shape::DecodeOnly, retries: 0 };
+const SEQ: Spec = Spec { encode: false, shape: Shape::Sequential, retries: 0, fallback: false };
+const SEQ_RETRY: Spec =
+    Spec { encode: false, shape: Shape::Sequential, retries: 2, fallback: false };
+const TOG: Spec = Spec { encode: false, shape: Shape::Together, retries: 0, fallback: false };
+const EPD: Spec = Spec { encode: true, shape: Shape::Sequential, retries: 0, fallback: false };
+const SEQ_FALLBACK: Spec = Spec { fallback: true, ..SEQ };
+const ENC_ONLY: Spec = Spec { encode: true, shape: Shape::DecodeOnly, retries: 0, fallback: false };
 
 fn all_specs() -> Vec<Spec> {
     let mut v = Vec::new();
     for encode in [false, true] {
         for shape in [Shape::DecodeOnly, Shape::Sequential, Shape::Together] {
             for retries in [0, 1, 2] {
-                v.push(Spec { encode, shape, retries });
+                for fallback in [false, true] {
+                    v.push(Spec { encode, shape, retries, fallback });
+                }
             }
         }
     }
@@ -430,5 +434,55 @@ fn a_prefill_that_failed_without_an_answer_is_retried_up_to_the_limit() {
         ],
     );
     assert_eq!(steps[3].next, Next::Decode);
+    assert_eq!(f.state(), &State::Decoding);
+}
+
+#[test]
+fn fallback_sends_the_decode_alone_after_a_failed_prefill() {
+    use crate::pd::PrefillFailure::*;
+    // No prefill server answered, or one answered 5xx: the decode alone.
+    for outcome in [
+        PrefillOutcome::Fail(Unreachable),
+        PrefillOutcome::Fail(Timeout),
+        PrefillOutcome::Fail(CutOff),
+        PrefillOutcome::Fail(Status(503)),
+        PrefillOutcome::PassThrough { status: 500 },
+    ] {
+        let mut f = Flow::new(SEQ_FALLBACK);
+        assert_eq!(f.on(Event::BodyReady { media: 0 }).next, Next::StartPrefill);
+        f.hold(Legs::PREFILL);
+        let s = f.on(Event::PrefillEnded(outcome));
+        assert_eq!(s.next, Next::DecodeAlone, "{outcome:?}");
+        assert_eq!(s.release, Legs::PREFILL, "{outcome:?}");
+        assert_eq!(f.state(), &State::Decoding);
+    }
+    // Not for the client's own errors, nor ours.
+    for (outcome, next) in [
+        (PrefillOutcome::PassThrough { status: 400 }, Next::PassThrough { status: 400 }),
+        (PrefillOutcome::Fail(BufferTooSmall), Next::Fail(Failure::Prefill(BufferTooSmall))),
+        (PrefillOutcome::Fail(Internal), Next::Fail(Failure::Prefill(Internal))),
+    ] {
+        let mut f = Flow::new(SEQ_FALLBACK);
+        f.on(Event::BodyReady { media: 0 });
+        assert_eq!(f.on(Event::PrefillEnded(outcome)).next, next, "{outcome:?}");
+    }
+    // Without it, the same failure is an error.
+    let mut f = Flow::new(SEQ);
+    f.on(Event::BodyReady { media: 0 });
+    let s = f.on(Event::PrefillEnded(PrefillOutcome::Fail(Unreachable)));
+    assert_eq!(s.next, Next::Fail(Failure::Prefill(Unreachable)));
+}
+
+#[test]
+fn fallback_comes_after_the_retries() {
+    let spec = Spec { fallback: true, ..SEQ_RETRY };
+    let mut f = Flow::new(spec);
+    f.on(Event::BodyReady { media: 0 });
+    let unreachable = PrefillOutcome::Fail(crate::pd::PrefillFailure::Unreachable);
+    assert_eq!(f.on(Event::PrefillEnded(unreachable)).next, Next::RetryPrefill);
+    assert_eq!(f.on(Event::Retry { ready: true }).next, Next::StartPrefill);
+    assert_eq!(f.on(Event::PrefillEnded(unreachable)).next, Next::RetryPrefill);
+    // No other server to try: the decode alone.
+    assert_eq!(f.on(Event::Retry { ready: false }).next, Next::DecodeAlone);
     assert_eq!(f.state(), &State::Decoding);
 }

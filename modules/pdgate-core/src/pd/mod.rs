@@ -31,6 +31,18 @@ pub enum PrefillFailure {
 }
 
 impl PrefillFailure {
+    /// True when the decode may be tried alone after this failure
+    /// (`prefill_fallback decode`): the prefill servers failed, not the
+    /// request or the proxy (a too small buffer is a configuration matter,
+    /// an internal error is ours).
+    pub fn may_fall_back(self) -> bool {
+        match self {
+            PrefillFailure::Unreachable | PrefillFailure::Timeout | PrefillFailure::CutOff => true,
+            PrefillFailure::Status(s) => s >= 500,
+            PrefillFailure::BufferTooSmall | PrefillFailure::Internal => false,
+        }
+    }
+
     /// True when the prefill server gave no answer (it could not be
     /// reached, timed out, or broke off): another server may be tried, and
     /// this one counts a failure (nginx's `max_fails`).

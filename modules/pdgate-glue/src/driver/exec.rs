@@ -147,6 +147,7 @@ impl<P: Protocol> Ctx<P> {
             let acts = matches!(
                 step.next,
                 Next::Decode
+                    | Next::DecodeAlone
                     | Next::StartTogether
                     | Next::PassThrough { .. }
                     | Next::Refuse { .. }
@@ -208,6 +209,34 @@ impl<P: Protocol> Ctx<P> {
                         match built {
                             Ok(b) => self.decode = Some(b),
                             Err(e) => return self.start_failed(r, e, wake),
+                        }
+                    }
+                    self.proceed(r)
+                }
+                Next::DecodeAlone => {
+                    let built = self.obj.as_ref().and_then(|obj| {
+                        let bodies = Bodies { pool: (*r).pool, src: self.src };
+                        P::decode_alone(view(r), &bodies, obj)
+                    });
+                    match built {
+                        Some(Ok(b)) => {
+                            ngx_log_error!(
+                                NGX_LOG_WARN,
+                                log,
+                                "{}: the prefill failed (status {}), prefill_fallback: the decode runs alone and computes the prompt",
+                                P::NAME,
+                                self.m.s.prefill_status
+                            );
+                            self.m.fell_back();
+                            self.decode = Some(b);
+                        }
+                        Some(Err(e)) => return self.start_failed(r, e, wake),
+                        None => {
+                            let e = Refusal::new(
+                                502,
+                                "the prefill failed and this flow cannot decode alone",
+                            );
+                            return self.start_failed(r, e, wake);
                         }
                     }
                     self.proceed(r)

@@ -163,7 +163,7 @@ pub(super) unsafe fn on_encoder_done<P: Protocol>(
         let main = ctx.main;
         match step.next {
             // The next leg starts from the main request's phase handler.
-            Next::StartPrefill | Next::StartTogether | Next::Decode => {
+            Next::StartPrefill | Next::StartTogether | Next::Decode | Next::DecodeAlone => {
                 fanout::unwatch_client(main);
                 ctx.pending = Some(step);
                 if fanout::wake(main).is_err() {

@@ -170,6 +170,17 @@ pub trait Protocol: Sized + 'static {
         m: &mut Record,
     ) -> Result<Body, Refusal>;
 
+    /// After a failed prefill, with `prefill_fallback decode`: the decode
+    /// body without prefill results (the decode computes the prompt).
+    /// `None` when the module cannot send the decode alone.
+    fn decode_alone(
+        _r: &Request,
+        _bodies: &Bodies,
+        _obj: &Object<'static>,
+    ) -> Option<Result<Body, Refusal>> {
+        None
+    }
+
     /// Releases what the module reserved for `legs`.
     fn release(st: &mut Self::State, legs: Legs);
 
@@ -214,6 +225,11 @@ impl Record {
     /// The prefill answer had no usable `kv_transfer_params`.
     pub fn kv_missing(&mut self) {
         self.s.kv_missing = true;
+    }
+
+    /// The prefill failed and the decode runs alone.
+    pub fn fell_back(&mut self) {
+        self.s.fallback = true;
     }
 
     fn decode_sent(&mut self) {
