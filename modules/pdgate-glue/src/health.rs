@@ -408,8 +408,11 @@ fn apply_peer(
     if inflight.contains(&key) {
         return;
     }
+    // Due once `interval` passed since the last probe ended, give or take
+    // half a tick (ticks, not probes, set the pace: without the half tick a
+    // probe that ended just after a tick would wait a whole extra tick).
     let checked = row.checked_ms();
-    if checked != 0 && now.saturating_sub(checked) < u.conf.interval_ms {
+    if checked != 0 && now.saturating_sub(checked) + TICK_MS / 2 < u.conf.interval_ms {
         return;
     }
     let socklen = pe.socklen as usize;
