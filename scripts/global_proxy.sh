@@ -31,6 +31,7 @@ stream_ops              ngx_http_prefill_module                        stream_op
 internal_metrics        ngx_http_prefill_module                        pd_metrics
 sglang                  ngx_http_prefill_refactor_module               prefill_refactor
 sglang_balance          ngx_http_prefill_refactor_module               prefill_refactor_balance
+sglang_health           ngx_http_prefill_refactor_module               prefill_refactor_health
 encode                  ngx_http_prefill_module                        prefill_encode
 fallback                ngx_http_prefill_module                        prefill_fallback
 health                  ngx_http_upstream_pd_health_module             pd_health_check
@@ -482,6 +483,9 @@ validate() {
         elif ! feature_available health; then
             printf '%s: warning: this build has no pd_health_check (ngx_http_upstream_pd_health_module.so): no health checks, /health answers 404\n' "$PROG" >&2
             HEALTH=off
+        fi
+        if [ "$HEALTH" != off ] && [ "$ENGINE" = sglang ]; then
+            require_feature sglang_health --health-check "$HEALTH"
         fi
     fi
     # With sglang the prefill upstream only serves /v1 (round robin): the
@@ -983,6 +987,7 @@ EOF
         echo "            # bootstrap port: the module's default, 8998, on every prefill server"
     fi
     [ -z "$SGLANG_BALANCE" ] || echo "            prefill_refactor_balance $SGLANG_BALANCE;"
+    [ "$HEALTH" = off ] || echo "            prefill_refactor_health prefill_servers;   # its health checks pick the prefill too"
     cat <<EOF
             pd_backend sglang;
             pd_distribution pd_together;

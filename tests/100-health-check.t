@@ -7,6 +7,7 @@
 use FindBin;
 use lib "$FindBin::Bin/common";
 use Pdgate::TestEnv;
+use Pdgate::Sglang;
 use Test::Nginx::Socket 'no_plan';
 
 no_shuffle();
@@ -184,3 +185,49 @@ no live upstreams while connecting to upstream
 --- no_error_log
 [alert]
 [crit]
+
+
+
+=== TEST 11: SGLang mode: prefill_refactor_health keeps its own prefill choice off a refused server
+--- http_config
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    log_format pbody escape=none 'prefill body: $request_body';
+    upstream prefill_servers {
+        zone prefill_servers 64k;
+        server 127.0.0.2:$TEST_NGINX_SERVER_PORT;
+        server 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        pd_health_check interval=100ms timeout=100ms fails=1 uri=/mock/health;
+    }
+--- config eval
+Pdgate::Sglang::config('pd_together', '', '',
+    '127.0.0.2:$TEST_NGINX_SERVER_PORT,127.0.0.1:$TEST_NGINX_SERVER_PORT',
+    '        prefill_refactor_health prefill_servers;')
+. "    location = /mock/health { return 200; }\n    location = /wait { pdgate_echo delay=300; }\n"
+--- request eval
+["GET /wait",
+ "POST /v1/completions\n{\"prompt\":\"p\"}", "POST /v1/completions\n{\"prompt\":\"p\"}",
+ "POST /v1/completions\n{\"prompt\":\"p\"}", "POST /v1/completions\n{\"prompt\":\"p\"}"]
+--- error_code eval
+[200, 200, 200, 200, 200]
+--- no_error_log
+connect() failed
+no answer
+[alert]
+
+
+
+=== TEST 12: prefill_refactor_health must name an upstream block
+--- http_config
+    upstream prefill_servers { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; }
+--- config
+    location /v1/ {
+        prefill_refactor /prefill_internal;
+        prefill_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        decode_servers_list 127.0.0.1:$TEST_NGINX_SERVER_PORT;
+        prefill_refactor_health prefill_servrs;
+        proxy_pass http://$decode_server;
+    }
+--- must_die
+--- error_log
+"prefill_refactor_health" names no upstream block "prefill_servrs"

@@ -71,6 +71,9 @@ pub struct LocConf {
     max_fails: Option<u64>,
     /// `prefill_refactor_fail_timeout <time>` (ms).
     fail_timeout: Option<u64>,
+    /// `prefill_refactor_health <upstream>`: the prefill servers' health is
+    /// that of the same addresses in this health-checked upstream.
+    health: Option<Vec<u8>>,
     /// The shared counters zone (`prefill_refactor`), attached by the
     /// directives that need it, per configuration cycle.
     zone: Option<Zone>,
@@ -107,6 +110,9 @@ impl Merge for LocConf {
         }
         if self.fail_timeout.is_none() {
             self.fail_timeout = prev.fail_timeout;
+        }
+        if self.health.is_none() {
+            self.health = prev.health.clone();
         }
         Ok(())
     }
@@ -155,6 +161,7 @@ pdgate_glue::http_module! {
         conf::take1(c"prefill_refactor_balance", Some(cmd_balance)),
         conf::take1(c"prefill_refactor_max_fails", Some(cmd_max_fails)),
         conf::take1(c"prefill_refactor_fail_timeout", Some(cmd_fail_timeout)),
+        conf::take1(c"prefill_refactor_health", Some(cmd_health)),
     ],
 }
 
@@ -175,8 +182,27 @@ fn postconfiguration(cf: &mut Conf) -> Result<(), NgxError> {
     driver::install::<Sglang>(cf)
 }
 
-fn check_loc_conf(_: &Conf, lcf: &LocConf) -> Result<(), String> {
+fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
+    if let Some(u) = &lcf.health {
+        if !cf.upstream_blocks().contains(&u.as_slice()) {
+            return Err(format!(
+                "\"prefill_refactor_health\" names no upstream block \"{}\"",
+                String::from_utf8_lossy(u)
+            ));
+        }
+    }
     lcf.check()
+}
+
+pdgate_glue::directive!(cmd_health, LocConf, health);
+
+/// `prefill_refactor_health <upstream>;`
+fn health(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    if lcf.health.is_some() {
+        return Err(refuse("is duplicate"));
+    }
+    lcf.health = Some(arg(cf)?.to_vec());
+    Ok(())
 }
 
 /// The directive's one argument (`NGX_CONF_TAKE1` guarantees it).
@@ -470,6 +496,9 @@ fn legs(
         .map(|(i, s)| {
             !st.tried.contains(&i)
                 && fail_window(lcf.zone.as_ref(), s).is_none_or(|w| w.available(now))
+                && lcf.health.as_ref().is_none_or(|u| {
+                    pdgate_glue::health::peer_eligible(u, s.addr.as_bytes()).unwrap_or(true)
+                })
         })
         .collect();
     let untried: Vec<bool> = (0..plist.len()).map(|i| !st.tried.contains(&i)).collect();

@@ -491,6 +491,12 @@ impl HealthZone {
         }
     }
 
+    /// Whether it holds this layout (without claiming all-zero memory):
+    /// for readers that find the zone by name.
+    pub fn is_attached(&self) -> bool {
+        self.magic.load(Ordering::Acquire) == ZONE_MAGIC
+    }
+
     pub fn table(&self) -> HealthTable<'_> {
         HealthTable::new(&self.rows)
     }
@@ -701,8 +707,9 @@ mod tests {
             lease: Lease::default(),
             rows: std::array::from_fn(|_| HealthRow::default()),
         });
-        assert!(z.attach() && z.attach());
+        assert!(z.attach() && z.attach() && z.is_attached());
         z.magic.store(1, Ordering::Relaxed);
+        assert!(!z.is_attached());
         assert!(!z.attach());
         assert!(z.table().find_or_claim(5, 0, 10).is_some());
     }

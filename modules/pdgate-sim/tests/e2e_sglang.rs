@@ -117,6 +117,19 @@ fn journal(sim: &Sim, n: usize) -> Vec<server::Record> {
     }
 }
 
+/// The journals of `sims` together, once they hold `n` records (or after
+/// 5 s).
+fn journals(sims: &[&Sim], n: usize) -> Vec<server::Record> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let all: Vec<_> = sims.iter().flat_map(|s| s.journal()).collect();
+        if all.len() >= n || Instant::now() > deadline {
+            return all;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn chat(i: usize, stream: bool) -> String {
     format!(
         r#"{{"model":"sim","messages":[{{"role":"user","content":"question {i}: {}"}}],"max_tokens":8,"stream":{stream},"bootstrap_room":1}}"#,
@@ -148,8 +161,11 @@ fn both_distributions_hand_the_kv_over_through_matching_rooms() {
             n += 1;
         }
     }
-    let dj: Vec<_> = [journal(&d1, 1), journal(&d2, 1)].concat();
-    let pj: Vec<_> = [journal(&p1, 1), journal(&p2, 1)].concat();
+    // A request is recorded just after its answer is written: wait for
+    // all of them across both engines of a role (the last one may still be
+    // on its way when the client has its answer).
+    let dj = journals(&[&d1, &d2], n);
+    let pj = journals(&[&p1, &p2], n);
     assert_eq!(dj.len(), n, "{dj:?}");
     assert_eq!(pj.len(), n, "{pj:?}");
     assert!(dj.iter().all(|r| r.kv == "loaded"), "{dj:?}");

@@ -486,6 +486,56 @@ pub fn snapshot() -> Vec<(Vec<u8>, Vec<u8>, Option<Snapshot>)> {
     })
 }
 
+thread_local! {
+    /// The health zone found by name, for the cycle it was found in.
+    static BY_NAME: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// The running cycle's health zone found by its name, from any module (the
+/// health module's own copy of this crate is not the caller's): `None` when
+/// the configuration has no health checks.
+fn zone_by_name() -> Option<&'static HealthZone> {
+    // SAFETY: the running cycle and its list of shared zones live until the
+    // next cycle (the cache is keyed by the cycle); a zone of this name
+    // whose data holds the health layout (its magic) is a HealthZone.
+    unsafe {
+        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
+        let (cached_cycle, zone) = BY_NAME.with(|c| c.get());
+        if cached_cycle == cycle as usize {
+            return (zone as *const HealthZone).as_ref();
+        }
+        let mut found: *const HealthZone = std::ptr::null();
+        if let Some(c) = cycle.as_ref() {
+            let mut part: *const ngx::ffi::ngx_list_part_t = &c.shared_memory.part;
+            'walk: while let Some(p) = part.as_ref() {
+                let zones = p.elts as *mut ngx::ffi::ngx_shm_zone_t;
+                for i in 0..p.nelts {
+                    let z = zones.add(i);
+                    if str_bytes(&(*z).shm.name) == ZONE_NAME {
+                        let h = (*z).data as *const HealthZone;
+                        if h.as_ref().is_some_and(HealthZone::is_attached) {
+                            found = h;
+                        }
+                        break 'walk;
+                    }
+                }
+                part = p.next;
+            }
+        }
+        BY_NAME.with(|c| c.set((cycle as usize, found as usize)));
+        found.as_ref()
+    }
+}
+
+/// Whether `peer` of the health-checked upstream `upstream` may take
+/// traffic now (for modules that choose servers themselves, such as the
+/// SGLang mode's lists): `None` when it has no health row (not checked).
+pub fn peer_eligible(upstream: &[u8], peer: &[u8]) -> Option<bool> {
+    let zone = zone_by_name()?;
+    let row = zone.table().find(peer_key(upstream, peer))?;
+    Some(row.eligible(crate::observe::now_ms()))
+}
+
 /// The pid of the worker probing now (0: none).
 pub fn prober_pid() -> u64 {
     PROBER.with(|p| {
