@@ -59,6 +59,10 @@ say "start nginx with pdgate (dist/conf/pdgate-2p2d.conf)"
 "$DIST/sbin/nginx" -p "$DIST" -c conf/pdgate-2p2d.conf
 NGINX_STARTED=1
 echo "  proxy on 127.0.0.1:8080, pid $(cat "$DIST/logs/demo-nginx.pid")"
+# Engines take traffic once their health checks pass (pd_health_check):
+# /health says when every pool has one.
+for _ in $(seq 50); do curl -sf 127.0.0.1:8080/health >/dev/null && break; sleep 0.1; done
+echo "  ready: $(curl -s 127.0.0.1:8080/health)"
 
 say "install the openai client into .venv-demo (first run only)"
 if [ ! -x .venv-demo/bin/python ] || ! .venv-demo/bin/python -c 'import openai' 2>/dev/null; then
