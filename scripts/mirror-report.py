@@ -15,6 +15,9 @@ import os
 import shutil
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mirror  # noqa: E402  (the same figures as the runs)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "pdgate/round_robin"
 COLOURS = {"pdgate": "#0072B2", "pdgate-sglang": "#56B4E9", "vllm-router": "#E69F00",
@@ -25,38 +28,27 @@ COLOURS = {"pdgate": "#0072B2", "pdgate-sglang": "#56B4E9", "vllm-router": "#E69
 ORDER = ["a50", "a80", "a95", "a110", "b", "c", "d", "e"]
 
 
-def completion_rate(d, run, scale, seconds):
-    """Requests finished per second of model time in the second half of the
-    arrival window (scripts/mirror.py), from the run's JSON when runs.json
-    predates the figure."""
-    if run.get("completion_rate") is not None:
-        return run["completion_rate"]
+def run_doc(d, run):
+    """The run's pd-bench JSON, None when it is gone."""
     try:
         with open(os.path.join(d, run["json"])) as f:
-            doc = json.load(f)
+            return json.load(f)
     except OSError:
         return None
-    lo, hi = seconds * 500, seconds * 1000
-    n = sum(1 for r in doc["requests"]
-            if r["e2e_ms"] is not None and lo <= r["start_ms"] + r["e2e_ms"] < hi)
-    return n / (seconds / 2 * scale)
 
 
-def tight_goodput(d, run, scale, ttft, tpot, seconds):
-    """Goodput at the tight TTFT SLO, from the run's pd-bench JSON when
-    runs.json predates the figure."""
-    if run.get("goodput_tight") is not None:
-        return run["goodput_tight"]
-    try:
-        with open(os.path.join(d, run["json"])) as f:
-            doc = json.load(f)
-    except OSError:
-        return None
-    good = sum(1 for r in doc["requests"]
-               if r["status"] == 200 and not r["error"] and r["ttft_ms"] is not None
-               and r["ttft_ms"] * scale <= ttft
-               and (r["tpot_ms"] is None or r["tpot_ms"] * scale <= tpot))
-    return good / (seconds * scale)
+def late_figures(d, run, scale, tight, tpot, seconds):
+    """The figures runs.json may predate (goodput at the tight SLO, the
+    finished rate), computed as scripts/mirror.py computes them."""
+    need = [k for k in ("goodput_tight", "completion_rate") if run.get(k) is None]
+    doc = run_doc(d, run) if need else None
+    if doc is not None:
+        run.setdefault("goodput_tight", None)
+        run.setdefault("completion_rate", None)
+        if run["goodput_tight"] is None:
+            run["goodput_tight"] = mirror.goodput(doc, scale, tight, tpot, seconds)
+        if run["completion_rate"] is None:
+            run["completion_rate"] = mirror.completion_rate(doc, scale, seconds)
 
 
 def family(router):
@@ -208,9 +200,7 @@ def main(argv):
     tight = cfg.get("slo_tight_ttft_ms", 300)
     for r in res["runs"]:
         s = scen[r["scenario"]]
-        r["goodput_tight"] = tight_goodput(d, r, s["time_scale"], tight, cfg["slo_tpot_ms"],
-                                           cfg["seconds"])
-        r["completion_rate"] = completion_rate(d, r, s["time_scale"], cfg["seconds"])
+        late_figures(d, r, s["time_scale"], tight, cfg["slo_tpot_ms"], cfg["seconds"])
     means = mean_runs(res["runs"])
     v = cfg["versions"]
     slo = f"TTFT ≤ {cfg['slo_ttft_ms']:g} ms and TPOT ≤ {cfg['slo_tpot_ms']:g} ms"

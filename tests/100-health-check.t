@@ -59,7 +59,18 @@ pd_health_ready: upstream "ups" has no pd_health_check
 
 
 
-=== TEST 5: a refused peer takes no traffic; the proxy is ready with the other
+=== TEST 5: a bare pd_health_ready needs some upstream with pd_health_check
+--- http_config
+    upstream ups { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; }
+--- config
+    location = /health { pd_health_ready; }
+--- must_die
+--- error_log
+pd_health_ready: no upstream has pd_health_check in
+
+
+
+=== TEST 6: a refused peer takes no traffic; the proxy is ready with the other
 --- http_config
     upstream ups {
         zone ups 64k;
@@ -87,7 +98,7 @@ connect() failed
 
 
 
-=== TEST 6: the status page shows each peer's health and the prober
+=== TEST 7: the status page shows each peer's health and the prober
 --- http_config
     upstream ups {
         zone ups 64k;
@@ -107,7 +118,7 @@ connect() failed
 
 
 
-=== TEST 7: every change of a peer's health is logged, and which worker probes
+=== TEST 8: every change of a peer's health is logged, and which worker probes
 --- http_config
     upstream ups {
         zone ups 64k;
@@ -128,7 +139,7 @@ is up (status 200 after 1 good probes), was unknown
 
 
 
-=== TEST 8: an engine answering 503 (SGLang while loading) is down: not ready, no traffic
+=== TEST 9: an engine answering 503 (SGLang while loading) is down: not ready, no traffic
 --- http_config
     upstream ups {
         server 127.0.0.1:$TEST_NGINX_SERVER_PORT;
@@ -150,7 +161,7 @@ is up (status 200 after 1 good probes), was unknown
 
 
 
-=== TEST 9: a peer not probed up yet takes no request: no live upstreams
+=== TEST 10: a peer not probed up yet takes no request: no live upstreams
 --- http_config
     upstream ups {
         server 127.0.0.1:$TEST_NGINX_SERVER_PORT;
@@ -167,7 +178,7 @@ no live upstreams while connecting to upstream
 
 
 
-=== TEST 10: a server the configuration marks down is neither probed nor turned up
+=== TEST 11: a server the configuration marks down is neither probed nor turned up
 --- http_config
     upstream ups {
         server 127.0.0.1:$TEST_NGINX_SERVER_PORT;
@@ -188,7 +199,7 @@ no live upstreams while connecting to upstream
 
 
 
-=== TEST 11: SGLang mode: prefill_refactor_health keeps its own prefill choice off a refused server
+=== TEST 12: SGLang mode: prefill_refactor_health keeps its own prefill choice off a refused server
 --- http_config
     proxy_http_version 1.1;
     proxy_set_header Connection "";
@@ -217,7 +228,7 @@ no answer
 
 
 
-=== TEST 12: prefill_refactor_health must name an upstream block
+=== TEST 13: prefill_refactor_health must name an upstream block
 --- http_config
     upstream prefill_servers { server 127.0.0.1:$TEST_NGINX_SERVER_PORT; }
 --- config

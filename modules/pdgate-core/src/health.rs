@@ -469,6 +469,79 @@ impl<'a> HealthTable<'a> {
     }
 }
 
+/// What the health checks know of one peer of a checked upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    /// `server … down` in the configuration: neither probed nor turned up.
+    ConfiguredDown,
+    /// No row (the table is full): not gated, takes traffic as without checks.
+    Unchecked,
+    Checked(Snapshot),
+}
+
+impl Seen {
+    /// May take traffic now.
+    pub fn eligible(&self) -> bool {
+        match self {
+            Seen::ConfiguredDown => false,
+            Seen::Unchecked => true,
+            Seen::Checked(s) => s.eligible,
+        }
+    }
+}
+
+/// One peer of a checked upstream, as the status page and readiness see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerHealth {
+    pub upstream: Vec<u8>,
+    pub peer: Vec<u8>,
+    pub seen: Seen,
+}
+
+/// The `pd_health_status` page: the prober's pid (0: none), then a line per
+/// peer.
+pub fn status_text(prober: u64, peers: &[PeerHealth]) -> String {
+    use std::fmt::Write;
+    let mut s = format!("prober pid {prober}\n");
+    for ph in peers {
+        let (u, p) = (String::from_utf8_lossy(&ph.upstream), String::from_utf8_lossy(&ph.peer));
+        let _ = match ph.seen {
+            Seen::ConfiguredDown => writeln!(s, "upstream {u} peer {p} down (configured)"),
+            Seen::Unchecked => writeln!(s, "upstream {u} peer {p} unchecked (health table full)"),
+            Seen::Checked(x) => writeln!(
+                s,
+                "upstream {u} peer {p} {} eligible={} probes={} bad={} last=\"{}\" checked_ago_ms={} latency_us={}",
+                x.status.name(),
+                u8::from(x.eligible),
+                x.probes,
+                x.bad,
+                x.last.map_or_else(|| "none".to_owned(), Outcome::describe),
+                x.checked_ago_ms.map_or_else(|| "-".to_owned(), |a| a.to_string()),
+                x.latency_us
+            ),
+        };
+    }
+    s
+}
+
+/// `pd_health_ready`: Ok when each upstream of `names` (every checked one
+/// when empty) has a peer that may take traffic; else the message naming
+/// the first that has none.
+pub fn readiness(names: &[Vec<u8>], peers: &[PeerHealth]) -> Result<(), String> {
+    let mut wanted: Vec<&[u8]> = names.iter().map(Vec::as_slice).collect();
+    if wanted.is_empty() {
+        for ph in peers {
+            if !wanted.contains(&ph.upstream.as_slice()) {
+                wanted.push(&ph.upstream);
+            }
+        }
+    }
+    match wanted.iter().find(|w| !peers.iter().any(|ph| ph.upstream == **w && ph.seen.eligible())) {
+        Some(w) => Err(format!("no healthy server in upstream \"{}\"", String::from_utf8_lossy(w))),
+        None => Ok(()),
+    }
+}
+
 /// Rows of a [`HealthZone`]: peers checked at once, all upstreams together.
 pub const ZONE_ROWS: usize = 4096;
 
@@ -698,6 +771,37 @@ mod tests {
         assert!(!fresh.eligible(13_500) && fresh.eligible(13_501));
         // Full table.
         assert!(t.find_or_claim(9, 0, 1).is_none());
+    }
+
+    #[test]
+    fn status_page_and_readiness() {
+        let c = conf(&["interval=1s", "timeout=500ms", "fails=1"]).unwrap();
+        let rows: Vec<HealthRow> = (0..2).map(|_| HealthRow::default()).collect();
+        let t = HealthTable::new(&rows);
+        let up = t.find_or_claim(1, 0, c.stale_ms()).unwrap();
+        up.record(Outcome::Status(200), 100, 42, &c);
+        let down = t.find_or_claim(2, 0, c.stale_ms()).unwrap();
+        down.record(Outcome::Refused, 100, 7, &c);
+        let ph = |u: &str, p: &str, seen| PeerHealth { upstream: u.into(), peer: p.into(), seen };
+        let peers = [
+            ph("p", "a:1", Seen::Checked(up.snapshot(300))),
+            ph("p", "b:1", Seen::ConfiguredDown),
+            ph("d", "c:1", Seen::Checked(down.snapshot(300))),
+            ph("e", "x:1", Seen::Unchecked),
+        ];
+        assert_eq!(
+            status_text(77, &peers),
+            "prober pid 77\n\
+             upstream p peer a:1 up eligible=1 probes=1 bad=0 last=\"status 200\" checked_ago_ms=200 latency_us=42\n\
+             upstream p peer b:1 down (configured)\n\
+             upstream d peer c:1 down eligible=0 probes=1 bad=1 last=\"connection refused\" checked_ago_ms=200 latency_us=7\n\
+             upstream e peer x:1 unchecked (health table full)\n"
+        );
+        assert_eq!(readiness(&[b"p".to_vec(), b"e".to_vec()], &peers), Ok(()));
+        let all = readiness(&[], &peers);
+        assert_eq!(all, Err("no healthy server in upstream \"d\"".into()));
+        let named = readiness(&[b"p".to_vec(), b"nope".to_vec()], &peers);
+        assert_eq!(named, Err("no healthy server in upstream \"nope\"".into()));
     }
 
     #[test]

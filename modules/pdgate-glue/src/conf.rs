@@ -80,6 +80,24 @@ pub const fn loc_command(
     }
 }
 
+/// A command-table entry for a directive of `upstream {}` blocks, whose
+/// handler gets the block's server configuration; `type_` adds the arity
+/// (`NGX_CONF_ANY`, …).
+pub const fn upstream_command(
+    name: &'static std::ffi::CStr,
+    type_: u32,
+    set: ngx::ffi::ngx_conf_handler_pt,
+) -> ngx::ffi::ngx_command_t {
+    ngx::ffi::ngx_command_t {
+        name: self::name(name),
+        type_: (ngx::ffi::NGX_HTTP_UPS_CONF | type_) as ngx::ffi::ngx_uint_t,
+        set,
+        conf: ngx::ffi::NGX_HTTP_SRV_CONF_OFFSET as ngx::ffi::ngx_uint_t,
+        offset: 0,
+        post: std::ptr::null_mut(),
+    }
+}
+
 /// Every http level: main, server and location.
 pub const ANY_LEVEL: u32 =
     ngx::ffi::NGX_HTTP_MAIN_CONF | ngx::ffi::NGX_HTTP_SRV_CONF | ngx::ffi::NGX_HTTP_LOC_CONF;

@@ -17,8 +17,7 @@ use ngx::ffi::{
     ngx_conf_t, ngx_http_client_body_handler_pt, ngx_http_finalize_request,
     ngx_http_get_variable_pt, ngx_http_handler_pt, ngx_http_phases,
     ngx_http_read_client_request_body, ngx_http_request_t, ngx_http_upstream_main_conf_t,
-    ngx_http_upstream_module, ngx_http_upstream_srv_conf_t, ngx_int_t, ngx_module_t,
-    ngx_shm_zone_t, ngx_uint_t, NGX_HTTP_UPSTREAM_CREATE, NGX_LOG_EMERG,
+    ngx_http_upstream_module, ngx_int_t, ngx_module_t, ngx_shm_zone_t, NGX_LOG_EMERG,
 };
 use ngx::http::HttpModuleConfExt;
 pub use ngx::http::Request;
@@ -162,20 +161,16 @@ impl Conf<'_> {
     /// The names of the `upstream {}` blocks of the configuration
     /// (postconfiguration).
     pub fn upstream_blocks(&self) -> Vec<&'static [u8]> {
-        // SAFETY: from_ptr's contract; the upstream main conf and its list
+        // SAFETY: from_ptr's contract; the upstream main conf and its blocks
         // live as long as the configuration.
         unsafe {
-            let Some(umcf) = (*self.cf).http_main_conf_unchecked::<ngx_http_upstream_main_conf_t>(
+            let umcf = (*self.cf).http_main_conf_unchecked::<ngx_http_upstream_main_conf_t>(
                 &*std::ptr::addr_of!(ngx_http_upstream_module),
-            ) else {
-                return Vec::new();
-            };
-            umcf.as_ref()
-                .upstreams
-                .as_slice::<*mut ngx_http_upstream_srv_conf_t>()
-                .iter()
-                .filter_map(|&us| us.as_ref())
-                .filter(|us| us.flags & NGX_HTTP_UPSTREAM_CREATE as ngx_uint_t != 0)
+            );
+            let umcf = umcf.map_or(std::ptr::null(), |u| u.as_ptr() as *const _);
+            crate::upstream::blocks(umcf)
+                .into_iter()
+                .filter_map(|us| us.as_ref())
                 .map(|us| crate::conf::str_bytes(&us.host))
                 .collect()
         }

@@ -22,9 +22,11 @@
 //!     preconfiguration: preconfiguration,     // fn(&mut Conf) -> Result<(), NgxError>
 //!     postconfiguration: postconfiguration,   // the same
 //!     main_conf: MainConf,                    // Default
+//!     srv_conf: SrvConf,                      // Default (also an `upstream {}` block's)
 //!     loc_conf: LocConf,                      // Default
 //!     merge_loc_conf: yes,                    // LocConf: Merge
 //!     check_loc_conf: check,                  // optional, see below
+//!     init_process: init,                     // fn() -> Result<(), NgxError>, in each worker
 //!     commands: [ /* ngx_command_t, ... */ ],
 //! }
 //! ```
@@ -45,9 +47,11 @@ macro_rules! http_module {
         $(preconfiguration: $pre:path,)?
         $(postconfiguration: $post:path,)?
         $(main_conf: $main:ty,)?
+        $(srv_conf: $srv:ty,)?
         $(loc_conf: $loc:ty,)?
         $(merge_loc_conf: $merge:ident,)?
         $(check_loc_conf: $check:path,)?
+        $(init_process: $init:path,)?
         commands: [$($cmd:expr),* $(,)?] $(,)?
     ) => {
         struct Module;
@@ -67,9 +71,31 @@ macro_rules! http_module {
         )?
 
         $(
+            // SAFETY: ServerConf is the type create_srv_conf allocates here.
+            unsafe impl $crate::ngx::http::HttpModuleServerConf for Module {
+                type ServerConf = $srv;
+            }
+        )?
+
+        $(
             // SAFETY: LocationConf is the type create_loc_conf allocates here.
             unsafe impl $crate::ngx::http::HttpModuleLocationConf for Module {
                 type LocationConf = $loc;
+            }
+        )?
+
+        $(
+            unsafe extern "C" fn __pdgate_init_process(
+                _cycle: *mut $crate::ffi::ngx_cycle_t,
+            ) -> $crate::ffi::ngx_int_t {
+                $crate::guard::catch(
+                    concat!(stringify!($module), " init_process"),
+                    $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
+                    || match $init() {
+                        Ok(()) => $crate::ffi::NGX_OK as $crate::ffi::ngx_int_t,
+                        Err(_) => $crate::ffi::NGX_ERROR as $crate::ffi::ngx_int_t,
+                    },
+                )
             }
         )?
 
@@ -153,7 +179,10 @@ macro_rules! http_module {
             create_main_conf: $crate::__pdgate_if!(($($main)?)
                 Some(<Module as $crate::ngx::http::HttpModule>::create_main_conf)),
             init_main_conf: None,
-            create_srv_conf: None,
+            create_srv_conf: $crate::__pdgate_if!(($($srv)?)
+                Some(<Module as $crate::ngx::http::HttpModule>::create_srv_conf)),
+            // Upstream blocks are not merged; a module that needs server
+            // blocks merged is not written with this macro yet.
             merge_srv_conf: None,
             create_loc_conf: $crate::__pdgate_if!(($($loc)?)
                 Some(<Module as $crate::ngx::http::HttpModule>::create_loc_conf)),
@@ -174,6 +203,7 @@ macro_rules! http_module {
             ctx: ::std::ptr::addr_of!(__PDGATE_CTX) as *mut ::std::ffi::c_void,
             commands: ::std::ptr::addr_of_mut!(__PDGATE_COMMANDS) as *mut $crate::ffi::ngx_command_t,
             type_: $crate::ffi::NGX_HTTP_MODULE as $crate::ffi::ngx_uint_t,
+            init_process: $crate::__pdgate_if!(($($init)?) Some(__pdgate_init_process)),
             ..$crate::ffi::ngx_module_t::default()
         };
 

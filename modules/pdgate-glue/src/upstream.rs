@@ -4,9 +4,13 @@
 //! balancer crates (the P/D module's metrics page); new code uses
 //! [`crate::balancer`].
 
-use std::ptr::null_mut;
+use std::ptr::{addr_of, null_mut};
 
-use ngx::ffi::ngx_http_upstream_rr_peers_t;
+use ngx::ffi::{
+    ngx_cycle_t, ngx_http_conf_ctx_t, ngx_http_module, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_module, ngx_http_upstream_rr_peer_t, ngx_http_upstream_rr_peers_t,
+    ngx_http_upstream_srv_conf_t, ngx_module_t, ngx_uint_t, NGX_HTTP_UPSTREAM_CREATE,
+};
 
 pub use crate::balancer::for_each_peer_gauge;
 pub use crate::conf::set_content_handler;
@@ -65,6 +69,90 @@ impl Drop for PeersWrite {
         if !self.0.is_null() {
             // SAFETY: the lock `lock` took on this live list.
             unsafe { ngx::ffi::ngx_rwlock_unlock(&mut (*self.0).rwlock) }
+        }
+    }
+}
+
+/// The `upstream {}` blocks of an upstream main conf (the implicit
+/// upstreams of `proxy_pass http://address` left out).
+///
+/// # Safety
+/// `umcf` must be NULL or a live upstream main conf.
+pub unsafe fn blocks(
+    umcf: *const ngx_http_upstream_main_conf_t,
+) -> Vec<*mut ngx_http_upstream_srv_conf_t> {
+    // SAFETY: as documented; its array of blocks lives as long as it.
+    unsafe {
+        let Some(umcf) = umcf.as_ref() else { return Vec::new() };
+        umcf.upstreams
+            .as_slice::<*mut ngx_http_upstream_srv_conf_t>()
+            .iter()
+            .copied()
+            .filter(|us| {
+                us.as_ref().is_some_and(|u| u.flags & NGX_HTTP_UPSTREAM_CREATE as ngx_uint_t != 0)
+            })
+            .collect()
+    }
+}
+
+/// The upstream main conf of `cycle` (a worker's running cycle), NULL when
+/// it has no `http {}`.
+///
+/// # Safety
+/// `cycle` must be NULL or a live cycle.
+pub unsafe fn cycle_main_conf(cycle: *const ngx_cycle_t) -> *const ngx_http_upstream_main_conf_t {
+    // SAFETY: the http configuration context has a main conf slot per http
+    // module and lives as long as the cycle.
+    unsafe {
+        let Some(c) = cycle.as_ref() else { return std::ptr::null() };
+        let ctx = *c.conf_ctx.add((*addr_of!(ngx_http_module)).index) as *const ngx_http_conf_ctx_t;
+        match ctx.as_ref() {
+            Some(ctx) => *ctx.main_conf.add((*addr_of!(ngx_http_upstream_module)).ctx_index)
+                as *const ngx_http_upstream_main_conf_t,
+            None => std::ptr::null(),
+        }
+    }
+}
+
+/// `module`'s server conf of the upstream block `us` (a `T`, as that
+/// module's create_srv_conf allocates it).
+///
+/// # Safety
+/// `us` must be a live upstream block; `module` an http module whose server
+/// conf type is `T`.
+pub unsafe fn srv_conf<'a, T>(
+    us: *const ngx_http_upstream_srv_conf_t,
+    module: &ngx_module_t,
+) -> Option<&'a T> {
+    // SAFETY: as documented; an upstream block has a slot per http module.
+    unsafe {
+        let u = us.as_ref()?;
+        if u.srv_conf.is_null() {
+            return None;
+        }
+        (*u.srv_conf.add(module.ctx_index) as *const T).as_ref()
+    }
+}
+
+/// Calls `f` on every peer of `peers`, the backup ones too.
+///
+/// # Safety
+/// `peers` must be a live peer list, held under round robin's lock when it
+/// is shared ([`PeersRead`], [`PeersWrite`]).
+pub unsafe fn each_peer(
+    peers: *mut ngx_http_upstream_rr_peers_t,
+    mut f: impl FnMut(&mut ngx_http_upstream_rr_peer_t),
+) {
+    // SAFETY: as documented; the lists end with NULL.
+    unsafe {
+        let mut list = peers;
+        while let Some(l) = list.as_ref() {
+            let mut peer = l.peer;
+            while let Some(pe) = peer.as_mut() {
+                f(pe);
+                peer = pe.next;
+            }
+            list = l.next;
         }
     }
 }

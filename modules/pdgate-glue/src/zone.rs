@@ -164,22 +164,27 @@ pub unsafe fn state<'a, T: ZoneState>(zone: *const ngx_shm_zone_t) -> Option<&'a
 }
 
 /// The shared zone named `name` in the running cycle, whoever declared it
-/// (a zone one P/D module declares and another one also records into).
-/// Looked up once per cycle and remembered.
+/// (a zone one module declares and another one reads or records into).
+/// Looked up once per cycle and name, and remembered.
 pub fn find_in_cycle(name: &'static [u8]) -> Option<*mut ngx_shm_zone_t> {
-    use std::cell::Cell;
+    use std::cell::RefCell;
     thread_local! {
-        /// (cycle, zone) of the last lookup: workers are single-threaded,
-        /// and a reload brings a new cycle (new workers, in fact).
-        static LAST: Cell<(usize, usize)> = const { Cell::new((0, 0)) };
+        /// (name, cycle, zone) of each name looked up: workers are
+        /// single-threaded, and a reload brings a new cycle (new workers, in
+        /// fact). One entry per name, so lookups of different zones from one
+        /// module (the P/D metrics and the health table) do not evict each
+        /// other.
+        static FOUND: RefCell<Vec<(&'static [u8], usize, usize)>> = const { RefCell::new(Vec::new()) };
     }
     // SAFETY: ngx_cycle is the running cycle in a worker; its shared memory
     // list and zones live as long as it.
     unsafe {
         let cycle = *std::ptr::addr_of!(ngx::ffi::ngx_cycle);
         let c = cycle.as_ref()?;
-        let (at, z) = LAST.with(Cell::get);
-        if at == cycle as usize {
+        let cached = FOUND.with(|f| {
+            f.borrow().iter().find(|(n, at, _)| *n == name && *at == cycle as usize).map(|e| e.2)
+        });
+        if let Some(z) = cached {
             return (z != 0).then_some(z as *mut ngx_shm_zone_t);
         }
         let mut found = 0usize;
@@ -195,7 +200,11 @@ pub fn find_in_cycle(name: &'static [u8]) -> Option<*mut ngx_shm_zone_t> {
             }
             part = p.next;
         }
-        LAST.with(|l| l.set((cycle as usize, found)));
+        FOUND.with(|f| {
+            let mut f = f.borrow_mut();
+            f.retain(|(n, at, _)| *n != name && *at == cycle as usize);
+            f.push((name, cycle as usize, found));
+        });
         (found != 0).then_some(found as *mut ngx_shm_zone_t)
     }
 }

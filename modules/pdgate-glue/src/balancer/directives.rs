@@ -33,7 +33,8 @@ use crate::conf::{self, str_bytes};
 type Handler =
     unsafe extern "C" fn(*mut ngx_conf_t, *mut ngx_command_t, *mut c_void) -> *mut c_char;
 
-/// An upstream-context directive of `balancer`.
+/// An upstream-context directive of `balancer` (its handlers find the
+/// balancer in `post`).
 const fn upstream_command(
     name: &'static CStr,
     takes: u32,
@@ -41,13 +42,8 @@ const fn upstream_command(
     balancer: &'static Balancer,
 ) -> ngx_command_t {
     ngx_command_t {
-        // nginx compares directive names with strcmp: keep the NUL.
-        name: conf::name(name),
-        type_: (ngx::ffi::NGX_HTTP_UPS_CONF | takes) as ngx_uint_t,
-        set: Some(set),
-        conf: ngx::ffi::NGX_HTTP_SRV_CONF_OFFSET as ngx_uint_t,
-        offset: 0,
         post: balancer as *const Balancer as *mut c_void,
+        ..conf::upstream_command(name, takes, Some(set))
     }
 }
 

@@ -20,26 +20,25 @@
 
 use std::cell::RefCell;
 use std::collections::HashSet;
-use std::ffi::c_char;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
 
 use ngx::ffi::{
-    ngx_add_timer, ngx_conf_t, ngx_cycle_t, ngx_event_t, ngx_http_conf_ctx_t, ngx_http_module,
-    ngx_http_upstream_main_conf_t, ngx_http_upstream_module, ngx_http_upstream_rr_peer_t,
-    ngx_http_upstream_rr_peers_t, ngx_http_upstream_server_t, ngx_http_upstream_srv_conf_t,
-    ngx_int_t, ngx_log_t, ngx_module_t, ngx_msec_t, ngx_pcalloc, ngx_uint_t, NGX_ERROR,
-    NGX_HTTP_UPSTREAM_CREATE, NGX_LOG_CRIT, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_OK,
-    NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
+    ngx_add_timer, ngx_cycle_t, ngx_event_t, ngx_http_upstream_main_conf_t,
+    ngx_http_upstream_rr_peer_t, ngx_http_upstream_rr_peers_t, ngx_http_upstream_server_t,
+    ngx_http_upstream_srv_conf_t, ngx_log_t, ngx_module_t, ngx_msec_t, ngx_pcalloc, ngx_uint_t,
+    NGX_LOG_CRIT, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 use pdgate_core::balance::slots::peer_key;
-use pdgate_core::health::{CheckConf, HealthRow, HealthZone, Snapshot};
+use pdgate_core::health::{CheckConf, HealthRow, HealthZone, PeerHealth, Seen};
 
 use crate::conf::str_bytes;
+use crate::http::{Conf, ConfError};
+use crate::NgxError;
 
 mod pages;
 mod probe;
 
-pub use pages::{check_ready_names, cmd_ready, readiness, reset, status_text, ReadyConf};
+pub use pages::{check_ready_names, readiness, ready_directive, reset, status_text, ReadyConf};
 use probe::start_probe;
 
 /// An upstream's settings in the health module (its server conf).
@@ -67,33 +66,21 @@ pub fn zone_size() -> usize {
 }
 
 /// `pd_health_check [interval=…] [timeout=…] [fails=…] [passes=…] [uri=…] [port=…]`
-/// in an `upstream` block: stores the settings and declares the zone.
-///
-/// # Safety
-/// nginx's directive handler contract; `conf` is this module's server conf
-/// of the upstream, `module` the module's static.
-pub unsafe fn cmd_check(
-    cf: *mut ngx_conf_t,
-    conf: *mut UpstreamHealth,
+/// in an `upstream` block: stores the settings in the block's `conf` and
+/// declares the zone (once per configuration) for `module`.
+pub fn check_directive(
+    cf: &mut Conf,
+    conf: &mut UpstreamHealth,
     module: &ngx_module_t,
-) -> *mut c_char {
-    // SAFETY: as documented; the arguments live in the configuration pool.
-    unsafe {
-        let Some(conf) = conf.as_mut() else { return ngx::core::NGX_CONF_ERROR };
-        if conf.check.is_some() {
-            return crate::conf::error(cf, "is duplicate");
-        }
-        let args = crate::conf::args(cf);
-        let params: Vec<&[u8]> = args.iter().skip(1).map(|a| str_bytes(a)).collect();
-        match CheckConf::parse(&params) {
-            Ok(c) => conf.check = Some(c),
-            Err(e) => return crate::conf::error(cf, &e.to_string()),
-        }
-        match crate::zone::find_or_add::<HealthZone>(cf, ZONE_NAME, zone_size(), module) {
-            Ok(_) => crate::conf::OK,
-            Err(_) => ngx::core::NGX_CONF_ERROR,
-        }
+) -> Result<(), ConfError> {
+    if conf.check.is_some() {
+        return Err(ConfError::Directive("is duplicate".into()));
     }
+    let check = CheckConf::parse(&cf.args()).map_err(|e| ConfError::Directive(e.to_string()))?;
+    conf.check = Some(check);
+    // Ok(None): an earlier pd_health_check of this configuration declared it.
+    cf.add_zone::<HealthZone>(ZONE_NAME, zone_size(), module).map_err(|_| ConfError::Logged)?;
+    Ok(())
 }
 
 /// An upstream this worker checks.
@@ -107,7 +94,7 @@ struct Checked {
 
 /// A worker's prober state.
 struct Prober {
-    zone: *const HealthZone,
+    zone: &'static HealthZone,
     upstreams: Vec<Checked>,
     pid: u64,
     /// The log probes' connections write to: the cycle's, above `crit`.
@@ -124,111 +111,100 @@ thread_local! {
     static INFLIGHT: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
 }
 
-/// The health zone of `cycle` declared by `module`, once initialised.
+/// The running cycle's health zone, from whichever module asks (the health
+/// module's own copy of this crate or another's): `None` when the
+/// configuration has no health checks.
+fn shared_zone() -> Option<&'static HealthZone> {
+    let z = crate::zone::find_in_cycle(ZONE_NAME)?;
+    // SAFETY: a zone of this name whose data holds the health layout (its
+    // magic) is the HealthZone the health module placed; it lives as long
+    // as the cycle.
+    unsafe { ((*z).data as *const HealthZone).as_ref() }.filter(|h| h.is_attached())
+}
+
+/// The `upstream {}` blocks of `umcf` with `pd_health_check`, and its
+/// settings there.
 ///
 /// # Safety
-/// `cycle` must be the running cycle.
-unsafe fn find_zone(cycle: *mut ngx_cycle_t, module: *const ngx_module_t) -> *const HealthZone {
-    // SAFETY: the cycle's list of shared zones lives as long as the cycle;
-    // a zone with our tag and name was declared for a HealthZone, whose
-    // state its init placed at `data` (attached).
+/// `umcf` must be NULL or a live upstream main conf; `module` the health
+/// module.
+unsafe fn checked_blocks<'a>(
+    umcf: *const ngx_http_upstream_main_conf_t,
+    module: &ngx_module_t,
+) -> Vec<(*mut ngx_http_upstream_srv_conf_t, &'a CheckConf)> {
+    // SAFETY: as documented; the health module's server conf of a block is
+    // an UpstreamHealth.
     unsafe {
-        let Some(c) = cycle.as_ref() else { return std::ptr::null() };
-        let mut part: *const ngx::ffi::ngx_list_part_t = &c.shared_memory.part;
-        while let Some(p) = part.as_ref() {
-            let zones = p.elts as *mut ngx::ffi::ngx_shm_zone_t;
-            for i in 0..p.nelts {
-                let z = zones.add(i);
-                if (*z).tag as *const ngx_module_t == module
-                    && str_bytes(&(*z).shm.name) == ZONE_NAME
-                {
-                    return (*z).data as *const HealthZone;
-                }
-            }
-            part = p.next;
-        }
-        std::ptr::null()
+        crate::upstream::blocks(umcf)
+            .into_iter()
+            .filter_map(|us| {
+                let h = crate::upstream::srv_conf::<UpstreamHealth>(us, module)?;
+                Some((us, h.check.as_ref()?))
+            })
+            .collect()
     }
 }
 
-/// The upstream blocks of `cycle` and this module's settings of each.
+/// The checked upstreams of `cycle`, as a worker probes them.
 ///
 /// # Safety
 /// `cycle` must be the running cycle, `module` the health module.
 unsafe fn checked_upstreams(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> Vec<Checked> {
-    let mut out = Vec::new();
-    // SAFETY: the http configuration context and the upstream main conf
-    // live as long as the cycle; each upstream block has a server conf
-    // slot per HTTP module (this module's an UpstreamHealth).
+    // SAFETY: as documented; the blocks and their server lists live as long
+    // as the cycle.
     unsafe {
-        let Some(c) = cycle.as_ref() else { return out };
-        let ctx = *c.conf_ctx.add((*addr_of!(ngx_http_module)).index) as *mut ngx_http_conf_ctx_t;
-        let Some(ctx) = ctx.as_ref() else { return out };
-        let umcf = *ctx.main_conf.add((*addr_of!(ngx_http_upstream_module)).ctx_index)
-            as *mut ngx_http_upstream_main_conf_t;
-        let Some(umcf) = umcf.as_ref() else { return out };
-        let ups = std::slice::from_raw_parts(
-            umcf.upstreams.elts as *const *mut ngx_http_upstream_srv_conf_t,
-            umcf.upstreams.nelts,
-        );
-        for &us in ups {
-            let Some(u) = us.as_ref() else { continue };
-            if u.flags & NGX_HTTP_UPSTREAM_CREATE as ngx_uint_t == 0 || u.srv_conf.is_null() {
-                continue;
-            }
-            let hc = *u.srv_conf.add(module.ctx_index) as *const UpstreamHealth;
-            let Some(check) = hc.as_ref().and_then(|h| h.check.clone()) else { continue };
-            let mut config_down = Vec::new();
-            if let Some(servers) = u.servers.as_ref() {
-                let list = std::slice::from_raw_parts(
-                    servers.elts as *const ngx_http_upstream_server_t,
-                    servers.nelts,
-                );
-                for s in list.iter().filter(|s| s.down != 0) {
-                    for a in 0..s.naddrs {
-                        config_down.push(str_bytes(&(*s.addrs.add(a)).name).to_vec());
+        let umcf = crate::upstream::cycle_main_conf(cycle);
+        checked_blocks(umcf, module)
+            .into_iter()
+            .map(|(us, check)| {
+                let mut config_down = Vec::new();
+                if let Some(servers) = (*us).servers.as_ref() {
+                    let list = std::slice::from_raw_parts(
+                        servers.elts as *const ngx_http_upstream_server_t,
+                        servers.nelts,
+                    );
+                    for s in list.iter().filter(|s| s.down != 0) {
+                        for a in 0..s.naddrs {
+                            config_down.push(str_bytes(&(*s.addrs.add(a)).name).to_vec());
+                        }
                     }
                 }
-            }
-            out.push(Checked {
-                uscf: us,
-                name: str_bytes(&u.host).to_vec(),
-                conf: check,
-                config_down,
-            });
-        }
+                Checked {
+                    uscf: us,
+                    name: str_bytes(&(*us).host).to_vec(),
+                    conf: check.clone(),
+                    config_down,
+                }
+            })
+            .collect()
     }
-    out
 }
 
-/// The health module's `init_process`: finds the zone and the checked
-/// upstreams, applies the table to the peers at once (a new worker serves
-/// nothing before its peers' health is known) and arms the tick.
-///
-/// # Safety
-/// nginx's init_process contract; `module` is the health module's static.
-pub unsafe fn init_process(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> ngx_int_t {
-    // SAFETY: plain globals nginx sets in each process before it serves.
-    let (pid, process) = unsafe { (ngx::ffi::ngx_pid, ngx::ffi::ngx_process) };
+/// The health module's `init_process` (in each worker): finds the zone and
+/// the checked upstreams of the running cycle, applies the table to the
+/// peers at once (a new worker serves nothing before its peers' health is
+/// known) and arms the tick.
+pub fn init_process(module: &ngx_module_t) -> Result<(), NgxError> {
+    // SAFETY: plain globals nginx sets in each process before it serves;
+    // ngx_cycle is the running cycle.
+    let (pid, process, cycle) =
+        unsafe { (ngx::ffi::ngx_pid, ngx::ffi::ngx_process, *addr_of!(ngx::ffi::ngx_cycle)) };
     if process != NGX_PROCESS_WORKER as ngx_uint_t && process != NGX_PROCESS_SINGLE as ngx_uint_t {
-        return NGX_OK as ngx_int_t;
+        return Ok(());
     }
     // SAFETY: as documented; allocations from the cycle's pool live as long
     // as this worker; the event is filled in before its timer is added.
     unsafe {
-        let zone = find_zone(cycle, module);
-        if zone.is_null() {
-            return NGX_OK as ngx_int_t;
-        }
+        let Some(zone) = shared_zone() else { return Ok(()) };
         let upstreams = checked_upstreams(cycle, module);
         if upstreams.is_empty() {
-            return NGX_OK as ngx_int_t;
+            return Ok(());
         }
-        let Some(c) = cycle.as_ref() else { return NGX_OK as ngx_int_t };
+        let Some(c) = cycle.as_ref() else { return Ok(()) };
         let quiet = ngx_pcalloc(c.pool, std::mem::size_of::<ngx_log_t>()) as *mut ngx_log_t;
         let ev = ngx_pcalloc(c.pool, std::mem::size_of::<ngx_event_t>()) as *mut ngx_event_t;
         let (Some(q), Some(e)) = (quiet.as_mut(), ev.as_mut()) else {
-            return NGX_ERROR as ngx_int_t;
+            return Err(NgxError);
         };
         *q = *c.log;
         q.log_level = NGX_LOG_CRIT as ngx_uint_t;
@@ -249,7 +225,7 @@ pub unsafe fn init_process(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> ng
         e.set_cancelable(1);
         ngx_add_timer(ev, TICK_MS as ngx_msec_t);
     }
-    NGX_OK as ngx_int_t
+    Ok(())
 }
 
 unsafe extern "C" fn tick(ev: *mut ngx_event_t) {
@@ -289,8 +265,7 @@ fn run_tick() -> bool {
     let go_on = PROBER.with(|p| {
         let mut p = p.borrow_mut();
         let Some(p) = p.as_mut() else { return false };
-        // SAFETY: the zone lives as long as the cycle this worker runs.
-        let Some(zone) = (unsafe { p.zone.as_ref() }) else { return false };
+        let zone = p.zone;
         if exiting() {
             zone.lease.release(p.pid);
             return false;
@@ -355,16 +330,10 @@ fn walk_upstream(
             return;
         }
         let _w = crate::upstream::PeersWrite::lock(peers);
-        let mut list = peers;
-        while let Some(l) = list.as_ref() {
-            let mut peer = l.peer;
-            while let Some(pe) = peer.as_mut() {
-                let due = probe.as_mut().map(|(inflight, due)| (&**inflight, &mut **due));
-                apply_peer(u, pe, table, now, due, full);
-                peer = pe.next;
-            }
-            list = l.next;
-        }
+        crate::upstream::each_peer(peers, |pe| {
+            let due = probe.as_mut().map(|(inflight, due)| (&**inflight, &mut **due));
+            apply_peer(u, pe, table, now, due, full);
+        });
     }
 }
 
@@ -376,8 +345,7 @@ fn apply_now(uscf: *mut ngx_http_upstream_srv_conf_t) {
     PROBER.with(|p| {
         let p = p.borrow();
         let Some(p) = p.as_ref() else { return };
-        // SAFETY: the zone lives as long as the cycle.
-        let Some(zone) = (unsafe { p.zone.as_ref() }) else { return };
+        let zone = p.zone;
         let mut full = false;
         for u in p.upstreams.iter().filter(|u| u.uscf == uscf) {
             walk_upstream(u, &zone.table(), now, None, &mut full);
@@ -448,13 +416,12 @@ fn apply_peer(
 
 /// Every checked peer of this worker's configuration: upstream, peer and
 /// its health now, for status pages and readiness.
-pub fn snapshot() -> Vec<(Vec<u8>, Vec<u8>, Option<Snapshot>)> {
+pub fn snapshot() -> Vec<PeerHealth> {
     let now = crate::observe::now_ms();
     PROBER.with(|p| {
         let p = p.borrow();
         let Some(p) = p.as_ref() else { return Vec::new() };
-        // SAFETY: the zone lives as long as the cycle.
-        let Some(zone) = (unsafe { p.zone.as_ref() }) else { return Vec::new() };
+        let zone = p.zone;
         let table = zone.table();
         let mut out = Vec::new();
         for u in &p.upstreams {
@@ -465,84 +432,33 @@ pub fn snapshot() -> Vec<(Vec<u8>, Vec<u8>, Option<Snapshot>)> {
                     continue;
                 }
                 let _r = crate::upstream::PeersRead::lock(peers);
-                let mut list = peers;
-                while let Some(l) = list.as_ref() {
-                    let mut peer = l.peer;
-                    while let Some(pe) = peer.as_ref() {
-                        let name = str_bytes(&pe.name);
-                        let snap = if u.config_down.iter().any(|d| d == name) {
-                            None
-                        } else {
-                            table.find(peer_key(&u.name, name)).map(|r| r.snapshot(now))
-                        };
-                        out.push((u.name.clone(), name.to_vec(), snap));
-                        peer = pe.next;
-                    }
-                    list = l.next;
-                }
+                crate::upstream::each_peer(peers, |pe| {
+                    let name = str_bytes(&pe.name);
+                    let seen = if u.config_down.iter().any(|d| d == name) {
+                        Seen::ConfiguredDown
+                    } else {
+                        table
+                            .find(peer_key(&u.name, name))
+                            .map_or(Seen::Unchecked, |r| Seen::Checked(r.snapshot(now)))
+                    };
+                    out.push(PeerHealth { upstream: u.name.clone(), peer: name.to_vec(), seen });
+                });
             }
         }
         out
     })
 }
 
-thread_local! {
-    /// The health zone found by name, for the cycle it was found in.
-    static BY_NAME: std::cell::Cell<(usize, usize)> = const { std::cell::Cell::new((0, 0)) };
-}
-
-/// The running cycle's health zone found by its name, from any module (the
-/// health module's own copy of this crate is not the caller's): `None` when
-/// the configuration has no health checks.
-fn zone_by_name() -> Option<&'static HealthZone> {
-    // SAFETY: the running cycle and its list of shared zones live until the
-    // next cycle (the cache is keyed by the cycle); a zone of this name
-    // whose data holds the health layout (its magic) is a HealthZone.
-    unsafe {
-        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
-        let (cached_cycle, zone) = BY_NAME.with(|c| c.get());
-        if cached_cycle == cycle as usize {
-            return (zone as *const HealthZone).as_ref();
-        }
-        let mut found: *const HealthZone = std::ptr::null();
-        if let Some(c) = cycle.as_ref() {
-            let mut part: *const ngx::ffi::ngx_list_part_t = &c.shared_memory.part;
-            'walk: while let Some(p) = part.as_ref() {
-                let zones = p.elts as *mut ngx::ffi::ngx_shm_zone_t;
-                for i in 0..p.nelts {
-                    let z = zones.add(i);
-                    if str_bytes(&(*z).shm.name) == ZONE_NAME {
-                        let h = (*z).data as *const HealthZone;
-                        if h.as_ref().is_some_and(HealthZone::is_attached) {
-                            found = h;
-                        }
-                        break 'walk;
-                    }
-                }
-                part = p.next;
-            }
-        }
-        BY_NAME.with(|c| c.set((cycle as usize, found as usize)));
-        found.as_ref()
-    }
-}
-
 /// Whether `peer` of the health-checked upstream `upstream` may take
 /// traffic now (for modules that choose servers themselves, such as the
 /// SGLang mode's lists): `None` when it has no health row (not checked).
 pub fn peer_eligible(upstream: &[u8], peer: &[u8]) -> Option<bool> {
-    let zone = zone_by_name()?;
+    let zone = shared_zone()?;
     let row = zone.table().find(peer_key(upstream, peer))?;
     Some(row.eligible(crate::observe::now_ms()))
 }
 
 /// The pid of the worker probing now (0: none).
 pub fn prober_pid() -> u64 {
-    PROBER.with(|p| {
-        p.borrow()
-            .as_ref()
-            // SAFETY: the zone lives as long as the cycle.
-            .and_then(|p| unsafe { p.zone.as_ref() })
-            .map_or(0, |z| z.lease.owner())
-    })
+    PROBER.with(|p| p.borrow().as_ref().map_or(0, |p| p.zone.lease.owner()))
 }
