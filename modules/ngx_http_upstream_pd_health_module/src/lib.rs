@@ -8,6 +8,7 @@
 //!     server 10.0.0.2:8000;
 //!     pd_score_balance prefill;
 //!     pd_health_check interval=2s timeout=1s fails=2 passes=1 uri=/health;
+//!     pd_engine_metrics interval=1s uri=/metrics;
 //! }
 //! location = /health { pd_health_ready prefill_servers decode_servers; }
 //! location = /internal/health { pd_health_status; }
@@ -16,7 +17,10 @@
 //! One worker probes every peer of every checked upstream (elected through
 //! the shared zone, replaced when it dies); every worker keeps round
 //! robin's `down` flag of each peer in line with the shared results, so
-//! every balancer skips a peer that is not up. The prober and the pages are
+//! every balancer skips a peer that is not up. With `pd_engine_metrics` the
+//! same worker scrapes each engine's `/metrics` into the zone, and every
+//! balancer adds the engine's own queue and KV pressure to what it counts
+//! (`earliest_start` predicts from it). The prober and the pages are
 //! `pdgate_glue::health`; the settings, the table and what a probe means
 //! are `pdgate_core::health`.
 
@@ -40,6 +44,7 @@ pdgate_glue::http_module! {
     init_process: init_process,
     commands: [
         conf::upstream_command(c"pd_health_check", NGX_CONF_ANY, Some(cmd_check)),
+        conf::upstream_command(c"pd_engine_metrics", NGX_CONF_ANY, Some(cmd_metrics)),
         conf::loc_command(c"pd_health_status", NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, Some(cmd_status)),
         conf::loc_command(c"pd_health_ready", NGX_HTTP_LOC_CONF | NGX_CONF_ANY, Some(cmd_ready)),
     ],
@@ -66,6 +71,13 @@ pdgate_glue::directive!(cmd_check, UpstreamHealth, check);
 /// `pd_health_check [interval=…] [timeout=…] [fails=…] [passes=…] [uri=…] [port=…];`
 fn check(cf: &mut Conf, h: &'static mut UpstreamHealth) -> Result<(), ConfError> {
     health::check_directive(cf, h, Module::module())
+}
+
+pdgate_glue::directive!(cmd_metrics, UpstreamHealth, metrics);
+
+/// `pd_engine_metrics [interval=…] [timeout=…] [uri=…] [port=…] [model=…] [kv_high=…];`
+fn metrics(cf: &mut Conf, h: &'static mut UpstreamHealth) -> Result<(), ConfError> {
+    health::metrics_directive(cf, h, Module::module())
 }
 
 pdgate_glue::directive!(cmd_status, status);

@@ -281,6 +281,29 @@ pub fn prom(data: &[u8]) {
         }
     }
     assert_eq!(load.bad_lines, bad);
+    // As a scrape's answer (the bytes themselves, and as a 200's body),
+    // published in an engine row and read back as balancers read it.
+    let _ = crate::engine::read_answer(data, Some("m"));
+    let mut answer = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\n".to_vec();
+    answer.extend_from_slice(data);
+    match crate::engine::read_answer(&answer, None) {
+        Ok(l) => {
+            assert_eq!(l, load, "the body of a scrape reads as the text alone");
+            let row = crate::engine::EngineRow::default();
+            let conf = crate::engine::MetricsConf::default();
+            row.store(&l, (0, 0), 1_000, 1, &conf);
+            let v = row.view(1_000);
+            let n = |x: Option<f64>| x.map_or(0, |x| x.round().min(1e15) as u64);
+            assert!(v.fresh);
+            assert_eq!(v.requests, n(l.running).saturating_add(n(l.waiting)));
+            let permille = l.kv_usage.map_or(0.0, |k| (k.clamp(0.0, 1.0) * 1000.0).round());
+            assert_eq!(v.pressured, permille >= 950.0);
+        }
+        Err(e) => {
+            let none = load.running.is_none() && load.waiting.is_none() && load.kv_usage.is_none();
+            assert!(none, "a 200 with load metrics is refused: {e:?}");
+        }
+    }
     let again: Vec<_> = samples(&canonical).collect();
     assert_eq!(again.len(), found.len(), "canonical lines");
     for (a, b) in again.iter().zip(&found) {

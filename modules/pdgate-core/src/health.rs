@@ -350,6 +350,12 @@ impl HealthRow {
         now_ms.saturating_sub(last) > self.stale_ms.load(Ordering::Relaxed)
     }
 
+    /// Whether `pd_health_check` claimed the row (a row only scraped for
+    /// `pd_engine_metrics` has no health).
+    pub fn is_checked(&self) -> bool {
+        self.stale_ms.load(Ordering::Relaxed) != 0
+    }
+
     /// When the last probe ended (ms); 0: never.
     pub fn checked_ms(&self) -> u64 {
         self.checked_ms.load(Ordering::Relaxed)
@@ -429,16 +435,22 @@ impl<'a> HealthTable<'a> {
 
     /// The row of `key`, if it has one.
     pub fn find(&self, key: u64) -> Option<&'a HealthRow> {
+        self.find_index(key).map(|i| &self.rows[i])
+    }
+
+    /// The index of `key`'s row, if it has one (the same index holds its
+    /// engine row, see [`HealthZone::engine`]).
+    pub fn find_index(&self, key: u64) -> Option<usize> {
         let n = self.rows.len();
         if n == 0 || key == 0 {
             return None;
         }
         let start = (key % n as u64) as usize;
         for k in 0..n {
-            let row = &self.rows[(start + k) % n];
-            match row.key.load(Ordering::Acquire) {
+            let i = (start + k) % n;
+            match self.rows[i].key.load(Ordering::Acquire) {
                 0 => return None,
-                x if x == key => return Some(row),
+                x if x == key => return Some(i),
                 _ => {}
             }
         }
@@ -448,20 +460,26 @@ impl<'a> HealthTable<'a> {
     /// The row of `key`, claimed (at `now_ms`, stale after `stale_ms`
     /// without a probe) when it has none; `None` when the table is full.
     pub fn find_or_claim(&self, key: u64, now_ms: u64, stale_ms: u64) -> Option<&'a HealthRow> {
+        self.find_or_claim_index(key, now_ms, stale_ms).map(|i| &self.rows[i])
+    }
+
+    /// [`find_or_claim`](Self::find_or_claim)'s index.
+    pub fn find_or_claim_index(&self, key: u64, now_ms: u64, stale_ms: u64) -> Option<usize> {
         let n = self.rows.len();
         if n == 0 || key == 0 {
             return None;
         }
         let start = (key % n as u64) as usize;
         for k in 0..n {
-            let row = &self.rows[(start + k) % n];
+            let i = (start + k) % n;
+            let row = &self.rows[i];
             match row.key.compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
                     row.since_ms.store(now_ms, Ordering::Relaxed);
                     row.stale_ms.store(stale_ms, Ordering::Relaxed);
-                    return Some(row);
+                    return Some(i);
                 }
-                Err(x) if x == key => return Some(row),
+                Err(x) if x == key => return Some(i),
                 Err(_) => {}
             }
         }
@@ -545,14 +563,16 @@ pub fn readiness(names: &[Vec<u8>], peers: &[PeerHealth]) -> Result<(), String> 
 /// Rows of a [`HealthZone`]: peers checked at once, all upstreams together.
 pub const ZONE_ROWS: usize = 4096;
 
-const ZONE_MAGIC: u64 = 0x7064_6761_7465_4801;
+const ZONE_MAGIC: u64 = 0x7064_6761_7465_4802;
 
-/// The shared zone of the health checks: the lease and the rows.
+/// The shared zone of the health checks and engine metrics: the lease,
+/// each peer's health row and, at the same index, its engine row.
 #[repr(C)]
 pub struct HealthZone {
     magic: AtomicU64,
     pub lease: Lease,
     rows: [HealthRow; ZONE_ROWS],
+    engines: [crate::engine::EngineRow; ZONE_ROWS],
 }
 
 impl HealthZone {
@@ -572,6 +592,11 @@ impl HealthZone {
 
     pub fn table(&self) -> HealthTable<'_> {
         HealthTable::new(&self.rows)
+    }
+
+    /// The engine row beside health row `i` (see [`HealthTable::find_index`]).
+    pub fn engine(&self, i: usize) -> Option<&crate::engine::EngineRow> {
+        self.engines.get(i)
     }
 }
 
@@ -806,16 +831,24 @@ mod tests {
 
     #[test]
     fn zone_attaches_once() {
-        let z = Box::new(HealthZone {
-            magic: AtomicU64::new(0),
-            lease: Lease::default(),
-            rows: std::array::from_fn(|_| HealthRow::default()),
+        // The zone is about 1 MB: built on a thread with room for it.
+        let t = std::thread::Builder::new().stack_size(32 << 20).spawn(|| {
+            let z = Box::new(HealthZone {
+                magic: AtomicU64::new(0),
+                lease: Lease::default(),
+                rows: std::array::from_fn(|_| HealthRow::default()),
+                engines: std::array::from_fn(|_| crate::engine::EngineRow::default()),
+            });
+            assert!(z.attach() && z.attach() && z.is_attached());
+            z.magic.store(1, Ordering::Relaxed);
+            assert!(!z.is_attached());
+            assert!(!z.attach());
+            let i = z.table().find_or_claim_index(5, 0, 10).unwrap();
+            assert_eq!(z.table().find_index(5), Some(i));
+            assert!(z.engine(i).is_some_and(|e| !e.scraped()));
+            assert!(z.engine(ZONE_ROWS).is_none());
         });
-        assert!(z.attach() && z.attach() && z.is_attached());
-        z.magic.store(1, Ordering::Relaxed);
-        assert!(!z.is_attached());
-        assert!(!z.attach());
-        assert!(z.table().find_or_claim(5, 0, 10).is_some());
+        t.unwrap().join().unwrap();
     }
 
     #[test]

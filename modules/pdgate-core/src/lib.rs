@@ -10,6 +10,7 @@ pub mod bucket;
 pub mod conf;
 pub mod echo;
 pub mod encode;
+pub mod engine;
 pub mod error;
 pub mod fuzzcheck;
 pub mod health;

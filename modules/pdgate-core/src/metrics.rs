@@ -381,7 +381,7 @@ fn seconds(out: &mut String, us: u64) {
 }
 
 /// Escapes a Prometheus label value.
-fn label(out: &mut String, v: &[u8]) {
+pub(crate) fn label(out: &mut String, v: &[u8]) {
     for c in String::from_utf8_lossy(v).chars() {
         match c {
             '\\' => out.push_str("\\\\"),

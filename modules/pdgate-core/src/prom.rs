@@ -238,6 +238,10 @@ pub struct EngineLoad {
     pub prefix_hits: Option<f64>,
     /// SGLang's radix cache hit rate, 0–1.
     pub cache_hit_rate: Option<f64>,
+    /// Prompt tokens processed, ever (a counter).
+    pub prompt_tokens: Option<f64>,
+    /// Requests finished, ever (a counter).
+    pub finished: Option<f64>,
     /// Lines that looked like samples and did not parse.
     pub bad_lines: u32,
 }
@@ -259,10 +263,14 @@ const FIELDS: &[(&str, Join, Field)] = &[
     ("vllm:kv_cache_usage_perc", Join::Max, |l| &mut l.kv_usage),
     ("vllm:prefix_cache_queries_total", Join::Sum, |l| &mut l.prefix_queries),
     ("vllm:prefix_cache_hits_total", Join::Sum, |l| &mut l.prefix_hits),
+    ("vllm:prompt_tokens_total", Join::Sum, |l| &mut l.prompt_tokens),
+    ("vllm:request_success_total", Join::Sum, |l| &mut l.finished),
     ("sglang:num_running_reqs", Join::Sum, |l| &mut l.running),
     ("sglang:num_queue_reqs", Join::Sum, |l| &mut l.waiting),
     ("sglang:token_usage", Join::Max, |l| &mut l.kv_usage),
     ("sglang:cache_hit_rate", Join::Max, |l| &mut l.cache_hit_rate),
+    ("sglang:prompt_tokens_total", Join::Sum, |l| &mut l.prompt_tokens),
+    ("sglang:num_requests_total", Join::Sum, |l| &mut l.finished),
 ];
 
 /// Names vLLM used before PR #18354, read when the new one is absent.
@@ -331,6 +339,9 @@ vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3.1-8B"} 0.5
 # TYPE vllm:prefix_cache_queries counter
 vllm:prefix_cache_queries_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 1.2e+06
 vllm:prefix_cache_hits_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 300000.0
+vllm:prompt_tokens_total{engine="0",model_name="meta-llama/Llama-3.1-8B"} 52000.0
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="meta-llama/Llama-3.1-8B"} 40.0
+vllm:request_success_total{engine="0",finished_reason="length",model_name="meta-llama/Llama-3.1-8B"} 2.0
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="meta-llama/Llama-3.1-8B"} 12.0
 "#;
 
@@ -343,6 +354,7 @@ vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="meta-ll
         assert_eq!(l.prefix_queries, Some(1.2e6));
         assert_eq!(l.prefix_hits, Some(3e5));
         assert_eq!(l.cache_hit_rate, None);
+        assert_eq!((l.prompt_tokens, l.finished), (Some(52_000.0), Some(42.0)), "reasons add up");
         assert_eq!(l.bad_lines, 0);
     }
 

@@ -1,5 +1,6 @@
-//! The text of the `pd_metrics` page: the P/D metrics zone and the
-//! in-flight gauges of every pdgate balancer, rendered as Prometheus text
+//! The text of the `pd_metrics` page: the P/D metrics zone, the
+//! in-flight gauges of every pdgate balancer and each peer's health and
+//! engine gauges (the health zone), rendered as Prometheus text
 //! by pdgate-core (`metrics::render`). The P/D module's content handler
 //! serves it.
 
@@ -33,5 +34,7 @@ pub fn page(r: &mut Request, zone: Option<&MetricsZone>) -> String {
             tokens: *tokens,
         })
         .collect();
-    render(z, &gauges)
+    let mut page = render(z, &gauges);
+    pdgate_core::engine::render_peer_gauges(&mut page, &crate::health::peer_states());
+    page
 }

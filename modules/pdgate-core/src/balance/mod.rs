@@ -17,6 +17,8 @@ pub mod slots;
 
 use params::ParamSpec;
 
+pub use crate::engine::EngineView;
+
 /// One peer as a policy sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PeerView {
@@ -34,6 +36,25 @@ pub struct PeerView {
     pub hist_requests: u64,
     /// Tokens placed here, decayed with `hist_requests`.
     pub hist_tokens: u64,
+    /// What the engine reports (`pd_engine_metrics`; not fresh without).
+    pub engine: EngineView,
+}
+
+/// Folds what the engine reports into a peer's in-flight counters, so that
+/// every policy that reads them sees the engine's own queue: when the
+/// engine has more requests (running, waiting, and pdgate's since the
+/// scrape) than this nginx has in flight on it — another proxy's, or ones
+/// it still queues after pdgate's try ended — the difference is added, each
+/// extra request with the mean tokens of those in flight (or `tokens`).
+/// Nothing changes without a fresh scrape.
+pub fn blend_engine(v: &mut PeerView, tokens: u64) {
+    if !v.engine.fresh || v.engine.requests <= v.requests {
+        return;
+    }
+    let extra = v.engine.requests - v.requests;
+    let mean = v.tokens.checked_div(v.requests).unwrap_or(tokens.max(1));
+    v.requests = v.engine.requests;
+    v.tokens = v.tokens.saturating_add(extra.saturating_mul(mean));
 }
 
 /// least_total_load: the peer whose queue of work would drain first, the
@@ -249,6 +270,82 @@ pub fn pd_score_decode(
     pd_score_prefill(sim, cap, tie)
 }
 
+/// earliest_start's prefill rate (prompt tokens per second) for an engine
+/// whose rate is not learned when no engine of the pool has one: the
+/// prefill_score cost model's slope.
+pub const EARLIEST_DEFAULT_RATE_TPS: u64 = (1000.0 / PREFILL_SCORE_A) as u64;
+/// earliest_start's batch limit of a decode engine when none is set
+/// (vLLM's default `max_num_seqs`).
+pub const EARLIEST_MAX_NUM_SEQS: u64 = 256;
+
+/// earliest_start: the peer that can start this request first, from what
+/// the engines report (`pd_engine_metrics`) and what pdgate has in flight.
+///
+/// On a prefill upstream (and without a role) the work queued ahead of the
+/// request is the tokens in flight (with the engine's own queue blended in,
+/// see [`blend_engine`]); an engine starts the request once that work is
+/// done at its learned prefill rate, and its first token follows once the
+/// request's own tokens are: the least `(ahead + tokens) / rate` wins.
+/// An engine whose rate is not learned yet takes the mean of the pool's
+/// learned rates (the default rate when none is), times its weight.
+///
+/// On a decode upstream an engine starts a request at once while it runs
+/// fewer than `max_num_seqs`; beyond that, after `requests − cap + 1`
+/// finish, at its learned finishing rate: the earliest start wins, then the
+/// fewest requests per unit of weight (the smaller batch decodes faster).
+/// Engines whose KV cache is under pressure come after the others (see
+/// [`EngineView::pressured`]). Ties at random.
+pub fn earliest_start(
+    peers: &[PeerView],
+    tokens: u64,
+    decode: bool,
+    max_num_seqs: u64,
+    tie: u64,
+) -> Option<usize> {
+    let learned = |f: fn(&EngineView) -> u64| {
+        let (sum, n) = peers
+            .iter()
+            .filter(|p| p.engine.fresh && f(&p.engine) > 0)
+            .fold((0u128, 0u128), |(s, n), p| (s + u128::from(f(&p.engine)), n + 1));
+        (n > 0).then(|| (sum / n) as u64)
+    };
+    if decode {
+        let cap = max_num_seqs.max(1);
+        let mean_finish = learned(|e| e.finish_mps).unwrap_or(1000);
+        // Start in µs: queued requests beyond the batch over the rate.
+        let start = |p: &PeerView| -> u128 {
+            if p.requests < cap {
+                return 0;
+            }
+            let rate = match p.engine.finish_mps {
+                0 => mean_finish.saturating_mul(u64::from(p.weight.max(1))),
+                r => r,
+            };
+            u128::from(p.requests - cap + 1) * 1_000_000_000 / u128::from(rate.max(1))
+        };
+        return pick_min(peers, tie, |a, b| {
+            let (wa, wb) = (u128::from(a.weight.max(1)), u128::from(b.weight.max(1)));
+            start(a)
+                .cmp(&start(b))
+                .then((u128::from(a.requests) * wb).cmp(&(u128::from(b.requests) * wa)))
+                .then(b.weight.cmp(&a.weight))
+        });
+    }
+    let mean_rate = learned(|e| e.rate_tps);
+    let first_token = |p: &PeerView| -> u128 {
+        let rate = match (p.engine.rate_tps, mean_rate) {
+            (0, Some(m)) => m.saturating_mul(u64::from(p.weight.max(1))),
+            (0, None) => EARLIEST_DEFAULT_RATE_TPS.saturating_mul(u64::from(p.weight.max(1))),
+            (r, _) => r,
+        };
+        // µs, with the work in tokens scaled up to keep precision.
+        (u128::from(p.tokens) + u128::from(tokens.max(1))) * 1_000_000 / u128::from(rate.max(1))
+    };
+    pick_min(peers, tie, |a, b| {
+        first_token(a).cmp(&first_token(b)).then(a.requests.cmp(&b.requests))
+    })
+}
+
 /// The prefix_cache_affinity defaults: 10000 index entries per peer,
 /// 640-byte prompt blocks, and the least_total_load batch size of 16 for
 /// scoring and for deciding that loads diverge.
@@ -377,6 +474,9 @@ pub static LENGTH_BALANCE_PARAMS: [ParamSpec; 3] = [
 /// (see [`pd_score_cap`]), the table's is the prefill one.
 pub static PD_SCORE_PARAMS: [ParamSpec; 1] =
     [ParamSpec::int("max_num_seqs", PD_SCORE_MAX_SEQS_PREFILL)];
+/// earliest_start: the decode batch limit.
+pub static EARLIEST_START_PARAMS: [ParamSpec; 1] =
+    [ParamSpec::int("max_num_seqs", EARLIEST_MAX_NUM_SEQS)];
 /// prefix_cache_affinity: the batch size of its least_total_load, index
 /// entries per peer, and bytes of prompt per block.
 pub static PREFIX_CACHE_AFFINITY_PARAMS: [ParamSpec; 3] = [
@@ -410,6 +510,10 @@ fn pick_min(
     tie: u64,
     cmp: impl Fn(&PeerView, &PeerView) -> std::cmp::Ordering,
 ) -> Option<usize> {
+    // An engine whose KV cache is nearly full comes after every other.
+    let cmp = |a: &PeerView, b: &PeerView| {
+        a.engine.pressured.cmp(&b.engine.pressured).then_with(|| cmp(a, b))
+    };
     let mut best: Option<usize> = None;
     let mut ties = 0u64;
     for (i, p) in peers.iter().enumerate().filter(|(_, p)| p.available) {
@@ -670,5 +774,105 @@ mod tests {
             assert_eq!(pol.choose(&p, 100, 0), Some(1), "{pol:?}");
         }
         assert_eq!(Policy::AutoBalanceController.choose(&p, 100, 0), Some(1));
+    }
+
+    fn engine(requests: u64, rate_tps: u64, finish_mps: u64) -> EngineView {
+        EngineView { fresh: true, requests, waiting: 0, pressured: false, rate_tps, finish_mps }
+    }
+
+    #[test]
+    fn blend_adds_the_engines_own_queue() {
+        let mut v = peer(2, 200);
+        v.engine = engine(5, 0, 0);
+        blend_engine(&mut v, 40);
+        assert_eq!((v.requests, v.tokens), (5, 500), "three more at the mean of 100");
+        let mut idle = peer(0, 0);
+        idle.engine = engine(3, 0, 0);
+        blend_engine(&mut idle, 40);
+        assert_eq!((idle.requests, idle.tokens), (3, 120), "at this request's length");
+        let mut fewer = peer(4, 400);
+        fewer.engine = engine(1, 0, 0);
+        blend_engine(&mut fewer, 40);
+        assert_eq!((fewer.requests, fewer.tokens), (4, 400), "pdgate's own count stays");
+        let mut stale = peer(1, 10);
+        stale.engine = EngineView { fresh: false, ..engine(50, 0, 0) };
+        blend_engine(&mut stale, 40);
+        assert_eq!((stale.requests, stale.tokens), (1, 10));
+        // Another proxy's load steers least_total_load away.
+        let mut p = [peer(1, 100), peer(1, 100)];
+        p[0].engine = engine(9, 0, 0);
+        for v in &mut p {
+            blend_engine(v, 100);
+        }
+        for tie in 0..4 {
+            assert_eq!(least_total_load(&p, 100, 16, tie), Some(1));
+            assert_eq!(weighted_least_active(&p, 100, tie), Some(1));
+        }
+    }
+
+    #[test]
+    fn kv_pressure_comes_last() {
+        let mut p = [peer(0, 0), peer(5, 5000)];
+        p[0].engine = EngineView { pressured: true, ..engine(0, 0, 0) };
+        for tie in 0..4 {
+            assert_eq!(least_total_load(&p, 10, 16, tie), Some(1));
+            assert_eq!(weighted_least_active(&p, 10, tie), Some(1));
+            assert_eq!(earliest_start(&p, 10, false, 256, tie), Some(1));
+        }
+        p[1].engine.pressured = true;
+        assert_eq!(least_total_load(&p, 10, 16, 0), Some(0), "all under pressure: load decides");
+    }
+
+    #[test]
+    fn earliest_start_prefill_weighs_learned_rates() {
+        // A slow engine (1000 tok/s) with less queued, a fast one (4000
+        // tok/s) with more: 1500/1000 = 1.5 s against 2500/4000 = 0.6 s.
+        let mut p = [peer(1, 1000), peer(2, 2000)];
+        p[0].engine = engine(1, 1000, 0);
+        p[1].engine = engine(2, 4000, 0);
+        assert_eq!(earliest_start(&p, 500, false, 256, 0), Some(1));
+        // Without rates it is the least work in flight.
+        let q = [peer(1, 1000), peer(2, 2000)];
+        assert_eq!(earliest_start(&q, 500, false, 256, 0), Some(0));
+        // An engine not learned yet takes the pool's mean (2500): 1500/2500
+        // = 0.6 s < 2500/4000 + ... (equal work elsewhere is slower).
+        let mut r = [peer(1, 1000), peer(1, 1000), peer(1, 1000)];
+        r[0].engine = engine(1, 1000, 0);
+        r[1].engine = engine(1, 4000, 0);
+        assert_eq!(earliest_start(&r, 500, false, 256, 0), Some(1));
+        r[1].tokens = 9000;
+        assert_eq!(earliest_start(&r, 500, false, 256, 0), Some(2), "the mean rate, 2500");
+        // Idle engines: the faster one finishes the request first.
+        let mut s = [peer(0, 0), peer(0, 0)];
+        s[0].engine = engine(0, 1000, 0);
+        s[1].engine = engine(0, 3000, 0);
+        for tie in 0..4 {
+            assert_eq!(earliest_start(&s, 100, false, 256, tie), Some(1));
+        }
+        // Weight scales an unknown rate.
+        let mut w = [peer(1, 1000), peer(1, 1500)];
+        w[1].weight = 2;
+        assert_eq!(earliest_start(&w, 100, false, 256, 0), Some(1));
+    }
+
+    #[test]
+    fn earliest_start_decode_waits_for_a_batch_slot() {
+        // Below the cap: starts at once, the smaller batch wins.
+        let p = [peer(3, 0), peer(1, 0)];
+        assert_eq!(earliest_start(&p, 10, true, 4, 0), Some(1));
+        // Both full: the one finishing faster frees a slot first.
+        let mut q = [peer(4, 0), peer(6, 0)];
+        q[0].engine = engine(4, 0, 500); // 1 ahead at 0.5/s: 2 s
+        q[1].engine = engine(6, 0, 4000); // 3 ahead at 4/s: 0.75 s
+        assert_eq!(earliest_start(&q, 10, true, 4, 0), Some(1));
+        // One with room beats any full one.
+        q[0].requests = 3;
+        assert_eq!(earliest_start(&q, 10, true, 4, 0), Some(0));
+        // Unavailable peers are never chosen.
+        let mut r = [peer(0, 0), peer(9, 0)];
+        r[0].available = false;
+        assert_eq!(earliest_start(&r, 10, true, 4, 0), Some(1));
+        r[1].available = false;
+        assert_eq!(earliest_start(&r, 10, true, 4, 0), None);
     }
 }

@@ -17,7 +17,8 @@ use ngx::{ngx_conf_log_error, ngx_log_debug};
 use pdgate_core::balance::policy::{Held, Inputs, Placement, Shared, Upstream};
 use pdgate_core::balance::prefix::{self, MAX_BLOCKS};
 use pdgate_core::balance::slots::peer_key;
-use pdgate_core::balance::{PeerView, PD_SCORE_LOOKAHEAD};
+use pdgate_core::balance::{blend_engine, PeerView, PD_SCORE_LOOKAHEAD};
+use pdgate_core::engine::EngineRow;
 use pdgate_core::tokens::tokens_for_bytes;
 
 use super::{zone, Balancer, Request, UpstreamConf, MAX_PEERS};
@@ -131,6 +132,9 @@ pub(super) struct PeerData {
     held: Held,
     /// The answer's `usage` so far (see [`super::usage`]).
     pub(super) usage: pdgate_core::metrics::UsageScanner,
+    /// The current try's engine row (counts it placed, then ended), or
+    /// null.
+    engine: *const EngineRow,
 }
 
 /// Round robin's peer data below `data`: `data` itself, or the third field
@@ -204,6 +208,7 @@ pub unsafe fn init_peer(
             nkeys: 0,
             held: Held::default(),
             usage: Default::default(),
+            engine: std::ptr::null(),
         });
         if balancer.state.needs().prompt_blocks {
             fingerprint(r, &mut *pd, conf, balancer.state.block_size(&conf.params));
@@ -325,6 +330,9 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
                 slot_of.push(clock);
             }
         }
+        let now_ms = *std::ptr::addr_of!(ngx::ffi::ngx_current_msec) as u64;
+        engine_rows(conf, peers, n, generation, now_ms);
+        let engine_of = conf.engine_of.borrow();
         let slot_of = conf.slot_of.borrow();
         let keys: &[u64] =
             if pd.keys.is_null() { &[] } else { std::slice::from_raw_parts(pd.keys, pd.nkeys) };
@@ -336,9 +344,9 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         };
         // Small pools (the usual case) decide on small stack arrays.
         let decided = if n <= SMALL_POOL {
-            decide::<SMALL_POOL>(rrp, peers, &z, &up, b, pd)
+            decide::<SMALL_POOL>(rrp, peers, &z, &up, &engine_of, now_ms, b, pd)
         } else {
-            decide::<MAX_PEERS>(rrp, peers, &z, &up, b, pd)
+            decide::<MAX_PEERS>(rrp, peers, &z, &up, &engine_of, now_ms, b, pd)
         };
         drop(guard);
         let Some(Decision { c, view, affinity, npending }) = decided else {
@@ -365,11 +373,15 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             let slot = up.peer_slots.get(c).copied().unwrap_or(usize::MAX);
             z.slots.acquire(slot, pd.tokens, pd.cost);
             pd.slot = slot;
+            if let Some(e) = engine_of.get(c).and_then(|e| e.as_ref()) {
+                e.placed();
+                pd.engine = e;
+            }
             let placed = Placement {
                 upstream: up,
                 slot,
                 tokens: pd.tokens,
-                now_ms: *std::ptr::addr_of!(ngx::ffi::ngx_current_msec) as u64,
+                now_ms,
                 id: crate::random::with_rng(|r| r.next_u64()).max(1),
             };
             b.state.record(&z, &placed, &mut pd.held);
@@ -377,7 +389,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             ngx_log_debug!(
                 mask: DebugMask::Http,
                 (*pc).log,
-                "{}: peer {} of {} ({}), load {} requests / {} tokens / cost {} / history {}+{}, request {} tokens, {} in prefill, prefix match {} of {} blocks, try {}",
+                "{}: peer {} of {} ({}), load {} requests / {} tokens / cost {} / history {}+{}, engine fresh {} waiting {} pressured {} rate {} tok/s, request {} tokens, {} in prefill, prefix match {} of {} blocks, try {}",
                 b.name,
                 c,
                 n,
@@ -387,6 +399,10 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
                 view.cost,
                 view.hist_requests,
                 view.hist_tokens,
+                view.engine.fresh,
+                view.engine.waiting,
+                view.engine.pressured,
+                view.engine.rate_tps,
                 pd.tokens,
                 npending,
                 affinity,
@@ -395,6 +411,40 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             );
         }
         rc
+    }
+}
+
+/// Brings `conf.engine_of` up to date for the upstream's `n` peers: after
+/// a change of the list, and once a second while a peer has no scraped
+/// engine row (the prober claims and fills rows on its own time; without
+/// `pd_engine_metrics` this costs a lookup per peer per second).
+///
+/// # Safety
+/// `peers` must be round robin's live list, held under its read lock.
+unsafe fn engine_rows(
+    conf: &UpstreamConf,
+    peers: *mut ngx_http_upstream_rr_peers_t,
+    n: usize,
+    generation: usize,
+    now_ms: u64,
+) {
+    let mut engine_of = conf.engine_of.borrow_mut();
+    let changed = engine_of.len() != n || conf.engine_gen.get() != generation;
+    let retry = engine_of.iter().any(|e| e.is_null()) && now_ms >= conf.engine_retry_ms.get();
+    if !changed && !retry {
+        return;
+    }
+    conf.engine_gen.set(generation);
+    conf.engine_retry_ms.set(now_ms + 1000);
+    engine_of.clear();
+    // SAFETY: as documented.
+    unsafe {
+        let mut p = (*peers).peer;
+        while !p.is_null() && engine_of.len() < n {
+            let row = crate::health::engine_row(&conf.upstream_name, str_bytes(&(*p).name));
+            engine_of.push(row.map_or(std::ptr::null(), |r| r as *const EngineRow));
+            p = (*p).next;
+        }
     }
 }
 
@@ -415,11 +465,14 @@ struct Decision {
 /// # Safety
 /// `peers` must be round robin's live list of the primary peers and `rrp`
 /// this request's round robin data over it.
+#[allow(clippy::too_many_arguments)]
 unsafe fn decide<const N: usize>(
     rrp: &ngx_http_upstream_rr_peer_data_t,
     peers: *mut ngx_http_upstream_rr_peers_t,
     z: &Shared,
     up: &Upstream,
+    engines: &[*const EngineRow],
+    now_ms: u64,
     b: &Balancer,
     pd: &PeerData,
 ) -> Option<Decision> {
@@ -446,7 +499,14 @@ unsafe fn decide<const N: usize>(
                 cost,
                 hist_requests: 0,
                 hist_tokens: 0,
+                engine: Default::default(),
             };
+            // The engine's own view, when it is scraped: rows live in the
+            // health zone as long as the cycle.
+            if let Some(e) = engines.get(i).and_then(|e| e.as_ref()) {
+                views[i].engine = e.view(now_ms);
+                blend_engine(&mut views[i], pd.tokens);
+            }
             p = peer.next;
             i += 1;
         }
@@ -488,6 +548,10 @@ unsafe extern "C" fn free_peer(
             }
             if let (Some(z), Some(b)) = (&z, pd.balancer.as_ref()) {
                 b.state.release(z, &mut pd.held);
+            }
+            if let Some(e) = pd.engine.as_ref() {
+                e.ended();
+                pd.engine = std::ptr::null();
             }
             if let Some(f) = pd.inner_free {
                 f(pc, pd.inner_data, state);

@@ -100,6 +100,12 @@ pub struct UpstreamConf {
     slot_of: RefCell<Vec<usize>>,
     /// The peer list's generation `slot_of` was built for.
     slot_gen: std::cell::Cell<usize>,
+    /// Per worker: each primary peer's engine row (`pd_engine_metrics`;
+    /// null: none, or never scraped yet), rebuilt with `slot_of` and, while
+    /// one is missing, once a second (see `hooks::engine_rows`).
+    engine_of: RefCell<Vec<*const pdgate_core::engine::EngineRow>>,
+    engine_gen: std::cell::Cell<usize>,
+    engine_retry_ms: std::cell::Cell<u64>,
 }
 
 impl Default for UpstreamConf {
@@ -112,6 +118,9 @@ impl Default for UpstreamConf {
             saved_init_peer: None,
             slot_of: RefCell::new(Vec::new()),
             slot_gen: std::cell::Cell::new(0),
+            engine_of: RefCell::new(Vec::new()),
+            engine_gen: std::cell::Cell::new(0),
+            engine_retry_ms: std::cell::Cell::new(0),
         }
     }
 }

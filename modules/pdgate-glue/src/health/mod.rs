@@ -17,6 +17,12 @@
 //! Connection errors of probes are logged at no level (a down engine would
 //! fill the log); a change of a peer's status is logged at `warn` (down) or
 //! `notice` (up).
+//!
+//! With `pd_engine_metrics` the same worker also scrapes each peer's
+//! Prometheus `/metrics` once per its `interval` and publishes what
+//! routing reads in the peer's engine row (pdgate-core's
+//! [`engine`](pdgate_core::engine)); every balancer of every worker reads it
+//! ([`EngineRows`]).
 
 use std::cell::RefCell;
 use std::collections::HashSet;
@@ -29,6 +35,7 @@ use ngx::ffi::{
     NGX_LOG_CRIT, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_PROCESS_SINGLE, NGX_PROCESS_WORKER,
 };
 use pdgate_core::balance::slots::peer_key;
+use pdgate_core::engine::{EngineRow, EngineSnapshot, MetricsConf};
 use pdgate_core::health::{CheckConf, HealthRow, HealthZone, PeerHealth, Seen};
 
 use crate::conf::str_bytes;
@@ -45,6 +52,7 @@ use probe::start_probe;
 #[derive(Debug, Default)]
 pub struct UpstreamHealth {
     pub check: Option<CheckConf>,
+    pub metrics: Option<MetricsConf>,
 }
 
 /// The table's shared zone.
@@ -83,11 +91,28 @@ pub fn check_directive(
     Ok(())
 }
 
-/// An upstream this worker checks.
+/// `pd_engine_metrics [interval=…] [timeout=…] [uri=…] [port=…] [model=…]
+/// [kv_high=…]` in an `upstream` block: as [`check_directive`].
+pub fn metrics_directive(
+    cf: &mut Conf,
+    conf: &mut UpstreamHealth,
+    module: &ngx_module_t,
+) -> Result<(), ConfError> {
+    if conf.metrics.is_some() {
+        return Err(ConfError::Directive("is duplicate".into()));
+    }
+    let m = MetricsConf::parse(&cf.args()).map_err(|e| ConfError::Directive(e.to_string()))?;
+    conf.metrics = Some(m);
+    cf.add_zone::<HealthZone>(ZONE_NAME, zone_size(), module).map_err(|_| ConfError::Logged)?;
+    Ok(())
+}
+
+/// An upstream this worker checks, scrapes, or both.
 struct Checked {
     uscf: *mut ngx_http_upstream_srv_conf_t,
     name: Vec<u8>,
-    conf: CheckConf,
+    check: Option<CheckConf>,
+    metrics: Option<MetricsConf>,
     /// Addresses of servers the configuration marks `down`.
     config_down: Vec<Vec<u8>>,
 }
@@ -107,9 +132,13 @@ struct Prober {
 
 thread_local! {
     static PROBER: RefCell<Option<Prober>> = const { RefCell::new(None) };
-    /// Peers (keys) with a probe in flight from this worker.
-    static INFLIGHT: RefCell<HashSet<u64>> = RefCell::new(HashSet::new());
+    /// Peers (keys) with a probe (false) or scrape (true) in flight from
+    /// this worker.
+    static INFLIGHT: RefCell<Inflight> = RefCell::new(HashSet::new());
 }
+
+/// Peers (key, is a scrape) with a probe or scrape in flight.
+type Inflight = HashSet<(u64, bool)>;
 
 /// The running cycle's health zone, from whichever module asks (the health
 /// module's own copy of this crate or another's): `None` when the
@@ -145,18 +174,23 @@ unsafe fn checked_blocks<'a>(
     }
 }
 
-/// The checked upstreams of `cycle`, as a worker probes them.
+/// The checked or scraped upstreams of `cycle`, as a worker probes them.
 ///
 /// # Safety
 /// `cycle` must be the running cycle, `module` the health module.
 unsafe fn checked_upstreams(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> Vec<Checked> {
     // SAFETY: as documented; the blocks and their server lists live as long
-    // as the cycle.
+    // as the cycle; the health module's server conf of a block is an
+    // UpstreamHealth.
     unsafe {
         let umcf = crate::upstream::cycle_main_conf(cycle);
-        checked_blocks(umcf, module)
+        crate::upstream::blocks(umcf)
             .into_iter()
-            .map(|(us, check)| {
+            .filter_map(|us| {
+                let h = crate::upstream::srv_conf::<UpstreamHealth>(us, module)?;
+                (h.check.is_some() || h.metrics.is_some()).then_some((us, h))
+            })
+            .map(|(us, h)| {
                 let mut config_down = Vec::new();
                 if let Some(servers) = (*us).servers.as_ref() {
                     let list = std::slice::from_raw_parts(
@@ -172,7 +206,8 @@ unsafe fn checked_upstreams(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> V
                 Checked {
                     uscf: us,
                     name: str_bytes(&(*us).host).to_vec(),
-                    conf: check.clone(),
+                    check: h.check.clone(),
+                    metrics: h.metrics.clone(),
                     config_down,
                 }
             })
@@ -245,16 +280,51 @@ fn exiting() -> bool {
     unsafe { ngx::ffi::ngx_exiting != 0 || ngx::ffi::ngx_quit != 0 || ngx::ffi::ngx_terminate != 0 }
 }
 
-/// A probe to start.
+/// What a connection to a peer is for.
+enum Job {
+    /// A health probe: its status line, recorded in the health row.
+    Health { row: *const HealthRow, conf: CheckConf },
+    /// A scrape: the whole `/metrics` answer, published in the engine row;
+    /// `sent` is the row's placed/ended counters when it was sent.
+    Metrics { row: *const EngineRow, conf: MetricsConf, sent: (u64, u64) },
+}
+
+impl Job {
+    fn timeout_ms(&self) -> u64 {
+        match self {
+            Job::Health { conf, .. } => conf.timeout_ms,
+            Job::Metrics { conf, .. } => conf.timeout_ms,
+        }
+    }
+
+    fn port(&self) -> Option<u16> {
+        match self {
+            Job::Health { conf, .. } => conf.port,
+            Job::Metrics { conf, .. } => conf.port,
+        }
+    }
+
+    fn request(&self, host: &[u8]) -> Vec<u8> {
+        match self {
+            Job::Health { conf, .. } => conf.request(host),
+            Job::Metrics { conf, .. } => conf.request(host),
+        }
+    }
+
+    fn is_metrics(&self) -> bool {
+        matches!(self, Job::Metrics { .. })
+    }
+}
+
+/// A probe or scrape to start.
 struct Target {
     uscf: *mut ngx_http_upstream_srv_conf_t,
     key: u64,
-    row: *const HealthRow,
     addr: libc::sockaddr_storage,
     socklen: ngx::ffi::socklen_t,
     peer: Vec<u8>,
     upstream: Vec<u8>,
-    conf: CheckConf,
+    job: Job,
 }
 
 /// One tick: applies the table to the peers and, as the lease holder,
@@ -283,12 +353,11 @@ fn run_tick() -> bool {
             }
         }
         p.holder = holder;
-        let table = zone.table();
         let inflight = INFLIGHT.with(|f| f.borrow().clone());
         let mut full = false;
         for u in &p.upstreams {
             let probe = holder.then_some((&inflight, &mut due));
-            walk_upstream(u, &table, now, probe, &mut full);
+            walk_upstream(u, zone, now, probe, &mut full);
         }
         if full && !p.full_logged {
             p.full_logged = true;
@@ -316,9 +385,9 @@ fn run_tick() -> bool {
 /// peers whose probe is due and not in flight.
 fn walk_upstream(
     u: &Checked,
-    table: &pdgate_core::health::HealthTable,
+    zone: &HealthZone,
     now: u64,
-    mut probe: Option<(&HashSet<u64>, &mut Vec<Target>)>,
+    mut probe: Option<(&Inflight, &mut Vec<Target>)>,
     full: &mut bool,
 ) {
     // SAFETY: uscf lives as long as the cycle; round robin's peer list (in
@@ -332,7 +401,7 @@ fn walk_upstream(
         let _w = crate::upstream::PeersWrite::lock(peers);
         crate::upstream::each_peer(peers, |pe| {
             let due = probe.as_mut().map(|(inflight, due)| (&**inflight, &mut **due));
-            apply_peer(u, pe, table, now, due, full);
+            apply_peer(u, pe, zone, now, due, full);
         });
     }
 }
@@ -348,7 +417,7 @@ fn apply_now(uscf: *mut ngx_http_upstream_srv_conf_t) {
         let zone = p.zone;
         let mut full = false;
         for u in p.upstreams.iter().filter(|u| u.uscf == uscf) {
-            walk_upstream(u, &zone.table(), now, None, &mut full);
+            walk_upstream(u, zone, now, None, &mut full);
         }
     });
 }
@@ -356,9 +425,9 @@ fn apply_now(uscf: *mut ngx_http_upstream_srv_conf_t) {
 fn apply_peer(
     u: &Checked,
     pe: &mut ngx_http_upstream_rr_peer_t,
-    table: &pdgate_core::health::HealthTable,
+    zone: &HealthZone,
     now: u64,
-    probe: Option<(&HashSet<u64>, &mut Vec<Target>)>,
+    probe: Option<(&Inflight, &mut Vec<Target>)>,
     full: &mut bool,
 ) {
     // SAFETY: the peer's name and address live as long as the peer, which
@@ -368,20 +437,34 @@ fn apply_peer(
         return;
     }
     let key = peer_key(&u.name, name);
-    let Some(row) = table.find_or_claim(key, now, u.conf.stale_ms()) else {
+    let stale = u.check.as_ref().map_or(0, CheckConf::stale_ms);
+    let Some(i) = zone.table().find_or_claim_index(key, now, stale) else {
         *full = true;
         return;
     };
-    pe.down = ngx_uint_t::from(!row.eligible(now));
-    let Some((inflight, due)) = probe else { return };
-    if inflight.contains(&key) {
-        return;
+    let (Some(row), Some(engine)) = (zone.table().find(key), zone.engine(i)) else { return };
+    if u.check.is_some() {
+        pe.down = ngx_uint_t::from(!row.eligible(now));
     }
-    // Due once `interval` passed since the last probe ended, give or take
-    // half a tick (ticks, not probes, set the pace: without the half tick a
-    // probe that ended just after a tick would wait a whole extra tick).
-    let checked = row.checked_ms();
-    if checked != 0 && now.saturating_sub(checked) + TICK_MS / 2 < u.conf.interval_ms {
+    let Some((inflight, due)) = probe else { return };
+    let mut jobs: Vec<Job> = Vec::new();
+    if let Some(conf) = &u.check {
+        // Due once `interval` passed since the last probe ended, give or
+        // take half a tick (ticks, not probes, set the pace: without the
+        // half tick a probe that ended just after a tick would wait a
+        // whole extra tick).
+        let checked = row.checked_ms();
+        let due = checked == 0 || now.saturating_sub(checked) + TICK_MS / 2 >= conf.interval_ms;
+        if due && !inflight.contains(&(key, false)) {
+            jobs.push(Job::Health { row, conf: conf.clone() });
+        }
+    }
+    if let Some(conf) = &u.metrics {
+        if !inflight.contains(&(key, true)) && engine.due(now, conf.interval_ms, TICK_MS / 2) {
+            jobs.push(Job::Metrics { row: engine, conf: conf.clone(), sent: engine.counters() });
+        }
+    }
+    if jobs.is_empty() {
         return;
     }
     let socklen = pe.socklen as usize;
@@ -402,16 +485,17 @@ fn apply_peer(
         );
         a
     };
-    due.push(Target {
-        uscf: u.uscf,
-        key,
-        row,
-        addr,
-        socklen: pe.socklen,
-        peer: name.to_vec(),
-        upstream: u.name.clone(),
-        conf: u.conf.clone(),
-    });
+    for job in jobs {
+        due.push(Target {
+            uscf: u.uscf,
+            key,
+            addr,
+            socklen: pe.socklen,
+            peer: name.to_vec(),
+            upstream: u.name.clone(),
+            job,
+        });
+    }
 }
 
 /// Every checked peer of this worker's configuration: upstream, peer and
@@ -424,7 +508,7 @@ pub fn snapshot() -> Vec<PeerHealth> {
         let zone = p.zone;
         let table = zone.table();
         let mut out = Vec::new();
-        for u in &p.upstreams {
+        for u in p.upstreams.iter().filter(|u| u.check.is_some()) {
             // SAFETY: as in run_tick, read under round robin's read lock.
             unsafe {
                 let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
@@ -456,6 +540,86 @@ pub fn peer_eligible(upstream: &[u8], peer: &[u8]) -> Option<bool> {
     let zone = shared_zone()?;
     let row = zone.table().find(peer_key(upstream, peer))?;
     Some(row.eligible(crate::observe::now_ms()))
+}
+
+/// The engine row of `peer` in `upstream` once it was scraped
+/// (`pd_engine_metrics`), for balancers of any module: it lives in the
+/// health zone as long as the cycle.
+pub fn engine_row(upstream: &[u8], peer: &[u8]) -> Option<&'static EngineRow> {
+    let zone = shared_zone()?;
+    let i = zone.table().find_index(peer_key(upstream, peer))?;
+    zone.engine(i).filter(|e| e.scraped())
+}
+
+/// Every scraped peer of this worker's configuration (the prober's list):
+/// upstream, peer and what its engine reported, for the status page.
+pub fn engine_snapshot() -> Vec<(Vec<u8>, Vec<u8>, EngineSnapshot)> {
+    let now = crate::observe::now_ms();
+    let mut out = Vec::new();
+    PROBER.with(|p| {
+        let p = p.borrow();
+        let Some(p) = p.as_ref() else { return };
+        for u in p.upstreams.iter().filter(|u| u.metrics.is_some()) {
+            // SAFETY: as in snapshot().
+            unsafe {
+                let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+                if peers.is_null() {
+                    continue;
+                }
+                let _r = crate::upstream::PeersRead::lock(peers);
+                crate::upstream::each_peer(peers, |pe| {
+                    let name = str_bytes(&pe.name);
+                    let Some(i) = p.zone.table().find_index(peer_key(&u.name, name)) else {
+                        return;
+                    };
+                    if let Some(e) = p.zone.engine(i) {
+                        out.push((u.name.clone(), name.to_vec(), e.snapshot(now)));
+                    }
+                });
+            }
+        }
+    });
+    out
+}
+
+/// Every peer of the running cycle's upstreams that has a row (health
+/// checked or scraped), for the `pd_metrics` page of any module.
+pub fn peer_states() -> Vec<pdgate_core::engine::PeerState> {
+    let Some(zone) = shared_zone() else { return Vec::new() };
+    let now = crate::observe::now_ms();
+    let table = zone.table();
+    let mut out = Vec::new();
+    // SAFETY: the running cycle's upstream blocks and round robin's peer
+    // lists (read under its read lock) live as long as the cycle.
+    unsafe {
+        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
+        for us in crate::upstream::blocks(crate::upstream::cycle_main_conf(cycle)) {
+            let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+            if peers.is_null() {
+                continue;
+            }
+            let upstream = str_bytes(&(*us).host);
+            let _r = crate::upstream::PeersRead::lock(peers);
+            crate::upstream::each_peer(peers, |pe| {
+                let name = str_bytes(&pe.name);
+                let Some(i) = table.find_index(peer_key(upstream, name)) else { return };
+                let eligible = table
+                    .find(peer_key(upstream, name))
+                    .filter(|r| r.is_checked())
+                    .map(|r| r.eligible(now));
+                let engine = zone.engine(i).filter(|e| e.scraped()).map(|e| e.snapshot(now));
+                if eligible.is_some() || engine.is_some() {
+                    out.push(pdgate_core::engine::PeerState {
+                        upstream: upstream.to_vec(),
+                        peer: name.to_vec(),
+                        eligible,
+                        engine,
+                    });
+                }
+            });
+        }
+    }
+    out
 }
 
 /// The pid of the worker probing now (0: none).

@@ -7,14 +7,24 @@ use ngx::ffi::{
     ngx_http_conf_ctx_t, ngx_http_upstream_main_conf_t, ngx_http_upstream_module, ngx_module_t,
 };
 
-use super::{checked_blocks, prober_pid, snapshot};
+use super::{checked_blocks, engine_snapshot, prober_pid, snapshot};
 use crate::conf::str_bytes;
 use crate::http::{Conf, ConfError};
 use crate::NgxError;
 
-/// The text of a `pd_health_status` page (pdgate-core renders it).
+/// The text of a `pd_health_status` page (pdgate-core renders it): the
+/// health lines, then a line per scraped engine.
 pub fn status_text() -> String {
-    pdgate_core::health::status_text(prober_pid(), &snapshot())
+    let mut s = pdgate_core::health::status_text(prober_pid(), &snapshot());
+    for (u, p, e) in engine_snapshot() {
+        s.push_str(&format!(
+            "upstream {} peer {} {}\n",
+            String::from_utf8_lossy(&u),
+            String::from_utf8_lossy(&p),
+            pdgate_core::engine::status_line_text(&e)
+        ));
+    }
+    s
 }
 
 /// `pd_health_ready`'s verdict for `names` (pdgate-core decides it).

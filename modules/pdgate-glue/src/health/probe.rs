@@ -1,5 +1,7 @@
-//! A probe: its own connection to one peer on the worker's event loop
-//! (`ngx_event_connect_peer`), an HTTP/1.0 `GET`, done at the status line.
+//! A probe or a scrape: its own connection to one peer on the worker's
+//! event loop (`ngx_event_connect_peer`), an HTTP/1.0 `GET`; a probe is
+//! done at the status line, a scrape when the engine closes the
+//! connection after its whole `/metrics` answer.
 
 use std::ffi::c_void;
 use std::ptr::{addr_of, addr_of_mut, null_mut};
@@ -12,9 +14,10 @@ use ngx::ffi::{
     ngx_peer_connection_t, ngx_str_t, sockaddr, NGX_AGAIN, NGX_ERROR, NGX_LOG_NOTICE, NGX_LOG_WARN,
     NGX_OK,
 };
-use pdgate_core::health::{status_line, CheckConf, HealthRow, Outcome, Status, StatusLine};
+use pdgate_core::engine::{read_answer, MAX_ANSWER};
+use pdgate_core::health::{status_line, Outcome, Status, StatusLine};
 
-use super::{apply_now, Target, ANSWER_BYTES, INFLIGHT};
+use super::{apply_now, Job, Target, ANSWER_BYTES, INFLIGHT};
 
 /// A probe in flight: owned by its connection (`c->data`), freed by
 /// [`finish`].
@@ -27,19 +30,31 @@ struct Probe {
     upstream: Vec<u8>,
     request: Vec<u8>,
     sent: usize,
-    answer: [u8; ANSWER_BYTES],
+    /// What was read; `len` bytes of it are the answer so far.
+    answer: Vec<u8>,
     len: usize,
     key: u64,
-    row: *const HealthRow,
-    conf: CheckConf,
+    job: Job,
     started: Instant,
     /// The request went out (a failure after it is not a refusal).
     connected: bool,
 }
 
+impl Probe {
+    /// Bytes of answer read at most.
+    fn limit(&self) -> usize {
+        if self.job.is_metrics() {
+            MAX_ANSWER
+        } else {
+            ANSWER_BYTES
+        }
+    }
+}
+
 pub(super) fn start_probe(t: Target, quiet: *mut ngx_log_t) {
-    INFLIGHT.with(|f| f.borrow_mut().insert(t.key));
-    let request = t.conf.request(&t.peer);
+    INFLIGHT.with(|f| f.borrow_mut().insert((t.key, t.job.is_metrics())));
+    let request = t.job.request(&t.peer);
+    let room = if t.job.is_metrics() { 64 << 10 } else { ANSWER_BYTES };
     let pr = Box::new(Probe {
         // SAFETY: all-zero bytes are a valid (empty) peer connection.
         pc: unsafe { std::mem::zeroed() },
@@ -50,11 +65,10 @@ pub(super) fn start_probe(t: Target, quiet: *mut ngx_log_t) {
         upstream: t.upstream,
         request,
         sent: 0,
-        answer: [0; ANSWER_BYTES],
+        answer: vec![0; room],
         len: 0,
         key: t.key,
-        row: t.row,
-        conf: t.conf,
+        job: t.job,
         started: Instant::now(),
         connected: false,
     });
@@ -64,7 +78,7 @@ pub(super) fn start_probe(t: Target, quiet: *mut ngx_log_t) {
     unsafe {
         let p = &mut *raw;
         p.name = ngx_str_t { len: p.peer.len(), data: p.peer.as_mut_ptr() };
-        if let Some(port) = p.conf.port {
+        if let Some(port) = p.job.port() {
             ngx_inet_set_port(addr_of_mut!(p.addr) as *mut sockaddr, port);
         }
         p.pc.sockaddr = addr_of_mut!(p.addr) as *mut sockaddr;
@@ -84,7 +98,7 @@ pub(super) fn start_probe(t: Target, quiet: *mut ngx_log_t) {
         (*c).data = raw as *mut c_void;
         (*(*c).read).handler = Some(on_read);
         (*(*c).write).handler = Some(on_write);
-        ngx_add_timer((*c).write, (*raw).conf.timeout_ms as ngx_msec_t);
+        ngx_add_timer((*c).write, (*raw).job.timeout_ms() as ngx_msec_t);
         if rc != NGX_AGAIN as ngx_int_t {
             on_write((*c).write);
         }
@@ -129,7 +143,7 @@ unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
                 ngx_del_timer(wev);
             }
             let spent = p.started.elapsed().as_millis() as u64;
-            let left = p.conf.timeout_ms.saturating_sub(spent).max(1);
+            let left = p.job.timeout_ms().saturating_sub(spent).max(1);
             let rev = (*c).read;
             ngx_add_timer(rev, left as ngx_msec_t);
             if ngx_handle_read_event(rev, 0) != NGX_OK as ngx_int_t {
@@ -162,8 +176,17 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
                 return;
             };
             let p = &mut *pr;
+            let metrics = p.job.is_metrics();
             loop {
-                let room = ANSWER_BYTES - p.len;
+                if p.len == p.answer.len() {
+                    if p.len >= p.limit() {
+                        // A scrape this long is not an engine's /metrics.
+                        return finish(pr, Outcome::Garbage);
+                    }
+                    let grown = (p.answer.len() * 2).min(p.limit());
+                    p.answer.resize(grown, 0);
+                }
+                let room = p.answer.len() - p.len;
                 let n = recv(c, p.answer.as_mut_ptr().add(p.len), room);
                 if n == NGX_AGAIN as isize {
                     if ngx_handle_read_event(rev, 0) != NGX_OK as ngx_int_t {
@@ -172,7 +195,13 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
                     return;
                 }
                 if n == 0 {
-                    finish(pr, if p.len == 0 { Outcome::Closed } else { Outcome::Garbage });
+                    let end = match (p.len, metrics) {
+                        (0, _) => Outcome::Closed,
+                        // The whole answer: finish reads it.
+                        (_, true) => Outcome::Status(200),
+                        (_, false) => Outcome::Garbage,
+                    };
+                    finish(pr, end);
                     return;
                 }
                 if n < 0 {
@@ -180,6 +209,9 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
                     return;
                 }
                 p.len += n as usize;
+                if metrics {
+                    continue;
+                }
                 match status_line(&p.answer[..p.len]) {
                     StatusLine::Code(s) => return finish(pr, Outcome::Status(s)),
                     StatusLine::Invalid => return finish(pr, Outcome::Garbage),
@@ -193,34 +225,74 @@ unsafe extern "C" fn on_read(rev: *mut ngx_event_t) {
     })
 }
 
-/// Ends a probe: closes its connection, records the outcome, logs a change
-/// of status and frees the probe.
+/// Ends a probe or scrape: closes its connection, records the outcome (a
+/// scrape's whole answer is read here), logs a change of status and frees
+/// the probe.
 ///
 /// # Safety
 /// `pr` must be a probe from [`start_probe`], not finished yet.
 unsafe fn finish(pr: *mut Probe, outcome: Outcome) {
     // SAFETY: as documented: the box is this probe's, handed over by
-    // start_probe; its connection (if any) is open and ours; the row lives
+    // start_probe; its connection (if any) is open and ours; the rows live
     // in the zone, as long as the cycle.
     unsafe {
         let p = Box::from_raw(pr);
         if !p.pc.connection.is_null() {
             ngx_close_connection(p.pc.connection);
         }
-        INFLIGHT.with(|f| f.borrow_mut().remove(&p.key));
+        INFLIGHT.with(|f| f.borrow_mut().remove(&(p.key, p.job.is_metrics())));
         let latency = p.started.elapsed().as_micros() as u64;
-        let Some(row) = p.row.as_ref() else { return };
-        let change = row.record(outcome, crate::observe::now_ms(), latency, &p.conf);
+        let now = crate::observe::now_ms();
+        let change = match &p.job {
+            Job::Metrics { row, conf, sent } => {
+                let Some(row) = row.as_ref() else { return };
+                let read = match outcome {
+                    Outcome::Status(_) => read_answer(&p.answer[..p.len], conf.model.as_deref())
+                        .map_err(|e| e.describe()),
+                    o => Err(o.describe()),
+                };
+                let log = (**addr_of!(ngx::ffi::ngx_cycle)).log;
+                let (u, peer) =
+                    (String::from_utf8_lossy(&p.upstream), String::from_utf8_lossy(&p.peer));
+                match read {
+                    Ok(load) => {
+                        if row.store(&load, *sent, now, latency, conf) {
+                            ngx::ngx_log_error!(
+                                NGX_LOG_NOTICE,
+                                log,
+                                "pd_engine_metrics: upstream \"{}\" peer {} answers its metrics again",
+                                u,
+                                peer
+                            );
+                        }
+                    }
+                    // Logged when scrapes start failing, not at each one.
+                    Err(why) if row.failed(latency) => {
+                        ngx::ngx_log_error!(
+                            NGX_LOG_WARN,
+                            log,
+                            "pd_engine_metrics: upstream \"{}\" peer {}: {}, its metrics age out",
+                            u,
+                            peer,
+                            why
+                        );
+                    }
+                    Err(_) => {}
+                }
+                return;
+            }
+            Job::Health { row, conf } => {
+                let Some(row) = row.as_ref() else { return };
+                row.record(outcome, now, latency, conf).map(|ch| (ch, conf.passes))
+            }
+        };
         if change.is_some() {
             apply_now(p.uscf);
         }
-        if let Some(ch) = change {
+        if let Some((ch, passes)) = change {
             let log = (**addr_of!(ngx::ffi::ngx_cycle)).log;
             let (level, why) = if ch.to == Status::Up {
-                (
-                    NGX_LOG_NOTICE,
-                    format!("{} after {} good probes", outcome.describe(), p.conf.passes),
-                )
+                (NGX_LOG_NOTICE, format!("{} after {} good probes", outcome.describe(), passes))
             } else {
                 (NGX_LOG_WARN, outcome.describe())
             };

@@ -439,6 +439,7 @@ fn fill(views: &mut [PeerView], table: &SlotTable, slot_of: &[usize]) {
             cost,
             hist_requests: requests * 7,
             hist_tokens: tokens * 7,
+            engine: Default::default(),
         };
     }
 }
