@@ -35,6 +35,7 @@ sglang_health           ngx_http_prefill_refactor_module               prefill_r
 encode                  ngx_http_prefill_module                        prefill_encode
 fallback                ngx_http_prefill_module                        prefill_fallback
 health                  ngx_http_upstream_pd_health_module             pd_health_check
+engine_metrics          ngx_http_upstream_pd_health_module             pd_engine_metrics
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
 lb:weighted_least_active ngx_http_upstream_weighted_least_active_module weighted_least_active
 lb:auto_balance_controller ngx_http_upstream_auto_balance_controller_module auto_balance_controller
@@ -43,6 +44,7 @@ lb:greedy_timeout       ngx_http_upstream_greedy_timeout_module        greedy_ti
 lb:length_balance       ngx_http_upstream_length_balance_module        length_balance
 lb:pd_score_balance     ngx_http_upstream_pd_score_balance_module      pd_score_balance
 lb:prefix_cache_affinity ngx_http_upstream_prefix_cache_affinity_module prefix_cache_affinity
+lb:earliest_start       ngx_http_upstream_earliest_start_module        earliest_start
 '
 # The policies prefill_refactor_balance runs (SGLang mode's prefill choice).
 SGLANG_POLICIES="least_total_load weighted_least_active auto_balance_controller prefill_score_balance pd_score_balance"
@@ -73,6 +75,7 @@ ENCODE_LB=""
 PREFILL_LB_GIVEN=""
 PREFILL_MAX_SEQS=16
 DECODE_MAX_SEQS=32
+DECODE_SEQS_GIVEN=""
 ENGINE=vllm
 BOOTSTRAP_PORTS=""
 METRICS_SIZE=""
@@ -89,6 +92,10 @@ ACCESS_LOG_BUFFER=64k
 HEALTH_DEFAULT="interval=2s timeout=1s fails=2 passes=1 uri=/health"
 HEALTH=$HEALTH_DEFAULT
 HEALTH_GIVEN=""
+# pd_engine_metrics's parameters on every engine pool ("off": none).
+ENGINE_METRICS_DEFAULT="interval=1s timeout=1s uri=/metrics"
+ENGINE_METRICS=$ENGINE_METRICS_DEFAULT
+ENGINE_METRICS_GIVEN=""
 FALLBACK=off
 DRY_RUN=0
 STOP=0
@@ -117,11 +124,13 @@ Servers and balancing
   --decode-lb-sdk NAME          decode balancer (default pd_score_balance)
         NAME: least_total_load weighted_least_active auto_balance_controller
               prefill_score_balance greedy_timeout length_balance
-              pd_score_balance prefix_cache_affinity round_robin least_conn
+              pd_score_balance prefix_cache_affinity earliest_start
+              round_robin least_conn
   --encode-lb-sdk round_robin|least_conn
                                 encoder balancer (default round_robin)
   --prefill-max-num-seqs N      pd_score_balance_max_num_seqs on P (default 16)
-  --decode-max-num-seqs N       pd_score_balance_max_num_seqs on D (default 32)
+  --decode-max-num-seqs N       pd_score_balance_max_num_seqs on D (default 32;
+                                earliest_start_max_num_seqs on D when given)
   --enable-attention-ffn-disaggregation
                                 keep only the last --attention-num decode servers
   --attention-num N             attention servers with AFD (required with it)
@@ -152,6 +161,11 @@ Engines and request handling
                                 pool has no healthy engine), /internal/health
                                 shows each engine (local clients only); off: none
                                 of it (/health answers 404)
+  --engine-metrics PARAMS|off   scrape every engine's Prometheus /metrics
+                                (pd_engine_metrics PARAMS; default "interval=1s
+                                timeout=1s uri=/metrics"): every balancer adds
+                                the engine's own queue and KV pressure to what it
+                                counts, earliest_start predicts from it; off: none
 
 nginx process
   -f, --nginx-conf-file FILE    the file written (default dist/conf/global_proxy.conf);
@@ -224,7 +238,7 @@ parse_args() {
             --decode-lb-sdk) need_value "$arg" "$@"; DECODE_LB=$1; shift ;;
             --encode-lb-sdk) need_value "$arg" "$@"; ENCODE_LB=$1; shift ;;
             --prefill-max-num-seqs) need_value "$arg" "$@"; PREFILL_MAX_SEQS=$1; shift ;;
-            --decode-max-num-seqs) need_value "$arg" "$@"; DECODE_MAX_SEQS=$1; shift ;;
+            --decode-max-num-seqs) need_value "$arg" "$@"; DECODE_MAX_SEQS=$1; DECODE_SEQS_GIVEN=1; shift ;;
             --engine-type) need_value "$arg" "$@"; ENGINE=$1; shift ;;
             --bootstrap-port) need_value "$arg" "$@"; BOOTSTRAP_PORTS=$1; shift ;;
             --enable-internal-metrics)
@@ -238,6 +252,7 @@ parse_args() {
             --stream-ops) need_value "$arg" "$@"; STREAM_OPS=$1; shift ;;
             --client-body-buffer-size) need_value "$arg" "$@"; BODY_BUFFER=$1; shift ;;
             --health-check) need_value "$arg" "$@"; HEALTH=$1; HEALTH_GIVEN=1; shift ;;
+            --engine-metrics) need_value "$arg" "$@"; ENGINE_METRICS=$1; ENGINE_METRICS_GIVEN=1; shift ;;
             --prefill-fallback) need_value "$arg" "$@"; FALLBACK=$1; shift ;;
             -l|--log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
             --log-level) need_value "$arg" "$@"; LOG_LEVEL=$1; shift ;;
@@ -488,6 +503,20 @@ validate() {
             require_feature sglang_health --health-check "$HEALTH"
         fi
     fi
+    if [ "$ENGINE_METRICS" != off ]; then
+        local t
+        for t in $ENGINE_METRICS; do
+            [[ $t =~ ^(interval|timeout)=[0-9]+(ms|s|m)?$ || $t =~ ^kv_high=[0-9]+$ \
+                || $t =~ ^uri=/[^[:space:]\;\'\"]*$ || $t =~ ^port=[0-9]+$ \
+                || $t =~ ^model=[^[:space:]\;\'\"]+$ ]] \
+                || bad "--engine-metrics \"$ENGINE_METRICS\": \"$t\" is not interval=, timeout=, uri=, port=, model= or kv_high= (see pd_engine_metrics in README.md), or off"
+        done
+        if [ -n "$ENGINE_METRICS_GIVEN" ]; then
+            require_feature engine_metrics --engine-metrics "$ENGINE_METRICS"
+        elif ! feature_available engine_metrics; then
+            ENGINE_METRICS=off
+        fi
+    fi
     # With sglang the prefill upstream only serves /v1 (round robin): the
     # completions' prefill server is prefill_refactor's choice.
     if [ "$ENGINE" = vllm ]; then
@@ -550,6 +579,7 @@ used_modules() {
     [ -z "$METRICS_SIZE" ] || used[internal_metrics]=1
     [ -z "$ENCODE_LIST" ] || used[encode]=1
     [ "$HEALTH" = off ] || used[health]=1
+    [ "$ENGINE_METRICS" = off ] || used[engine_metrics]=1
     used[lb:$DECODE_LB]=1
     local -A emitted=()
     while read -r f m d; do
@@ -591,6 +621,12 @@ lb_lines() {
         pd_score_balance)
             echo "        pd_score_balance $side;"
             echo "        pd_score_balance_max_num_seqs $seqs;" ;;
+        earliest_start)
+            echo "        earliest_start $side;"
+            # The engine's own batch limit (vLLM's 256 unless given).
+            if [ "$side" = decode ] && [ -n "$DECODE_SEQS_GIVEN" ]; then
+                echo "        earliest_start_max_num_seqs $seqs;"
+            fi ;;
         length_balance) echo "        length_balance;" ;;
         *) echo "        $name on;" ;;
     esac
@@ -613,6 +649,10 @@ upstream_block() {
     if [ "$HEALTH" != off ] && [ "$side" != metrics ]; then
         echo "        # Only engines that pass take traffic (a new or loading one too)."
         echo "        pd_health_check $HEALTH;"
+    fi
+    if [ "$ENGINE_METRICS" != off ] && [ "$side" != metrics ]; then
+        echo "        # The engine's own queue and KV use, scraped once for every worker."
+        echo "        pd_engine_metrics $ENGINE_METRICS;"
     fi
     for s in "$@"; do
         echo "        server $s max_fails=3 fail_timeout=10s;"

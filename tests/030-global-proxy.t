@@ -24,7 +24,7 @@ my $SERVERS = '--prefill-servers-list 10.0.0.1:8100,10.0.0.2:8100 --decode-serve
 # (module not found) until they land, by design.
 my @LBS = qw(least_total_load weighted_least_active auto_balance_controller
              prefill_score_balance greedy_timeout length_balance pd_score_balance
-             prefix_cache_affinity round_robin least_conn);
+             prefix_cache_affinity earliest_start round_robin least_conn);
 
 # name => flags (the servers, -f and --prefix are added)
 my @CASES = (
@@ -37,6 +37,9 @@ my @CASES = (
     [ 'access-log-unbuffered' => '--access-log-buffer off' ],
     [ 'access-log-buffer-1m' => '--access-log-buffer 1m --prefill-lb-sdk round_robin --decode-lb-sdk least_conn' ],
     [ 'health-off' => '--health-check off' ],
+    [ 'engine-metrics-off' => '--engine-metrics off' ],
+    [ 'engine-metrics-model' => '--engine-metrics "interval=500ms timeout=500ms uri=/m model=llama kv_high=90"'
+        . ' --prefill-lb-sdk earliest_start --decode-lb-sdk earliest_start --decode-max-num-seqs 128' ],
     [ 'prefill-fallback' => '--prefill-fallback decode' ],
     [ 'health-fast' => '--health-check "interval=500ms timeout=200ms fails=3 passes=2 uri=/ping"' ],
     [ 'internal-metrics-stream-ops' => '--enable-internal-metrics 1m --stream-ops set_opt'
@@ -159,6 +162,7 @@ my @BAD = (
     [ "$SERVERS --prefill-fallback maybe" => qr/^--prefill-fallback maybe: not decode or off/ ],
     [ "$SERVERS --engine-type sglang --prefill-fallback decode" => qr/^--prefill-fallback decode: only with --engine-type vllm/ ],
     [ "$SERVERS --health-check interval=soon" => qr/^--health-check "interval=soon": "interval=soon" is not interval=, timeout=, fails=, passes=, uri= or port=/ ],
+    [ "$SERVERS --engine-metrics kv=9" => qr/^--engine-metrics "kv=9": "kv=9" is not interval=, timeout=, uri=, port=, model= or kv_high=/ ],
     [ "$SERVERS --log-level verbose" => qr/^--log-level verbose: not debug, info/ ],
     [ "$SERVERS --log-file 'a;b'" => qr/^--log-file a;b: path has characters/ ],
     [ "$SERVERS --nginx-bin /nonexistent/nginx" => qr/^--nginx-bin \/nonexistent\/nginx: not an executable/ ],
@@ -268,7 +272,7 @@ subtest '--help lists every flag' => sub {
                      --prefill-lb-sdk --decode-lb-sdk --encode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
                      --engine-type --bootstrap-port --enable-internal-metrics
                      --enable-attention-ffn-disaggregation --attention-num --stream-ops
-                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --prefill-fallback
+                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --prefill-fallback
                      --dry-run -d --stop -S --rollback -R --help -h --modules-dir --nginx-bin
                      --prefix --listen-address)) {
         like($out, qr/(^|[\s,])\Q$flag\E\b/m, $flag);
