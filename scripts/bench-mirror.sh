@@ -24,7 +24,9 @@
 # Knobs: MIRROR_SCENARIOS ("a95 c"), MIRROR_ROUTERS ("pdgate/round_robin
 # vllm-router/cache_aware ..." or "all"), MIRROR_SECONDS of arrivals per run
 # [25; QUICK 10], MIRROR_SEEDS ["7"], MIRROR_SLO_TTFT_MS [1000],
-# MIRROR_SLO_TPOT_MS [50], MIRROR_WORKERS (nginx workers) [2],
+# MIRROR_SLO_TPOT_MS [50], MIRROR_WORKERS (nginx workers) [2], MIRROR_PROXIES
+# (pdgate as that many nginx instances on one port, sharing only the
+# engines; the peers stay one process) [1],
 # MIRROR_PREFILLS/MIRROR_DECODES [4/4], MIRROR_HOST_RPS [200], MIRROR_OUT
 # [bench-out/mirror, QUICK bench-out/mirror-quick], MIRROR_DOCS=1 (copies the
 # report and plots to docs/mirror*), VLLM_ROUTER_VERSION [0.1.17],

@@ -209,7 +209,11 @@ def main(argv):
           f"see [engine-sim.md](engine-sim.md)), fresh engines for every run, each speaking the P/D "
           f"protocol its router expects (vLLM NIXL-style for pdgate and vllm-router, SGLang bootstrap "
           f"for pdgate's SGLang mode and SGLang's router). pdgate: nginx configured by "
-          f"`scripts/global_proxy.sh` ({cfg['workers']} workers), the named balancer on both pools. "
+          f"`scripts/global_proxy.sh` ({cfg['workers']} workers"
+          + (f"; {cfg['proxies']} nginx instances on one port (reuseport), sharing nothing but "
+             f"the engines" if cfg.get("proxies", 1) > 1 else "")
+          + "), the named balancer on both pools (`pdgate-blind/`: without the engines' "
+          "`/metrics`, `--engine-metrics off`). "
           f"vllm-router {v.get('vllm-router')} and sglang-router {v.get('sglang-router')} from PyPI, "
           f"P/D mode, the named policy on both pools; pdgate at {v.get('pdgate')}. The same seeded "
           f"requests (pd-bench, streaming chat, seeds {', '.join(cfg['seeds'])}) for every router, "

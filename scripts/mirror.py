@@ -34,7 +34,10 @@ P_BASE, D_BASE, SIDE_OFFSET, ROUTER_PORT = 18710, 18730, 1000, 18790
 
 PDGATE_LBS = ["round_robin", "least_conn", "least_total_load", "weighted_least_active",
               "auto_balance_controller", "prefill_score_balance", "greedy_timeout",
-              "length_balance", "pd_score_balance", "prefix_cache_affinity"]
+              "length_balance", "pd_score_balance", "prefix_cache_affinity", "earliest_start"]
+# pdgate-blind/<lb>: the same without the engines' /metrics (--engine-metrics
+# off), pdgate's balancers as they were before issue 13: what reading the
+# engines adds.
 # prefill_refactor's choices (SGLang mode); least_active is its default.
 PDGATE_SGLANG = ["least_active", "least_total_load", "weighted_least_active",
                  "auto_balance_controller", "prefill_score_balance", "pd_score_balance"]
@@ -46,7 +49,8 @@ SGLANG_ROUTER = ["round_robin", "random", "power_of_two", "cache_aware", "bucket
 
 
 def all_routers():
-    return ([f"pdgate/{x}" for x in PDGATE_LBS] + [f"pdgate-sglang/{x}" for x in PDGATE_SGLANG]
+    return ([f"pdgate/{x}" for x in PDGATE_LBS] + [f"pdgate-blind/{x}" for x in PDGATE_LBS]
+            + [f"pdgate-sglang/{x}" for x in PDGATE_SGLANG]
             + [f"vllm-router/{x}" for x in VLLM_ROUTER]
             + [f"sglang-router/{x}" for x in SGLANG_ROUTER])
 
@@ -112,7 +116,7 @@ class Run:
     """The processes of one run, stopped together."""
 
     def __init__(self, work):
-        self.work, self.procs, self.nginx_dir = work, [], None
+        self.work, self.procs, self.nginx_dirs = work, [], []
 
     def spawn(self, args, log_name):
         f = open(os.path.join(self.work, log_name), "ab")
@@ -121,14 +125,14 @@ class Run:
         f.close()
 
     def stop(self):
-        if self.nginx_dir:
-            subprocess.run([f"{DIST}/sbin/nginx", "-p", self.nginx_dir, "-c", "nginx.conf",
-                            "-s", "stop"], capture_output=True)
+        for d in self.nginx_dirs:
+            subprocess.run([f"{DIST}/sbin/nginx", "-p", d, "-c", "nginx.conf", "-s", "stop"],
+                           capture_output=True)
             for _ in range(50):
-                if not os.path.exists(os.path.join(self.nginx_dir, "logs", "nginx.pid")):
+                if not os.path.exists(os.path.join(d, "logs", "nginx.pid")):
                     break
                 time.sleep(0.1)
-            self.nginx_dir = None
+        self.nginx_dirs = []
         for p in self.procs:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -181,11 +185,21 @@ def addr_list(ps):
     return ",".join(f"127.0.0.1:{p}" for p in ps)
 
 
-def start_router(run, router, prefills, decodes, workers):
+def start_router(run, router, prefills, decodes, workers, proxies=1):
+    """Starts the router; pdgate as `proxies` nginx instances that share
+    nothing but the engines and the listening port (reuseport: the kernel
+    spreads the clients' connections over them)."""
     family, policy = router.split("/", 1)
     pp, dp = ports(prefills, P_BASE), ports(decodes, D_BASE)
-    if family in ("pdgate", "pdgate-sglang"):
-        d = os.path.join(run.work, "nginx")
+    for k in range(proxies if family.startswith("pdgate") else 1):
+        start_one(run, family, policy, pp, dp, workers, k)
+    if not wait_http(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", 60):
+        raise RuntimeError(f"{router} did not come up (see {run.work}/router.log)")
+
+
+def start_one(run, family, policy, pp, dp, workers, k):
+    if family in ("pdgate", "pdgate-blind", "pdgate-sglang"):
+        d = os.path.join(run.work, f"nginx{k or ''}")
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(os.path.join(d, "logs"))
         args = [f"{ROOT}/scripts/global_proxy.sh", "--dry-run", "-f", f"{d}/nginx.conf",
@@ -193,8 +207,10 @@ def start_router(run, router, prefills, decodes, workers):
                 f"{DIST}/modules", "--listen-address", "127.0.0.1", "-p", str(ROUTER_PORT),
                 "-c", str(workers), "-s", "0", "--prefill-servers-list", addr_list(pp),
                 "--decode-servers-list", addr_list(dp)]
-        if family == "pdgate":
+        if family in ("pdgate", "pdgate-blind"):
             args += ["--prefill-lb-sdk", policy, "--decode-lb-sdk", policy]
+            if family == "pdgate-blind":
+                args += ["--engine-metrics", "off"]
         else:
             args += ["--engine-type", "sglang",
                      "--bootstrap-port", ",".join(str(p + SIDE_OFFSET) for p in pp)]
@@ -206,7 +222,7 @@ def start_router(run, router, prefills, decodes, workers):
         if r.returncode != 0:
             raise RuntimeError(f"global_proxy.sh: {r.stdout}{r.stderr}")
         subprocess.run([f"{DIST}/sbin/nginx", "-p", d, "-c", "nginx.conf"], check=True)
-        run.nginx_dir = d
+        run.nginx_dirs.append(d)
     elif family == "vllm-router":
         args = [f"{VENV}/vllm-router", "--host", "127.0.0.1", "--port", str(ROUTER_PORT),
                 "--vllm-pd-disaggregation", "--policy", policy, "--log-level", "warning"]
@@ -228,9 +244,7 @@ def start_router(run, router, prefills, decodes, workers):
             args += ["--decode", f"http://127.0.0.1:{p}"]
         run.spawn(args, "router.log")
     else:
-        raise ValueError(f"unknown router {router}")
-    if not wait_http(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", 60):
-        raise RuntimeError(f"{router} did not come up (see {run.work}/router.log)")
+        raise ValueError(f"unknown router family {family}")
 
 
 def engine_counters(prefills, decodes):
@@ -340,16 +354,20 @@ def main():
     slo_ttft = float(os.environ.get("MIRROR_SLO_TTFT_MS", "1000"))
     slo_tpot = float(os.environ.get("MIRROR_SLO_TPOT_MS", "50"))
     slo_tight = float(os.environ.get("MIRROR_SLO_TIGHT_TTFT_MS", "300"))
-    core = ["pdgate/round_robin", "pdgate/least_total_load", "pdgate/pd_score_balance",
-            "pdgate/prefix_cache_affinity", "vllm-router/round_robin", "vllm-router/cache_aware",
-            "sglang-router/cache_aware"]
+    # pdgate as this many nginx instances (the peers stay one process).
+    proxies = int(os.environ.get("MIRROR_PROXIES", "1"))
+    core = ["pdgate/round_robin", "pdgate/least_total_load", "pdgate-blind/least_total_load",
+            "pdgate/pd_score_balance", "pdgate/earliest_start", "pdgate/prefix_cache_affinity",
+            "vllm-router/round_robin", "vllm-router/cache_aware", "sglang-router/cache_aware"]
     if quick:
         plan = {"a95": ["pdgate/round_robin", "pdgate/least_total_load",
                         "vllm-router/round_robin", "sglang-router/round_robin"],
                 "c": ["pdgate/round_robin", "pdgate/prefix_cache_affinity",
                       "vllm-router/cache_aware", "sglang-router/cache_aware"]}
     else:
-        plan = {"a95": all_routers()}
+        # Every router at a95; of the pdgate-blind ones, the core's.
+        plan = {"a95": [r for r in all_routers()
+                        if not r.startswith("pdgate-blind/") or r in core]}
         for s in ("a50", "a80", "a110", "b", "c", "d", "e"):
             plan[s] = core
     if os.environ.get("MIRROR_SCENARIOS"):
@@ -378,6 +396,7 @@ def main():
     results = {"config": {"prefills": prefills, "decodes": decodes, "workers": workers,
                           "seconds": seconds, "seeds": seeds, "slo_ttft_ms": slo_ttft,
                           "slo_tpot_ms": slo_tpot, "slo_tight_ttft_ms": slo_tight, "host_rps": host_rps, "quick": quick,
+                          "proxies": proxies,
                           "versions": versions(), "command": command_line()},
                "scenarios": {}, "runs": []}
     k = 0
@@ -406,7 +425,7 @@ def main():
                 label = f"{name}-{router.replace('/', '-')}-s{seed}"
                 try:
                     start_cluster(run, engine_of(router), prefills, decodes, scale, slow)
-                    start_router(run, router, prefills, decodes, workers)
+                    start_router(run, router, prefills, decodes, workers, proxies)
                     bench = [f"{DIST}/bin/pd-bench", "--url", f"http://127.0.0.1:{ROUTER_PORT}",
                              "--rate", f"{rate:.6g}", "--duration", f"{seconds:g}",
                              "--seed", seed, "--quiet", "--max-conns", "4000",

@@ -1,7 +1,7 @@
 # A pdgate balancer over `server NAME resolve` (nginx >= 1.27.3, upstream
 # zone): when DNS swaps the one peer for another address (the peer count
 # stays 1), the balancer accounts requests to the new peer's slot, not the
-# old one's. A small DNS server in this file answers A queries for
+# old one's. A small DNS server (Pdgate::Dns) answers A queries for
 # pool.test from a file the test rewrites; two pdgate_echo backends listen
 # on 127.0.0.1 and 127.0.0.2 (same port).
 use strict;
@@ -9,6 +9,7 @@ use warnings;
 use FindBin;
 use lib "$FindBin::Bin/common";
 use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port);
+use Pdgate::Dns;
 use File::Temp qw(tempdir);
 use HTTP::Tiny;
 use IO::Socket::INET;
@@ -27,39 +28,11 @@ plan skip_all => 'no 127.0.0.2 on loopback'
 my $tmp = tempdir(CLEANUP => 1);
 chmod 0755, $tmp;
 mkdir "$tmp/logs";
-my $answer = "$tmp/answer";
-spit($answer, "127.0.0.1\n");
 
-# The DNS server: A pool.test -> the address in $answer (TTL 1), nothing
-# for any other question.
-my $dns = IO::Socket::INET->new(LocalAddr => '127.0.0.1', LocalPort => 0, Proto => 'udp')
-    or die "dns socket: $!";
-my $dns_port = $dns->sockport;
-my $dns_pid = fork // die "fork: $!";
-if ($dns_pid == 0) {
-    while (1) {
-        my $peer = $dns->recv(my $q, 512) // next;
-        next if length $q < 17;
-        my ($id) = unpack 'n', $q;
-        my $i = 12;
-        my @labels;
-        while ($i < length $q) {
-            my $len = ord substr $q, $i, 1;
-            last if $len == 0;
-            push @labels, lc substr $q, $i + 1, $len;
-            $i += 1 + $len;
-        }
-        my $question = substr $q, 12, $i + 5 - 12;
-        my ($qtype) = unpack 'n', substr $q, $i + 1, 2;
-        my $name = join '.', @labels;
-        my $ip = (slurp($answer) // '') =~ /(\d+\.\d+\.\d+\.\d+)/ ? $1 : '127.0.0.1';
-        my $a = $name eq 'pool.test' && $qtype == 1;
-        my $reply = pack('nnnnnn', $id, 0x8180, 1, $a ? 1 : 0, 0, 0) . $question;
-        $reply .= pack('nnnNn', 0xC00C, 1, 1, 1, 4) . pack('C4', split /\./, $ip) if $a;
-        $dns->send($reply, 0, $peer);
-    }
-}
-close $dns;
+# The DNS server: A pool.test -> the address in $zone (TTL 1).
+my $zone = "$tmp/zone";
+spit($zone, "A pool.test 127.0.0.1\n");
+my ($dns_port, $dns_pid) = Pdgate::Dns::start($zone);
 
 my ($port, $bport) = (free_port(), free_port());
 my $mods = "$DIST/modules";
@@ -92,7 +65,7 @@ END {
     local $?;
     my $pid = slurp("$tmp/logs/nginx.pid") if $tmp;
     kill 'QUIT', $1 if defined $pid && $pid =~ /(\d+)/;
-    if ($dns_pid) { kill 'TERM', $dns_pid; waitpid $dns_pid, 0 }
+    Pdgate::Dns::stop($dns_pid);
 }
 
 is(system($NGINX, '-p', $tmp, '-c', 'nginx.conf'), 0, 'nginx starts');
@@ -133,7 +106,7 @@ my $before = totals();
 ok(($before->{"127.0.0.1:$bport"} // 0) >= 6, 'its slot counts the requests')
     or diag(explain $before);
 
-spit($answer, "127.0.0.2\n");
+spit($zone, "A pool.test 127.0.0.2\n");
 is(served_by('two', 6), 6, 'pool.test now at 127.0.0.2 (one peer swapped for another): served by two');
 my $after = totals();
 ok(($after->{"127.0.0.2:$bport"} // 0) >= 6, 'the new peer has its own slot, counting its requests')

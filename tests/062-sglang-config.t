@@ -72,7 +72,7 @@ __DATA__
     location /v1/ { prefill_refactor /p; }
 --- must_die
 --- error_log
-"prefill_refactor" needs "prefill_servers_list"
+"prefill_refactor" needs "prefill_servers_list" or "prefill_servers_upstream"
 
 
 
@@ -121,3 +121,56 @@ qr/"json":\{"bootstrap_host":"127\.0\.0\.1","bootstrap_port":9100,"bootstrap_roo
 --- must_die
 --- error_log
 "prefill_refactor_balance" directive invalid value "round_robin", it must be least_active, least_total_load, weighted_least_active, auto_balance_controller, prefill_score_balance or pd_score_balance
+
+
+
+=== TEST 12: prefill_servers_upstream must name an upstream block
+--- config
+    location /v1/ { prefill_refactor /p; prefill_servers_upstream prefill_servrs; }
+--- must_die
+--- error_log
+"prefill_servers_upstream" names no upstream block "prefill_servrs"
+
+
+
+=== TEST 13: its bootstrap upstream too
+--- http_config
+    upstream prefill_servers { server 127.0.0.1:1; }
+--- config
+    location /v1/ { prefill_refactor /p; prefill_servers_upstream prefill_servers bootstrap=boot; }
+--- must_die
+--- error_log
+"prefill_servers_upstream" names no upstream block "boot"
+
+
+
+=== TEST 14: the second parameter is bootstrap=<upstream>
+--- http_config
+    upstream prefill_servers { server 127.0.0.1:1; }
+--- config
+    location /v1/ { prefill_refactor /p; prefill_servers_upstream prefill_servers 9000; }
+--- must_die
+--- error_log
+"prefill_servers_upstream" directive invalid parameter "9000", it must be bootstrap=<upstream>
+
+
+
+=== TEST 15: a server list and an upstream cannot both be the prefill servers
+--- http_config
+    upstream prefill_servers { server 127.0.0.1:1; }
+--- config
+    location /v1/ { prefill_refactor /p; prefill_servers_list 127.0.0.1:1; prefill_servers_upstream prefill_servers; }
+--- must_die
+--- error_log
+"prefill_servers_list" and "prefill_servers_upstream" are both set
+
+
+
+=== TEST 16: with an upstream, bootstrap_ports_list is one port for every server
+--- http_config
+    upstream prefill_servers { server 127.0.0.1:1; }
+--- config
+    location /v1/ { prefill_refactor /p; prefill_servers_upstream prefill_servers; bootstrap_ports_list 1,2; }
+--- must_die
+--- error_log
+"bootstrap_ports_list" takes one port (for every server) with "prefill_servers_upstream"

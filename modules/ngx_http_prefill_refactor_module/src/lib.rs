@@ -29,14 +29,17 @@
 
 #![forbid(unsafe_code)]
 
+use std::borrow::Cow;
+
 use pdgate_glue::core::balance::fails::{
     parse_duration_ms, FailWindow, DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_MAX_FAILS,
 };
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
 use pdgate_glue::core::balance::{PeerView, Policy};
 use pdgate_glue::core::bootstrap::{
-    self, bootstrap_members, bootstrap_port, check_ports, check_request, least_active, leg_plan,
-    parse_backend, parse_distribution, parse_ports, parse_servers, Distribution, Leg, Server,
+    self, bootstrap_members, bootstrap_port, bootstrap_port_of, check_ports, check_request,
+    least_active, leg_plan, parse_backend, parse_distribution, parse_ports, parse_servers,
+    server_of_peer, Distribution, Leg, Server,
 };
 use pdgate_glue::core::json::Object;
 use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
@@ -61,6 +64,10 @@ pub struct LocConf {
     /// `prefill_refactor <prefix> | off`.
     prefix: Option<Option<Vec<u8>>>,
     prefill: Option<Vec<Server>>,
+    /// `prefill_servers_upstream <upstream> [bootstrap=<upstream>]`: the
+    /// prefill servers are that upstream's peers as they are at each
+    /// request (DNS with `resolve`, health with `pd_health_check`).
+    prefill_upstream: Option<PrefillUpstream>,
     decode: Option<Vec<Server>>,
     ports: Option<Vec<u16>>,
     distribution: Option<Distribution>,
@@ -79,13 +86,22 @@ pub struct LocConf {
     zone: Option<Zone>,
 }
 
+/// `prefill_servers_upstream`'s upstreams.
+#[derive(Debug, Clone, Default)]
+struct PrefillUpstream {
+    name: Vec<u8>,
+    /// Each prefill pod's bootstrap port is that of its address here.
+    bootstrap: Option<Vec<u8>>,
+}
+
 impl Merge for LocConf {
     fn merge(&mut self, prev: &Self) -> Result<(), MergeConfigError> {
         if self.prefix.is_none() {
             self.prefix = prev.prefix.clone();
         }
-        if self.prefill.is_none() {
+        if self.prefill.is_none() && self.prefill_upstream.is_none() {
             self.prefill = prev.prefill.clone();
+            self.prefill_upstream = prev.prefill_upstream.clone();
         }
         if self.decode.is_none() {
             self.decode = prev.decode.clone();
@@ -132,11 +148,23 @@ impl LocConf {
         if !self.enabled() {
             return Ok(());
         }
-        let Some(p) = &self.prefill else {
-            return Err("\"prefill_refactor\" needs \"prefill_servers_list\"".into());
+        let servers = match (&self.prefill, &self.prefill_upstream) {
+            (Some(_), Some(_)) => {
+                return Err("\"prefill_servers_list\" and \"prefill_servers_upstream\" are both set".into())
+            }
+            (None, None) => {
+                return Err("\"prefill_refactor\" needs \"prefill_servers_list\" or \"prefill_servers_upstream\"".into())
+            }
+            (Some(p), None) => p.len(),
+            (None, Some(_)) => {
+                if self.ports.as_ref().is_some_and(|p| p.len() > 1) {
+                    return Err("\"bootstrap_ports_list\" takes one port (for every server) with \"prefill_servers_upstream\"".into());
+                }
+                1
+            }
         };
         if let Some(ports) = &self.ports {
-            check_ports(ports, p.len()).map_err(|e| format!("\"bootstrap_ports_list\" {e}"))?;
+            check_ports(ports, servers).map_err(|e| format!("\"bootstrap_ports_list\" {e}"))?;
         }
         Ok(())
     }
@@ -154,6 +182,11 @@ pdgate_glue::http_module! {
     commands: [
         conf::take1(c"prefill_refactor", Some(cmd_prefill_refactor)),
         conf::take1(c"prefill_servers_list", Some(cmd_prefill_servers_list)),
+        conf::loc_command(
+            c"prefill_servers_upstream",
+            conf::ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_TAKE12,
+            Some(cmd_prefill_servers_upstream)
+        ),
         conf::take1(c"decode_servers_list", Some(cmd_decode_servers_list)),
         conf::take1(c"bootstrap_ports_list", Some(cmd_bootstrap_ports_list)),
         conf::take1(c"pd_distribution", Some(cmd_pd_distribution)),
@@ -183,10 +216,19 @@ fn postconfiguration(cf: &mut Conf) -> Result<(), NgxError> {
 }
 
 fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
-    if let Some(u) = &lcf.health {
-        if !cf.upstream_blocks().contains(&u.as_slice()) {
+    let blocks = cf.upstream_blocks();
+    let named = [
+        ("prefill_refactor_health", lcf.health.as_ref()),
+        ("prefill_servers_upstream", lcf.prefill_upstream.as_ref().map(|u| &u.name)),
+        (
+            "prefill_servers_upstream",
+            lcf.prefill_upstream.as_ref().and_then(|u| u.bootstrap.as_ref()),
+        ),
+    ];
+    for (directive, name) in named {
+        if let Some(u) = name.filter(|u| !blocks.contains(&u.as_slice())) {
             return Err(format!(
-                "\"prefill_refactor_health\" names no upstream block \"{}\"",
+                "\"{directive}\" names no upstream block \"{}\"",
                 String::from_utf8_lossy(u)
             ));
         }
@@ -251,6 +293,29 @@ pdgate_glue::directive!(cmd_prefill_servers_list, LocConf, prefill_servers_list)
 fn prefill_servers_list(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
     dup(&lcf.prefill)?;
     lcf.prefill = Some(parse_servers(arg(cf)?).map_err(refuse)?);
+    attach_zone(cf, lcf)
+}
+
+pdgate_glue::directive!(cmd_prefill_servers_upstream, LocConf, prefill_servers_upstream);
+
+/// `prefill_servers_upstream <upstream> [bootstrap=<upstream>];`
+fn prefill_servers_upstream(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    dup(&lcf.prefill_upstream)?;
+    let args = cf.args();
+    let name = args.first().ok_or_else(|| refuse("needs an upstream"))?.to_vec();
+    let bootstrap = match args.get(1) {
+        None => None,
+        Some(a) => match a.strip_prefix(b"bootstrap=") {
+            Some(b) if !b.is_empty() => Some(b.to_vec()),
+            _ => {
+                return Err(refuse(format!(
+                    "invalid parameter \"{}\", it must be bootstrap=<upstream>",
+                    String::from_utf8_lossy(a)
+                )))
+            }
+        },
+    };
+    lcf.prefill_upstream = Some(PrefillUpstream { name, bootstrap });
     attach_zone(cf, lcf)
 }
 
@@ -351,8 +416,8 @@ pub struct Choices {
     d: Option<Chosen>,
     room: String,
     zone: Option<Zone>,
-    /// Prefill servers tried (by index), the last one running.
-    tried: Vec<usize>,
+    /// Prefill servers tried (by address), the last one running.
+    tried: Vec<String>,
 }
 
 impl Choices {
@@ -388,7 +453,12 @@ impl Protocol for Sglang {
         };
         // A prefill that gave no answer is tried again on other servers
         // (before anything reached the client: p_before_d only).
-        let others = lcf.prefill.as_ref().map_or(0, |p| p.len().saturating_sub(1));
+        // An upstream's list may grow: as many retries as a list allows.
+        let others = match (&lcf.prefill, &lcf.prefill_upstream) {
+            (Some(p), _) => p.len().saturating_sub(1),
+            (None, Some(_)) => MAX_RETRIES,
+            (None, None) => 0,
+        };
         let retries = match shape {
             Shape::Sequential => others.min(MAX_RETRIES) as u8,
             _ => 0,
@@ -411,9 +481,8 @@ impl Protocol for Sglang {
 
     fn prefill_ended(r: &Request, st: &mut Choices, answered: bool) {
         let Some(lcf) = Module::location_conf(r) else { return };
-        let (Some(plist), Some(&i)) = (&lcf.prefill, st.tried.last()) else { return };
-        let Some(server) = plist.get(i) else { return };
-        let Some(w) = fail_window(lcf.zone.as_ref(), server) else { return };
+        let Some(addr) = st.tried.last() else { return };
+        let Some(w) = fail_window(lcf.zone.as_ref(), addr) else { return };
         if answered {
             w.succeeded();
         } else {
@@ -424,7 +493,7 @@ impl Protocol for Sglang {
                     NGX_LOG_WARN,
                     r.log(),
                     "prefill_refactor: prefill server {} left out for {} ms after {} failure(s)",
-                    server.addr,
+                    addr,
                     timeout,
                     max
                 );
@@ -465,11 +534,35 @@ impl Protocol for Sglang {
 /// Most prefill servers one request tries (after the first).
 const MAX_RETRIES: usize = 2;
 
-/// The failure state of prefill server `s` (nginx's max_fails/fail_timeout).
-fn fail_window<'a>(zone: Option<&'a Zone>, s: &Server) -> Option<FailWindow<'a>> {
+/// The failure state of prefill server `addr` (nginx's max_fails/fail_timeout).
+fn fail_window<'a>(zone: Option<&'a Zone>, addr: &str) -> Option<FailWindow<'a>> {
     let t = zone_table(zone)?;
-    let i = t.find_or_claim(peer_key(b"prefill_refactor:fails", s.addr.as_bytes()))?;
+    let i = t.find_or_claim(peer_key(b"prefill_refactor:fails", addr.as_bytes()))?;
     FailWindow::in_slot(&t, i)
+}
+
+/// The prefill servers of a location now: its list, or its upstream's peers
+/// that are not down (with the bootstrap upstream's peers); `None` without
+/// either, or when the upstream has no server up.
+fn prefill_servers(lcf: &LocConf) -> Option<(Cow<'_, [Server]>, Vec<Server>)> {
+    if let Some(p) = &lcf.prefill {
+        return Some((Cow::Borrowed(p.as_slice()), Vec::new()));
+    }
+    let u = lcf.prefill_upstream.as_ref()?;
+    let up: Vec<Server> = pdgate_glue::upstream::peer_names(&u.name)?
+        .into_iter()
+        .filter(|p| !p.down)
+        .filter_map(|p| server_of_peer(&p.addr))
+        .collect();
+    let boot = u
+        .bootstrap
+        .as_ref()
+        .and_then(|b| pdgate_glue::upstream::peer_names(b))
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| server_of_peer(&p.addr))
+        .collect();
+    (!up.is_empty()).then_some((Cow::Owned(up), boot))
 }
 
 /// Chooses the prefill (and, the first time, the decode) server and builds
@@ -483,25 +576,28 @@ fn legs(
     st: &mut Choices,
     first: bool,
 ) -> Result<Prepared, Refusal> {
-    let (Some(Some(prefix)), Some(plist)) = (&lcf.prefix, &lcf.prefill) else {
+    let Some(Some(prefix)) = &lcf.prefix else {
         return Err(Refusal::new(500, "no configuration"));
     };
+    let Some((plist, boot)) = prefill_servers(lcf) else {
+        return Err(Refusal::new(502, "no prefill server is up"));
+    };
+    let plist = &*plist;
     let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
     let policy = lcf.balance.flatten();
     let tokens = tokens_for_bytes(bodies.src().len());
     let now = observe::now_ms();
     let usable: Vec<bool> = plist
         .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            !st.tried.contains(&i)
-                && fail_window(lcf.zone.as_ref(), s).is_none_or(|w| w.available(now))
+        .map(|s| {
+            !st.tried.contains(&s.addr)
+                && fail_window(lcf.zone.as_ref(), &s.addr).is_none_or(|w| w.available(now))
                 && lcf.health.as_ref().is_none_or(|u| {
                     pdgate_glue::health::peer_eligible(u, s.addr.as_bytes()).unwrap_or(true)
                 })
         })
         .collect();
-    let untried: Vec<bool> = (0..plist.len()).map(|i| !st.tried.contains(&i)).collect();
+    let untried: Vec<bool> = plist.iter().map(|s| !st.tried.contains(&s.addr)).collect();
     let eligible = if usable.contains(&true) { usable } else { untried };
     if !eligible.contains(&true) {
         return Err(Refusal::new(502, "no prefill server left to try"));
@@ -519,7 +615,7 @@ fn legs(
     .ok_or(Refusal::new(500, "no prefill server"))?;
     let server = plist.get(pi).ok_or(Refusal::new(500, "no prefill server"))?;
     st.p = Some(p);
-    st.tried.push(pi);
+    st.tried.push(server.addr.clone());
     hold = hold.with(Legs::PREFILL);
     if first {
         if let Some(dlist) = &lcf.decode {
@@ -538,7 +634,12 @@ fn legs(
         }
     }
     st.room = room.to_string();
-    let port = bootstrap_port(lcf.ports.as_deref().unwrap_or(&[]), pi);
+    let ports = lcf.ports.as_deref().unwrap_or(&[]);
+    let port = if lcf.prefill_upstream.is_some() {
+        bootstrap_port_of(&server.host, &boot, ports)
+    } else {
+        bootstrap_port(ports, pi)
+    };
     let members = bootstrap_members(&server.host, port, room);
     let pbody = bodies.build(&leg_plan(obj, members.as_bytes(), Leg::Prefill))?;
     let dbody = bodies.build(&leg_plan(obj, members.as_bytes(), Leg::Decode))?;
@@ -660,12 +761,8 @@ pdgate_glue::variable_getter!(ngx_http_prefill_refactor_counters_variable, (), c
 fn counters<'r>(r: &'r mut Request, _: &'r ()) -> Option<&'r [u8]> {
     let lcf = Module::location_conf(r)?;
     let mut out = String::from("{\"prefill\":");
-    counters_json(
-        &mut out,
-        lcf.zone.as_ref(),
-        lcf.prefill.as_deref().unwrap_or(&[]),
-        b"prefill_refactor:prefill",
-    );
+    let prefill = prefill_servers(lcf).map(|(p, _)| p).unwrap_or_default();
+    counters_json(&mut out, lcf.zone.as_ref(), &prefill, b"prefill_refactor:prefill");
     out.push_str(",\"decode\":");
     counters_json(
         &mut out,

@@ -200,6 +200,24 @@ pub fn check_ports(ports: &[u16], servers: usize) -> Result<(), BootstrapConfErr
     }
 }
 
+/// A prefill server of an upstream (`prefill_servers_upstream`): its peer
+/// name, `address:port` (IPv6 in brackets), as a [`Server`]; `None` for a
+/// name that is not one.
+pub fn server_of_peer(name: &str) -> Option<Server> {
+    parse_server(name).ok()
+}
+
+/// The bootstrap port of prefill server `host` of an upstream: the port of
+/// the peer with the same address in the bootstrap upstream (`bootstrap=`,
+/// e.g. from the `_bootstrap._tcp` SRV records of the same pods), else the
+/// one `bootstrap_ports_list` port, else SGLang's default.
+pub fn bootstrap_port_of(host: &str, bootstrap: &[Server], ports: &[u16]) -> u16 {
+    match bootstrap.iter().find(|b| b.host == host) {
+        Some(b) => b.port,
+        None => bootstrap_port(ports.get(..1).unwrap_or(&[]), 0),
+    }
+}
+
 /// The bootstrap port of prefill server `i`.
 pub fn bootstrap_port(ports: &[u16], i: usize) -> u16 {
     match ports {
@@ -477,5 +495,19 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("\"n\": 4 is not supported"));
+    }
+
+    #[test]
+    fn bootstrap_ports_of_upstream_peers() {
+        let s = server_of_peer("10.0.0.1:30000").unwrap();
+        assert_eq!((s.host.as_str(), s.port), ("10.0.0.1", 30000));
+        let v6 = server_of_peer("[fd00::1]:30000").unwrap();
+        assert_eq!(v6.host, "fd00::1");
+        assert!(server_of_peer("no-port").is_none());
+        let boot =
+            [server_of_peer("10.0.0.2:9001").unwrap(), server_of_peer("10.0.0.1:9000").unwrap()];
+        assert_eq!(bootstrap_port_of("10.0.0.1", &boot, &[]), 9000, "the same address's record");
+        assert_eq!(bootstrap_port_of("10.0.0.3", &boot, &[7000]), 7000, "else the one port set");
+        assert_eq!(bootstrap_port_of("10.0.0.3", &[], &[]), DEFAULT_BOOTSTRAP_PORT);
     }
 }

@@ -156,3 +156,43 @@ pub unsafe fn each_peer(
         }
     }
 }
+
+/// A peer of an upstream as a module that picks servers itself sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerName {
+    /// `address:port` (for a name resolved by DNS, the address it resolved
+    /// to, with the port of its SRV record when it has one).
+    pub addr: String,
+    /// Round robin's `down`: marked down in the configuration, or by the
+    /// health checks.
+    pub down: bool,
+}
+
+/// The primary peers of the running cycle's `upstream {}` block `name`, as
+/// they are now (with `zone` and `server … resolve`, what DNS says, read
+/// under round robin's lock); `None` when no block has that name.
+pub fn peer_names(name: &[u8]) -> Option<Vec<PeerName>> {
+    // SAFETY: the running cycle's blocks and their peer lists live as long
+    // as the cycle; the list is read under its read lock.
+    unsafe {
+        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
+        let us = blocks(cycle_main_conf(cycle))
+            .into_iter()
+            .find(|&us| crate::conf::str_bytes(&(*us).host) == name)?;
+        let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
+        let mut out = Vec::new();
+        if peers.is_null() {
+            return Some(out);
+        }
+        let _r = PeersRead::lock(peers);
+        let mut p = (*peers).peer;
+        while let Some(pe) = p.as_ref() {
+            out.push(PeerName {
+                addr: String::from_utf8_lossy(crate::conf::str_bytes(&pe.name)).into_owned(),
+                down: pe.down != 0,
+            });
+            p = pe.next;
+        }
+        Some(out)
+    }
+}
