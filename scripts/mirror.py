@@ -195,6 +195,17 @@ def start_router(run, router, prefills, decodes, workers, proxies=1):
         start_one(run, family, policy, pp, dp, workers, k)
     if not wait_http(f"http://127.0.0.1:{ROUTER_PORT}/v1/models", 60):
         raise RuntimeError(f"{router} did not come up (see {run.work}/router.log)")
+    if family.startswith("pdgate"):
+        # Every instance ready (its engines passed their first health
+        # checks): the port answers from any of them, so ask until a run
+        # of answers in a row says ready.
+        deadline, ok = time.time() + 30, 0
+        while ok < 20 and time.time() < deadline:
+            try:
+                ok = ok + 1 if get(f"http://127.0.0.1:{ROUTER_PORT}/health")[0] == 200 else 0
+            except OSError:
+                ok = 0
+            time.sleep(0.02)
 
 
 def start_one(run, family, policy, pp, dp, workers, k):

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod fuzzcheck;
 pub mod health;
+pub mod hold;
 pub mod json;
 pub mod metrics;
 pub mod pd;
