@@ -55,6 +55,8 @@ pub struct LocConf {
     strip: ngx_flag_t,
     /// `prefill_fallback decode|off`: `None` when not set at this level.
     fallback: Option<bool>,
+    /// `pd_hold …`: requests wait in the proxy for room in the pools.
+    hold: Option<pdgate_glue::hold::Hold>,
 }
 
 impl Default for LocConf {
@@ -66,6 +68,7 @@ impl Default for LocConf {
             stream_ops: None,
             strip: NGX_CONF_UNSET,
             fallback: None,
+            hold: None,
         }
     }
 }
@@ -88,6 +91,9 @@ impl Merge for LocConf {
         if self.fallback.is_none() {
             self.fallback = prev.fallback;
         }
+        if self.hold.is_none() {
+            self.hold = prev.hold.clone();
+        }
         Ok(())
     }
 }
@@ -101,6 +107,7 @@ pdgate_glue::http_module! {
     main_conf: metrics::MainConf,
     loc_conf: LocConf,
     merge_loc_conf: yes,
+    check_loc_conf: check_loc_conf,
     commands: [
         conf::take1(c"prefill", Some(cmd_prefill)),
         conf::flag(c"prefill_kv_transfer_params", offset_of!(LocConf, kv_params)),
@@ -109,6 +116,7 @@ pdgate_glue::http_module! {
         conf::take1(c"stream_ops", Some(cmd_stream_ops)),
         conf::flag(c"pd_strip_reserved", offset_of!(LocConf, strip)),
         conf::take1(c"prefill_fallback", Some(cmd_fallback)),
+        conf::loc_command(c"pd_hold", ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_hold)),
         metrics::CMD_PD_METRICS,
         metrics::CMD_PD_METRICS_ZONE,
         metrics::CMD_ENABLE_INTERNAL_METRICS,
@@ -153,6 +161,18 @@ fn stream_ops(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError>
     })?;
     lcf.stream_ops = Some(ops);
     Ok(())
+}
+
+/// `pd_hold`'s pools must be upstream blocks.
+fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
+    lcf.hold.as_ref().map_or(Ok(()), |h| pdgate_glue::hold::check(cf, h))
+}
+
+pdgate_glue::directive!(cmd_hold, LocConf, hold);
+
+/// `pd_hold prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N] [timeout=time] [status=429|503] [retry_after=N];`
+fn hold(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    pdgate_glue::hold::directive(cf, &mut lcf.hold, Module::module())
 }
 
 pdgate_glue::directive!(cmd_fallback, LocConf, fallback);
@@ -334,4 +354,8 @@ impl Protocol for Vllm {
     }
 
     fn release(_: &mut (), _: Legs) {}
+
+    fn hold(r: &Request) -> Option<&'static pdgate_glue::hold::Hold> {
+        Module::location_conf(r)?.hold.as_ref()
+    }
 }

@@ -84,6 +84,8 @@ pub struct LocConf {
     /// The shared counters zone (`prefill_refactor`), attached by the
     /// directives that need it, per configuration cycle.
     zone: Option<Zone>,
+    /// `pd_hold …`: requests wait in the proxy for room in the pools.
+    hold: Option<pdgate_glue::hold::Hold>,
 }
 
 /// `prefill_servers_upstream`'s upstreams.
@@ -129,6 +131,9 @@ impl Merge for LocConf {
         }
         if self.health.is_none() {
             self.health = prev.health.clone();
+        }
+        if self.hold.is_none() {
+            self.hold = prev.hold.clone();
         }
         Ok(())
     }
@@ -195,6 +200,7 @@ pdgate_glue::http_module! {
         conf::take1(c"prefill_refactor_max_fails", Some(cmd_max_fails)),
         conf::take1(c"prefill_refactor_fail_timeout", Some(cmd_fail_timeout)),
         conf::take1(c"prefill_refactor_health", Some(cmd_health)),
+        conf::loc_command(c"pd_hold", conf::ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_hold)),
     ],
 }
 
@@ -225,6 +231,9 @@ fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
             lcf.prefill_upstream.as_ref().and_then(|u| u.bootstrap.as_ref()),
         ),
     ];
+    if let Some(h) = &lcf.hold {
+        pdgate_glue::hold::check(cf, h)?;
+    }
     for (directive, name) in named {
         if let Some(u) = name.filter(|u| !blocks.contains(&u.as_slice())) {
             return Err(format!(
@@ -234,6 +243,13 @@ fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
         }
     }
     lcf.check()
+}
+
+pdgate_glue::directive!(cmd_hold, LocConf, hold);
+
+/// `pd_hold prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N] [timeout=time] [status=429|503] [retry_after=N];`
+fn hold(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    pdgate_glue::hold::directive(cf, &mut lcf.hold, Module::module())
 }
 
 pdgate_glue::directive!(cmd_health, LocConf, health);
@@ -520,6 +536,10 @@ impl Protocol for Sglang {
     ) -> Result<Body, Refusal> {
         // Both bodies are built before the prefill starts.
         Err(Refusal::new(500, "no decode body prepared"))
+    }
+
+    fn hold(r: &Request) -> Option<&'static pdgate_glue::hold::Hold> {
+        Module::location_conf(r)?.hold.as_ref()
     }
 
     fn release(st: &mut Choices, legs: Legs) {

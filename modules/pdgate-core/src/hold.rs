@@ -101,6 +101,8 @@ pub const WAIT_BOUNDS_MS: [u64; 10] = [1, 5, 10, 50, 100, 500, 1000, 5000, 10000
 pub struct Gate {
     /// The location's identity; 0: a free gate.
     key: AtomicU64,
+    /// Its name for the metrics (up to 64 bytes, zero-padded).
+    name: [AtomicU64; 8],
     prefill: AtomicU64,
     decode: AtomicU64,
     /// First ticket not yet resolved, and the next ticket's number.
@@ -147,6 +149,26 @@ impl Gate {
     /// The gate's identity (0: free).
     pub fn key(&self) -> u64 {
         self.key.load(Ordering::Acquire)
+    }
+
+    /// Names the gate (the first 64 bytes of `name`).
+    pub fn set_name(&self, name: &[u8]) {
+        for (i, w) in self.name.iter().enumerate() {
+            let mut b = [0u8; 8];
+            for (j, x) in b.iter_mut().enumerate() {
+                *x = name.get(i * 8 + j).copied().unwrap_or(0);
+            }
+            w.store(u64::from_le_bytes(b), Ordering::Relaxed);
+        }
+    }
+
+    pub fn name(&self) -> Vec<u8> {
+        let mut out: Vec<u8> =
+            self.name.iter().flat_map(|w| w.load(Ordering::Relaxed).to_le_bytes()).collect();
+        while out.last() == Some(&0) {
+            out.pop();
+        }
+        out
     }
 
     /// Claims a free gate for `key`, or recognises it.
@@ -375,6 +397,7 @@ impl Default for Gate {
     fn default() -> Self {
         Gate {
             key: AtomicU64::new(0),
+            name: std::array::from_fn(|_| AtomicU64::new(0)),
             prefill: AtomicU64::new(0),
             decode: AtomicU64::new(0),
             head: AtomicU64::new(0),
@@ -392,6 +415,256 @@ impl Default for Gate {
     }
 }
 
+/// `pd_hold`'s settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldConf {
+    /// The prefill pool: its upstream and the requests each of its servers
+    /// takes at once.
+    pub prefill_upstream: Vec<u8>,
+    pub prefill_max_num_seqs: u64,
+    /// The decode pool, the same way.
+    pub decode_upstream: Vec<u8>,
+    pub decode_max_num_seqs: u64,
+    /// Requests waiting at most.
+    pub queue: u64,
+    /// A request waiting this long is answered `status`, ms.
+    pub timeout_ms: u64,
+    /// The answer of a full queue or a timed-out wait: 429 or 503.
+    pub status: u16,
+    /// `Retry-After` of those answers, seconds.
+    pub retry_after_s: u64,
+}
+
+/// A `pd_hold` argument that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldConfError(pub String);
+
+impl std::fmt::Display for HoldConfError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for HoldConfError {}
+
+impl HoldConf {
+    /// Parses `prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N]
+    /// [timeout=time] [status=429|503] [retry_after=N]` (N: requests per
+    /// server, default 16 on prefill and 32 on decode, the joint
+    /// balancer's caps).
+    pub fn parse(args: &[&[u8]]) -> Result<HoldConf, HoldConfError> {
+        let mut c = HoldConf {
+            prefill_upstream: Vec::new(),
+            prefill_max_num_seqs: crate::balance::PD_SCORE_MAX_SEQS_PREFILL,
+            decode_upstream: Vec::new(),
+            decode_max_num_seqs: crate::balance::PD_SCORE_MAX_SEQS_DECODE,
+            queue: 1024,
+            timeout_ms: 30_000,
+            status: 503,
+            retry_after_s: 1,
+        };
+        let mut seen: Vec<&[u8]> = Vec::new();
+        for &arg in args {
+            let text = String::from_utf8_lossy(arg);
+            let bad = |why: &str| HoldConfError(format!("invalid parameter \"{text}\"{why}"));
+            let Some(eq) = arg.iter().position(|&b| b == b'=') else { return Err(bad("")) };
+            let (name, value) = (&arg[..eq], &arg[eq + 1..]);
+            if seen.contains(&name) {
+                return Err(HoldConfError(format!(
+                    "duplicate parameter \"{}\"",
+                    String::from_utf8_lossy(name)
+                )));
+            }
+            seen.push(name);
+            let number = |v: &[u8], max: u64| {
+                std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .filter(|n| (1..=max).contains(n))
+            };
+            match name {
+                b"prefill" | b"decode" => {
+                    let (up, n) = match value.iter().rposition(|&b| b == b':') {
+                        Some(i) => (&value[..i], Some(&value[i + 1..])),
+                        None => (value, None),
+                    };
+                    let n = match n {
+                        None => None,
+                        Some(n) => Some(number(n, 1_000_000).ok_or_else(|| {
+                            bad(", the requests per server after \":\" must be a positive number")
+                        })?),
+                    };
+                    if up.is_empty() || !up.iter().all(|b| b.is_ascii_graphic()) {
+                        return Err(bad(", it must be an upstream name"));
+                    }
+                    if name == b"prefill" {
+                        c.prefill_upstream = up.to_vec();
+                        c.prefill_max_num_seqs = n.unwrap_or(c.prefill_max_num_seqs);
+                    } else {
+                        c.decode_upstream = up.to_vec();
+                        c.decode_max_num_seqs = n.unwrap_or(c.decode_max_num_seqs);
+                    }
+                }
+                b"queue" => {
+                    c.queue = number(value, QUEUE_MAX as u64).ok_or_else(|| {
+                        bad(&format!(", it must be a number from 1 to {QUEUE_MAX}"))
+                    })?;
+                }
+                b"timeout" => {
+                    c.timeout_ms = crate::balance::fails::parse_duration_ms(value)
+                        .filter(|&ms| ms > 0)
+                        .ok_or_else(|| bad(", it must be a positive time such as 500ms or 30s"))?;
+                }
+                b"status" => {
+                    c.status = match value {
+                        b"429" => 429,
+                        b"503" => 503,
+                        _ => return Err(bad(", it must be 429 or 503")),
+                    };
+                }
+                b"retry_after" => {
+                    c.retry_after_s = number(value, 86_400)
+                        .ok_or_else(|| bad(", it must be a number of seconds from 1 to 86400"))?;
+                }
+                _ => return Err(bad("")),
+            }
+        }
+        if c.prefill_upstream.is_empty() || c.decode_upstream.is_empty() {
+            return Err(HoldConfError(
+                "needs prefill=<upstream> and decode=<upstream> (the pools whose room it counts)"
+                    .into(),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// The caps with `prefill_up` and `decode_up` servers up.
+    pub fn caps(&self, prefill_up: u64, decode_up: u64) -> Caps {
+        Caps {
+            prefill: prefill_up.saturating_mul(self.prefill_max_num_seqs),
+            decode: decode_up.saturating_mul(self.decode_max_num_seqs),
+            queue: self.queue,
+        }
+    }
+}
+
+/// Gates of a [`HoldZone`]: locations with `pd_hold` at once.
+pub const GATES: usize = 16;
+
+const ZONE_MAGIC: u64 = 0x7064_6761_7465_4f01;
+
+/// The shared zone of `pd_hold`: one gate per location, found by key.
+#[repr(C)]
+pub struct HoldZone {
+    magic: AtomicU64,
+    gates: [Gate; GATES],
+}
+
+impl HoldZone {
+    /// Claims all-zero memory or recognises a zone of this layout.
+    pub fn attach(&self) -> bool {
+        match self.magic.compare_exchange(0, ZONE_MAGIC, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => true,
+            Err(m) => m == ZONE_MAGIC,
+        }
+    }
+
+    pub fn is_attached(&self) -> bool {
+        self.magic.load(Ordering::Acquire) == ZONE_MAGIC
+    }
+
+    /// The gate of `key` (claimed when new); `None` when every gate is
+    /// taken by another key.
+    pub fn gate(&self, key: u64) -> Option<&Gate> {
+        let key = key.max(1);
+        let start = (key % GATES as u64) as usize;
+        (0..GATES).map(|k| &self.gates[(start + k) % GATES]).find(|g| g.claim(key))
+    }
+
+    /// Every gate in use.
+    pub fn gates(&self) -> impl Iterator<Item = &Gate> {
+        self.gates.iter().filter(|g| g.key() != 0)
+    }
+}
+
+/// Appends the gates' gauges, counters and wait histograms (Prometheus
+/// text) to `o`: one series per gate, labelled with its location.
+pub fn render(o: &mut String, gates: &[(Vec<u8>, GateStats)]) {
+    use std::fmt::Write;
+    if gates.is_empty() {
+        return;
+    }
+    let label = |o: &mut String, name: &[u8]| {
+        o.push_str("{location=\"");
+        crate::metrics::label(o, name);
+        o.push('"');
+    };
+    type Pick = fn(&GateStats) -> u64;
+    let series: [(&str, &str, &str, Pick); 8] = [
+        ("pdgate_hold_waiting", "gauge", "Requests held in the proxy now.", |s| s.waiting),
+        (
+            "pdgate_hold_prefill_reserved",
+            "gauge",
+            "Prefill room reserved by admitted requests.",
+            |s| s.prefill,
+        ),
+        (
+            "pdgate_hold_decode_reserved",
+            "gauge",
+            "Decode room reserved by admitted requests.",
+            |s| s.decode,
+        ),
+        ("pdgate_hold_admitted_total", "counter", "Requests admitted without waiting.", |s| {
+            s.admitted
+        }),
+        ("pdgate_hold_released_total", "counter", "Held requests released to the engines.", |s| {
+            s.released
+        }),
+        (
+            "pdgate_hold_rejected_full_total",
+            "counter",
+            "Requests refused: the queue was full.",
+            |s| s.full,
+        ),
+        (
+            "pdgate_hold_timed_out_total",
+            "counter",
+            "Held requests answered after their timeout.",
+            |s| s.timed_out,
+        ),
+        ("pdgate_hold_client_gone_total", "counter", "Held requests whose client left.", |s| {
+            s.left
+        }),
+    ];
+    for (name, kind, help, pick) in series {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (g, s) in gates {
+            o.push_str(name);
+            label(o, g);
+            let _ = writeln!(o, "}} {}", pick(s));
+        }
+    }
+    let name = "pdgate_hold_wait_seconds";
+    let _ =
+        writeln!(o, "# HELP {name} How long released requests waited.\n# TYPE {name} histogram");
+    for (g, s) in gates {
+        for (i, b) in WAIT_BOUNDS_MS.iter().enumerate() {
+            let _ = write!(o, "{name}_bucket");
+            label(o, g);
+            let _ = writeln!(o, ",le=\"{}.{:03}\"}} {}", b / 1000, b % 1000, s.waits[i]);
+        }
+        let _ = write!(o, "{name}_bucket");
+        label(o, g);
+        let _ = writeln!(o, ",le=\"+Inf\"}} {}", s.waits[WAIT_BOUNDS_MS.len()]);
+        let _ = write!(o, "{name}_sum");
+        label(o, g);
+        let _ = writeln!(o, "}} {}.{:03}", s.wait_sum_ms / 1000, s.wait_sum_ms % 1000);
+        let _ = write!(o, "{name}_count");
+        label(o, g);
+        let _ = writeln!(o, "}} {}", s.waits[WAIT_BOUNDS_MS.len()]);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +673,82 @@ mod tests {
 
     fn gate() -> Box<Gate> {
         Box::default()
+    }
+
+    #[test]
+    fn conf_parses_and_refuses() {
+        let c = HoldConf::parse(&[
+            b"prefill=p:8",
+            b"decode=d",
+            b"queue=100",
+            b"timeout=5s",
+            b"status=429",
+            b"retry_after=3",
+        ])
+        .unwrap();
+        assert_eq!((c.prefill_upstream.as_slice(), c.prefill_max_num_seqs), (&b"p"[..], 8));
+        assert_eq!((c.decode_upstream.as_slice(), c.decode_max_num_seqs), (&b"d"[..], 32));
+        assert_eq!((c.queue, c.timeout_ms, c.status, c.retry_after_s), (100, 5000, 429, 3));
+        assert_eq!(c.caps(2, 3), Caps { prefill: 16, decode: 96, queue: 100 });
+        let d = HoldConf::parse(&[b"prefill=p", b"decode=d"]).unwrap();
+        assert_eq!(
+            (d.prefill_max_num_seqs, d.queue, d.timeout_ms, d.status),
+            (16, 1024, 30_000, 503)
+        );
+        for (args, msg) in [
+            (&[&b"prefill=p"[..]][..], "needs prefill=<upstream> and decode=<upstream> (the pools whose room it counts)"),
+            (&[b"prefill=p:0", b"decode=d"], "invalid parameter \"prefill=p:0\", the requests per server after \":\" must be a positive number"),
+            (&[b"prefill=p", b"decode=d", b"status=500"], "invalid parameter \"status=500\", it must be 429 or 503"),
+            (&[b"prefill=p", b"decode=d", b"queue=0"], "invalid parameter \"queue=0\", it must be a number from 1 to 4096"),
+            (&[b"prefill=p", b"decode=d", b"wait=1s"], "invalid parameter \"wait=1s\""),
+            (&[b"prefill=p", b"prefill=q"], "duplicate parameter \"prefill\""),
+        ] {
+            assert_eq!(HoldConf::parse(args).unwrap_err().0, msg);
+        }
+    }
+
+    #[test]
+    fn zone_gates_by_key() {
+        let t = std::thread::Builder::new().stack_size(64 << 20).spawn(|| {
+            let z = Box::new(HoldZone {
+                magic: AtomicU64::new(0),
+                gates: std::array::from_fn(|_| Gate::default()),
+            });
+            assert!(z.attach() && z.is_attached());
+            let a = z.gate(5).unwrap() as *const Gate;
+            assert_eq!(z.gate(5).unwrap() as *const Gate, a, "found again");
+            for k in 100..100 + GATES as u64 - 1 {
+                assert!(z.gate(k).is_some());
+            }
+            assert!(z.gate(999).is_none(), "every gate taken");
+            assert_eq!(z.gates().count(), GATES);
+        });
+        t.unwrap().join().unwrap();
+    }
+
+    #[test]
+    fn names_and_metrics_text() {
+        let g = gate();
+        g.set_name(b"server 127.0.0.1:8080 location /v1/");
+        assert_eq!(g.name(), b"server 127.0.0.1:8080 location /v1/");
+        g.set_name(&[b'x'; 80]);
+        assert_eq!(g.name().len(), 64, "cut at 64 bytes");
+        g.admit(&CAPS, 7, 0);
+        g.admit(&CAPS, 7, 0);
+        let Admission::Queued(_) = g.admit(&CAPS, 7, 0) else { panic!() };
+        g.give_back(Room { prefill: 1, decode: 1 }, 7);
+        g.pump(&CAPS, 7);
+        let mut o = String::new();
+        render(&mut o, &[(b"/v1/".to_vec(), g.stats())]);
+        assert!(o.contains("pdgate_hold_waiting{location=\"/v1/\"} 0\n"));
+        assert!(o.contains("pdgate_hold_admitted_total{location=\"/v1/\"} 2\n"));
+        assert!(o.contains("pdgate_hold_released_total{location=\"/v1/\"} 1\n"));
+        assert!(o.contains("pdgate_hold_wait_seconds_bucket{location=\"/v1/\",le=\"0.005\"} 0\n"));
+        assert!(o.contains("pdgate_hold_wait_seconds_bucket{location=\"/v1/\",le=\"0.010\"} 1\n"));
+        assert!(o.contains("pdgate_hold_wait_seconds_sum{location=\"/v1/\"} 0.007\n"));
+        let mut none = String::new();
+        render(&mut none, &[]);
+        assert!(none.is_empty());
     }
 
     #[test]

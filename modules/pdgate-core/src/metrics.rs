@@ -168,6 +168,8 @@ pub struct Sample {
     pub fallback: bool,
     pub prompt_tokens: Option<u64>,
     pub completion_tokens: Option<u64>,
+    /// How long `pd_hold` held the request (ms; 0: admitted at once).
+    pub held_ms: Option<u64>,
 }
 
 fn since(from: Option<u64>, to: Option<u64>) -> Option<u64> {

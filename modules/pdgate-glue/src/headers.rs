@@ -105,3 +105,28 @@ pub unsafe fn all_in<'a>(r: *mut ngx_http_request_t) -> Vec<(&'a [u8], &'a [u8])
     };
     out
 }
+
+/// Appends a response header of `r` (before its header is sent), such as
+/// `Retry-After`.
+///
+/// # Safety
+/// `r` must be a live request that has not sent its header yet.
+pub unsafe fn push_out(
+    r: *mut ngx_http_request_t,
+    name: &'static str,
+    value: &[u8],
+) -> Result<(), crate::NgxError> {
+    // SAFETY: as push_in, on the response's header list.
+    unsafe {
+        let value = pool_str(r, value).ok_or(crate::NgxError)?;
+        let h = ngx_list_push(&mut (*r).headers_out.headers) as *mut ngx_table_elt_t;
+        if h.is_null() {
+            return Err(crate::NgxError);
+        }
+        std::ptr::write_bytes(h, 0, 1);
+        (*h).hash = 1;
+        (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
+        (*h).value = value;
+    }
+    Ok(())
+}

@@ -17,6 +17,7 @@ pub mod fanout;
 pub mod guard;
 pub mod headers;
 pub mod health;
+pub mod hold;
 pub mod http;
 pub mod leg;
 pub mod length;

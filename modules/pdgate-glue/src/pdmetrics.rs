@@ -36,5 +36,6 @@ pub fn page(r: &mut Request, zone: Option<&MetricsZone>) -> String {
         .collect();
     let mut page = render(z, &gauges);
     pdgate_core::engine::render_peer_gauges(&mut page, &crate::health::peer_states());
+    pdgate_core::hold::render(&mut page, &crate::hold::gate_stats());
     page
 }

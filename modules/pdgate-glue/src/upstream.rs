@@ -196,3 +196,51 @@ pub fn peer_names(name: &[u8]) -> Option<Vec<PeerName>> {
         Some(out)
     }
 }
+
+/// How many primary peers of the running cycle's `upstream {}` block
+/// `name` are not `down` now (by the configuration or the health checks);
+/// `None` when no block has that name. The block is looked up once per
+/// cycle and remembered.
+pub fn count_up(name: &[u8]) -> Option<usize> {
+    use std::cell::RefCell;
+    thread_local! {
+        /// (name, cycle, block) of the names looked up.
+        static FOUND: RefCell<Vec<(Vec<u8>, usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+    // SAFETY: the running cycle's blocks and their peer lists live as long
+    // as the cycle; the list is read under its read lock.
+    unsafe {
+        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
+        let cached = FOUND.with(|f| {
+            f.borrow().iter().find(|(n, c, _)| n == name && *c == cycle as usize).map(|e| e.2)
+        });
+        let us = match cached {
+            Some(us) => us as *mut ngx_http_upstream_srv_conf_t,
+            None => {
+                let us = blocks(cycle_main_conf(cycle))
+                    .into_iter()
+                    .find(|&us| crate::conf::str_bytes(&(*us).host) == name)
+                    .unwrap_or(null_mut());
+                FOUND.with(|f| {
+                    let mut f = f.borrow_mut();
+                    f.retain(|(n, c, _)| n != name && *c == cycle as usize);
+                    f.push((name.to_vec(), cycle as usize, us as usize));
+                });
+                us
+            }
+        };
+        let us = us.as_ref()?;
+        let peers = us.peer.data as *mut ngx_http_upstream_rr_peers_t;
+        if peers.is_null() {
+            return Some(0);
+        }
+        let _r = PeersRead::lock(peers);
+        let mut n = 0;
+        let mut p = (*peers).peer;
+        while let Some(pe) = p.as_ref() {
+            n += usize::from(pe.down == 0);
+            p = pe.next;
+        }
+        Some(n)
+    }
+}

@@ -52,6 +52,13 @@ unsafe impl ZoneState for pdgate_core::health::HealthZone {
     }
 }
 
+// SAFETY: HoldZone is #[repr(C)], made of AtomicU64 only (zero = empty).
+unsafe impl ZoneState for pdgate_core::hold::HoldZone {
+    fn attach(&self) -> bool {
+        pdgate_core::hold::HoldZone::attach(self)
+    }
+}
+
 /// Declares (or finds, when this configuration declared it already) the
 /// zone `name` of `size` bytes for `module` with a `T` in it.
 ///

@@ -100,6 +100,9 @@ pub(super) unsafe fn on_prefill_done<P: Protocol>(
         let background = (*sr).background() != 0;
         let step = ctx.flow.on(Event::PrefillEnded(outcome));
         let main = ctx.main;
+        if step.next != Next::RetryPrefill {
+            ctx.prefill_room_back();
+        }
         if step.next == Next::RetryPrefill {
             // The next try starts from the main request's phase handler,
             // which nginx runs when this (waited) subrequest is done.

@@ -10,7 +10,7 @@ use super::*;
 pub const METRICS_ZONE: &[u8] = b"pdgate_metrics";
 
 /// The `$pd_*` variables, in their `data` order.
-pub(super) const VARS: [&str; 11] = [
+pub(super) const VARS: [&str; 12] = [
     "pd_prefill_status",
     "pd_prefill_addr",
     "pd_prefill_time",
@@ -22,10 +22,11 @@ pub(super) const VARS: [&str; 11] = [
     "pd_completion_tokens",
     "pd_outcome",
     "pd_failed_stage",
+    "pd_queue_time",
 ];
 
 /// The handlers the variables had before this module took them.
-pub(super) static mut PREVIOUS: [variable::Previous; 11] = [(None, 0); 11];
+pub(super) static mut PREVIOUS: [variable::Previous; 12] = [(None, 0); 12];
 
 pub(super) unsafe extern "C" fn log_handler<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_int_t {
     guard::catch("pd log handler", NGX_OK as ngx_int_t, || {
@@ -94,6 +95,7 @@ pub(super) unsafe extern "C" fn pd_variable<P: Protocol>(
                 6 => s.e2e_ms().is_some_and(|ms| t.secs(ms)),
                 7 => s.prompt_tokens.is_some_and(|n| t.num(n)),
                 8 => s.completion_tokens.is_some_and(|n| t.num(n)),
+                11 => s.held_ms.is_some_and(|ms| t.secs(ms)),
                 _ => false,
             };
             match found.then(|| observe::pool_bytes(r, t.bytes())).flatten() {

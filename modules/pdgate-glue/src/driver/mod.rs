@@ -39,6 +39,7 @@ use ngx::http::Request;
 use ngx::log::DebugMask;
 use ngx::{ngx_log_debug, ngx_log_error};
 use pdgate_core::encode::{self, classify as classify_encoder, MediaItem};
+use pdgate_core::hold::{Admission, Gate, Room};
 use pdgate_core::json::Object;
 use pdgate_core::metrics::{MetricsZone, Sample, UsageScanner};
 use pdgate_core::pd::flow::{Event, Failure, Flow, Legs, Next, Spec, Step};
@@ -184,6 +185,11 @@ pub trait Protocol: Sized + 'static {
     /// Releases what the module reserved for `legs`.
     fn release(st: &mut Self::State, legs: Legs);
 
+    /// The location's `pd_hold`, when requests wait for room there.
+    fn hold(_r: &Request) -> Option<&'static crate::hold::Hold> {
+        None
+    }
+
     /// The prefill leg ended: `answered` is false when its server gave no
     /// answer (unreachable, timed out, cut off), which counts against it.
     fn prefill_ended(_r: &Request, _st: &mut Self::State, _answered: bool) {}
@@ -260,6 +266,23 @@ enum Resume {
     PrefillAnswer { status: u16 },
 }
 
+/// What a request holds of its location's `pd_hold` gate.
+enum Held {
+    /// No `pd_hold` (or its room all given back).
+    No,
+    /// Admitted: the room it still holds.
+    Admitted { hold: &'static crate::hold::Hold, gate: &'static Gate, room: Room },
+    /// Waiting with a ticket since `since` (ms), its media items kept for
+    /// the encoder stage.
+    Queued {
+        hold: &'static crate::hold::Hold,
+        gate: &'static Gate,
+        seq: u64,
+        since: u64,
+        media: Vec<MediaItem>,
+    },
+}
+
 /// One encoder request.
 struct Encoder {
     kind: &'static str,
@@ -295,6 +318,10 @@ pub struct Ctx<P: Protocol> {
     grace: *mut ngx_event_t,
     /// The prefill's cached tokens, written over the decode's in its answer.
     cached: Option<CachedTokens>,
+    /// Its `pd_hold` admission or ticket.
+    held: Held,
+    /// `Retry-After` of the error answer (seconds).
+    retry_after: Option<u64>,
     _p: PhantomData<P>,
 }
 
@@ -304,6 +331,29 @@ impl<P: Protocol> Drop for Ctx<P> {
         // still held is released.
         let step = self.flow.on(Event::ClientGone);
         P::release(&mut self.st, step.release.with(self.flow.held()));
+        match std::mem::replace(&mut self.held, Held::No) {
+            Held::No => {}
+            Held::Admitted { hold, gate, room } => crate::hold::give_back(hold, gate, room),
+            Held::Queued { hold, gate, seq, .. } => {
+                crate::hold::forget(self.main);
+                // Released meanwhile: the room it got goes back.
+                if !gate.cancel(seq, false) {
+                    crate::hold::give_back(hold, gate, Room { prefill: 1, decode: 1 });
+                }
+            }
+        }
+    }
+}
+
+impl<P: Protocol> Ctx<P> {
+    /// The prefill is over (no retry follows): its room goes back.
+    pub(super) fn prefill_room_back(&mut self) {
+        if let Held::Admitted { hold, gate, room } = &mut self.held {
+            if room.prefill > 0 {
+                room.prefill = 0;
+                crate::hold::give_back(hold, gate, Room { prefill: 1, decode: 0 });
+            }
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub(super) unsafe fn precontent<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_
                 pending: None,
                 grace: null_mut(),
                 cached: None,
+                held: Held::No,
+                retry_after: None,
                 _p: PhantomData,
             };
             let Some(ctx) = pool::alloc_value((*r).pool, ctx) else {
@@ -69,6 +71,9 @@ pub(super) unsafe fn precontent<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_
                 NGX_DECLINED as ngx_int_t
             }
             Resume::Error { status, message } => {
+                if let Some(s) = ctx.retry_after {
+                    let _ = headers::push_out(r, "Retry-After", s.to_string().as_bytes());
+                }
                 response::finish_with_error(r, status, &message);
                 NGX_DONE as ngx_int_t
             }
@@ -136,16 +141,15 @@ pub(super) unsafe fn on_body<P: Protocol>(r: *mut ngx_http_request_t) {
                             .iter()
                             .map(|m| Encoder { kind: m.kind, sr: null_mut() })
                             .collect();
-                        if !p.media.is_empty() {
-                            // The encoder bodies, while the items are at hand.
-                            if let Err(e) = ctx.start_encoders(r, &p.media) {
+                        match admit::<P>(r, ctx, p.media) {
+                            Some(Ok(media)) => ctx.go(r, media),
+                            // Held: the poll timer resumes it.
+                            None => return,
+                            Some(Err(e)) => {
                                 ctx.resume_error(e.status, e.message);
-                                let step = ctx.flow.on(Event::Refused { status: e.status });
-                                ctx.execute(r, step, Wake::RunPhases);
-                                return;
+                                Event::Refused { status: e.status }
                             }
                         }
-                        Event::BodyReady { media: p.media.len() }
                     }
                     Err(e) => {
                         let level = if e.status >= 500 { NGX_LOG_ERR } else { NGX_LOG_WARN };
@@ -158,5 +162,134 @@ pub(super) unsafe fn on_body<P: Protocol>(r: *mut ngx_http_request_t) {
         };
         let step = ctx.flow.on(event);
         ctx.execute(r, step, Wake::RunPhases);
+    }
+}
+
+// --- holding (pd_hold) ----------------------------------------------------------------
+
+/// Admits the request to its location's `pd_hold` gate: `Some(Ok(media))`
+/// to go on now (also without `pd_hold`), `None` when it waits (the poll
+/// timer resumes it, [`resume_held`]), `Some(Err)` when the queue is full.
+///
+/// # Safety
+/// `r` must be the live main request owning ctx.
+unsafe fn admit<P: Protocol>(
+    r: *mut ngx_http_request_t,
+    ctx: &mut Ctx<P>,
+    media: Vec<MediaItem>,
+) -> Option<Result<Vec<MediaItem>, Refusal>> {
+    // SAFETY: as the caller's.
+    unsafe {
+        let Some(hold) = P::hold(view(r)) else { return Some(Ok(media)) };
+        let Some(gate) = crate::hold::gate(hold) else {
+            ngx_log_error!(
+                NGX_LOG_ALERT,
+                (*(*r).connection).log,
+                "{}: pd_hold: no gate left in zone \"pdgate_hold\", the request is not held",
+                P::NAME
+            );
+            return Some(Ok(media));
+        };
+        let log = (*(*r).connection).log;
+        match crate::hold::admit(hold, gate) {
+            Admission::Now => {
+                ctx.held = Held::Admitted { hold, gate, room: Room { prefill: 1, decode: 1 } };
+                ctx.m.s.held_ms = Some(0);
+                Some(Ok(media))
+            }
+            Admission::Queued(seq) => {
+                ngx_log_debug!(mask: DebugMask::Http, log, "{}: pd_hold: held, ticket {}", P::NAME, seq);
+                let since = observe::now_ms();
+                ctx.held = Held::Queued { hold, gate, seq, since, media };
+                crate::hold::wait(r, hold, gate, seq, resume_held::<P>);
+                // The client may leave while it waits: nginx finalizes the
+                // request then, and its context's drop gives the ticket up.
+                (*r).read_event_handler = Some(ngx::ffi::ngx_http_test_reading);
+                None
+            }
+            Admission::Full => {
+                ngx_log_error!(
+                    NGX_LOG_WARN,
+                    log,
+                    "{}: pd_hold: the queue of \"{}\" is full ({} requests), answering {}",
+                    P::NAME,
+                    String::from_utf8_lossy(&gate.name()),
+                    hold.conf.queue,
+                    hold.conf.status
+                );
+                ctx.retry_after = Some(hold.conf.retry_after_s);
+                Some(Err(Refusal::new(
+                    hold.conf.status,
+                    "the proxy's queue for the engines is full, retry later",
+                )))
+            }
+        }
+    }
+}
+
+/// The poll timer's resume of a held request.
+///
+/// # Safety
+/// `r` must be the live main request the ticket was taken for.
+unsafe fn resume_held<P: Protocol>(r: *mut ngx_http_request_t, wake: crate::hold::Wake) {
+    guard::catch("pd_hold resume", (), || {
+        // SAFETY: as documented; ctx is the request's pool-owned context.
+        unsafe {
+            let Some(ctx) = ctx_of::<P>(r) else { return };
+            let Held::Queued { hold, gate, since, media, .. } =
+                std::mem::replace(&mut ctx.held, Held::No)
+            else {
+                return;
+            };
+            (*r).read_event_handler = Some(ngx::ffi::ngx_http_block_reading);
+            let waited = observe::now_ms().saturating_sub(since);
+            ctx.m.s.held_ms = Some(waited);
+            let event = match wake {
+                crate::hold::Wake::Released => {
+                    ctx.held = Held::Admitted { hold, gate, room: Room { prefill: 1, decode: 1 } };
+                    ctx.go(r, media)
+                }
+                crate::hold::Wake::TimedOut => {
+                    let message = format!(
+                        "no engine could take the request within {} ms, retry later",
+                        hold.conf.timeout_ms
+                    );
+                    ngx_log_error!(
+                        NGX_LOG_WARN,
+                        (*(*r).connection).log,
+                        "{}: pd_hold: {} (held in \"{}\")",
+                        P::NAME,
+                        message,
+                        String::from_utf8_lossy(&gate.name())
+                    );
+                    ctx.retry_after = Some(hold.conf.retry_after_s);
+                    ctx.resume_error(hold.conf.status, message);
+                    Event::Refused { status: hold.conf.status }
+                }
+            };
+            let step = ctx.flow.on(event);
+            ctx.execute(r, step, Wake::RunPhases);
+        }
+    })
+}
+
+impl<P: Protocol> Ctx<P> {
+    /// The request may go on: starts its encoders (when it has media
+    /// items) and says what the flow is told.
+    ///
+    /// # Safety
+    /// `r` must be the live main request owning self.
+    unsafe fn go(&mut self, r: *mut ngx_http_request_t, media: Vec<MediaItem>) -> Event {
+        // SAFETY: as documented.
+        unsafe {
+            if !media.is_empty() {
+                // The encoder bodies, while the items are at hand.
+                if let Err(e) = self.start_encoders(r, &media) {
+                    self.resume_error(e.status, e.message);
+                    return Event::Refused { status: e.status };
+                }
+            }
+            Event::BodyReady { media: media.len() }
+        }
     }
 }

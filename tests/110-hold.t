@@ -1,0 +1,223 @@
+# pd_hold: a P/D request waits in the proxy while its pools have no room
+# (requests in flight per server up to the caps), holding no upstream
+# connection and no prefill, and is released first in, first out when a
+# request ends, from whichever worker; a full queue and a wait past the
+# timeout are answered 429/503 JSON with Retry-After; a client that leaves
+# while held is forgotten with nothing leaked; a reload keeps held requests.
+#
+# Requests run at once from forked clients (Test::Nginx's blocks are
+# sequential), so this file starts its own nginx (2 workers). Each case
+# has its own pools (one server each: room for one request) in front of
+# pdgate_echo mocks of this nginx; the decode mock answers after 600 ms.
+use strict;
+use warnings;
+use FindBin;
+use lib "$FindBin::Bin/common";
+use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port);
+use File::Temp qw(tempdir);
+use HTTP::Tiny;
+use IO::Socket::INET;
+use Time::HiRes qw(time sleep);
+use POSIX ();
+use Test::More;
+
+my $DIST = dist();
+my $NGINX = "$DIST/sbin/nginx";
+plan skip_all => "no $NGINX (./build.sh)" unless -x $NGINX;
+
+my $tmp = tempdir(CLEANUP => !$ENV{PDGATE_KEEP});
+chmod 0755, $tmp;
+mkdir "$tmp/logs";
+my ($port, $mock) = (free_port(), free_port());
+my $mods = "$DIST/modules";
+
+# One case: its pools, its pd_hold, its location /<name>/.
+my @cases = (
+    [ release => 'queue=8 timeout=10s' ],
+    [ order   => 'queue=8 timeout=10s' ],
+    [ timeout => 'queue=8 timeout=300ms retry_after=2' ],
+    [ full    => 'queue=1 timeout=10s status=429' ],
+    [ gone    => 'queue=8 timeout=10s' ],
+    [ reload  => 'queue=8 timeout=10s' ],
+);
+my $conf = <<"CONF";
+load_module $mods/ngx_http_pdgate_echo_module.so;
+load_module $mods/ngx_http_prefill_module.so;
+worker_processes 2;
+error_log logs/error.log info;
+pid logs/nginx.pid;
+events { worker_connections 256; }
+http {
+    access_log off;
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+CONF
+for (@cases) {
+    my ($name, $params) = @$_;
+    $conf .= "    upstream p_$name { zone p_$name 64k; server 127.0.0.1:$mock; }\n";
+    $conf .= "    upstream d_$name { zone d_$name 64k; server 127.0.0.1:$mock; }\n";
+}
+$conf .= "    server {\n        listen 127.0.0.1:$port;\n";
+for (@cases) {
+    my ($name, $params) = @$_;
+    $conf .= <<"LOC";
+        location /$name/ {
+            prefill /prefill_$name;
+            pd_hold prefill=p_$name:1 decode=d_$name:1 $params;
+            add_header X-Queue-Time \$pd_queue_time always;
+            proxy_pass http://d_$name/mock/decode/;
+        }
+        location /prefill_$name/ {
+            internal;
+            rewrite ^/prefill_$name/(.*)\$ /mock/prefill/\$1 break;
+            proxy_pass http://p_$name;
+        }
+LOC
+}
+$conf .= <<"CONF";
+        location = /metrics { pd_metrics; }
+    }
+    server {
+        listen 127.0.0.1:$mock;
+        location /mock/prefill/ { pdgate_echo prefill; }
+        location /mock/decode/ { pdgate_echo delay=600; }
+    }
+}
+CONF
+spit("$tmp/nginx.conf", $conf);
+
+END {
+    local $?;
+    my $pid = slurp("$tmp/logs/nginx.pid") if $tmp;
+    kill 'QUIT', $1 if defined $pid && $pid =~ /(\d+)/;
+}
+
+is(system($NGINX, '-p', $tmp, '-c', 'nginx.conf'), 0, 'nginx starts');
+ok(wait_port($port, 10), 'and listens');
+my $http = HTTP::Tiny->new(timeout => 20);
+my $BODY = '{"model":"m","prompt":"hello","max_tokens":3}';
+
+# A request from a forked client: its status, time taken, end time and
+# headers land in a file; returns [pid, file].
+sub bg {
+    my ($path) = @_;
+    my $out = "$tmp/bg-" . int(rand(1e9));
+    my $pid = fork // die "fork: $!";
+    if ($pid == 0) {
+        my $t0 = time;
+        my $r = HTTP::Tiny->new(timeout => 20)->post("http://127.0.0.1:$port$path",
+            { content => $BODY, headers => { 'content-type' => 'application/json' } });
+        my $h = $r->{headers};
+        spit($out, join("\n", $r->{status}, time - $t0, time, $h->{'x-queue-time'} // '-',
+            $h->{'retry-after'} // '-', $r->{content} // ''));
+        POSIX::_exit(0);   # no END block (it stops nginx) in the child
+    }
+    return [$pid, $out];
+}
+
+sub result {
+    my ($bg) = @_;
+    waitpid $bg->[0], 0;
+    my ($status, $took, $end, $queued, $retry, @body) = split /\n/, slurp($bg->[1]) // '';
+    return { status => $status, took => $took, end => $end, queued => $queued,
+             retry => $retry, body => join("\n", @body) };
+}
+
+sub metric {
+    my ($name, $gate) = @_;
+    my $page = $http->get("http://127.0.0.1:$port/metrics")->{content} // '';
+    return $page =~ /^\Q$name\E\{location="\Q$gate\E"\} (\d+)$/m ? $1 : undef;
+}
+
+subtest 'a request without room waits and is released when one ends' => sub {
+    my $a = bg('/release/v1/completions');
+    sleep 0.15;
+    my $b = bg('/release/v1/completions');
+    my ($ra, $rb) = (result($a), result($b));
+    is($ra->{status}, 200, 'the first is served');
+    is($ra->{queued}, '0.000', 'at once');
+    is($rb->{status}, 200, 'the second is served too');
+    cmp_ok($rb->{queued}, '>=', 0.3, "after waiting for the first ($rb->{queued} s)");
+    cmp_ok($rb->{end}, '>', $ra->{end}, 'and ends after it');
+    is(metric('pdgate_hold_released_total', 'p_release+d_release'), 1, 'one release counted');
+    is(metric('pdgate_hold_decode_reserved', 'p_release+d_release'), 0, 'no room left reserved');
+};
+
+subtest 'held requests go first in, first out' => sub {
+    my $a = bg('/order/v1/completions');
+    sleep 0.15;
+    my $b = bg('/order/v1/completions');
+    sleep 0.15;
+    my $c = bg('/order/v1/completions');
+    my ($ra, $rb, $rc) = (result($a), result($b), result($c));
+    is(join(' ', map { $_->{status} } $ra, $rb, $rc), '200 200 200', 'all served');
+    cmp_ok($rb->{end}, '<', $rc->{end}, 'the second before the third');
+    cmp_ok($rc->{end} - $rb->{end}, '>=', 0.45, 'one decode apart: one at a time');
+};
+
+subtest 'a wait past the timeout is answered 503 with Retry-After' => sub {
+    my $a = bg('/timeout/v1/completions');
+    sleep 0.15;
+    my $b = result(bg('/timeout/v1/completions'));
+    is($b->{status}, 503, 'answered 503');
+    cmp_ok($b->{took}, '>=', 0.25, "after the timeout ($b->{took} s)");
+    cmp_ok($b->{took}, '<', 0.55, 'not after the first ended');
+    is($b->{retry}, '2', 'Retry-After: 2');
+    like($b->{body}, qr/^\{"error":\{"code":503,"message":"no engine could take the request within 300 ms, retry later","param":null,"type":"ServiceUnavailableError"\}\}$/, 'OpenAI-style JSON');
+    is(result($a)->{status}, 200, 'the first is served');
+    is(metric('pdgate_hold_timed_out_total', 'p_timeout+d_timeout'), 1, 'counted');
+    like(slurp("$tmp/logs/error.log"), qr/pd_hold: no engine could take the request within 300 ms, retry later \(held in "p_timeout\+d_timeout"\)/, 'logged');
+};
+
+subtest 'a full queue is answered 429 at once' => sub {
+    my $a = bg('/full/v1/completions');
+    sleep 0.15;
+    my $b = bg('/full/v1/completions');
+    sleep 0.15;
+    my $c = result(bg('/full/v1/completions'));
+    is($c->{status}, 429, 'answered 429');
+    cmp_ok($c->{took}, '<', 0.2, 'at once');
+    is($c->{retry}, '1', 'Retry-After: 1');
+    like($c->{body}, qr/"code":429,"message":"the proxy's queue for the engines is full, retry later"/, 'JSON error');
+    is(result($a)->{status}, 200, 'the first is served');
+    is(result($b)->{status}, 200, 'the queued one too');
+    is(metric('pdgate_hold_rejected_full_total', 'p_full+d_full'), 1, 'counted');
+};
+
+subtest 'a client that leaves while held is forgotten, nothing leaked' => sub {
+    my $a = bg('/gone/v1/completions');
+    sleep 0.15;
+    my $s = IO::Socket::INET->new(PeerAddr => "127.0.0.1:$port") or die "connect: $!";
+    print $s "POST /gone/v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: "
+        . length($BODY) . "\r\n\r\n$BODY";
+    sleep 0.15;
+    is(metric('pdgate_hold_waiting', 'p_gone+d_gone'), 1, 'it waits');
+    close $s;
+    sleep 0.2;
+    is(metric('pdgate_hold_waiting', 'p_gone+d_gone'), 0, 'it left the queue');
+    is(metric('pdgate_hold_client_gone_total', 'p_gone+d_gone'), 1, 'counted');
+    is(result($a)->{status}, 200, 'the first is served');
+    is(metric('pdgate_hold_prefill_reserved', 'p_gone+d_gone') . '/' . metric('pdgate_hold_decode_reserved', 'p_gone+d_gone'),
+        '0/0', 'no room stays reserved');
+    my $c = result(bg('/gone/v1/completions'));
+    is($c->{queued}, '0.000', 'the next request is admitted at once');
+};
+
+subtest 'requests held across a reload are served' => sub {
+    my $a = bg('/reload/v1/completions');
+    sleep 0.15;
+    my $b = bg('/reload/v1/completions');
+    sleep 0.15;
+    is(system($NGINX, '-p', $tmp, '-c', 'nginx.conf', '-s', 'reload'), 0, 'reload');
+    my ($ra, $rb) = (result($a), result($b));
+    is($ra->{status}, 200, 'the running one is served');
+    is($rb->{status}, 200, 'the held one too');
+    sleep 0.3;
+    my $c = result(bg('/reload/v1/completions'));
+    is($c->{status}, 200, 'the new workers serve');
+    is($c->{queued}, '0.000', 'with the room the old ones gave back');
+};
+
+unlike(slurp("$tmp/logs/error.log") // '', qr/\[(alert|emerg|crit)\]/, 'no alert in the error log');
+
+done_testing();
