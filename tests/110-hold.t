@@ -1,4 +1,4 @@
-# pd_hold: a P/D request waits in the proxy while its pools have no room
+# pd_hold (prefill_refactor_hold in SGLang mode): a P/D request waits in the proxy while its pools have no room
 # (requests in flight per server up to the caps), holding no upstream
 # connection and no prefill, and is released first in, first out when a
 # request ends, from whichever worker; a full queue and a wait past the
@@ -39,10 +39,12 @@ my @cases = (
     [ full    => 'queue=1 timeout=10s status=429' ],
     [ gone    => 'queue=8 timeout=10s' ],
     [ reload  => 'queue=8 timeout=10s' ],
+    [ killed  => 'queue=8 timeout=3s' ],
 );
 my $conf = <<"CONF";
 load_module $mods/ngx_http_pdgate_echo_module.so;
 load_module $mods/ngx_http_prefill_module.so;
+load_module $mods/ngx_http_prefill_refactor_module.so;
 worker_processes 2;
 error_log logs/error.log info;
 pid logs/nginx.pid;
@@ -57,6 +59,8 @@ for (@cases) {
     $conf .= "    upstream p_$name { zone p_$name 64k; server 127.0.0.1:$mock; }\n";
     $conf .= "    upstream d_$name { zone d_$name 64k; server 127.0.0.1:$mock; }\n";
 }
+$conf .= "    upstream p_sglang { zone p_sglang 64k; server 127.0.0.1:$mock; }\n";
+$conf .= "    upstream d_sglang { zone d_sglang 64k; server 127.0.0.1:$mock; }\n";
 $conf .= "    server {\n        listen 127.0.0.1:$port;\n";
 for (@cases) {
     my ($name, $params) = @$_;
@@ -75,6 +79,19 @@ for (@cases) {
 LOC
 }
 $conf .= <<"CONF";
+        # SGLang mode: the same holding (its directive has the module's name).
+        location /sglang/ {
+            prefill_refactor /prefill_sglang;
+            prefill_servers_list 127.0.0.1:$mock;
+            prefill_refactor_hold prefill=p_sglang:1 decode=d_sglang:1 queue=8 timeout=10s;
+            add_header X-Queue-Time \$pd_queue_time always;
+            proxy_pass http://d_sglang/mock/decode/;
+        }
+        location /prefill_sglang/ {
+            internal;
+            rewrite ^/prefill_sglang/(.*)\$ /mock/prefill/\$1 break;
+            proxy_pass http://\$prefill_server;
+        }
         location = /metrics { pd_metrics; }
     }
     server {
@@ -141,6 +158,16 @@ subtest 'a request without room waits and is released when one ends' => sub {
     cmp_ok($rb->{end}, '>', $ra->{end}, 'and ends after it');
     is(metric('pdgate_hold_released_total', 'p_release+d_release'), 1, 'one release counted');
     is(metric('pdgate_hold_decode_reserved', 'p_release+d_release'), 0, 'no room left reserved');
+};
+
+subtest 'SGLang mode holds the same way' => sub {
+    my $a = bg('/sglang/v1/completions');
+    sleep 0.15;
+    my $b = bg('/sglang/v1/completions');
+    my ($ra, $rb) = (result($a), result($b));
+    is("$ra->{status} $rb->{status}", '200 200', 'both served');
+    cmp_ok($rb->{queued}, '>=', 0.3, "the second after waiting ($rb->{queued} s)");
+    is(metric('pdgate_hold_released_total', 'p_sglang+d_sglang'), 1, 'one release counted');
 };
 
 subtest 'held requests go first in, first out' => sub {
@@ -218,6 +245,22 @@ subtest 'requests held across a reload are served' => sub {
     is($c->{queued}, '0.000', 'with the room the old ones gave back');
 };
 
-unlike(slurp("$tmp/logs/error.log") // '', qr/\[(alert|emerg|crit)\]/, 'no alert in the error log');
+subtest 'the room of a worker killed while it served is given back' => sub {
+    my $a = bg('/killed/v1/completions');
+    sleep 0.2;
+    is(metric('pdgate_hold_decode_reserved', 'p_killed+d_killed'), 1, 'a request holds the room');
+    my ($master) = (slurp("$tmp/logs/nginx.pid") // '') =~ /(\d+)/;
+    my @workers = split /\s+/, `pgrep -P $master`;
+    ok(@workers >= 2, 'the workers: ' . join(' ', @workers));
+    kill 'KILL', @workers;
+    result($a);
+    sleep 0.5;
+    my $c = result(bg('/killed/v1/completions'));
+    is($c->{status}, 200, 'a request after the respawn is served');
+    is($c->{queued}, '0.000', 'at once: the dead worker\'s room came back');
+    like(slurp("$tmp/logs/error.log"), qr/pd_hold: gave back the room of exited process \d+ in "p_killed\+d_killed" \(prefill 0, decode 1\)/, 'logged (its prefill was over)');
+};
+
+unlike(slurp("$tmp/logs/error.log") // '', qr/\[(emerg|crit)\]/, 'no emerg or crit in the error log');
 
 done_testing();

@@ -172,7 +172,7 @@ pdgate_glue::directive!(cmd_hold, LocConf, hold);
 
 /// `pd_hold prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N] [timeout=time] [status=429|503] [retry_after=N];`
 fn hold(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
-    pdgate_glue::hold::directive(cf, &mut lcf.hold, Module::module())
+    pdgate_glue::hold::directive(cf, &mut lcf.hold)
 }
 
 pdgate_glue::directive!(cmd_fallback, LocConf, fallback);

@@ -84,7 +84,8 @@ pub struct LocConf {
     /// The shared counters zone (`prefill_refactor`), attached by the
     /// directives that need it, per configuration cycle.
     zone: Option<Zone>,
-    /// `pd_hold …`: requests wait in the proxy for room in the pools.
+    /// `prefill_refactor_hold …` (`pd_hold` of this module): requests wait
+    /// in the proxy for room in the pools.
     hold: Option<pdgate_glue::hold::Hold>,
 }
 
@@ -200,7 +201,9 @@ pdgate_glue::http_module! {
         conf::take1(c"prefill_refactor_max_fails", Some(cmd_max_fails)),
         conf::take1(c"prefill_refactor_fail_timeout", Some(cmd_fail_timeout)),
         conf::take1(c"prefill_refactor_health", Some(cmd_health)),
-        conf::loc_command(c"pd_hold", conf::ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_hold)),
+        // pd_hold's own name belongs to the prefill module (nginx gives a
+        // directive to the first module that declares it).
+        conf::loc_command(c"prefill_refactor_hold", conf::ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_hold)),
     ],
 }
 
@@ -247,9 +250,9 @@ fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
 
 pdgate_glue::directive!(cmd_hold, LocConf, hold);
 
-/// `pd_hold prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N] [timeout=time] [status=429|503] [retry_after=N];`
+/// `prefill_refactor_hold prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N] [timeout=time] [status=429|503] [retry_after=N];`
 fn hold(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
-    pdgate_glue::hold::directive(cf, &mut lcf.hold, Module::module())
+    pdgate_glue::hold::directive(cf, &mut lcf.hold)
 }
 
 pdgate_glue::directive!(cmd_health, LocConf, health);

@@ -32,6 +32,9 @@ pub struct Hold {
     pub conf: HoldConf,
     key: u64,
     name: Vec<u8>,
+    /// The directive's name (`pd_hold`, or the SGLang module's
+    /// `prefill_refactor_hold`), for messages.
+    directive: String,
 }
 
 /// The zone's size.
@@ -41,12 +44,10 @@ pub fn zone_size() -> usize {
 
 /// `pd_hold prefill=<upstream>[:N] decode=<upstream>[:N] [queue=N]
 /// [timeout=time] [status=429|503] [retry_after=N]`: parses it into
-/// `slot` and declares the zone for `module`.
-pub fn directive(
-    cf: &mut Conf,
-    slot: &mut Option<Hold>,
-    module: &ngx_module_t,
-) -> Result<(), ConfError> {
+/// `slot` and declares the zone. Both P/D modules declare it, so its tag
+/// is one they share: nginx's core http module (nginx refuses a zone
+/// declared under two tags).
+pub fn directive(cf: &mut Conf, slot: &mut Option<Hold>) -> Result<(), ConfError> {
     if slot.is_some() {
         return Err(ConfError::Directive("is duplicate".into()));
     }
@@ -55,8 +56,12 @@ pub fn directive(
     name.push(b'+');
     name.extend_from_slice(&conf.decode_upstream);
     let key = pdgate_core::balance::slots::peer_key(b"pd_hold", &name);
-    cf.add_zone::<HoldZone>(ZONE_NAME, zone_size(), module).map_err(|_| ConfError::Logged)?;
-    *slot = Some(Hold { conf, key, name });
+    // SAFETY: the address of nginx's own module object, one for every
+    // dynamic module of this nginx; only used as the zone's tag.
+    let tag: &ngx_module_t = unsafe { &*addr_of!(ngx::ffi::ngx_http_core_module) };
+    cf.add_zone::<HoldZone>(ZONE_NAME, zone_size(), tag).map_err(|_| ConfError::Logged)?;
+    let directive = cf.args_name();
+    *slot = Some(Hold { conf, key, name, directive });
     Ok(())
 }
 
@@ -66,7 +71,8 @@ pub fn check(cf: &Conf, hold: &Hold) -> Result<(), String> {
     for u in [&hold.conf.prefill_upstream, &hold.conf.decode_upstream] {
         if !blocks.contains(&u.as_slice()) {
             return Err(format!(
-                "\"pd_hold\" names no upstream block \"{}\"",
+                "\"{}\" names no upstream block \"{}\"",
+                hold.directive,
                 String::from_utf8_lossy(u)
             ));
         }
@@ -99,10 +105,54 @@ pub fn caps(hold: &Hold) -> Caps {
     hold.conf.caps(up(&hold.conf.prefill_upstream), up(&hold.conf.decode_upstream))
 }
 
-/// This process's name in the gates' owner rows.
+/// This process's name in the gates' owner rows (the ledgers' name: pid
+/// and start time, so a reclaim can tell it died).
 pub fn owner() -> u64 {
-    // SAFETY: a plain global nginx sets in each process.
-    u64::try_from(unsafe { ngx::ffi::ngx_pid }).unwrap_or(0).max(1)
+    crate::reclaim::ensure_named().map_or_else(
+        // SAFETY: a plain global nginx sets in each process.
+        || u64::try_from(unsafe { ngx::ffi::ngx_pid }).unwrap_or(0).max(1),
+        |o| o.word(),
+    )
+}
+
+/// When this worker last looked for dead owners (ms).
+static LAST_SWEEP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// At most once a [`crate::reclaim::PERIOD_MS`] per worker: gives back the
+/// room that processes that died (SIGKILL, OOM) held in every gate, and
+/// cancels their tickets.
+fn sweep() {
+    use std::sync::atomic::Ordering;
+    let now = crate::observe::now_ms();
+    let last = LAST_SWEEP.load(Ordering::Relaxed);
+    if now.saturating_sub(last) < crate::reclaim::PERIOD_MS {
+        return;
+    }
+    LAST_SWEEP.store(now, Ordering::Relaxed);
+    let Some(z) = zone() else { return };
+    for g in z.gates() {
+        for o in g.owners() {
+            let Some(owner) = pdgate_core::balance::ledger::Owner::from_word(o) else { continue };
+            if crate::reclaim::alive(owner) {
+                continue;
+            }
+            let got = g.reclaim(o);
+            if got == Room::default() {
+                continue;
+            }
+            // SAFETY: the running cycle's log.
+            let log = unsafe { (**addr_of!(ngx::ffi::ngx_cycle)).log };
+            ngx::ngx_log_error!(
+                ngx::ffi::NGX_LOG_NOTICE,
+                log,
+                "pd_hold: gave back the room of exited process {} in \"{}\" (prefill {}, decode {})",
+                owner.pid(),
+                String::from_utf8_lossy(&g.name()),
+                got.prefill,
+                got.decode
+            );
+        }
+    }
 }
 
 /// What a held request is told.
@@ -133,6 +183,7 @@ thread_local! {
 
 /// Admits a request to `hold`'s gate, or queues it.
 pub fn admit(hold: &Hold, gate: &Gate) -> Admission {
+    sweep();
     gate.admit(&caps(hold), owner(), crate::observe::now_ms())
 }
 
@@ -193,6 +244,7 @@ fn arm() {
 
 unsafe extern "C" fn poll(_ev: *mut ngx_event_t) {
     crate::guard::catch("pd_hold poll", (), || {
+        sweep();
         let now = crate::observe::now_ms();
         // Decide first, resume after: a resumed request may finish and
         // drop (forget) right away, which borrows the list again.

@@ -76,6 +76,17 @@ impl Conf<'_> {
         }
     }
 
+    /// The name of the directive being read.
+    pub fn args_name(&self) -> String {
+        // SAFETY: from_ptr's contract, as args().
+        unsafe {
+            crate::conf::args(self.cf)
+                .first()
+                .map(|a| String::from_utf8_lossy(crate::conf::str_bytes(a)).into_owned())
+                .unwrap_or_default()
+        }
+    }
+
     /// `file:line` of the directive being read.
     pub fn place(&self) -> String {
         // SAFETY: from_ptr's contract.
