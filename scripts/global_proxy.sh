@@ -34,6 +34,8 @@ sglang_balance          ngx_http_prefill_refactor_module               prefill_r
 sglang_health           ngx_http_prefill_refactor_module               prefill_refactor_health
 encode                  ngx_http_prefill_module                        prefill_encode
 fallback                ngx_http_prefill_module                        prefill_fallback
+hold                    ngx_http_prefill_module                        pd_hold
+sglang_hold             ngx_http_prefill_refactor_module               prefill_refactor_hold
 health                  ngx_http_upstream_pd_health_module             pd_health_check
 engine_metrics          ngx_http_upstream_pd_health_module             pd_engine_metrics
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
@@ -76,6 +78,13 @@ PREFILL_LB_GIVEN=""
 PREFILL_MAX_SEQS=16
 DECODE_MAX_SEQS=32
 DECODE_SEQS_GIVEN=""
+PREFILL_SEQS_GIVEN=""
+# Holding requests in the proxy (pd_hold): auto = on when a
+# --prefill/--decode-max-num-seqs is given.
+HOLD=auto
+HOLD_QUEUE=1024
+HOLD_TIMEOUT=30s
+HOLD_STATUS=503
 ENGINE=vllm
 BOOTSTRAP_PORTS=""
 METRICS_SIZE=""
@@ -128,9 +137,22 @@ Servers and balancing
               round_robin least_conn
   --encode-lb-sdk round_robin|least_conn
                                 encoder balancer (default round_robin)
-  --prefill-max-num-seqs N      pd_score_balance_max_num_seqs on P (default 16)
+  --prefill-max-num-seqs N      pd_score_balance_max_num_seqs on P (default 16);
+                                given, it also turns holding on (--hold)
   --decode-max-num-seqs N       pd_score_balance_max_num_seqs on D (default 32;
-                                earliest_start_max_num_seqs on D when given)
+                                earliest_start_max_num_seqs on D when given);
+                                given, it also turns holding on (--hold)
+  --hold on|off|auto            pd_hold: a request waits in the proxy while every
+                                prefill or every decode server has its
+                                max-num-seqs requests, and goes to the first that
+                                frees (default auto: on when a max-num-seqs flag
+                                is given)
+  --hold-queue N                requests held at most (default 1024); beyond, the
+                                answer is --hold-status at once
+  --hold-timeout TIME           a request held this long is answered
+                                --hold-status (default 30s)
+  --hold-status 429|503         the answer of a full queue or a timeout, JSON with
+                                Retry-After (default 503)
   --enable-attention-ffn-disaggregation
                                 keep only the last --attention-num decode servers
   --attention-num N             attention servers with AFD (required with it)
@@ -237,7 +259,11 @@ parse_args() {
             --prefill-lb-sdk) need_value "$arg" "$@"; PREFILL_LB=$1; PREFILL_LB_GIVEN=1; shift ;;
             --decode-lb-sdk) need_value "$arg" "$@"; DECODE_LB=$1; shift ;;
             --encode-lb-sdk) need_value "$arg" "$@"; ENCODE_LB=$1; shift ;;
-            --prefill-max-num-seqs) need_value "$arg" "$@"; PREFILL_MAX_SEQS=$1; shift ;;
+            --prefill-max-num-seqs) need_value "$arg" "$@"; PREFILL_MAX_SEQS=$1; PREFILL_SEQS_GIVEN=1; shift ;;
+            --hold) need_value "$arg" "$@"; HOLD=$1; shift ;;
+            --hold-queue) need_value "$arg" "$@"; HOLD_QUEUE=$1; shift ;;
+            --hold-timeout) need_value "$arg" "$@"; HOLD_TIMEOUT=$1; shift ;;
+            --hold-status) need_value "$arg" "$@"; HOLD_STATUS=$1; shift ;;
             --decode-max-num-seqs) need_value "$arg" "$@"; DECODE_MAX_SEQS=$1; DECODE_SEQS_GIVEN=1; shift ;;
             --engine-type) need_value "$arg" "$@"; ENGINE=$1; shift ;;
             --bootstrap-port) need_value "$arg" "$@"; BOOTSTRAP_PORTS=$1; shift ;;
@@ -503,6 +529,23 @@ validate() {
             require_feature sglang_health --health-check "$HEALTH"
         fi
     fi
+    case $HOLD in
+        auto) if [ -n "$PREFILL_SEQS_GIVEN$DECODE_SEQS_GIVEN" ]; then HOLD=on; else HOLD=off; fi ;;
+        on|off) ;;
+        *) bad "--hold $HOLD: not on, off or auto" ;;
+    esac
+    { is_uint "$HOLD_QUEUE" && [ "$((10#$HOLD_QUEUE))" -ge 1 ] && [ "$((10#$HOLD_QUEUE))" -le 4096 ]; } \
+        || bad "--hold-queue $HOLD_QUEUE: not a number from 1 to 4096"
+    [[ $HOLD_TIMEOUT =~ ^[0-9]+(ms|s|m)?$ ]] && [[ ! $HOLD_TIMEOUT =~ ^0+(ms|s|m)?$ ]] \
+        || bad "--hold-timeout $HOLD_TIMEOUT: not a positive time such as 500ms or 30s"
+    case $HOLD_STATUS in 429|503) ;; *) bad "--hold-status $HOLD_STATUS: not 429 or 503" ;; esac
+    if [ "$HOLD" = on ]; then
+        if [ "$ENGINE" = vllm ]; then
+            require_feature hold --hold "$HOLD"
+        else
+            require_feature sglang_hold --hold "$HOLD"
+        fi
+    fi
     if [ "$ENGINE_METRICS" != off ]; then
         local t
         for t in $ENGINE_METRICS; do
@@ -579,6 +622,9 @@ used_modules() {
     [ -z "$METRICS_SIZE" ] || used[internal_metrics]=1
     [ -z "$ENCODE_LIST" ] || used[encode]=1
     [ "$HEALTH" = off ] || used[health]=1
+    if [ "$HOLD" = on ]; then
+        if [ "$ENGINE" = vllm ]; then used[hold]=1; else used[sglang_hold]=1; fi
+    fi
     [ "$ENGINE_METRICS" = off ] || used[engine_metrics]=1
     used[lb:$DECODE_LB]=1
     local -A emitted=()
@@ -958,6 +1004,7 @@ EOF
 EOF
     [ "$STREAM_OPS" = off ] || echo "            stream_ops $STREAM_OPS;"
     [ "$FALLBACK" = off ] || echo "            prefill_fallback decode;   # a failed prefill: the decode computes the prompt"
+    hold_line pd_hold
     [ -z "$ENCODE_LIST" ] || echo "            prefill_encode /encode_internal;"
     echo "            prefill /prefill_internal;"
     cat <<EOF
@@ -1002,6 +1049,14 @@ EOF
 EOF
 }
 
+# hold_line DIRECTIVE: the completions location's holding, when on.
+hold_line() {
+    [ "$HOLD" = on ] || return 0
+    echo "            # Wait in the proxy while every prefill or every decode server has"
+    echo "            # its max-num-seqs requests; the first to free takes the oldest."
+    echo "            $1 prefill=prefill_servers:$PREFILL_MAX_SEQS decode=decode_servers:$DECODE_MAX_SEQS queue=$HOLD_QUEUE timeout=$HOLD_TIMEOUT status=$HOLD_STATUS;"
+}
+
 # The same for SGLang's bootstrap P/D (prefill_refactor): the module chooses
 # the prefill server (its host and bootstrap port go into both bodies, with
 # a room), and both legs run at once.
@@ -1028,6 +1083,7 @@ EOF
     fi
     [ -z "$SGLANG_BALANCE" ] || echo "            prefill_refactor_balance $SGLANG_BALANCE;"
     [ "$HEALTH" = off ] || echo "            prefill_refactor_health prefill_servers;   # its health checks pick the prefill too"
+    hold_line prefill_refactor_hold
     cat <<EOF
             pd_backend sglang;
             pd_distribution pd_together;

@@ -183,7 +183,7 @@ def lines_svg(title, series, xlabel, ylabel):
 def order(rows):
     def key(r):
         f = family(r["router"])
-        return (r["router"] != BASE, ["pdgate", "pdgate-blind", "pdgate-sglang", "vllm-router",
+        return (r["router"] != BASE, ["pdgate", "pdgate-blind", "pdgate-hold", "pdgate-sglang", "vllm-router",
                                       "sglang-router"].index(f), r["router"])
     return sorted(rows, key=key)
 

@@ -37,7 +37,10 @@ PDGATE_LBS = ["round_robin", "least_conn", "least_total_load", "weighted_least_a
               "length_balance", "pd_score_balance", "prefix_cache_affinity", "earliest_start"]
 # pdgate-blind/<lb>: the same without the engines' /metrics (--engine-metrics
 # off), pdgate's balancers as they were before issue 13: what reading the
-# engines adds.
+# engines adds. pdgate-hold/<lb>: the same with requests held in the proxy
+# (pd_hold, issue 14) while every engine of a pool has its MIRROR_HOLD_SEQS
+# ("prefill decode" requests in flight, default "16 256"), answered 503
+# after MIRROR_HOLD_TIMEOUT of real time (default 1s).
 # prefill_refactor's choices (SGLang mode); least_active is its default.
 PDGATE_SGLANG = ["least_active", "least_total_load", "weighted_least_active",
                  "auto_balance_controller", "prefill_score_balance", "pd_score_balance"]
@@ -50,6 +53,7 @@ SGLANG_ROUTER = ["round_robin", "random", "power_of_two", "cache_aware", "bucket
 
 def all_routers():
     return ([f"pdgate/{x}" for x in PDGATE_LBS] + [f"pdgate-blind/{x}" for x in PDGATE_LBS]
+            + [f"pdgate-hold/{x}" for x in PDGATE_LBS]
             + [f"pdgate-sglang/{x}" for x in PDGATE_SGLANG]
             + [f"vllm-router/{x}" for x in VLLM_ROUTER]
             + [f"sglang-router/{x}" for x in SGLANG_ROUTER])
@@ -77,6 +81,9 @@ SCENARIOS = {
     "a80": ("ShareGPT-like chat at 80 %", SHAREGPT, 0.80, {}),
     "a95": ("ShareGPT-like chat at 95 %", SHAREGPT, 0.95, {}),
     "a110": ("ShareGPT-like chat at 110 % (overload)", SHAREGPT, 1.10, {}),
+    "a100": ("ShareGPT-like chat at 100 %", SHAREGPT, 1.00, {}),
+    "a120": ("ShareGPT-like chat at 120 % (overload)", SHAREGPT, 1.20, {}),
+    "a150": ("ShareGPT-like chat at 150 % (overload)", SHAREGPT, 1.50, {}),
     "b": ("long-tailed prompts (10 % of 8k-16k tokens) at 90 %",
           ["--lengths", "longtail", "--output-len", "100", "--output-max", "256"], 0.90, {}),
     "c": ("prefix-heavy: 16 system prompts of 1-4k tokens, 16 users each, 4-turn "
@@ -209,7 +216,7 @@ def start_router(run, router, prefills, decodes, workers, proxies=1):
 
 
 def start_one(run, family, policy, pp, dp, workers, k):
-    if family in ("pdgate", "pdgate-blind", "pdgate-sglang"):
+    if family in ("pdgate", "pdgate-blind", "pdgate-hold", "pdgate-sglang"):
         d = os.path.join(run.work, f"nginx{k or ''}")
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(os.path.join(d, "logs"))
@@ -218,10 +225,15 @@ def start_one(run, family, policy, pp, dp, workers, k):
                 f"{DIST}/modules", "--listen-address", "127.0.0.1", "-p", str(ROUTER_PORT),
                 "-c", str(workers), "-s", "0", "--prefill-servers-list", addr_list(pp),
                 "--decode-servers-list", addr_list(dp)]
-        if family in ("pdgate", "pdgate-blind"):
+        if family in ("pdgate", "pdgate-blind", "pdgate-hold"):
             args += ["--prefill-lb-sdk", policy, "--decode-lb-sdk", policy]
             if family == "pdgate-blind":
                 args += ["--engine-metrics", "off"]
+            if family == "pdgate-hold":
+                pseqs, dseqs = os.environ.get("MIRROR_HOLD_SEQS", "16 256").split()
+                args += ["--hold", "on", "--prefill-max-num-seqs", pseqs,
+                         "--decode-max-num-seqs", dseqs,
+                         "--hold-timeout", os.environ.get("MIRROR_HOLD_TIMEOUT", "1s")]
         else:
             args += ["--engine-type", "sglang",
                      "--bootstrap-port", ",".join(str(p + SIDE_OFFSET) for p in pp)]
@@ -378,7 +390,7 @@ def main():
     else:
         # Every router at a95; of the pdgate-blind ones, the core's.
         plan = {"a95": [r for r in all_routers()
-                        if not r.startswith("pdgate-blind/") or r in core]}
+                        if not r.startswith(("pdgate-blind/", "pdgate-hold/")) or r in core]}
         for s in ("a50", "a80", "a110", "b", "c", "d", "e"):
             plan[s] = core
     if os.environ.get("MIRROR_SCENARIOS"):

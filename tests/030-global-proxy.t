@@ -34,6 +34,9 @@ my @CASES = (
         . ' --metrics-servers-list 10.0.0.9:9090 -s 2 -c 2 -p 8443 --listen-address 127.0.0.1'
         . ' --log-level notice --client-body-buffer-size 4m' ],
     [ 'pd-score-seqs' => '--prefill-max-num-seqs 8 --decode-max-num-seqs 64' ],
+    [ 'hold-off-seqs' => '--prefill-max-num-seqs 8 --hold off' ],
+    [ 'hold-on' => '--hold on --hold-queue 64 --hold-timeout 2s --hold-status 429' ],
+    [ 'hold-sglang' => '--engine-type sglang --decode-max-num-seqs 48' ],
     [ 'access-log-unbuffered' => '--access-log-buffer off' ],
     [ 'access-log-buffer-1m' => '--access-log-buffer 1m --prefill-lb-sdk round_robin --decode-lb-sdk least_conn' ],
     [ 'health-off' => '--health-check off' ],
@@ -162,6 +165,9 @@ my @BAD = (
     [ "$SERVERS --prefill-fallback maybe" => qr/^--prefill-fallback maybe: not decode or off/ ],
     [ "$SERVERS --engine-type sglang --prefill-fallback decode" => qr/^--prefill-fallback decode: only with --engine-type vllm/ ],
     [ "$SERVERS --health-check interval=soon" => qr/^--health-check "interval=soon": "interval=soon" is not interval=, timeout=, fails=, passes=, uri= or port=/ ],
+    [ "$SERVERS --hold maybe" => qr/^--hold maybe: not on, off or auto/ ],
+    [ "$SERVERS --hold-queue 5000" => qr/^--hold-queue 5000: not a number from 1 to 4096/ ],
+    [ "$SERVERS --hold-timeout 0s" => qr/^--hold-timeout 0s: not a positive time/ ],
     [ "$SERVERS --engine-metrics kv=9" => qr/^--engine-metrics "kv=9": "kv=9" is not interval=, timeout=, uri=, port=, model= or kv_high=/ ],
     [ "$SERVERS --log-level verbose" => qr/^--log-level verbose: not debug, info/ ],
     [ "$SERVERS --log-file 'a;b'" => qr/^--log-file a;b: path has characters/ ],
@@ -272,7 +278,7 @@ subtest '--help lists every flag' => sub {
                      --prefill-lb-sdk --decode-lb-sdk --encode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
                      --engine-type --bootstrap-port --enable-internal-metrics
                      --enable-attention-ffn-disaggregation --attention-num --stream-ops
-                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --prefill-fallback
+                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --prefill-fallback --hold --hold-queue --hold-timeout --hold-status
                      --dry-run -d --stop -S --rollback -R --help -h --modules-dir --nginx-bin
                      --prefix --listen-address)) {
         like($out, qr/(^|[\s,])\Q$flag\E\b/m, $flag);
