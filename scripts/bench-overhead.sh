@@ -25,11 +25,17 @@ ROOT=$(pwd)
 DUR=${BENCH_DURATION:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 # Balancers compared with round robin on both P/D upstreams (empty: skip).
-BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance greedy_timeout length_balance pd_score_balance prefix_cache_affinity"}
+# "pd_hold" in the list: round robin with pd_hold and caps it never reaches
+# (what an empty queue costs on the P/D path).
+BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance greedy_timeout length_balance pd_score_balance prefix_cache_affinity earliest_start pd_hold"}
 
 # The directive that turns balancer $1 on for side $2 (prefill|decode).
 lb_on() {
-    if [ "$1" = pd_score_balance ]; then echo "pd_score_balance $2;"; else echo "$1 on;"; fi
+    case $1 in
+        pd_score_balance|earliest_start) echo "$1 $2;" ;;
+        pd_hold) echo "zone $1_$2 64k;" ;;
+        *) echo "$1 on;" ;;
+    esac
 }
 CONNS=${BENCH_CONNECTIONS:-"16 64"}
 PORT_PROXY=${BENCH_PORT:-18480}
@@ -60,10 +66,15 @@ backends_conf "$P_PORTS" "$D_PORTS" > "$W/back/nginx.conf"
 
 LB_LOADS=""; LB_UPSTREAMS=""; LB_LOCATIONS=""
 for lb in $BALANCERS; do
-    LB_LOADS+="load_module $ROOT/dist/modules/ngx_http_upstream_${lb}_module.so;"$'\n'
+    hold=""
+    if [ "$lb" = pd_hold ]; then
+        hold="pd_hold prefill=prefill_$lb:1000000 decode=decode_$lb:1000000;"
+    else
+        LB_LOADS+="load_module $ROOT/dist/modules/ngx_http_upstream_${lb}_module.so;"$'\n'
+    fi
     LB_UPSTREAMS+="    upstream prefill_$lb { $(servers "$P_PORTS") $(lb_on "$lb" prefill) keepalive 128; keepalive_requests 1000000; }"$'\n'
     LB_UPSTREAMS+="    upstream decode_$lb { $(servers "$D_PORTS") $(lb_on "$lb" decode) keepalive 128; keepalive_requests 1000000; }"$'\n'
-    LB_LOCATIONS+="        location /pd-$lb/ { prefill /prefill_$lb; proxy_pass http://decode_$lb/; }"$'\n'
+    LB_LOCATIONS+="        location /pd-$lb/ { prefill /prefill_$lb; $hold proxy_pass http://decode_$lb/; }"$'\n'
     LB_LOCATIONS+="        location /prefill_$lb/ { internal; rewrite ^/prefill_$lb/[^/]+(/.*)\$ \$1 break; proxy_pass http://prefill_$lb; subrequest_output_buffer_size 16k; }"$'\n'
 done
 

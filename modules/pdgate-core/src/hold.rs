@@ -80,6 +80,8 @@ pub struct Ticket {
     since_ms: AtomicU64,
     /// Its holder ([`OwnerRow::owner`]'s word), for reclaim.
     owner: AtomicU64,
+    /// When it was released (ms), for the wake-up delay.
+    released_ms: AtomicU64,
 }
 
 /// One process's share of a gate's reservations.
@@ -115,6 +117,10 @@ pub struct Gate {
     full: AtomicU64,
     timed_out: AtomicU64,
     left: AtomicU64,
+    /// Wake-ups of released tickets: count and the sum of their delays
+    /// (ms from the release to the holder's resume).
+    wakes: AtomicU64,
+    wake_sum_ms: AtomicU64,
     /// Waits of released tickets: per bound of [`WAIT_BOUNDS_MS`], +Inf,
     /// and the sum (ms).
     waits: [AtomicU64; WAIT_BOUNDS_MS.len() + 2],
@@ -137,6 +143,8 @@ pub struct GateStats {
     /// Cumulative counts per bound of [`WAIT_BOUNDS_MS`], then all.
     pub waits: [u64; WAIT_BOUNDS_MS.len() + 1],
     pub wait_sum_ms: u64,
+    pub wakes: u64,
+    pub wake_sum_ms: u64,
 }
 
 /// Adds `n` to a counter that must not go below zero (a reclaim may have
@@ -266,6 +274,7 @@ impl Gate {
                 if !self.reserve(caps, owner) {
                     return n;
                 }
+                tk.released_ms.store(now_ms, Ordering::Relaxed);
                 let released = tk
                     .word
                     .compare_exchange(w, word(h, RELEASED), Ordering::AcqRel, Ordering::Acquire)
@@ -297,6 +306,17 @@ impl Gate {
             (true, RELEASED) => TicketState::Released,
             _ => TicketState::Gone,
         }
+    }
+
+    /// The holder of released ticket `seq` resumed its request at `now_ms`:
+    /// counts the delay since the release (a worker other than the
+    /// holder's may have released it). Returns it (ms).
+    pub fn woke(&self, seq: u64, now_ms: u64) -> u64 {
+        let tk = &self.tickets[(seq % QUEUE_MAX as u64) as usize];
+        let d = now_ms.saturating_sub(tk.released_ms.load(Ordering::Relaxed));
+        self.wakes.fetch_add(1, Ordering::Relaxed);
+        self.wake_sum_ms.fetch_add(d, Ordering::Relaxed);
+        d
     }
 
     /// Gives up ticket `seq` (timed out: `timed_out`, else the client
@@ -389,6 +409,8 @@ impl Gate {
             left: self.left.load(Ordering::Relaxed),
             waits,
             wait_sum_ms: self.waits[WAIT_BOUNDS_MS.len() + 1].load(Ordering::Relaxed),
+            wakes: self.wakes.load(Ordering::Relaxed),
+            wake_sum_ms: self.wake_sum_ms.load(Ordering::Relaxed),
         }
     }
 }
@@ -408,6 +430,8 @@ impl Default for Gate {
             full: AtomicU64::new(0),
             timed_out: AtomicU64::new(0),
             left: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
+            wake_sum_ms: AtomicU64::new(0),
             waits: std::array::from_fn(|_| AtomicU64::new(0)),
             owners: std::array::from_fn(|_| OwnerRow::default()),
             tickets: std::array::from_fn(|_| Ticket::default()),
@@ -644,6 +668,19 @@ pub fn render(o: &mut String, gates: &[(Vec<u8>, GateStats)]) {
             let _ = writeln!(o, "}} {}", pick(s));
         }
     }
+    let name = "pdgate_hold_wake_delay_seconds";
+    let _ = writeln!(
+        o,
+        "# HELP {name} From a held request's release (by any worker) to its resume.\n# TYPE {name} summary"
+    );
+    for (g, s) in gates {
+        let _ = write!(o, "{name}_sum");
+        label(o, g);
+        let _ = writeln!(o, "}} {}.{:03}", s.wake_sum_ms / 1000, s.wake_sum_ms % 1000);
+        let _ = write!(o, "{name}_count");
+        label(o, g);
+        let _ = writeln!(o, "}} {}", s.wakes);
+    }
     let name = "pdgate_hold_wait_seconds";
     let _ =
         writeln!(o, "# HELP {name} How long released requests waited.\n# TYPE {name} histogram");
@@ -735,9 +772,10 @@ mod tests {
         assert_eq!(g.name().len(), 64, "cut at 64 bytes");
         g.admit(&CAPS, 7, 0);
         g.admit(&CAPS, 7, 0);
-        let Admission::Queued(_) = g.admit(&CAPS, 7, 0) else { panic!() };
+        let Admission::Queued(seq) = g.admit(&CAPS, 7, 0) else { panic!() };
         g.give_back(Room { prefill: 1, decode: 1 }, 7);
         g.pump(&CAPS, 7);
+        assert_eq!(g.woke(seq, 9), 2, "released at 7, resumed at 9");
         let mut o = String::new();
         render(&mut o, &[(b"/v1/".to_vec(), g.stats())]);
         assert!(o.contains("pdgate_hold_waiting{location=\"/v1/\"} 0\n"));
@@ -746,6 +784,7 @@ mod tests {
         assert!(o.contains("pdgate_hold_wait_seconds_bucket{location=\"/v1/\",le=\"0.005\"} 0\n"));
         assert!(o.contains("pdgate_hold_wait_seconds_bucket{location=\"/v1/\",le=\"0.010\"} 1\n"));
         assert!(o.contains("pdgate_hold_wait_seconds_sum{location=\"/v1/\"} 0.007\n"));
+        assert!(o.contains("pdgate_hold_wake_delay_seconds_sum{location=\"/v1/\"} 0.002\npdgate_hold_wake_delay_seconds_count{location=\"/v1/\"} 1\n"));
         let mut none = String::new();
         render(&mut none, &[]);
         assert!(none.is_empty());

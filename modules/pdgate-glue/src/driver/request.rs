@@ -236,7 +236,7 @@ unsafe fn resume_held<P: Protocol>(r: *mut ngx_http_request_t, wake: crate::hold
         // SAFETY: as documented; ctx is the request's pool-owned context.
         unsafe {
             let Some(ctx) = ctx_of::<P>(r) else { return };
-            let Held::Queued { hold, gate, since, media, .. } =
+            let Held::Queued { hold, gate, since, media, seq } =
                 std::mem::replace(&mut ctx.held, Held::No)
             else {
                 return;
@@ -246,6 +246,7 @@ unsafe fn resume_held<P: Protocol>(r: *mut ngx_http_request_t, wake: crate::hold
             ctx.m.s.held_ms = Some(waited);
             let event = match wake {
                 crate::hold::Wake::Released => {
+                    gate.woke(seq, observe::now_ms());
                     ctx.held = Held::Admitted { hold, gate, room: Room { prefill: 1, decode: 1 } };
                     ctx.go(r, media)
                 }
