@@ -20,12 +20,12 @@ import mirror  # noqa: E402  (the same figures as the runs)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "pdgate/round_robin"
-COLOURS = {"pdgate": "#0072B2", "pdgate-sglang": "#56B4E9", "vllm-router": "#E69F00",
-           "sglang-router": "#009E73"}
+COLOURS = {"pdgate": "#0072B2", "pdgate-blind": "#7FA7C9", "pdgate-hold": "#CC79A7",
+           "pdgate-sglang": "#56B4E9", "vllm-router": "#E69F00", "sglang-router": "#009E73"}
 
 
 # Scenarios in reading order (scripts/mirror.py's SCENARIOS).
-ORDER = ["a50", "a80", "a95", "a110", "b", "c", "d", "e"]
+ORDER = ["a50", "a80", "a95", "a100", "a110", "a120", "a150", "b", "c", "d", "e"]
 
 
 def run_doc(d, run):
