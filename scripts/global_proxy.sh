@@ -536,8 +536,9 @@ validate() {
     esac
     { is_uint "$HOLD_QUEUE" && [ "$((10#$HOLD_QUEUE))" -ge 1 ] && [ "$((10#$HOLD_QUEUE))" -le 4096 ]; } \
         || bad "--hold-queue $HOLD_QUEUE: not a number from 1 to 4096"
-    [[ $HOLD_TIMEOUT =~ ^[0-9]+(ms|s|m)?$ ]] && [[ ! $HOLD_TIMEOUT =~ ^0+(ms|s|m)?$ ]] \
-        || bad "--hold-timeout $HOLD_TIMEOUT: not a positive time such as 500ms or 30s"
+    if [[ ! $HOLD_TIMEOUT =~ ^[0-9]+(ms|s|m)?$ || $HOLD_TIMEOUT =~ ^0+(ms|s|m)?$ ]]; then
+        bad "--hold-timeout $HOLD_TIMEOUT: not a positive time such as 500ms or 30s"
+    fi
     case $HOLD_STATUS in 429|503) ;; *) bad "--hold-status $HOLD_STATUS: not 429 or 503" ;; esac
     if [ "$HOLD" = on ]; then
         if [ "$ENGINE" = vllm ]; then

@@ -40,6 +40,7 @@ my @cases = (
     [ gone    => 'queue=8 timeout=10s' ],
     [ reload  => 'queue=8 timeout=10s' ],
     [ killed  => 'queue=8 timeout=3s' ],
+    [ spf     => 'queue=8 timeout=10s order=spf aging=1' ],
 );
 my $conf = <<"CONF";
 load_module $mods/ngx_http_pdgate_echo_module.so;
@@ -75,6 +76,7 @@ for (@cases) {
             internal;
             rewrite ^/prefill_$name/(.*)\$ /mock/prefill/\$1 break;
             proxy_pass http://p_$name;
+            subrequest_output_buffer_size 64k;
         }
 LOC
 }
@@ -117,13 +119,14 @@ my $BODY = '{"model":"m","prompt":"hello","max_tokens":3}';
 # A request from a forked client: its status, time taken, end time and
 # headers land in a file; returns [pid, file].
 sub bg {
-    my ($path) = @_;
+    my ($path, $body) = @_;
+    $body //= $BODY;
     my $out = "$tmp/bg-" . int(rand(1e9));
     my $pid = fork // die "fork: $!";
     if ($pid == 0) {
         my $t0 = time;
         my $r = HTTP::Tiny->new(timeout => 20)->post("http://127.0.0.1:$port$path",
-            { content => $BODY, headers => { 'content-type' => 'application/json' } });
+            { content => $body, headers => { 'content-type' => 'application/json' } });
         my $h = $r->{headers};
         spit($out, join("\n", $r->{status}, time - $t0, time, $h->{'x-queue-time'} // '-',
             $h->{'retry-after'} // '-', $r->{content} // ''));
@@ -180,6 +183,18 @@ subtest 'held requests go first in, first out' => sub {
     is(join(' ', map { $_->{status} } $ra, $rb, $rc), '200 200 200', 'all served');
     cmp_ok($rb->{end}, '<', $rc->{end}, 'the second before the third');
     cmp_ok($rc->{end} - $rb->{end}, '>=', 0.45, 'one decode apart: one at a time');
+};
+
+subtest 'order=spf releases the shortest prompt first' => sub {
+    my $long = '{"model":"m","prompt":"' . ('long ' x 2000) . '","max_tokens":3}';
+    my $a = bg('/spf/v1/completions');
+    sleep 0.15;
+    my $b = bg('/spf/v1/completions', $long);
+    sleep 0.15;
+    my $c = bg('/spf/v1/completions');
+    my ($ra, $rb, $rc) = (result($a), result($b), result($c));
+    is(join(' ', map { $_->{status} } $ra, $rb, $rc), '200 200 200', 'all served');
+    cmp_ok($rc->{end}, '<', $rb->{end}, 'the short one, queued later, before the long one');
 };
 
 subtest 'a wait past the timeout is answered 503 with Retry-After' => sub {

@@ -41,13 +41,26 @@ pub struct Room {
     pub decode: u64,
 }
 
-/// The caps of a gate's pools (requests in flight, whole pool).
+/// Which waiting request a release takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// The oldest.
+    #[default]
+    Fifo,
+    /// The shortest prompt, less `aging_tps` tokens for every second it
+    /// waited (so a long prompt is not passed over for ever).
+    Spf { aging_tps: u64 },
+}
+
+/// The caps of a gate's pools (requests in flight, whole pool) and how its
+/// queue is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caps {
     pub prefill: u64,
     pub decode: u64,
     /// Tickets waiting at most (≤ [`QUEUE_MAX`]).
     pub queue: u64,
+    pub order: Order,
 }
 
 /// What [`Gate::admit`] decided.
@@ -82,6 +95,8 @@ pub struct Ticket {
     owner: AtomicU64,
     /// When it was released (ms), for the wake-up delay.
     released_ms: AtomicU64,
+    /// Its prompt's tokens (shortest-prompt-first).
+    tokens: AtomicU64,
 }
 
 /// One process's share of a gate's reservations.
@@ -226,7 +241,7 @@ impl Gate {
 
     /// A request arrives: admitted at once when nothing waits and both pools
     /// have room; else queued (FIFO) unless the queue is full.
-    pub fn admit(&self, caps: &Caps, owner: u64, now_ms: u64) -> Admission {
+    pub fn admit(&self, caps: &Caps, owner: u64, tokens: u64, now_ms: u64) -> Admission {
         let empty = self.head.load(Ordering::Acquire) == self.tail.load(Ordering::Acquire);
         if empty && self.reserve(caps, owner) {
             self.admitted.fetch_add(1, Ordering::Relaxed);
@@ -246,6 +261,7 @@ impl Gate {
         let tk = &self.tickets[(seq % QUEUE_MAX as u64) as usize];
         tk.since_ms.store(now_ms, Ordering::Relaxed);
         tk.owner.store(owner, Ordering::Relaxed);
+        tk.tokens.store(tokens, Ordering::Relaxed);
         tk.word.store(word(seq, WAITING), Ordering::Release);
         self.queued.fetch_add(1, Ordering::Relaxed);
         // Room may have freed up while it queued.
@@ -257,6 +273,81 @@ impl Gate {
     /// reserving it for each (for their holders); returns how many. Any
     /// worker may call it, whenever room may have freed up.
     pub fn pump(&self, caps: &Caps, now_ms: u64) -> usize {
+        match caps.order {
+            Order::Fifo => self.pump_fifo(caps, now_ms),
+            Order::Spf { aging_tps } => self.pump_spf(caps, now_ms, aging_tps),
+        }
+    }
+
+    /// Releases ticket `seq` (its word `w`) if room can be reserved for it:
+    /// `Some(true)` released, `Some(false)` cancelled meanwhile (the room
+    /// went back), `None` no room.
+    fn release(&self, caps: &Caps, seq: u64, w: u64, now_ms: u64) -> Option<bool> {
+        let tk = &self.tickets[(seq % QUEUE_MAX as u64) as usize];
+        let owner = tk.owner.load(Ordering::Relaxed);
+        if !self.reserve(caps, owner) {
+            return None;
+        }
+        tk.released_ms.store(now_ms, Ordering::Relaxed);
+        let released = tk
+            .word
+            .compare_exchange(w, word(seq, RELEASED), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if released {
+            self.released.fetch_add(1, Ordering::Relaxed);
+            self.wait_observed(now_ms.saturating_sub(tk.since_ms.load(Ordering::Relaxed)));
+        } else {
+            self.give_back(Room { prefill: 1, decode: 1 }, owner);
+        }
+        Some(released)
+    }
+
+    /// Moves the head past the resolved tickets at its front.
+    fn advance(&self) {
+        loop {
+            let (h, t) = (self.head.load(Ordering::Acquire), self.tail.load(Ordering::Acquire));
+            if h >= t {
+                return;
+            }
+            let w = self.tickets[(h % QUEUE_MAX as u64) as usize].word.load(Ordering::Acquire);
+            if w >> 2 != h || w == 0 || w & 3 == WAITING {
+                return;
+            }
+            let _ = self.head.compare_exchange(h, h + 1, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// Shortest prompt first, with aging: releases the waiting ticket of
+    /// least `tokens − aging_tps × waited seconds` while there is room.
+    fn pump_spf(&self, caps: &Caps, now_ms: u64, aging_tps: u64) -> usize {
+        let mut n = 0;
+        loop {
+            self.advance();
+            let (h, t) = (self.head.load(Ordering::Acquire), self.tail.load(Ordering::Acquire));
+            let mut best: Option<(i128, u64, u64)> = None;
+            for seq in h..t {
+                let tk = &self.tickets[(seq % QUEUE_MAX as u64) as usize];
+                let w = tk.word.load(Ordering::Acquire);
+                if w >> 2 != seq || w & 3 != WAITING {
+                    continue;
+                }
+                let waited = now_ms.saturating_sub(tk.since_ms.load(Ordering::Relaxed));
+                let score = i128::from(tk.tokens.load(Ordering::Relaxed))
+                    - i128::from(aging_tps) * i128::from(waited) / 1000;
+                if best.is_none_or(|(b, _, _)| score < b) {
+                    best = Some((score, seq, w));
+                }
+            }
+            let Some((_, seq, w)) = best else { return n };
+            match self.release(caps, seq, w, now_ms) {
+                None => return n,
+                Some(true) => n += 1,
+                Some(false) => {}
+            }
+        }
+    }
+
+    fn pump_fifo(&self, caps: &Caps, now_ms: u64) -> usize {
         let mut n = 0;
         loop {
             let (h, t) = (self.head.load(Ordering::Acquire), self.tail.load(Ordering::Acquire));
@@ -270,22 +361,11 @@ impl Gate {
                 return n;
             }
             if w & 3 == WAITING {
-                let owner = tk.owner.load(Ordering::Relaxed);
-                if !self.reserve(caps, owner) {
-                    return n;
-                }
-                tk.released_ms.store(now_ms, Ordering::Relaxed);
-                let released = tk
-                    .word
-                    .compare_exchange(w, word(h, RELEASED), Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok();
-                if released {
-                    n += 1;
-                    self.released.fetch_add(1, Ordering::Relaxed);
-                    self.wait_observed(now_ms.saturating_sub(tk.since_ms.load(Ordering::Relaxed)));
-                } else {
-                    // Cancelled meanwhile: the room goes back.
-                    self.give_back(Room { prefill: 1, decode: 1 }, owner);
+                match self.release(caps, h, w, now_ms) {
+                    None => return n,
+                    Some(true) => n += 1,
+                    // Cancelled meanwhile: the room went back.
+                    Some(false) => {}
                 }
             }
             let _ = self.head.compare_exchange(h, h + 1, Ordering::AcqRel, Ordering::Acquire);
@@ -457,6 +537,8 @@ pub struct HoldConf {
     pub status: u16,
     /// `Retry-After` of those answers, seconds.
     pub retry_after_s: u64,
+    /// `order=fifo|spf` and `aging=` (tokens per second).
+    pub order: Order,
 }
 
 /// A `pd_hold` argument that does not parse.
@@ -486,7 +568,10 @@ impl HoldConf {
             timeout_ms: 30_000,
             status: 503,
             retry_after_s: 1,
+            order: Order::Fifo,
         };
+        let mut spf = false;
+        let mut aging = DEFAULT_AGING_TPS;
         let mut seen: Vec<&[u8]> = Vec::new();
         for &arg in args {
             let text = String::from_utf8_lossy(arg);
@@ -546,12 +631,30 @@ impl HoldConf {
                         _ => return Err(bad(", it must be 429 or 503")),
                     };
                 }
+                b"order" => {
+                    spf = match value {
+                        b"fifo" => false,
+                        b"spf" => true,
+                        _ => return Err(bad(", it must be fifo or spf")),
+                    };
+                }
+                b"aging" => {
+                    aging = number(value, 100_000_000).ok_or_else(|| {
+                        bad(", it must be a positive number of tokens per second")
+                    })?;
+                }
                 b"retry_after" => {
                     c.retry_after_s = number(value, 86_400)
                         .ok_or_else(|| bad(", it must be a number of seconds from 1 to 86400"))?;
                 }
                 _ => return Err(bad("")),
             }
+        }
+        if seen.contains(&&b"aging"[..]) && !spf {
+            return Err(HoldConfError("\"aging\" is for order=spf".into()));
+        }
+        if spf {
+            c.order = Order::Spf { aging_tps: aging };
         }
         if c.prefill_upstream.is_empty() || c.decode_upstream.is_empty() {
             return Err(HoldConfError(
@@ -568,9 +671,14 @@ impl HoldConf {
             prefill: prefill_up.saturating_mul(self.prefill_max_num_seqs),
             decode: decode_up.saturating_mul(self.decode_max_num_seqs),
             queue: self.queue,
+            order: self.order,
         }
     }
 }
+
+/// `aging`'s default: a prompt waiting one second counts 1000 tokens
+/// shorter (a 16k-token prompt goes before fresh short ones within ~16 s).
+pub const DEFAULT_AGING_TPS: u64 = 1000;
 
 /// Gates of a [`HoldZone`]: locations with `pd_hold` at once.
 pub const GATES: usize = 16;
@@ -706,7 +814,7 @@ pub fn render(o: &mut String, gates: &[(Vec<u8>, GateStats)]) {
 mod tests {
     use super::*;
 
-    const CAPS: Caps = Caps { prefill: 2, decode: 3, queue: 4 };
+    const CAPS: Caps = Caps { prefill: 2, decode: 3, queue: 4, order: Order::Fifo };
 
     fn gate() -> Box<Gate> {
         Box::default()
@@ -726,7 +834,11 @@ mod tests {
         assert_eq!((c.prefill_upstream.as_slice(), c.prefill_max_num_seqs), (&b"p"[..], 8));
         assert_eq!((c.decode_upstream.as_slice(), c.decode_max_num_seqs), (&b"d"[..], 32));
         assert_eq!((c.queue, c.timeout_ms, c.status, c.retry_after_s), (100, 5000, 429, 3));
-        assert_eq!(c.caps(2, 3), Caps { prefill: 16, decode: 96, queue: 100 });
+        assert_eq!(c.caps(2, 3), Caps { prefill: 16, decode: 96, queue: 100, order: Order::Fifo });
+        let o = HoldConf::parse(&[b"prefill=p", b"decode=d", b"order=spf", b"aging=50"]).unwrap();
+        assert_eq!(o.order, Order::Spf { aging_tps: 50 });
+        let o = HoldConf::parse(&[b"prefill=p", b"decode=d", b"order=spf"]).unwrap();
+        assert_eq!(o.order, Order::Spf { aging_tps: DEFAULT_AGING_TPS });
         let d = HoldConf::parse(&[b"prefill=p", b"decode=d"]).unwrap();
         assert_eq!(
             (d.prefill_max_num_seqs, d.queue, d.timeout_ms, d.status),
@@ -739,6 +851,8 @@ mod tests {
             (&[b"prefill=p", b"decode=d", b"queue=0"], "invalid parameter \"queue=0\", it must be a number from 1 to 4096"),
             (&[b"prefill=p", b"decode=d", b"wait=1s"], "invalid parameter \"wait=1s\""),
             (&[b"prefill=p", b"prefill=q"], "duplicate parameter \"prefill\""),
+            (&[b"prefill=p", b"decode=d", b"order=lifo"], "invalid parameter \"order=lifo\", it must be fifo or spf"),
+            (&[b"prefill=p", b"decode=d", b"aging=5"], "\"aging\" is for order=spf"),
         ] {
             assert_eq!(HoldConf::parse(args).unwrap_err().0, msg);
         }
@@ -770,9 +884,9 @@ mod tests {
         assert_eq!(g.name(), b"server 127.0.0.1:8080 location /v1/");
         g.set_name(&[b'x'; 80]);
         assert_eq!(g.name().len(), 64, "cut at 64 bytes");
-        g.admit(&CAPS, 7, 0);
-        g.admit(&CAPS, 7, 0);
-        let Admission::Queued(seq) = g.admit(&CAPS, 7, 0) else { panic!() };
+        g.admit(&CAPS, 7, 1, 0);
+        g.admit(&CAPS, 7, 1, 0);
+        let Admission::Queued(seq) = g.admit(&CAPS, 7, 1, 0) else { panic!() };
         g.give_back(Room { prefill: 1, decode: 1 }, 7);
         g.pump(&CAPS, 7);
         assert_eq!(g.woke(seq, 9), 2, "released at 7, resumed at 9");
@@ -793,14 +907,14 @@ mod tests {
     #[test]
     fn admits_until_a_pool_is_full_then_queues_then_refuses() {
         let g = gate();
-        assert_eq!(g.admit(&CAPS, 7, 0), Admission::Now);
-        assert_eq!(g.admit(&CAPS, 7, 0), Admission::Now);
+        assert_eq!(g.admit(&CAPS, 7, 1, 0), Admission::Now);
+        assert_eq!(g.admit(&CAPS, 7, 1, 0), Admission::Now);
         // The prefill pool (2) is full.
-        assert_eq!(g.admit(&CAPS, 7, 10), Admission::Queued(0));
-        assert_eq!(g.admit(&CAPS, 8, 10), Admission::Queued(1));
-        assert_eq!(g.admit(&CAPS, 8, 10), Admission::Queued(2));
-        assert_eq!(g.admit(&CAPS, 8, 10), Admission::Queued(3));
-        assert_eq!(g.admit(&CAPS, 8, 10), Admission::Full);
+        assert_eq!(g.admit(&CAPS, 7, 1, 10), Admission::Queued(0));
+        assert_eq!(g.admit(&CAPS, 8, 1, 10), Admission::Queued(1));
+        assert_eq!(g.admit(&CAPS, 8, 1, 10), Admission::Queued(2));
+        assert_eq!(g.admit(&CAPS, 8, 1, 10), Admission::Queued(3));
+        assert_eq!(g.admit(&CAPS, 8, 1, 10), Admission::Full);
         let s = g.stats();
         assert_eq!((s.prefill, s.decode, s.waiting, s.admitted, s.full), (2, 2, 4, 2, 1));
     }
@@ -808,10 +922,10 @@ mod tests {
     #[test]
     fn fifo_release_when_room_frees_and_decode_room_is_reserved_first() {
         let g = gate();
-        g.admit(&CAPS, 7, 0);
-        g.admit(&CAPS, 7, 0);
-        let Admission::Queued(a) = g.admit(&CAPS, 7, 100) else { panic!() };
-        let Admission::Queued(b) = g.admit(&CAPS, 7, 100) else { panic!() };
+        g.admit(&CAPS, 7, 1, 0);
+        g.admit(&CAPS, 7, 1, 0);
+        let Admission::Queued(a) = g.admit(&CAPS, 7, 1, 100) else { panic!() };
+        let Admission::Queued(b) = g.admit(&CAPS, 7, 1, 100) else { panic!() };
         // A prefill ends: one prefill slot frees, the decode (3) has room.
         g.give_back(Room { prefill: 1, decode: 0 }, 7);
         assert_eq!(g.pump(&CAPS, 150), 1);
@@ -830,16 +944,44 @@ mod tests {
         assert_eq!(s.waits[4], 2, "both within 100 ms");
         assert_eq!(s.waits[3], 1, "one within 50 ms");
         // New arrivals queue behind nothing now but still find no room.
-        assert!(matches!(g.admit(&CAPS, 7, 200), Admission::Queued(_)));
+        assert!(matches!(g.admit(&CAPS, 7, 1, 200), Admission::Queued(_)));
+    }
+
+    #[test]
+    fn shortest_prompt_first_with_aging() {
+        let caps = Caps { prefill: 1, decode: 1, queue: 8, order: Order::Spf { aging_tps: 1000 } };
+        let g = gate();
+        assert_eq!(g.admit(&caps, 7, 10, 0), Admission::Now);
+        let Admission::Queued(long) = g.admit(&caps, 7, 5000, 0) else { panic!() };
+        let Admission::Queued(short) = g.admit(&caps, 7, 100, 1000) else { panic!() };
+        let Admission::Queued(mid) = g.admit(&caps, 7, 400, 1000) else { panic!() };
+        // At 1 s: long counts 5000 − 1000, short 100, mid 400.
+        g.give_back(Room { prefill: 1, decode: 1 }, 7);
+        assert_eq!(g.pump(&caps, 1000), 1);
+        assert_eq!(g.poll(short), TicketState::Released, "the shortest first");
+        g.give_back(Room { prefill: 1, decode: 1 }, 7);
+        assert_eq!(g.pump(&caps, 1000), 1);
+        assert_eq!(g.poll(mid), TicketState::Released);
+        // Fresh short prompts keep coming, but the long one has aged: at
+        // 5 s it counts 0, below a fresh 300-token one.
+        let Admission::Queued(fresh) = g.admit(&caps, 7, 300, 5000) else { panic!() };
+        g.give_back(Room { prefill: 1, decode: 1 }, 7);
+        assert_eq!(g.pump(&caps, 5000), 1);
+        assert_eq!((g.poll(long), g.poll(fresh)), (TicketState::Released, TicketState::Waiting));
+        // The head moved past everything resolved at its front.
+        g.give_back(Room { prefill: 1, decode: 1 }, 7);
+        assert_eq!(g.pump(&caps, 5000), 1);
+        assert_eq!(g.stats().waiting, 0);
+        assert_eq!(g.admit(&caps, 7, 1, 5000), Admission::Queued(fresh + 1), "the room is taken");
     }
 
     #[test]
     fn a_cancelled_ticket_is_skipped_and_a_late_cancel_loses() {
         let g = gate();
-        g.admit(&CAPS, 7, 0);
-        g.admit(&CAPS, 7, 0);
-        let Admission::Queued(a) = g.admit(&CAPS, 7, 0) else { panic!() };
-        let Admission::Queued(b) = g.admit(&CAPS, 7, 0) else { panic!() };
+        g.admit(&CAPS, 7, 1, 0);
+        g.admit(&CAPS, 7, 1, 0);
+        let Admission::Queued(a) = g.admit(&CAPS, 7, 1, 0) else { panic!() };
+        let Admission::Queued(b) = g.admit(&CAPS, 7, 1, 0) else { panic!() };
         assert!(g.cancel(a, true), "timed out while waiting");
         assert_eq!(g.poll(a), TicketState::Gone);
         g.give_back(Room { prefill: 1, decode: 1 }, 7);
@@ -855,22 +997,22 @@ mod tests {
         let g = gate();
         // Something waits (a ticket whose pump has not run), so a new
         // arrival queues even with room; its own pump releases both.
-        let caps = Caps { prefill: 1, decode: 1, queue: 8 };
-        g.admit(&caps, 7, 0);
-        let Admission::Queued(a) = g.admit(&caps, 7, 0) else { panic!() };
+        let caps = Caps { prefill: 1, decode: 1, queue: 8, order: Order::Fifo };
+        g.admit(&caps, 7, 1, 0);
+        let Admission::Queued(a) = g.admit(&caps, 7, 1, 0) else { panic!() };
         g.give_back(Room { prefill: 1, decode: 1 }, 7);
-        let big = Caps { prefill: 5, decode: 5, queue: 8 };
-        let Admission::Queued(b) = g.admit(&big, 7, 0) else { panic!() };
+        let big = Caps { prefill: 5, decode: 5, queue: 8, order: Order::Fifo };
+        let Admission::Queued(b) = g.admit(&big, 7, 1, 0) else { panic!() };
         assert_eq!((g.poll(a), g.poll(b)), (TicketState::Released, TicketState::Released));
     }
 
     #[test]
     fn a_dead_process_gives_back_its_room_and_its_tickets() {
         let g = gate();
-        g.admit(&CAPS, 7, 0);
-        g.admit(&CAPS, 9, 0);
-        let Admission::Queued(mine) = g.admit(&CAPS, 9, 0) else { panic!() };
-        let Admission::Queued(other) = g.admit(&CAPS, 7, 0) else { panic!() };
+        g.admit(&CAPS, 7, 1, 0);
+        g.admit(&CAPS, 9, 1, 0);
+        let Admission::Queued(mine) = g.admit(&CAPS, 9, 1, 0) else { panic!() };
+        let Admission::Queued(other) = g.admit(&CAPS, 7, 1, 0) else { panic!() };
         let got = g.reclaim(9);
         assert_eq!(got, Room { prefill: 1, decode: 1 });
         assert_eq!(g.poll(mine), TicketState::Gone);
@@ -884,14 +1026,14 @@ mod tests {
     #[test]
     fn ring_slots_are_reused_without_confusing_tickets() {
         let g = gate();
-        let caps = Caps { prefill: 1, decode: 1, queue: QUEUE_MAX as u64 };
-        g.admit(&caps, 7, 0);
+        let caps = Caps { prefill: 1, decode: 1, queue: QUEUE_MAX as u64, order: Order::Fifo };
+        g.admit(&caps, 7, 1, 0);
         for round in 0..3u64 {
             for k in 0..QUEUE_MAX as u64 {
                 let seq = round * QUEUE_MAX as u64 + k;
-                assert_eq!(g.admit(&caps, 7, 0), Admission::Queued(seq));
+                assert_eq!(g.admit(&caps, 7, 1, 0), Admission::Queued(seq));
             }
-            assert_eq!(g.admit(&caps, 7, 0), Admission::Full);
+            assert_eq!(g.admit(&caps, 7, 1, 0), Admission::Full);
             // The first half times out; the rest are served one by one.
             for k in 0..QUEUE_MAX as u64 / 2 {
                 assert!(g.cancel(round * QUEUE_MAX as u64 + k, true));
@@ -910,14 +1052,15 @@ mod tests {
     fn concurrent_admissions_never_exceed_the_caps() {
         use std::sync::Arc;
         let g: Arc<Gate> = Arc::from(gate());
-        let caps = Caps { prefill: 5, decode: 7, queue: 1000 };
+        let caps =
+            Caps { prefill: 5, decode: 7, queue: 1000, order: Order::Spf { aging_tps: 100 } };
         let threads: Vec<_> = (1..=4u64)
             .map(|owner| {
                 let g = g.clone();
                 std::thread::spawn(move || {
                     let mut mine = Vec::new();
                     for i in 0..2000u64 {
-                        match g.admit(&caps, owner, i) {
+                        match g.admit(&caps, owner, i % 300, i) {
                             Admission::Now => mine.push(None),
                             Admission::Queued(s) => mine.push(Some(s)),
                             Admission::Full => {}

@@ -181,10 +181,11 @@ thread_local! {
     static TIMER: RefCell<Option<Box<ngx_event_t>>> = const { RefCell::new(None) };
 }
 
-/// Admits a request to `hold`'s gate, or queues it.
-pub fn admit(hold: &Hold, gate: &Gate) -> Admission {
+/// Admits a request of `tokens` (its prompt, estimated) to `hold`'s gate,
+/// or queues it.
+pub fn admit(hold: &Hold, gate: &Gate, tokens: u64) -> Admission {
     sweep();
-    gate.admit(&caps(hold), owner(), crate::observe::now_ms())
+    gate.admit(&caps(hold), owner(), tokens, crate::observe::now_ms())
 }
 
 /// Holds `r` with ticket `seq` until it is released or times out; `resume`

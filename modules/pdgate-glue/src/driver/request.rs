@@ -191,7 +191,8 @@ unsafe fn admit<P: Protocol>(
             return Some(Ok(media));
         };
         let log = (*(*r).connection).log;
-        match crate::hold::admit(hold, gate) {
+        let tokens = pdgate_core::tokens::tokens_for_bytes(ctx.src.len());
+        match crate::hold::admit(hold, gate, tokens) {
             Admission::Now => {
                 ctx.held = Held::Admitted { hold, gate, room: Room { prefill: 1, decode: 1 } };
                 ctx.m.s.held_ms = Some(0);
