@@ -9,7 +9,7 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/common";
-use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port);
+use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx);
 use Pdgate::Dns;
 use File::Temp qw(tempdir);
 use HTTP::Tiny;
@@ -92,14 +92,9 @@ http {
 }
 CONF
 
-END {
-    local $?;
-    my $pid = slurp("$tmp/logs/nginx.pid") if $tmp;
-    kill 'QUIT', $1 if defined $pid && $pid =~ /(\d+)/;
-    Pdgate::Dns::stop($dns_pid);
-}
+END { Pdgate::Dns::stop($dns_pid) }
 
-is(system($NGINX, '-p', $tmp, '-c', 'nginx.conf'), 0, 'nginx starts');
+ok(start_nginx($tmp), 'nginx starts');
 ok(wait_port($port, 10), 'and listens');
 my $http = HTTP::Tiny->new(timeout => 10);
 

@@ -13,7 +13,7 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/common";
-use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port);
+use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx);
 use File::Temp qw(tempdir);
 use HTTP::Tiny;
 use IO::Socket::INET;
@@ -41,11 +41,13 @@ my @cases = (
     [ reload  => 'queue=8 timeout=10s' ],
     [ killed  => 'queue=8 timeout=3s' ],
     [ spf     => 'queue=8 timeout=10s order=spf aging=1' ],
+    [ engine  => 'queue=8 timeout=300ms max_waiting=3' ],
 );
 my $conf = <<"CONF";
 load_module $mods/ngx_http_pdgate_echo_module.so;
 load_module $mods/ngx_http_prefill_module.so;
 load_module $mods/ngx_http_prefill_refactor_module.so;
+load_module $mods/ngx_http_upstream_pd_health_module.so;
 worker_processes 2;
 error_log logs/error.log info;
 pid logs/nginx.pid;
@@ -57,8 +59,10 @@ http {
 CONF
 for (@cases) {
     my ($name, $params) = @$_;
-    $conf .= "    upstream p_$name { zone p_$name 64k; server 127.0.0.1:$mock; }\n";
-    $conf .= "    upstream d_$name { zone d_$name 64k; server 127.0.0.1:$mock; }\n";
+    # The engine case's pools read the mock's /metrics (5 waiting).
+    my $scrape = $name eq 'engine' ? ' pd_engine_metrics interval=100ms timeout=100ms;' : '';
+    $conf .= "    upstream p_$name { zone p_$name 64k; server 127.0.0.1:$mock;$scrape }\n";
+    $conf .= "    upstream d_$name { zone d_$name 64k; server 127.0.0.1:$mock;$scrape }\n";
 }
 $conf .= "    upstream p_sglang { zone p_sglang 64k; server 127.0.0.1:$mock; }\n";
 $conf .= "    upstream d_sglang { zone d_sglang 64k; server 127.0.0.1:$mock; }\n";
@@ -100,18 +104,13 @@ $conf .= <<"CONF";
         listen 127.0.0.1:$mock;
         location /mock/prefill/ { pdgate_echo prefill; }
         location /mock/decode/ { pdgate_echo delay=600; }
+        location = /metrics { return 200 "vllm:num_requests_running 8\\nvllm:num_requests_waiting 5\\n"; }
     }
 }
 CONF
 spit("$tmp/nginx.conf", $conf);
 
-END {
-    local $?;
-    my $pid = slurp("$tmp/logs/nginx.pid") if $tmp;
-    kill 'QUIT', $1 if defined $pid && $pid =~ /(\d+)/;
-}
-
-is(system($NGINX, '-p', $tmp, '-c', 'nginx.conf'), 0, 'nginx starts');
+ok(start_nginx($tmp), 'nginx starts');
 ok(wait_port($port, 10), 'and listens');
 my $http = HTTP::Tiny->new(timeout => 20);
 my $BODY = '{"model":"m","prompt":"hello","max_tokens":3}';
@@ -130,7 +129,7 @@ sub bg {
         my $h = $r->{headers};
         spit($out, join("\n", $r->{status}, time - $t0, time, $h->{'x-queue-time'} // '-',
             $h->{'retry-after'} // '-', $r->{content} // ''));
-        POSIX::_exit(0);   # no END block (it stops nginx) in the child
+        POSIX::_exit(0);   # no END block in the child (the temp dir would go)
     }
     return [$pid, $out];
 }
@@ -195,6 +194,13 @@ subtest 'order=spf releases the shortest prompt first' => sub {
     my ($ra, $rb, $rc) = (result($a), result($b), result($c));
     is(join(' ', map { $_->{status} } $ra, $rb, $rc), '200 200 200', 'all served');
     cmp_ok($rc->{end}, '<', $rb->{end}, 'the short one, queued later, before the long one');
+};
+
+subtest 'max_waiting: an engine that reports a queue has no room' => sub {
+    sleep 0.3;   # the first scrapes
+    my $r = result(bg('/engine/v1/completions'));
+    is($r->{status}, 503, 'nothing in flight here, but the engines report 5 waiting: held, then 503');
+    cmp_ok($r->{took}, '>=', 0.25, "after the timeout ($r->{took} s)");
 };
 
 subtest 'a wait past the timeout is answered 503 with Retry-After' => sub {

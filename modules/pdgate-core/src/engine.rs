@@ -24,7 +24,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::balance::fails::parse_duration_ms;
 use crate::prom::EngineLoad;
 
 /// `pd_engine_metrics`'s settings.
@@ -78,50 +77,20 @@ impl MetricsConf {
     /// Parses `interval=1s timeout=1s uri=/metrics port=N model=NAME
     /// kv_high=95` (any subset, any order, each at most once).
     pub fn parse(args: &[&[u8]]) -> Result<MetricsConf, MetricsConfError> {
+        use crate::conf::{invalid_value, number, parameters, path, port, positive_ms};
+        use crate::conf::{A_PATH, A_PORT, POSITIVE_TIME};
         let mut c = MetricsConf::default();
-        let mut seen: Vec<&[u8]> = Vec::new();
-        for &arg in args {
-            let text = String::from_utf8_lossy(arg);
-            let bad = |why: &str| MetricsConfError(format!("invalid parameter \"{text}\"{why}"));
-            let Some(eq) = arg.iter().position(|&b| b == b'=') else {
-                return Err(bad(""));
-            };
-            let (name, value) = (&arg[..eq], &arg[eq + 1..]);
-            if seen.contains(&name) {
-                return Err(MetricsConfError(format!(
-                    "duplicate parameter \"{}\"",
-                    String::from_utf8_lossy(name)
-                )));
-            }
-            seen.push(name);
+        parameters(args, |name, value| {
+            let bad = |why: &str| invalid_value(name, value, why);
             match name {
-                b"interval" | b"timeout" => {
-                    let ms = parse_duration_ms(value)
-                        .filter(|&ms| ms > 0)
-                        .ok_or_else(|| bad(", it must be a positive time such as 500ms or 2s"))?;
-                    if name == b"interval" {
-                        c.interval_ms = ms;
-                    } else {
-                        c.timeout_ms = ms;
-                    }
+                b"interval" => {
+                    c.interval_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
                 }
-                b"uri" => {
-                    let ok = value.first() == Some(&b'/')
-                        && value.len() <= 1024
-                        && value.iter().all(|&b| b.is_ascii_graphic());
-                    if !ok {
-                        return Err(bad(", it must be a path starting with \"/\" without spaces"));
-                    }
-                    c.uri = value.to_vec();
+                b"timeout" => {
+                    c.timeout_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
                 }
-                b"port" => {
-                    let p = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse::<u16>().ok())
-                        .filter(|&p| p > 0)
-                        .ok_or_else(|| bad(", it must be a port from 1 to 65535"))?;
-                    c.port = Some(p);
-                }
+                b"uri" => c.uri = path(value).ok_or_else(|| bad(A_PATH))?,
+                b"port" => c.port = Some(port(value).ok_or_else(|| bad(A_PORT))?),
                 b"model" => {
                     let m = std::str::from_utf8(value)
                         .ok()
@@ -130,16 +99,15 @@ impl MetricsConf {
                     c.model = Some(m.to_owned());
                 }
                 b"kv_high" => {
-                    let p = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse::<u64>().ok())
-                        .filter(|&p| (1..=100).contains(&p))
-                        .ok_or_else(|| bad(", it must be a percentage from 1 to 100"))?;
-                    c.kv_high_permille = p * 10;
+                    c.kv_high_permille = number(value, 1, 100)
+                        .ok_or_else(|| bad(", it must be a percentage from 1 to 100"))?
+                        * 10;
                 }
-                _ => return Err(bad("")),
+                _ => return Ok(false),
             }
-        }
+            Ok(true)
+        })
+        .map_err(MetricsConfError)?;
         if c.timeout_ms > c.interval_ms {
             return Err(MetricsConfError(format!(
                 "timeout ({} ms) is longer than interval ({} ms)",

@@ -21,8 +21,6 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::balance::fails::parse_duration_ms;
-
 /// `pd_health_check`'s settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckConf {
@@ -70,65 +68,35 @@ impl CheckConf {
     /// Parses `interval=2s timeout=1s fails=2 passes=1 uri=/health port=N`
     /// (any subset, any order; each at most once).
     pub fn parse(args: &[&[u8]]) -> Result<CheckConf, CheckConfError> {
+        use crate::conf::{invalid_value, number, parameters, path, port, positive_ms};
+        use crate::conf::{A_PATH, A_PORT, POSITIVE_TIME};
         let mut c = CheckConf::default();
-        let mut seen: Vec<&[u8]> = Vec::new();
-        for &arg in args {
-            let text = String::from_utf8_lossy(arg);
-            let bad = |why: &str| CheckConfError(format!("invalid parameter \"{text}\"{why}"));
-            let Some(eq) = arg.iter().position(|&b| b == b'=') else {
-                return Err(bad(""));
-            };
-            let (name, value) = (&arg[..eq], &arg[eq + 1..]);
-            if seen.contains(&name) {
-                return Err(CheckConfError(format!(
-                    "duplicate parameter \"{}\"",
-                    String::from_utf8_lossy(name)
-                )));
-            }
-            seen.push(name);
+        parameters(args, |name, value| {
+            let bad = |why: &str| invalid_value(name, value, why);
             match name {
-                b"interval" | b"timeout" => {
-                    let ms = parse_duration_ms(value)
-                        .filter(|&ms| ms > 0)
-                        .ok_or_else(|| bad(", it must be a positive time such as 500ms or 2s"))?;
-                    if name == b"interval" {
-                        c.interval_ms = ms;
-                    } else {
-                        c.timeout_ms = ms;
-                    }
+                b"interval" => {
+                    c.interval_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
+                }
+                b"timeout" => {
+                    c.timeout_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
                 }
                 b"fails" | b"passes" => {
-                    let n = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse::<u32>().ok())
-                        .filter(|&n| (1..=1000).contains(&n))
-                        .ok_or_else(|| bad(", it must be a number from 1 to 1000"))?;
+                    let n = number(value, 1, 1000)
+                        .ok_or_else(|| bad(", it must be a number from 1 to 1000"))?
+                        as u32;
                     if name == b"fails" {
                         c.fails = n;
                     } else {
                         c.passes = n;
                     }
                 }
-                b"uri" => {
-                    let ok = value.first() == Some(&b'/')
-                        && value.len() <= 1024
-                        && value.iter().all(|&b| b.is_ascii_graphic());
-                    if !ok {
-                        return Err(bad(", it must be a path starting with \"/\" without spaces"));
-                    }
-                    c.uri = value.to_vec();
-                }
-                b"port" => {
-                    let p = std::str::from_utf8(value)
-                        .ok()
-                        .and_then(|s| s.parse::<u16>().ok())
-                        .filter(|&p| p > 0)
-                        .ok_or_else(|| bad(", it must be a port from 1 to 65535"))?;
-                    c.port = Some(p);
-                }
-                _ => return Err(bad("")),
+                b"uri" => c.uri = path(value).ok_or_else(|| bad(A_PATH))?,
+                b"port" => c.port = Some(port(value).ok_or_else(|| bad(A_PORT))?),
+                _ => return Ok(false),
             }
-        }
+            Ok(true)
+        })
+        .map_err(CheckConfError)?;
         if c.timeout_ms > c.interval_ms {
             return Err(CheckConfError(format!(
                 "timeout ({} ms) is longer than interval ({} ms)",

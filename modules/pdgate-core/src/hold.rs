@@ -539,6 +539,11 @@ pub struct HoldConf {
     pub retry_after_s: u64,
     /// `order=fifo|spf` and `aging=` (tokens per second).
     pub order: Order,
+    /// `max_waiting=N`: an engine whose `/metrics` (`pd_engine_metrics`)
+    /// report N or more waiting requests has no room.
+    pub max_waiting: Option<u64>,
+    /// `kv_full=on`: an engine at its `kv_high` has no room.
+    pub kv_full: bool,
 }
 
 /// A `pd_hold` argument that does not parse.
@@ -569,28 +574,15 @@ impl HoldConf {
             status: 503,
             retry_after_s: 1,
             order: Order::Fifo,
+            max_waiting: None,
+            kv_full: false,
         };
         let mut spf = false;
         let mut aging = DEFAULT_AGING_TPS;
-        let mut seen: Vec<&[u8]> = Vec::new();
-        for &arg in args {
-            let text = String::from_utf8_lossy(arg);
-            let bad = |why: &str| HoldConfError(format!("invalid parameter \"{text}\"{why}"));
-            let Some(eq) = arg.iter().position(|&b| b == b'=') else { return Err(bad("")) };
-            let (name, value) = (&arg[..eq], &arg[eq + 1..]);
-            if seen.contains(&name) {
-                return Err(HoldConfError(format!(
-                    "duplicate parameter \"{}\"",
-                    String::from_utf8_lossy(name)
-                )));
-            }
-            seen.push(name);
-            let number = |v: &[u8], max: u64| {
-                std::str::from_utf8(v)
-                    .ok()
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .filter(|n| (1..=max).contains(n))
-            };
+        let mut aging_set = false;
+        crate::conf::parameters(args, |name, value| {
+            use crate::conf::{invalid_value, number, positive_ms, POSITIVE_TIME};
+            let bad = |why: &str| invalid_value(name, value, why);
             match name {
                 b"prefill" | b"decode" => {
                     let (up, n) = match value.iter().rposition(|&b| b == b':') {
@@ -599,7 +591,7 @@ impl HoldConf {
                     };
                     let n = match n {
                         None => None,
-                        Some(n) => Some(number(n, 1_000_000).ok_or_else(|| {
+                        Some(n) => Some(number(n, 1, 1_000_000).ok_or_else(|| {
                             bad(", the requests per server after \":\" must be a positive number")
                         })?),
                     };
@@ -615,14 +607,12 @@ impl HoldConf {
                     }
                 }
                 b"queue" => {
-                    c.queue = number(value, QUEUE_MAX as u64).ok_or_else(|| {
+                    c.queue = number(value, 1, QUEUE_MAX as u64).ok_or_else(|| {
                         bad(&format!(", it must be a number from 1 to {QUEUE_MAX}"))
                     })?;
                 }
                 b"timeout" => {
-                    c.timeout_ms = crate::balance::fails::parse_duration_ms(value)
-                        .filter(|&ms| ms > 0)
-                        .ok_or_else(|| bad(", it must be a positive time such as 500ms or 30s"))?;
+                    c.timeout_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
                 }
                 b"status" => {
                     c.status = match value {
@@ -639,18 +629,31 @@ impl HoldConf {
                     };
                 }
                 b"aging" => {
-                    aging = number(value, 100_000_000).ok_or_else(|| {
+                    aging = number(value, 1, 100_000_000).ok_or_else(|| {
                         bad(", it must be a positive number of tokens per second")
                     })?;
+                    aging_set = true;
+                }
+                b"max_waiting" => {
+                    c.max_waiting = Some(
+                        number(value, 1, 1_000_000)
+                            .ok_or_else(|| bad(", it must be a positive number of requests"))?,
+                    );
+                }
+                b"kv_full" => {
+                    c.kv_full = crate::conf::parse_flag(value)
+                        .map_err(|_| bad(", it must be \"on\" or \"off\""))?;
                 }
                 b"retry_after" => {
-                    c.retry_after_s = number(value, 86_400)
+                    c.retry_after_s = number(value, 1, 86_400)
                         .ok_or_else(|| bad(", it must be a number of seconds from 1 to 86400"))?;
                 }
-                _ => return Err(bad("")),
+                _ => return Ok(false),
             }
-        }
-        if seen.contains(&&b"aging"[..]) && !spf {
+            Ok(true)
+        })
+        .map_err(HoldConfError)?;
+        if aging_set && !spf {
             return Err(HoldConfError("\"aging\" is for order=spf".into()));
         }
         if spf {
@@ -663,6 +666,18 @@ impl HoldConf {
             ));
         }
         Ok(c)
+    }
+
+    /// Whether an engine with this view (its `/metrics`) has room for
+    /// `max_waiting` and `kv_full`: without a fresh scrape it has.
+    pub fn engine_has_room(&self, e: &crate::engine::EngineView) -> bool {
+        !e.fresh
+            || (!(self.kv_full && e.pressured) && self.max_waiting.is_none_or(|m| e.waiting < m))
+    }
+
+    /// Whether the engines' own reports count ([`engine_has_room`](Self::engine_has_room)).
+    pub fn reads_engines(&self) -> bool {
+        self.kv_full || self.max_waiting.is_some()
     }
 
     /// The caps with `prefill_up` and `decode_up` servers up.
@@ -839,6 +854,23 @@ mod tests {
         assert_eq!(o.order, Order::Spf { aging_tps: 50 });
         let o = HoldConf::parse(&[b"prefill=p", b"decode=d", b"order=spf"]).unwrap();
         assert_eq!(o.order, Order::Spf { aging_tps: DEFAULT_AGING_TPS });
+        assert!(!o.reads_engines());
+        let e =
+            HoldConf::parse(&[b"prefill=p", b"decode=d", b"max_waiting=4", b"kv_full=on"]).unwrap();
+        assert!(e.reads_engines());
+        use crate::engine::EngineView;
+        let fresh = EngineView { fresh: true, ..EngineView::default() };
+        assert!(e.engine_has_room(&fresh));
+        assert!(!e.engine_has_room(&EngineView { waiting: 4, ..fresh }), "4 waiting: full");
+        assert!(!e.engine_has_room(&EngineView { pressured: true, ..fresh }), "KV full");
+        assert!(
+            e.engine_has_room(&EngineView { waiting: 9, fresh: false, ..fresh }),
+            "stale: room"
+        );
+        assert!(
+            o.engine_has_room(&EngineView { waiting: 9, pressured: true, ..fresh }),
+            "not asked"
+        );
         let d = HoldConf::parse(&[b"prefill=p", b"decode=d"]).unwrap();
         assert_eq!(
             (d.prefill_max_num_seqs, d.queue, d.timeout_ms, d.status),

@@ -71,13 +71,27 @@ pub unsafe fn push_in(
     lowcase: &'static str,
     value: &[u8],
 ) -> Result<(), crate::NgxError> {
+    // SAFETY: r is live (caller); its header list is the request's.
+    unsafe { push(r, &mut (*r).headers_in.headers, name, lowcase.as_ptr() as *mut u8, value) }
+}
+
+/// Appends `name: value` to `list`, one of `r`'s header lists.
+///
+/// # Safety
+/// `r` must be a live request and `list` one of its header lists.
+unsafe fn push(
+    r: *mut ngx_http_request_t,
+    list: *mut ngx::ffi::ngx_list_t,
+    name: &'static str,
+    lowcase: *mut u8,
+    value: &[u8],
+) -> Result<(), crate::NgxError> {
     // SAFETY: ngx_list_push returns space for one ngx_table_elt_t in the
-    // request's header list (or NULL); we initialise every field before
-    // nginx can read it. Static strings outlive the request; the value is
-    // copied into the pool.
+    // list (or NULL); we initialise every field before nginx can read it.
+    // Static strings outlive the request; the value is copied into the pool.
     unsafe {
         let value = pool_str(r, value).ok_or(crate::NgxError)?;
-        let h = ngx_list_push(&mut (*r).headers_in.headers) as *mut ngx_table_elt_t;
+        let h = ngx_list_push(list) as *mut ngx_table_elt_t;
         if h.is_null() {
             return Err(crate::NgxError);
         }
@@ -85,7 +99,7 @@ pub unsafe fn push_in(
         (*h).hash = 1;
         (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
         (*h).value = value;
-        (*h).lowcase_key = lowcase.as_ptr() as *mut u8;
+        (*h).lowcase_key = lowcase;
     }
     Ok(())
 }
@@ -116,17 +130,6 @@ pub unsafe fn push_out(
     name: &'static str,
     value: &[u8],
 ) -> Result<(), crate::NgxError> {
-    // SAFETY: as push_in, on the response's header list.
-    unsafe {
-        let value = pool_str(r, value).ok_or(crate::NgxError)?;
-        let h = ngx_list_push(&mut (*r).headers_out.headers) as *mut ngx_table_elt_t;
-        if h.is_null() {
-            return Err(crate::NgxError);
-        }
-        std::ptr::write_bytes(h, 0, 1);
-        (*h).hash = 1;
-        (*h).key = ngx_str_t { len: name.len(), data: name.as_ptr() as *mut u8 };
-        (*h).value = value;
-    }
-    Ok(())
+    // SAFETY: r is live and has not sent its header (caller).
+    unsafe { push(r, &mut (*r).headers_out.headers, name, std::ptr::null_mut(), value) }
 }

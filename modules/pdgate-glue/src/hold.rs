@@ -101,8 +101,21 @@ pub fn gate(hold: &Hold) -> Option<&'static Gate> {
 /// The caps of `hold`'s pools now: their servers that are up (not down by
 /// the configuration or the health checks) times the requests each takes.
 pub fn caps(hold: &Hold) -> Caps {
-    let up = |u: &[u8]| crate::upstream::count_up(u).unwrap_or(0) as u64;
-    hold.conf.caps(up(&hold.conf.prefill_upstream), up(&hold.conf.decode_upstream))
+    let c = &hold.conf;
+    let up = |u: &[u8]| {
+        let n = if c.reads_engines() {
+            // With max_waiting / kv_full: an engine whose own report says
+            // it is full has no room either.
+            let now = crate::observe::now_ms();
+            crate::upstream::count_up_where(u, |peer| {
+                crate::health::engine_row(u, peer).is_none_or(|e| c.engine_has_room(&e.view(now)))
+            })
+        } else {
+            crate::upstream::count_up(u)
+        };
+        n.unwrap_or(0) as u64
+    };
+    c.caps(up(&c.prefill_upstream), up(&c.decode_upstream))
 }
 
 /// This process's name in the gates' owner rows (the ledgers' name: pid

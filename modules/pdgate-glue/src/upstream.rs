@@ -202,6 +202,11 @@ pub fn peer_names(name: &[u8]) -> Option<Vec<PeerName>> {
 /// `None` when no block has that name. The block is looked up once per
 /// cycle and remembered.
 pub fn count_up(name: &[u8]) -> Option<usize> {
+    count_up_where(name, |_| true)
+}
+
+/// [`count_up`] of the peers for which `room(peer name)` is true too.
+pub fn count_up_where(name: &[u8], room: impl Fn(&[u8]) -> bool) -> Option<usize> {
     use std::cell::RefCell;
     thread_local! {
         /// (name, cycle, block) of the names looked up.
@@ -238,7 +243,7 @@ pub fn count_up(name: &[u8]) -> Option<usize> {
         let mut n = 0;
         let mut p = (*peers).peer;
         while let Some(pe) = p.as_ref() {
-            n += usize::from(pe.down == 0);
+            n += usize::from(pe.down == 0 && room(crate::conf::str_bytes(&pe.name)));
             p = pe.next;
         }
         Some(n)

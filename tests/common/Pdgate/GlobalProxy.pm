@@ -12,7 +12,7 @@ use File::Temp qw(tempfile);
 use IO::Socket::INET;
 use Exporter 'import';
 
-our @EXPORT_OK = qw(run_gp normalize slurp spit tree dist free_port wait_port);
+our @EXPORT_OK = qw(run_gp normalize slurp spit tree dist free_port wait_port start_nginx);
 
 my $root = abs_path(dirname(__FILE__) . '/../../..');
 sub dist { "$root/dist" }
@@ -91,6 +91,26 @@ sub wait_port {
         select undef, undef, undef, 0.05;
     }
     return 0;
+}
+
+# start_nginx($dir): runs dist/sbin/nginx -p $dir -c nginx.conf and, at
+# the end of the test, stops it (only from the process that started it:
+# a forked client's exit leaves it running). True when nginx started.
+my @started;
+sub start_nginx {
+    my ($dir) = @_;
+    push @started, [$dir, $$];
+    return system(dist() . '/sbin/nginx', '-p', $dir, '-c', 'nginx.conf') == 0;
+}
+
+END {
+    local $?;
+    for (@started) {
+        my ($dir, $owner) = @$_;
+        next if $owner != $$;
+        my $pid = slurp("$dir/logs/nginx.pid");
+        kill 'QUIT', $1 if defined $pid && $pid =~ /(\d+)/;
+    }
 }
 
 1;

@@ -81,14 +81,7 @@ pub fn check_directive(
     conf: &mut UpstreamHealth,
     module: &ngx_module_t,
 ) -> Result<(), ConfError> {
-    if conf.check.is_some() {
-        return Err(ConfError::Directive("is duplicate".into()));
-    }
-    let check = CheckConf::parse(&cf.args()).map_err(|e| ConfError::Directive(e.to_string()))?;
-    conf.check = Some(check);
-    // Ok(None): an earlier pd_health_check of this configuration declared it.
-    cf.add_zone::<HealthZone>(ZONE_NAME, zone_size(), module).map_err(|_| ConfError::Logged)?;
-    Ok(())
+    once(cf, &mut conf.check, |a| CheckConf::parse(a).map_err(|e| e.0), module)
 }
 
 /// `pd_engine_metrics [interval=…] [timeout=…] [uri=…] [port=…] [model=…]
@@ -98,11 +91,22 @@ pub fn metrics_directive(
     conf: &mut UpstreamHealth,
     module: &ngx_module_t,
 ) -> Result<(), ConfError> {
-    if conf.metrics.is_some() {
+    once(cf, &mut conf.metrics, |a| MetricsConf::parse(a).map_err(|e| e.0), module)
+}
+
+/// A directive set at most once per block: its arguments parsed into
+/// `slot`, and the zone declared (`Ok(None)` from `add_zone`: an earlier
+/// directive of this configuration declared it).
+fn once<T>(
+    cf: &mut Conf,
+    slot: &mut Option<T>,
+    parse: impl FnOnce(&[&[u8]]) -> Result<T, String>,
+    module: &ngx_module_t,
+) -> Result<(), ConfError> {
+    if slot.is_some() {
         return Err(ConfError::Directive("is duplicate".into()));
     }
-    let m = MetricsConf::parse(&cf.args()).map_err(|e| ConfError::Directive(e.to_string()))?;
-    conf.metrics = Some(m);
+    *slot = Some(parse(&cf.args()).map_err(ConfError::Directive)?);
     cf.add_zone::<HealthZone>(ZONE_NAME, zone_size(), module).map_err(|_| ConfError::Logged)?;
     Ok(())
 }
