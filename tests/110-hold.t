@@ -42,6 +42,7 @@ my @cases = (
     [ killed  => 'queue=8 timeout=3s' ],
     [ spf     => 'queue=8 timeout=10s order=spf aging=1' ],
     [ engine  => 'queue=8 timeout=300ms max_waiting=3' ],
+    [ epd     => 'queue=8 timeout=10s' ],
 );
 my $conf = <<"CONF";
 load_module $mods/ngx_http_pdgate_echo_module.so;
@@ -72,9 +73,15 @@ for (@cases) {
     $conf .= <<"LOC";
         location /$name/ {
             prefill /prefill_$name;
+            prefill_encode /encode_$name;
             pd_hold prefill=p_$name:1 decode=d_$name:1 $params;
             add_header X-Queue-Time \$pd_queue_time always;
             proxy_pass http://d_$name/mock/decode/;
+        }
+        location /encode_$name/ {
+            internal;
+            rewrite ^/encode_$name/(.*)\$ /mock/encode/\$1 break;
+            proxy_pass http://127.0.0.1:$mock;
         }
         location /prefill_$name/ {
             internal;
@@ -104,6 +111,7 @@ $conf .= <<"CONF";
         listen 127.0.0.1:$mock;
         location /mock/prefill/ { pdgate_echo prefill; }
         location /mock/decode/ { pdgate_echo delay=600; }
+        location /mock/encode/ { pdgate_echo; }
         location = /metrics { return 200 "vllm:num_requests_running 8\\nvllm:num_requests_waiting 5\\n"; }
     }
 }
@@ -194,6 +202,23 @@ subtest 'order=spf releases the shortest prompt first' => sub {
     my ($ra, $rb, $rc) = (result($a), result($b), result($c));
     is(join(' ', map { $_->{status} } $ra, $rb, $rc), '200 200 200', 'all served');
     cmp_ok($rc->{end}, '<', $rb->{end}, 'the short one, queued later, before the long one');
+};
+
+subtest 'E/P/D: a held request runs no encoder either until released' => sub {
+    my $chat = '{"model":"m","max_tokens":3,"messages":[{"role":"user","content":['
+        . '{"type":"text","text":"what is this"},'
+        . '{"type":"image_url","image_url":{"url":"http://x/cat.png"}}]}]}';
+    my $encodes = sub { scalar(() = (slurp("$tmp/logs/error.log") // '') =~ m{pdgate_echo: POST /mock/encode/}g) };
+    my $before = $encodes->();
+    my $a = bg('/epd/v1/chat/completions', $chat);
+    sleep 0.15;
+    my $b = bg('/epd/v1/chat/completions', $chat);
+    sleep 0.2;
+    is($encodes->() - $before, 1, 'while the second waits, only the first was encoded');
+    my ($ra, $rb) = (result($a), result($b));
+    is("$ra->{status} $rb->{status}", '200 200', 'both served');
+    cmp_ok($rb->{queued}, '>=', 0.3, "the second after waiting ($rb->{queued} s)");
+    is($encodes->() - $before, 2, 'and encoded once released');
 };
 
 subtest 'max_waiting: an engine that reports a queue has no room' => sub {
