@@ -85,6 +85,7 @@ HOLD=auto
 HOLD_QUEUE=1024
 HOLD_TIMEOUT=30s
 HOLD_STATUS=503
+HOLD_ORDER=fifo
 ENGINE=vllm
 BOOTSTRAP_PORTS=""
 METRICS_SIZE=""
@@ -153,6 +154,8 @@ Servers and balancing
                                 --hold-status (default 30s)
   --hold-status 429|503         the answer of a full queue or a timeout, JSON with
                                 Retry-After (default 503)
+  --hold-order fifo|spf         which held request goes first: the oldest (default),
+                                or the shortest prompt, aged 1000 tokens a second
   --enable-attention-ffn-disaggregation
                                 keep only the last --attention-num decode servers
   --attention-num N             attention servers with AFD (required with it)
@@ -264,6 +267,7 @@ parse_args() {
             --hold-queue) need_value "$arg" "$@"; HOLD_QUEUE=$1; shift ;;
             --hold-timeout) need_value "$arg" "$@"; HOLD_TIMEOUT=$1; shift ;;
             --hold-status) need_value "$arg" "$@"; HOLD_STATUS=$1; shift ;;
+            --hold-order) need_value "$arg" "$@"; HOLD_ORDER=$1; shift ;;
             --decode-max-num-seqs) need_value "$arg" "$@"; DECODE_MAX_SEQS=$1; DECODE_SEQS_GIVEN=1; shift ;;
             --engine-type) need_value "$arg" "$@"; ENGINE=$1; shift ;;
             --bootstrap-port) need_value "$arg" "$@"; BOOTSTRAP_PORTS=$1; shift ;;
@@ -540,6 +544,7 @@ validate() {
         bad "--hold-timeout $HOLD_TIMEOUT: not a positive time such as 500ms or 30s"
     fi
     case $HOLD_STATUS in 429|503) ;; *) bad "--hold-status $HOLD_STATUS: not 429 or 503" ;; esac
+    case $HOLD_ORDER in fifo|spf) ;; *) bad "--hold-order $HOLD_ORDER: not fifo or spf" ;; esac
     if [ "$HOLD" = on ]; then
         if [ "$ENGINE" = vllm ]; then
             require_feature hold --hold "$HOLD"
@@ -1055,7 +1060,9 @@ hold_line() {
     [ "$HOLD" = on ] || return 0
     echo "            # Wait in the proxy while every prefill or every decode server has"
     echo "            # its max-num-seqs requests; the first to free takes the oldest."
-    echo "            $1 prefill=prefill_servers:$PREFILL_MAX_SEQS decode=decode_servers:$DECODE_MAX_SEQS queue=$HOLD_QUEUE timeout=$HOLD_TIMEOUT status=$HOLD_STATUS;"
+    local order=""
+    [ "$HOLD_ORDER" = fifo ] || order=" order=$HOLD_ORDER"
+    echo "            $1 prefill=prefill_servers:$PREFILL_MAX_SEQS decode=decode_servers:$DECODE_MAX_SEQS queue=$HOLD_QUEUE timeout=$HOLD_TIMEOUT status=$HOLD_STATUS$order;"
 }
 
 # The same for SGLang's bootstrap P/D (prefill_refactor): the module chooses

@@ -40,7 +40,8 @@ PDGATE_LBS = ["round_robin", "least_conn", "least_total_load", "weighted_least_a
 # engines adds. pdgate-hold/<lb>: the same with requests held in the proxy
 # (pd_hold, issue 14) while every engine of a pool has its MIRROR_HOLD_SEQS
 # ("prefill decode" requests in flight, default "16 256"), answered 503
-# after MIRROR_HOLD_TIMEOUT of real time (default 1s).
+# after MIRROR_HOLD_TIMEOUT of real time (default 1s), released in
+# MIRROR_HOLD_ORDER (fifo or spf, default fifo).
 # prefill_refactor's choices (SGLang mode); least_active is its default.
 PDGATE_SGLANG = ["least_active", "least_total_load", "weighted_least_active",
                  "auto_balance_controller", "prefill_score_balance", "pd_score_balance"]
@@ -233,7 +234,8 @@ def start_one(run, family, policy, pp, dp, workers, k):
                 pseqs, dseqs = os.environ.get("MIRROR_HOLD_SEQS", "16 256").split()
                 args += ["--hold", "on", "--prefill-max-num-seqs", pseqs,
                          "--decode-max-num-seqs", dseqs,
-                         "--hold-timeout", os.environ.get("MIRROR_HOLD_TIMEOUT", "1s")]
+                         "--hold-timeout", os.environ.get("MIRROR_HOLD_TIMEOUT", "1s"),
+                         "--hold-order", os.environ.get("MIRROR_HOLD_ORDER", "fifo")]
         else:
             args += ["--engine-type", "sglang",
                      "--bootstrap-port", ",".join(str(p + SIDE_OFFSET) for p in pp)]

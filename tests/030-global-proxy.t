@@ -35,7 +35,7 @@ my @CASES = (
         . ' --log-level notice --client-body-buffer-size 4m' ],
     [ 'pd-score-seqs' => '--prefill-max-num-seqs 8 --decode-max-num-seqs 64' ],
     [ 'hold-off-seqs' => '--prefill-max-num-seqs 8 --hold off' ],
-    [ 'hold-on' => '--hold on --hold-queue 64 --hold-timeout 2s --hold-status 429' ],
+    [ 'hold-on' => '--hold on --hold-queue 64 --hold-timeout 2s --hold-status 429 --hold-order spf' ],
     [ 'hold-sglang' => '--engine-type sglang --decode-max-num-seqs 48' ],
     [ 'access-log-unbuffered' => '--access-log-buffer off' ],
     [ 'access-log-buffer-1m' => '--access-log-buffer 1m --prefill-lb-sdk round_robin --decode-lb-sdk least_conn' ],
@@ -166,6 +166,7 @@ my @BAD = (
     [ "$SERVERS --engine-type sglang --prefill-fallback decode" => qr/^--prefill-fallback decode: only with --engine-type vllm/ ],
     [ "$SERVERS --health-check interval=soon" => qr/^--health-check "interval=soon": "interval=soon" is not interval=, timeout=, fails=, passes=, uri= or port=/ ],
     [ "$SERVERS --hold maybe" => qr/^--hold maybe: not on, off or auto/ ],
+    [ "$SERVERS --hold-order lifo" => qr/^--hold-order lifo: not fifo or spf/ ],
     [ "$SERVERS --hold-queue 5000" => qr/^--hold-queue 5000: not a number from 1 to 4096/ ],
     [ "$SERVERS --hold-timeout 0s" => qr/^--hold-timeout 0s: not a positive time/ ],
     [ "$SERVERS --engine-metrics kv=9" => qr/^--engine-metrics "kv=9": "kv=9" is not interval=, timeout=, uri=, port=, model= or kv_high=/ ],
@@ -278,7 +279,7 @@ subtest '--help lists every flag' => sub {
                      --prefill-lb-sdk --decode-lb-sdk --encode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
                      --engine-type --bootstrap-port --enable-internal-metrics
                      --enable-attention-ffn-disaggregation --attention-num --stream-ops
-                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --prefill-fallback --hold --hold-queue --hold-timeout --hold-status
+                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --prefill-fallback --hold --hold-queue --hold-timeout --hold-status --hold-order
                      --dry-run -d --stop -S --rollback -R --help -h --modules-dir --nginx-bin
                      --prefix --listen-address)) {
         like($out, qr/(^|[\s,])\Q$flag\E\b/m, $flag);
