@@ -232,7 +232,7 @@ def start_one(run, family, policy, pp, dp, workers, k):
                 args += ["--engine-metrics", "off"]
             if family == "pdgate-hold":
                 pseqs, dseqs = os.environ.get("MIRROR_HOLD_SEQS", "16 256").split()
-                args += ["--hold", "on", "--prefill-max-num-seqs", pseqs,
+                args += ["--enable-internal-metrics", "--hold", "on", "--prefill-max-num-seqs", pseqs,
                          "--decode-max-num-seqs", dseqs,
                          "--hold-timeout", os.environ.get("MIRROR_HOLD_TIMEOUT", "1s"),
                          "--hold-order", os.environ.get("MIRROR_HOLD_ORDER", "fifo")]
@@ -270,6 +270,24 @@ def start_one(run, family, policy, pp, dp, workers, k):
         run.spawn(args, "router.log")
     else:
         raise ValueError(f"unknown router family {family}")
+
+
+def hold_figures():
+    """pd_hold's own figures from the proxy's /internal/metrics (a
+    pdgate-hold run has them): releases and their mean wake-up delay (ms of
+    real time, from a release by any worker to the holder's resume)."""
+    try:
+        text = get(f"http://127.0.0.1:{ROUTER_PORT}/internal/metrics")[1]
+    except OSError:
+        return None
+    val = {}
+    for line in text.splitlines():
+        for name in ("pdgate_hold_wake_delay_seconds_sum", "pdgate_hold_wake_delay_seconds_count"):
+            if line.startswith(name + "{"):
+                val[name] = val.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    n = val.get("pdgate_hold_wake_delay_seconds_count", 0.0)
+    s = val.get("pdgate_hold_wake_delay_seconds_sum", 0.0)
+    return {"hold_releases": n, "hold_wake_ms": 1000 * s / n if n else None}
 
 
 def engine_counters(prefills, decodes):
@@ -464,6 +482,7 @@ def main():
                     wall = time.time() - w0
                     t1, i1 = cpu_times()
                     counters = engine_counters(prefills, decodes)
+                    hold = hold_figures() if router.startswith("pdgate-hold/") else None
                 finally:
                     run.stop()
                 with open(f"{out}/{label}.json") as f:
@@ -476,13 +495,17 @@ def main():
                 fig["preemptions"] = counters["decode"]["vllm:num_preemptions_total"]
                 fig["host_cpu"] = 1 - (i1 - i0) / (t1 - t0) if t1 > t0 else None
                 fig["wall_s"] = wall
+                if hold:
+                    fig.update(hold)
                 results["runs"].append({"scenario": name, "router": router, "seed": seed,
                                         "json": f"{label}.json", **fig})
                 log(f"  [{k}/{n_runs}] {router:34s} TTFT mean {fmt(fig['ttft_mean'])} "
                     f"p99 {fmt(fig['ttft_p99'])} ms, TPOT p99 {fmt(fig['tpot_p99'])} ms, "
                     f"goodput {fmt(fig['goodput'])} req/s, hit {fmt(fig['prefix_hit_rate'], 3)}, "
                     f"errors {fig['errors']}, recompute {fig['kv_recompute']:.0f}, "
-                    f"cpu {fmt(100 * fig['host_cpu'], 0)} %")
+                    f"cpu {fmt(100 * fig['host_cpu'], 0)} %"
+                    + (f", hold wake-up {fmt(hold['hold_wake_ms'], 2)} ms real over "
+                       f"{hold['hold_releases']:.0f} releases" if hold else ""))
                 with open(f"{out}/runs.json", "w") as f:
                     json.dump(results, f, indent=1)
     results["config"]["elapsed_s"] = time.time() - started
