@@ -65,8 +65,10 @@ for (@cases) {
     $conf .= "    upstream p_$name { zone p_$name 64k; server 127.0.0.1:$mock;$scrape }\n";
     $conf .= "    upstream d_$name { zone d_$name 64k; server 127.0.0.1:$mock;$scrape }\n";
 }
-$conf .= "    upstream p_sglang { zone p_sglang 64k; server 127.0.0.1:$mock; }\n";
-$conf .= "    upstream d_sglang { zone d_sglang 64k; server 127.0.0.1:$mock; }\n";
+for my $m (qw(sglang together)) {
+    $conf .= "    upstream p_$m { zone p_$m 64k; server 127.0.0.1:$mock; }\n";
+    $conf .= "    upstream d_$m { zone d_$m 64k; server 127.0.0.1:$mock; }\n";
+}
 $conf .= "    server {\n        listen 127.0.0.1:$port;\n";
 for (@cases) {
     my ($name, $params) = @$_;
@@ -103,6 +105,20 @@ $conf .= <<"CONF";
         location /prefill_sglang/ {
             internal;
             rewrite ^/prefill_sglang/(.*)\$ /mock/prefill/\$1 break;
+            proxy_pass http://\$prefill_server;
+        }
+        # SGLang's parallel flow: prefill and decode at once.
+        location /together/ {
+            prefill_refactor /prefill_together;
+            prefill_servers_list 127.0.0.1:$mock;
+            pd_distribution pd_together;
+            prefill_refactor_hold prefill=p_together:1 decode=d_together:1 queue=8 timeout=10s;
+            add_header X-Queue-Time \$pd_queue_time always;
+            proxy_pass http://d_together/mock/decode/;
+        }
+        location /prefill_together/ {
+            internal;
+            rewrite ^/prefill_together/(.*)\$ /mock/prefill/\$1 break;
             proxy_pass http://\$prefill_server;
         }
         location = /metrics { pd_metrics; }
@@ -178,6 +194,16 @@ subtest 'SGLang mode holds the same way' => sub {
     is("$ra->{status} $rb->{status}", '200 200', 'both served');
     cmp_ok($rb->{queued}, '>=', 0.3, "the second after waiting ($rb->{queued} s)");
     is(metric('pdgate_hold_released_total', 'p_sglang+d_sglang'), 1, 'one release counted');
+};
+
+subtest 'SGLang pd_together (both legs at once) holds the same way' => sub {
+    my $a = bg('/together/v1/completions');
+    sleep 0.15;
+    my $b = bg('/together/v1/completions');
+    my ($ra, $rb) = (result($a), result($b));
+    is("$ra->{status} $rb->{status}", '200 200', 'both served');
+    cmp_ok($rb->{queued}, '>=', 0.3, "the second after waiting ($rb->{queued} s)");
+    is(metric('pdgate_hold_decode_reserved', 'p_together+d_together'), 0, 'no room left reserved');
 };
 
 subtest 'held requests go first in, first out' => sub {
