@@ -108,30 +108,18 @@ impl MetricsConf {
             Ok(true)
         })
         .map_err(MetricsConfError)?;
-        if c.timeout_ms > c.interval_ms {
-            return Err(MetricsConfError(format!(
-                "timeout ({} ms) is longer than interval ({} ms)",
-                c.timeout_ms, c.interval_ms
-            )));
-        }
+        crate::health::timeout_within(c.interval_ms, c.timeout_ms).map_err(MetricsConfError)?;
         Ok(c)
     }
 
     /// Values older than this are not used: three intervals and a timeout.
     pub fn stale_ms(&self) -> u64 {
-        self.interval_ms.saturating_mul(3).saturating_add(self.timeout_ms)
+        crate::health::stale_after(self.interval_ms, self.timeout_ms)
     }
 
-    /// The `GET` a scrape sends (HTTP/1.0: the answer ends with the
-    /// connection and is not chunked).
+    /// The `GET` a scrape sends.
     pub fn request(&self, host: &[u8]) -> Vec<u8> {
-        let mut r = Vec::with_capacity(80 + self.uri.len() + host.len());
-        r.extend_from_slice(b"GET ");
-        r.extend_from_slice(&self.uri);
-        r.extend_from_slice(b" HTTP/1.0\r\nHost: ");
-        r.extend_from_slice(host);
-        r.extend_from_slice(b"\r\nUser-Agent: pdgate-metrics\r\nAccept: text/plain\r\n\r\n");
-        r
+        crate::health::get_request(&self.uri, host, b"pdgate-metrics", b"text/plain")
     }
 }
 

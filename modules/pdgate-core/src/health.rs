@@ -97,31 +97,51 @@ impl CheckConf {
             Ok(true)
         })
         .map_err(CheckConfError)?;
-        if c.timeout_ms > c.interval_ms {
-            return Err(CheckConfError(format!(
-                "timeout ({} ms) is longer than interval ({} ms)",
-                c.timeout_ms, c.interval_ms
-            )));
-        }
+        timeout_within(c.interval_ms, c.timeout_ms).map_err(CheckConfError)?;
         Ok(c)
     }
 
     /// Results older than this are stale (see the module doc).
     pub fn stale_ms(&self) -> u64 {
-        self.interval_ms.saturating_mul(3).saturating_add(self.timeout_ms)
+        stale_after(self.interval_ms, self.timeout_ms)
     }
 
-    /// The `GET` request a probe sends (HTTP/1.0, so the answer ends with
-    /// the connection and has no chunked body).
+    /// The `GET` request a probe sends.
     pub fn request(&self, host: &[u8]) -> Vec<u8> {
-        let mut r = Vec::with_capacity(64 + self.uri.len() + host.len());
-        r.extend_from_slice(b"GET ");
-        r.extend_from_slice(&self.uri);
-        r.extend_from_slice(b" HTTP/1.0\r\nHost: ");
-        r.extend_from_slice(host);
-        r.extend_from_slice(b"\r\nUser-Agent: pdgate-health\r\nAccept: */*\r\n\r\n");
-        r
+        get_request(&self.uri, host, b"pdgate-health", b"*/*")
     }
+}
+
+/// A probe's (or scrape's) `timeout` must fit in its `interval`.
+pub fn timeout_within(interval_ms: u64, timeout_ms: u64) -> Result<(), String> {
+    if timeout_ms > interval_ms {
+        return Err(format!(
+            "timeout ({timeout_ms} ms) is longer than interval ({interval_ms} ms)"
+        ));
+    }
+    Ok(())
+}
+
+/// When results of something done every `interval_ms` go stale: three
+/// intervals and a timeout without one.
+pub fn stale_after(interval_ms: u64, timeout_ms: u64) -> u64 {
+    interval_ms.saturating_mul(3).saturating_add(timeout_ms)
+}
+
+/// The `GET` of a probe or a scrape: HTTP/1.0, so the answer ends with the
+/// connection and has no chunked body.
+pub fn get_request(uri: &[u8], host: &[u8], agent: &[u8], accept: &[u8]) -> Vec<u8> {
+    let mut r = Vec::with_capacity(64 + uri.len() + host.len());
+    r.extend_from_slice(b"GET ");
+    r.extend_from_slice(uri);
+    r.extend_from_slice(b" HTTP/1.0\r\nHost: ");
+    r.extend_from_slice(host);
+    r.extend_from_slice(b"\r\nUser-Agent: ");
+    r.extend_from_slice(agent);
+    r.extend_from_slice(b"\r\nAccept: ");
+    r.extend_from_slice(accept);
+    r.extend_from_slice(b"\r\n\r\n");
+    r
 }
 
 /// How a probe ended.

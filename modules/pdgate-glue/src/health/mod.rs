@@ -502,6 +502,27 @@ fn apply_peer(
     }
 }
 
+/// Calls `f` with every peer (its name) of this worker's upstreams that
+/// `which` selects, read under round robin's read lock.
+fn each_prober_peer(
+    p: &Prober,
+    which: impl Fn(&Checked) -> bool,
+    mut f: impl FnMut(&Checked, &[u8]),
+) {
+    for u in p.upstreams.iter().filter(|u| which(u)) {
+        // SAFETY: as in run_tick: uscf and its peer list live as long as
+        // the cycle, and the list is read under its read lock.
+        unsafe {
+            let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+            if peers.is_null() {
+                continue;
+            }
+            let _r = crate::upstream::PeersRead::lock(peers);
+            crate::upstream::each_peer(peers, |pe| f(u, str_bytes(&pe.name)));
+        }
+    }
+}
+
 /// Every checked peer of this worker's configuration: upstream, peer and
 /// its health now, for status pages and readiness.
 pub fn snapshot() -> Vec<PeerHealth> {
@@ -509,30 +530,22 @@ pub fn snapshot() -> Vec<PeerHealth> {
     PROBER.with(|p| {
         let p = p.borrow();
         let Some(p) = p.as_ref() else { return Vec::new() };
-        let zone = p.zone;
-        let table = zone.table();
+        let table = p.zone.table();
         let mut out = Vec::new();
-        for u in p.upstreams.iter().filter(|u| u.check.is_some()) {
-            // SAFETY: as in run_tick, read under round robin's read lock.
-            unsafe {
-                let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-                if peers.is_null() {
-                    continue;
-                }
-                let _r = crate::upstream::PeersRead::lock(peers);
-                crate::upstream::each_peer(peers, |pe| {
-                    let name = str_bytes(&pe.name);
-                    let seen = if u.config_down.iter().any(|d| d == name) {
-                        Seen::ConfiguredDown
-                    } else {
-                        table
-                            .find(peer_key(&u.name, name))
-                            .map_or(Seen::Unchecked, |r| Seen::Checked(r.snapshot(now)))
-                    };
-                    out.push(PeerHealth { upstream: u.name.clone(), peer: name.to_vec(), seen });
-                });
-            }
-        }
+        each_prober_peer(
+            p,
+            |u| u.check.is_some(),
+            |u, name| {
+                let seen = if u.config_down.iter().any(|d| d == name) {
+                    Seen::ConfiguredDown
+                } else {
+                    table
+                        .find(peer_key(&u.name, name))
+                        .map_or(Seen::Unchecked, |r| Seen::Checked(r.snapshot(now)))
+                };
+                out.push(PeerHealth { upstream: u.name.clone(), peer: name.to_vec(), seen });
+            },
+        );
         out
     })
 }
@@ -563,25 +576,16 @@ pub fn engine_snapshot() -> Vec<(Vec<u8>, Vec<u8>, EngineSnapshot)> {
     PROBER.with(|p| {
         let p = p.borrow();
         let Some(p) = p.as_ref() else { return };
-        for u in p.upstreams.iter().filter(|u| u.metrics.is_some()) {
-            // SAFETY: as in snapshot().
-            unsafe {
-                let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-                if peers.is_null() {
-                    continue;
+        each_prober_peer(
+            p,
+            |u| u.metrics.is_some(),
+            |u, name| {
+                let i = p.zone.table().find_index(peer_key(&u.name, name));
+                if let Some(e) = i.and_then(|i| p.zone.engine(i)) {
+                    out.push((u.name.clone(), name.to_vec(), e.snapshot(now)));
                 }
-                let _r = crate::upstream::PeersRead::lock(peers);
-                crate::upstream::each_peer(peers, |pe| {
-                    let name = str_bytes(&pe.name);
-                    let Some(i) = p.zone.table().find_index(peer_key(&u.name, name)) else {
-                        return;
-                    };
-                    if let Some(e) = p.zone.engine(i) {
-                        out.push((u.name.clone(), name.to_vec(), e.snapshot(now)));
-                    }
-                });
-            }
-        }
+            },
+        );
     });
     out
 }
