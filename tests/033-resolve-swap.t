@@ -8,9 +8,8 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/common";
-use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx);
+use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx nginx_prefix);
 use Pdgate::Dns;
-use File::Temp qw(tempdir);
 use HTTP::Tiny;
 use IO::Socket::INET;
 use Test::More;
@@ -25,9 +24,7 @@ plan skip_all => "nginx $maj.$min.$pat has no upstream resolve (1.27.3+)"
 plan skip_all => 'no 127.0.0.2 on loopback'
     unless IO::Socket::INET->new(LocalAddr => '127.0.0.2', Proto => 'udp');
 
-my $tmp = tempdir(CLEANUP => 1);
-chmod 0755, $tmp;
-mkdir "$tmp/logs";
+my $tmp = nginx_prefix();
 
 # The DNS server: A pool.test -> the address in $zone (TTL 1).
 my $zone = "$tmp/zone";

@@ -9,9 +9,8 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/common";
-use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx);
+use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx nginx_prefix);
 use Pdgate::Dns;
-use File::Temp qw(tempdir);
 use HTTP::Tiny;
 use Test::More;
 
@@ -23,9 +22,7 @@ my ($maj, $min, $pat) = $v =~ m{nginx/(\d+)\.(\d+)\.(\d+)};
 plan skip_all => "nginx $maj.$min.$pat has no upstream resolve (1.27.3+)"
     unless defined $pat && ($maj * 1_000_000 + $min * 1000 + $pat) >= 1_027_003;
 
-my $tmp = tempdir(CLEANUP => 1);
-chmod 0755, $tmp;
-mkdir "$tmp/logs";
+my $tmp = nginx_prefix();
 my ($port, $d1, $d2, $p1, $p2, $boot1, $boot2) = map { free_port() } 1 .. 7;
 
 # decode.test: the decode pods' HTTP ports; prefill.test: the prefill

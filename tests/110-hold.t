@@ -13,8 +13,7 @@ use strict;
 use warnings;
 use FindBin;
 use lib "$FindBin::Bin/common";
-use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx);
-use File::Temp qw(tempdir);
+use Pdgate::GlobalProxy qw(slurp spit dist free_port wait_port start_nginx nginx_prefix);
 use HTTP::Tiny;
 use IO::Socket::INET;
 use Time::HiRes qw(time sleep);
@@ -25,9 +24,7 @@ my $DIST = dist();
 my $NGINX = "$DIST/sbin/nginx";
 plan skip_all => "no $NGINX (./build.sh)" unless -x $NGINX;
 
-my $tmp = tempdir(CLEANUP => !$ENV{PDGATE_KEEP});
-chmod 0755, $tmp;
-mkdir "$tmp/logs";
+my $tmp = nginx_prefix();
 my ($port, $mock) = (free_port(), free_port());
 my $mods = "$DIST/modules";
 
@@ -158,12 +155,34 @@ sub bg {
     return [$pid, $out];
 }
 
+# Two requests to $path, the second 150 ms after the first (which holds
+# the room for its 600 ms decode): their results.
+sub one_behind {
+    my ($path) = @_;
+    my $a = bg($path);
+    sleep 0.15;
+    my $b = bg($path);
+    return (result($a), result($b));
+}
+
 sub result {
     my ($bg) = @_;
     waitpid $bg->[0], 0;
     my ($status, $took, $end, $queued, $retry, @body) = split /\n/, slurp($bg->[1]) // '';
     return { status => $status, took => $took, end => $end, queued => $queued,
              retry => $retry, body => join("\n", @body) };
+}
+
+# The pids whose parent is $pid, from /proc (no procps on a bare machine).
+sub children {
+    my ($pid) = @_;
+    opendir my $d, '/proc' or return ();
+    my @kids;
+    for my $p (grep { /^\d+$/ } readdir $d) {
+        my $stat = slurp("/proc/$p/stat") // next;
+        push @kids, $p if $stat =~ /^\d+ \(.*\) \S (\d+) / && $1 == $pid;
+    }
+    return @kids;
 }
 
 sub metric {
@@ -173,10 +192,7 @@ sub metric {
 }
 
 subtest 'a request without room waits and is released when one ends' => sub {
-    my $a = bg('/release/v1/completions');
-    sleep 0.15;
-    my $b = bg('/release/v1/completions');
-    my ($ra, $rb) = (result($a), result($b));
+    my ($ra, $rb) = one_behind('/release/v1/completions');
     is($ra->{status}, 200, 'the first is served');
     is($ra->{queued}, '0.000', 'at once');
     is($rb->{status}, 200, 'the second is served too');
@@ -187,20 +203,14 @@ subtest 'a request without room waits and is released when one ends' => sub {
 };
 
 subtest 'SGLang mode holds the same way' => sub {
-    my $a = bg('/sglang/v1/completions');
-    sleep 0.15;
-    my $b = bg('/sglang/v1/completions');
-    my ($ra, $rb) = (result($a), result($b));
+    my ($ra, $rb) = one_behind('/sglang/v1/completions');
     is("$ra->{status} $rb->{status}", '200 200', 'both served');
     cmp_ok($rb->{queued}, '>=', 0.3, "the second after waiting ($rb->{queued} s)");
     is(metric('pdgate_hold_released_total', 'p_sglang+d_sglang'), 1, 'one release counted');
 };
 
 subtest 'SGLang pd_together (both legs at once) holds the same way' => sub {
-    my $a = bg('/together/v1/completions');
-    sleep 0.15;
-    my $b = bg('/together/v1/completions');
-    my ($ra, $rb) = (result($a), result($b));
+    my ($ra, $rb) = one_behind('/together/v1/completions');
     is("$ra->{status} $rb->{status}", '200 200', 'both served');
     cmp_ok($rb->{queued}, '>=', 0.3, "the second after waiting ($rb->{queued} s)");
     is(metric('pdgate_hold_decode_reserved', 'p_together+d_together'), 0, 'no room left reserved');
@@ -322,7 +332,7 @@ subtest 'the room of a worker killed while it served is given back' => sub {
     sleep 0.2;
     is(metric('pdgate_hold_decode_reserved', 'p_killed+d_killed'), 1, 'a request holds the room');
     my ($master) = (slurp("$tmp/logs/nginx.pid") // '') =~ /(\d+)/;
-    my @workers = split /\s+/, `pgrep -P $master`;
+    my @workers = children($master);
     ok(@workers >= 2, 'the workers: ' . join(' ', @workers));
     kill 'KILL', @workers;
     result($a);

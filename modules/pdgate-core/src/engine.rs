@@ -29,14 +29,8 @@ use crate::prom::EngineLoad;
 /// `pd_engine_metrics`'s settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MetricsConf {
-    /// Between two scrapes of an engine, ms.
-    pub interval_ms: u64,
-    /// A scrape without a whole answer by then fails, ms.
-    pub timeout_ms: u64,
-    /// The path scraped.
-    pub uri: Vec<u8>,
-    /// Scrape this port instead of the peer's.
-    pub port: Option<u16>,
+    /// Every second, within a second, `GET /metrics`.
+    pub probe: crate::health::Probe,
     /// Only samples of this `model_name` (or without one) count.
     pub model: Option<String>,
     /// KV cache usage (per mille) from which an engine counts as under
@@ -47,10 +41,7 @@ pub struct MetricsConf {
 impl Default for MetricsConf {
     fn default() -> Self {
         MetricsConf {
-            interval_ms: 1_000,
-            timeout_ms: 1_000,
-            uri: b"/metrics".to_vec(),
-            port: None,
+            probe: crate::health::Probe::new(1_000, b"/metrics"),
             model: None,
             kv_high_permille: 950,
         }
@@ -77,20 +68,14 @@ impl MetricsConf {
     /// Parses `interval=1s timeout=1s uri=/metrics port=N model=NAME
     /// kv_high=95` (any subset, any order, each at most once).
     pub fn parse(args: &[&[u8]]) -> Result<MetricsConf, MetricsConfError> {
-        use crate::conf::{invalid_value, number, parameters, path, port, positive_ms};
-        use crate::conf::{A_PATH, A_PORT, POSITIVE_TIME};
+        use crate::conf::{invalid_value, number, parameters};
         let mut c = MetricsConf::default();
         parameters(args, |name, value| {
+            if c.probe.set(name, value)? {
+                return Ok(true);
+            }
             let bad = |why: &str| invalid_value(name, value, why);
             match name {
-                b"interval" => {
-                    c.interval_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
-                }
-                b"timeout" => {
-                    c.timeout_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
-                }
-                b"uri" => c.uri = path(value).ok_or_else(|| bad(A_PATH))?,
-                b"port" => c.port = Some(port(value).ok_or_else(|| bad(A_PORT))?),
                 b"model" => {
                     let m = std::str::from_utf8(value)
                         .ok()
@@ -107,19 +92,19 @@ impl MetricsConf {
             }
             Ok(true)
         })
+        .and_then(|()| c.probe.check())
         .map_err(MetricsConfError)?;
-        crate::health::timeout_within(c.interval_ms, c.timeout_ms).map_err(MetricsConfError)?;
         Ok(c)
     }
 
     /// Values older than this are not used: three intervals and a timeout.
     pub fn stale_ms(&self) -> u64 {
-        crate::health::stale_after(self.interval_ms, self.timeout_ms)
+        self.probe.stale_ms()
     }
 
     /// The `GET` a scrape sends.
     pub fn request(&self, host: &[u8]) -> Vec<u8> {
-        crate::health::get_request(&self.uri, host, b"pdgate-metrics", b"text/plain")
+        self.probe.request(host, b"pdgate-metrics", b"text/plain")
     }
 }
 
@@ -373,27 +358,28 @@ impl EngineRow {
 
     /// The fields under `seq`, read consistently (`None`: the prober kept
     /// writing through a few tries, or died while writing).
-    fn read(&self) -> Option<[u64; 12]> {
+    fn read(&self) -> Option<Published> {
         for _ in 0..4 {
             let s1 = self.seq.load(Ordering::Acquire);
             if s1 % 2 == 1 {
                 std::hint::spin_loop();
                 continue;
             }
-            let v = [
-                self.scraped_ms.load(Ordering::Relaxed),
-                self.stale_ms.load(Ordering::Relaxed),
-                self.running.load(Ordering::Relaxed),
-                self.waiting.load(Ordering::Relaxed),
-                self.kv_permille.load(Ordering::Relaxed),
-                self.kv_high_permille.load(Ordering::Relaxed),
-                self.prefix_queries.load(Ordering::Relaxed),
-                self.prefix_hits.load(Ordering::Relaxed),
-                self.placed_at.load(Ordering::Relaxed),
-                self.ended_at.load(Ordering::Relaxed),
-                self.rate_tps.load(Ordering::Relaxed),
-                self.finish_mps.load(Ordering::Relaxed),
-            ];
+            let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+            let v = Published {
+                scraped_ms: l(&self.scraped_ms),
+                stale_ms: l(&self.stale_ms),
+                running: l(&self.running),
+                waiting: l(&self.waiting),
+                kv_permille: l(&self.kv_permille),
+                kv_high_permille: l(&self.kv_high_permille),
+                prefix_queries: l(&self.prefix_queries),
+                prefix_hits: l(&self.prefix_hits),
+                placed_at: l(&self.placed_at),
+                ended_at: l(&self.ended_at),
+                rate_tps: l(&self.rate_tps),
+                finish_mps: l(&self.finish_mps),
+            };
             std::sync::atomic::fence(Ordering::Acquire);
             if self.seq.load(Ordering::Relaxed) == s1 {
                 return Some(v);
@@ -410,23 +396,21 @@ impl EngineRow {
     /// What a balancer sees at `now_ms` (see the module doc).
     pub fn view(&self, now_ms: u64) -> EngineView {
         let Some(v) = self.read() else { return EngineView::default() };
-        let [scraped, stale, running, waiting, kv, kv_high, _, _, placed_at, ended_at, rate, finish] =
-            v;
-        if scraped == 0 || now_ms.saturating_sub(scraped) > stale {
+        if !v.fresh(now_ms) {
             return EngineView::default();
         }
         let (placed, ended) = self.counters();
         // Placed since the scrape, less ended since: ended may count
         // requests placed before it (the engine had them), so it can win.
-        let since = placed.wrapping_sub(placed_at) as i64 - ended.wrapping_sub(ended_at) as i64;
-        let requests = (running.saturating_add(waiting) as i64).saturating_add(since).max(0) as u64;
+        let since = placed.wrapping_sub(v.placed_at) as i64 - ended.wrapping_sub(v.ended_at) as i64;
+        let queued = v.running.saturating_add(v.waiting) as i64;
         EngineView {
             fresh: true,
-            requests,
-            waiting,
-            pressured: kv_high > 0 && kv >= kv_high,
-            rate_tps: rate,
-            finish_mps: finish,
+            requests: queued.saturating_add(since).max(0) as u64,
+            waiting: v.waiting,
+            pressured: v.kv_high_permille > 0 && v.kv_permille >= v.kv_high_permille,
+            rate_tps: v.rate_tps,
+            finish_mps: v.finish_mps,
         }
     }
 
@@ -434,21 +418,45 @@ impl EngineRow {
         let v = self.read().unwrap_or_default();
         let (placed, ended) = self.counters();
         EngineSnapshot {
-            scraped_ago_ms: (v[0] != 0).then(|| now_ms.saturating_sub(v[0])),
-            fresh: v[0] != 0 && now_ms.saturating_sub(v[0]) <= v[1],
-            running: v[2],
-            waiting: v[3],
-            kv_permille: v[4],
-            prefix_queries: v[6],
-            prefix_hits: v[7],
-            rate_tps: v[10],
-            finish_mps: v[11],
+            scraped_ago_ms: (v.scraped_ms != 0).then(|| now_ms.saturating_sub(v.scraped_ms)),
+            fresh: v.fresh(now_ms),
+            running: v.running,
+            waiting: v.waiting,
+            kv_permille: v.kv_permille,
+            prefix_queries: v.prefix_queries,
+            prefix_hits: v.prefix_hits,
+            rate_tps: v.rate_tps,
+            finish_mps: v.finish_mps,
             scrapes: self.scrapes.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
             latency_us: self.latency_us.load(Ordering::Relaxed),
             placed,
             ended,
         }
+    }
+}
+
+/// What a good scrape published (the fields under the row's `seq`).
+#[derive(Debug, Clone, Copy, Default)]
+struct Published {
+    scraped_ms: u64,
+    stale_ms: u64,
+    running: u64,
+    waiting: u64,
+    kv_permille: u64,
+    kv_high_permille: u64,
+    prefix_queries: u64,
+    prefix_hits: u64,
+    placed_at: u64,
+    ended_at: u64,
+    rate_tps: u64,
+    finish_mps: u64,
+}
+
+impl Published {
+    /// A scrape exists and is not older than its stale age.
+    fn fresh(&self, now_ms: u64) -> bool {
+        self.scraped_ms != 0 && now_ms.saturating_sub(self.scraped_ms) <= self.stale_ms
     }
 }
 
@@ -556,10 +564,10 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (c.interval_ms, c.timeout_ms, c.port, c.kv_high_permille),
+            (c.probe.interval_ms, c.probe.timeout_ms, c.probe.port, c.kv_high_permille),
             (500, 200, Some(9), 800)
         );
-        assert_eq!((c.uri.as_slice(), c.model.as_deref()), (&b"/m"[..], Some("llama")));
+        assert_eq!((c.probe.uri.as_slice(), c.model.as_deref()), (&b"/m"[..], Some("llama")));
         assert_eq!(c.stale_ms(), 1_700);
         assert_eq!(MetricsConf::parse(&[]).unwrap(), MetricsConf::default());
         for (bad, msg) in [

@@ -21,33 +21,91 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// What a health probe and a metrics scrape share: how often, how long,
+/// which path and port (`interval=`, `timeout=`, `uri=`, `port=`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// Between two probes of a peer, ms.
+    pub interval_ms: u64,
+    /// A probe without a whole answer by then fails, ms.
+    pub timeout_ms: u64,
+    /// The path asked for.
+    pub uri: Vec<u8>,
+    /// Ask this port instead of the peer's.
+    pub port: Option<u16>,
+}
+
+impl Probe {
+    /// Probes of `uri` every `interval_ms`, within a second.
+    pub fn new(interval_ms: u64, uri: &[u8]) -> Probe {
+        Probe { interval_ms, timeout_ms: 1_000, uri: uri.to_vec(), port: None }
+    }
+
+    /// Sets parameter `name` to `value` when it is one of the shared ones
+    /// (`Ok(false)`: it is not).
+    pub fn set(&mut self, name: &[u8], value: &[u8]) -> Result<bool, String> {
+        use crate::conf::{invalid_value, path, port, positive_ms, A_PATH, A_PORT, POSITIVE_TIME};
+        let bad = |why: &str| invalid_value(name, value, why);
+        match name {
+            b"interval" => {
+                self.interval_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
+            }
+            b"timeout" => self.timeout_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?,
+            b"uri" => self.uri = path(value).ok_or_else(|| bad(A_PATH))?,
+            b"port" => self.port = Some(port(value).ok_or_else(|| bad(A_PORT))?),
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    /// The timeout must fit in the interval.
+    pub fn check(&self) -> Result<(), String> {
+        if self.timeout_ms > self.interval_ms {
+            return Err(format!(
+                "timeout ({} ms) is longer than interval ({} ms)",
+                self.timeout_ms, self.interval_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Results older than this are stale: three intervals and a timeout
+    /// without one.
+    pub fn stale_ms(&self) -> u64 {
+        self.interval_ms.saturating_mul(3).saturating_add(self.timeout_ms)
+    }
+
+    /// The `GET` sent: HTTP/1.0, so the answer ends with the connection and
+    /// has no chunked body.
+    pub fn request(&self, host: &[u8], agent: &[u8], accept: &[u8]) -> Vec<u8> {
+        let mut r = Vec::with_capacity(64 + self.uri.len() + host.len());
+        r.extend_from_slice(b"GET ");
+        r.extend_from_slice(&self.uri);
+        r.extend_from_slice(b" HTTP/1.0\r\nHost: ");
+        r.extend_from_slice(host);
+        r.extend_from_slice(b"\r\nUser-Agent: ");
+        r.extend_from_slice(agent);
+        r.extend_from_slice(b"\r\nAccept: ");
+        r.extend_from_slice(accept);
+        r.extend_from_slice(b"\r\n\r\n");
+        r
+    }
+}
+
 /// `pd_health_check`'s settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CheckConf {
-    /// Between two probes of a peer, ms.
-    pub interval_ms: u64,
-    /// A probe without a whole answer by then is bad, ms.
-    pub timeout_ms: u64,
+    /// Every 2 s, within 1 s, `GET /health`.
+    pub probe: Probe,
     /// Bad probes in a row that put an up peer down.
     pub fails: u32,
     /// Good probes in a row that put a down (or unknown) peer up.
     pub passes: u32,
-    /// The path probed.
-    pub uri: Vec<u8>,
-    /// Probe this port instead of the peer's.
-    pub port: Option<u16>,
 }
 
 impl Default for CheckConf {
     fn default() -> Self {
-        CheckConf {
-            interval_ms: 2_000,
-            timeout_ms: 1_000,
-            fails: 2,
-            passes: 1,
-            uri: b"/health".to_vec(),
-            port: None,
-        }
+        CheckConf { probe: Probe::new(2_000, b"/health"), fails: 2, passes: 1 }
     }
 }
 
@@ -68,80 +126,39 @@ impl CheckConf {
     /// Parses `interval=2s timeout=1s fails=2 passes=1 uri=/health port=N`
     /// (any subset, any order; each at most once).
     pub fn parse(args: &[&[u8]]) -> Result<CheckConf, CheckConfError> {
-        use crate::conf::{invalid_value, number, parameters, path, port, positive_ms};
-        use crate::conf::{A_PATH, A_PORT, POSITIVE_TIME};
+        use crate::conf::{invalid_value, number, parameters};
         let mut c = CheckConf::default();
         parameters(args, |name, value| {
-            let bad = |why: &str| invalid_value(name, value, why);
-            match name {
-                b"interval" => {
-                    c.interval_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
-                }
-                b"timeout" => {
-                    c.timeout_ms = positive_ms(value).ok_or_else(|| bad(POSITIVE_TIME))?
-                }
-                b"fails" | b"passes" => {
-                    let n = number(value, 1, 1000)
-                        .ok_or_else(|| bad(", it must be a number from 1 to 1000"))?
-                        as u32;
-                    if name == b"fails" {
-                        c.fails = n;
-                    } else {
-                        c.passes = n;
-                    }
-                }
-                b"uri" => c.uri = path(value).ok_or_else(|| bad(A_PATH))?,
-                b"port" => c.port = Some(port(value).ok_or_else(|| bad(A_PORT))?),
+            if c.probe.set(name, value)? {
+                return Ok(true);
+            }
+            let n = match name {
+                b"fails" | b"passes" => number(value, 1, 1000).ok_or_else(|| {
+                    invalid_value(name, value, ", it must be a number from 1 to 1000")
+                })? as u32,
                 _ => return Ok(false),
+            };
+            if name == b"fails" {
+                c.fails = n;
+            } else {
+                c.passes = n;
             }
             Ok(true)
         })
+        .and_then(|()| c.probe.check())
         .map_err(CheckConfError)?;
-        timeout_within(c.interval_ms, c.timeout_ms).map_err(CheckConfError)?;
         Ok(c)
     }
 
     /// Results older than this are stale (see the module doc).
     pub fn stale_ms(&self) -> u64 {
-        stale_after(self.interval_ms, self.timeout_ms)
+        self.probe.stale_ms()
     }
 
     /// The `GET` request a probe sends.
     pub fn request(&self, host: &[u8]) -> Vec<u8> {
-        get_request(&self.uri, host, b"pdgate-health", b"*/*")
+        self.probe.request(host, b"pdgate-health", b"*/*")
     }
-}
-
-/// A probe's (or scrape's) `timeout` must fit in its `interval`.
-pub fn timeout_within(interval_ms: u64, timeout_ms: u64) -> Result<(), String> {
-    if timeout_ms > interval_ms {
-        return Err(format!(
-            "timeout ({timeout_ms} ms) is longer than interval ({interval_ms} ms)"
-        ));
-    }
-    Ok(())
-}
-
-/// When results of something done every `interval_ms` go stale: three
-/// intervals and a timeout without one.
-pub fn stale_after(interval_ms: u64, timeout_ms: u64) -> u64 {
-    interval_ms.saturating_mul(3).saturating_add(timeout_ms)
-}
-
-/// The `GET` of a probe or a scrape: HTTP/1.0, so the answer ends with the
-/// connection and has no chunked body.
-pub fn get_request(uri: &[u8], host: &[u8], agent: &[u8], accept: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(64 + uri.len() + host.len());
-    r.extend_from_slice(b"GET ");
-    r.extend_from_slice(uri);
-    r.extend_from_slice(b" HTTP/1.0\r\nHost: ");
-    r.extend_from_slice(host);
-    r.extend_from_slice(b"\r\nUser-Agent: ");
-    r.extend_from_slice(agent);
-    r.extend_from_slice(b"\r\nAccept: ");
-    r.extend_from_slice(accept);
-    r.extend_from_slice(b"\r\n\r\n");
-    r
 }
 
 /// How a probe ended.
@@ -566,16 +583,13 @@ pub struct HealthZone {
 impl HealthZone {
     /// Claims all-zero memory or recognises a zone of this layout.
     pub fn attach(&self) -> bool {
-        match self.magic.compare_exchange(0, ZONE_MAGIC, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(m) => m == ZONE_MAGIC,
-        }
+        crate::shm::attach(&self.magic, ZONE_MAGIC)
     }
 
     /// Whether it holds this layout (without claiming all-zero memory):
     /// for readers that find the zone by name.
     pub fn is_attached(&self) -> bool {
-        self.magic.load(Ordering::Acquire) == ZONE_MAGIC
+        crate::shm::holds(&self.magic, ZONE_MAGIC)
     }
 
     pub fn table(&self) -> HealthTable<'_> {
@@ -650,8 +664,8 @@ mod tests {
             "port=9000",
         ])
         .unwrap();
-        assert_eq!((c.interval_ms, c.timeout_ms, c.fails, c.passes), (500, 200, 3, 2));
-        assert_eq!((c.uri.as_slice(), c.port), (&b"/h?x=1"[..], Some(9000)));
+        assert_eq!((c.probe.interval_ms, c.probe.timeout_ms, c.fails, c.passes), (500, 200, 3, 2));
+        assert_eq!((c.probe.uri.as_slice(), c.probe.port), (&b"/h?x=1"[..], Some(9000)));
         assert_eq!(c.stale_ms(), 1700);
         for (args, msg) in [
             (&["interval"][..], "invalid parameter \"interval\""),

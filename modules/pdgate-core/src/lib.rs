@@ -21,5 +21,6 @@ pub mod pd;
 pub mod prom;
 pub mod request_id;
 pub mod rewrite;
+pub mod shm;
 pub mod tokens;
 pub mod usage;

@@ -316,10 +316,7 @@ impl Default for MetricsZone {
 impl MetricsZone {
     /// Claims all-zero memory or recognises a zone of this layout.
     pub fn attach(&self) -> bool {
-        match self.magic.compare_exchange(0, MAGIC, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(m) => m == MAGIC,
-        }
+        crate::shm::attach(&self.magic, MAGIC)
     }
 
     /// Adds one finished request: its outcome, failing stage, and (when it

@@ -157,6 +157,58 @@ pub unsafe fn each_peer(
     }
 }
 
+/// The running cycle's `upstream {}` block `name` (NULL: none), looked up
+/// once per cycle and name, and remembered.
+fn block_named(name: &[u8]) -> *mut ngx_http_upstream_srv_conf_t {
+    use std::cell::RefCell;
+    thread_local! {
+        /// (name, cycle, block) of the names looked up.
+        static FOUND: RefCell<Vec<(Vec<u8>, usize, usize)>> = const { RefCell::new(Vec::new()) };
+    }
+    // SAFETY: the running cycle's blocks live as long as the cycle.
+    unsafe {
+        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
+        let cached = FOUND.with(|f| {
+            f.borrow().iter().find(|(n, c, _)| n == name && *c == cycle as usize).map(|e| e.2)
+        });
+        if let Some(us) = cached {
+            return us as *mut ngx_http_upstream_srv_conf_t;
+        }
+        let us = blocks(cycle_main_conf(cycle))
+            .into_iter()
+            .find(|&us| crate::conf::str_bytes(&(*us).host) == name)
+            .unwrap_or(null_mut());
+        FOUND.with(|f| {
+            let mut f = f.borrow_mut();
+            f.retain(|(n, c, _)| n != name && *c == cycle as usize);
+            f.push((name.to_vec(), cycle as usize, us as usize));
+        });
+        us
+    }
+}
+
+/// Calls `f` with each primary peer of block `name` (its name, and whether
+/// it is `down`) under round robin's read lock; false when no block has
+/// that name.
+fn each_peer_named(name: &[u8], mut f: impl FnMut(&[u8], bool)) -> bool {
+    // SAFETY: the block and its peer list live as long as the cycle; the
+    // list is read under its read lock.
+    unsafe {
+        let Some(us) = block_named(name).as_ref() else { return false };
+        let peers = us.peer.data as *mut ngx_http_upstream_rr_peers_t;
+        if peers.is_null() {
+            return true;
+        }
+        let _r = PeersRead::lock(peers);
+        let mut p = (*peers).peer;
+        while let Some(pe) = p.as_ref() {
+            f(crate::conf::str_bytes(&pe.name), pe.down != 0);
+            p = pe.next;
+        }
+        true
+    }
+}
+
 /// A peer of an upstream as a module that picks servers itself sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerName {
@@ -169,83 +221,25 @@ pub struct PeerName {
 }
 
 /// The primary peers of the running cycle's `upstream {}` block `name`, as
-/// they are now (with `zone` and `server … resolve`, what DNS says, read
-/// under round robin's lock); `None` when no block has that name.
+/// they are now (with `zone` and `server … resolve`, what DNS says);
+/// `None` when no block has that name.
 pub fn peer_names(name: &[u8]) -> Option<Vec<PeerName>> {
-    // SAFETY: the running cycle's blocks and their peer lists live as long
-    // as the cycle; the list is read under its read lock.
-    unsafe {
-        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
-        let us = blocks(cycle_main_conf(cycle))
-            .into_iter()
-            .find(|&us| crate::conf::str_bytes(&(*us).host) == name)?;
-        let peers = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
-        let mut out = Vec::new();
-        if peers.is_null() {
-            return Some(out);
-        }
-        let _r = PeersRead::lock(peers);
-        let mut p = (*peers).peer;
-        while let Some(pe) = p.as_ref() {
-            out.push(PeerName {
-                addr: String::from_utf8_lossy(crate::conf::str_bytes(&pe.name)).into_owned(),
-                down: pe.down != 0,
-            });
-            p = pe.next;
-        }
-        Some(out)
-    }
+    let mut out = Vec::new();
+    let found = each_peer_named(name, |addr, down| {
+        out.push(PeerName { addr: String::from_utf8_lossy(addr).into_owned(), down })
+    });
+    found.then_some(out)
 }
 
-/// How many primary peers of the running cycle's `upstream {}` block
-/// `name` are not `down` now (by the configuration or the health checks);
-/// `None` when no block has that name. The block is looked up once per
-/// cycle and remembered.
+/// How many primary peers of block `name` are not `down` now (by the
+/// configuration or the health checks); `None` when no block has that name.
 pub fn count_up(name: &[u8]) -> Option<usize> {
     count_up_where(name, |_| true)
 }
 
 /// [`count_up`] of the peers for which `room(peer name)` is true too.
 pub fn count_up_where(name: &[u8], room: impl Fn(&[u8]) -> bool) -> Option<usize> {
-    use std::cell::RefCell;
-    thread_local! {
-        /// (name, cycle, block) of the names looked up.
-        static FOUND: RefCell<Vec<(Vec<u8>, usize, usize)>> = const { RefCell::new(Vec::new()) };
-    }
-    // SAFETY: the running cycle's blocks and their peer lists live as long
-    // as the cycle; the list is read under its read lock.
-    unsafe {
-        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
-        let cached = FOUND.with(|f| {
-            f.borrow().iter().find(|(n, c, _)| n == name && *c == cycle as usize).map(|e| e.2)
-        });
-        let us = match cached {
-            Some(us) => us as *mut ngx_http_upstream_srv_conf_t,
-            None => {
-                let us = blocks(cycle_main_conf(cycle))
-                    .into_iter()
-                    .find(|&us| crate::conf::str_bytes(&(*us).host) == name)
-                    .unwrap_or(null_mut());
-                FOUND.with(|f| {
-                    let mut f = f.borrow_mut();
-                    f.retain(|(n, c, _)| n != name && *c == cycle as usize);
-                    f.push((name.to_vec(), cycle as usize, us as usize));
-                });
-                us
-            }
-        };
-        let us = us.as_ref()?;
-        let peers = us.peer.data as *mut ngx_http_upstream_rr_peers_t;
-        if peers.is_null() {
-            return Some(0);
-        }
-        let _r = PeersRead::lock(peers);
-        let mut n = 0;
-        let mut p = (*peers).peer;
-        while let Some(pe) = p.as_ref() {
-            n += usize::from(pe.down == 0 && room(crate::conf::str_bytes(&pe.name)));
-            p = pe.next;
-        }
-        Some(n)
-    }
+    let mut n = 0;
+    let found = each_peer_named(name, |peer, down| n += usize::from(!down && room(peer)));
+    found.then_some(n)
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use pdgate_sim::server::{self, Config, Role, Sim};
 
 mod common;
-use common::{dist, whoami_location, Nginx};
+use common::{dist, get, request, whoami_location, Nginx};
 
 /// An engine 20 times slower than real time: a request of 300 tokens
 /// decodes for about a minute, one of 2 tokens is done within a second.
@@ -88,22 +88,7 @@ fn long_request(port: u16) -> TcpStream {
 }
 
 fn short_request(port: u16) -> u16 {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(completion(2, false).as_bytes()).unwrap();
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
-}
-
-fn get(port: u16, path: &str) -> String {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .unwrap();
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    r
+    request(port, &completion(2, false), 20).0
 }
 
 /// Of `n` short requests through `b`, how many went to `busy` while `a`
@@ -137,11 +122,11 @@ fn a_second_proxy_sees_the_queue_the_first_put_on_an_engine() {
     );
     let deadline = Instant::now() + Duration::from_secs(10);
     let needle = format!("peer 127.0.0.1:{e1} engine running=16 ");
-    while !get(seeing.port, "/status").contains(&needle) {
+    while !get(seeing.port, "/status").1.contains(&needle) {
         assert!(
             Instant::now() < deadline,
             "engine 1's 16 requests never showed:\n{}\nlog:\n{}",
-            get(seeing.port, "/status"),
+            get(seeing.port, "/status").1,
             seeing.log()
         );
         std::thread::sleep(Duration::from_millis(50));

@@ -5,8 +5,6 @@
 //! the whole nginx is killed, another one takes the lease over and the
 //! probes go on.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Command;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -16,7 +14,7 @@ use pdgate_sim::profile::Profile;
 use pdgate_sim::server::{self, Config, Role, Sim};
 
 mod common;
-use common::{dist, whoami_location, Nginx};
+use common::{dist, get, request, whoami_location, Nginx};
 
 fn sim(loading_ms: u64) -> Arc<Sim> {
     server::start(Config {
@@ -68,27 +66,13 @@ http {{
     })
 }
 
-fn get(port: u16, path: &str) -> (u16, String) {
-    request(port, &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
-}
-
 fn complete(port: u16) -> u16 {
     let body = r#"{"model":"m","prompt":"hello there","max_tokens":2}"#;
     let req = format!(
         "POST /v1/completions HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    request(port, &req).0
-}
-
-fn request(port: u16, req: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(req.as_bytes()).unwrap();
-    let mut r = String::new();
-    let _ = s.read_to_string(&mut r);
-    let status = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or(r))
+    request(port, &req, 5).0
 }
 
 /// Waits until the status page matches `pred`; returns it.

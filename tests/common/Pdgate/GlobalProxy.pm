@@ -12,7 +12,7 @@ use File::Temp qw(tempfile);
 use IO::Socket::INET;
 use Exporter 'import';
 
-our @EXPORT_OK = qw(run_gp normalize slurp spit tree dist free_port wait_port start_nginx);
+our @EXPORT_OK = qw(run_gp normalize slurp spit tree dist free_port wait_port start_nginx nginx_prefix);
 
 my $root = abs_path(dirname(__FILE__) . '/../../..');
 sub dist { "$root/dist" }
@@ -91,6 +91,15 @@ sub wait_port {
         select undef, undef, undef, 0.05;
     }
     return 0;
+}
+
+# nginx_prefix(): a scratch nginx prefix (with logs/), readable by the
+# workers, removed at the end unless PDGATE_KEEP is set (to read its logs).
+sub nginx_prefix {
+    my $dir = File::Temp::tempdir(CLEANUP => !$ENV{PDGATE_KEEP});
+    chmod 0755, $dir;
+    mkdir "$dir/logs";
+    return $dir;
 }
 
 # start_nginx($dir): runs dist/sbin/nginx -p $dir -c nginx.conf and, at

@@ -247,15 +247,12 @@ const SLOT_ZONE_MAGIC: u64 = 0x7064_6761_7465_0c03;
 impl SlotZone {
     /// Claims all-zero memory or recognises a zone of this layout.
     pub fn attach(&self) -> bool {
-        match self.magic.compare_exchange(0, SLOT_ZONE_MAGIC, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(m) => m == SLOT_ZONE_MAGIC,
-        }
+        crate::shm::attach(&self.magic, SLOT_ZONE_MAGIC)
     }
 
     /// Whether it holds this layout (without claiming all-zero memory).
     pub fn is_attached(&self) -> bool {
-        self.magic.load(Ordering::Acquire) == SLOT_ZONE_MAGIC
+        crate::shm::holds(&self.magic, SLOT_ZONE_MAGIC)
     }
 
     /// Its slot table, recording in its ledger.

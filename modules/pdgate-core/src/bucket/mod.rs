@@ -228,10 +228,7 @@ impl BucketZone {
     /// Makes all-zero memory (a fresh slab allocation) a live zone; `false`
     /// when the memory holds something else (another layout version).
     pub fn attach(&self) -> bool {
-        match self.magic.compare_exchange(0, MAGIC, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(m) => m == MAGIC,
-        }
+        crate::shm::attach(&self.magic, MAGIC)
     }
 
     /// Records a request of `tokens` (None: unknown length) and chooses its

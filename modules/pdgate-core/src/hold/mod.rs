@@ -537,14 +537,11 @@ pub struct HoldZone {
 impl HoldZone {
     /// Claims all-zero memory or recognises a zone of this layout.
     pub fn attach(&self) -> bool {
-        match self.magic.compare_exchange(0, ZONE_MAGIC, Ordering::AcqRel, Ordering::Acquire) {
-            Ok(_) => true,
-            Err(m) => m == ZONE_MAGIC,
-        }
+        crate::shm::attach(&self.magic, ZONE_MAGIC)
     }
 
     pub fn is_attached(&self) -> bool {
-        self.magic.load(Ordering::Acquire) == ZONE_MAGIC
+        crate::shm::holds(&self.magic, ZONE_MAGIC)
     }
 
     /// The gate of `key` (claimed when new); `None` when every gate is

@@ -182,12 +182,17 @@ unsafe fn admit<P: Protocol>(
     unsafe {
         let Some(hold) = P::hold(view(r)) else { return Some(Ok(media)) };
         let Some(gate) = crate::hold::gate(hold) else {
-            ngx_log_error!(
-                NGX_LOG_ALERT,
-                (*(*r).connection).log,
-                "{}: pd_hold: no gate left in zone \"pdgate_hold\", the request is not held",
-                P::NAME
-            );
+            // Once per worker: every request of these pools would say it.
+            static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                ngx_log_error!(
+                    NGX_LOG_ALERT,
+                    (*(*r).connection).log,
+                    "{}: pd_hold: every gate of zone \"pdgate_hold\" is taken (16 pairs of pools), requests to \"{}\" are not held",
+                    P::NAME,
+                    String::from_utf8_lossy(&hold.conf.prefill_upstream)
+                );
+            }
             return Some(Ok(media));
         };
         let log = (*(*r).connection).log;

@@ -294,17 +294,11 @@ enum Job {
 }
 
 impl Job {
-    fn timeout_ms(&self) -> u64 {
+    /// What the probe or scrape is: interval, timeout, path, port.
+    fn probe(&self) -> &pdgate_core::health::Probe {
         match self {
-            Job::Health { conf, .. } => conf.timeout_ms,
-            Job::Metrics { conf, .. } => conf.timeout_ms,
-        }
-    }
-
-    fn port(&self) -> Option<u16> {
-        match self {
-            Job::Health { conf, .. } => conf.port,
-            Job::Metrics { conf, .. } => conf.port,
+            Job::Health { conf, .. } => &conf.probe,
+            Job::Metrics { conf, .. } => &conf.probe,
         }
     }
 
@@ -458,13 +452,15 @@ fn apply_peer(
         // half tick a probe that ended just after a tick would wait a
         // whole extra tick).
         let checked = row.checked_ms();
-        let due = checked == 0 || now.saturating_sub(checked) + TICK_MS / 2 >= conf.interval_ms;
+        let due =
+            checked == 0 || now.saturating_sub(checked) + TICK_MS / 2 >= conf.probe.interval_ms;
         if due && !inflight.contains(&(key, false)) {
             jobs.push(Job::Health { row, conf: conf.clone() });
         }
     }
     if let Some(conf) = &u.metrics {
-        if !inflight.contains(&(key, true)) && engine.due(now, conf.interval_ms, TICK_MS / 2) {
+        if !inflight.contains(&(key, true)) && engine.due(now, conf.probe.interval_ms, TICK_MS / 2)
+        {
             jobs.push(Job::Metrics { row: engine, conf: conf.clone(), sent: engine.counters() });
         }
     }

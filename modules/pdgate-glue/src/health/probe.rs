@@ -78,7 +78,7 @@ pub(super) fn start_probe(t: Target, quiet: *mut ngx_log_t) {
     unsafe {
         let p = &mut *raw;
         p.name = ngx_str_t { len: p.peer.len(), data: p.peer.as_mut_ptr() };
-        if let Some(port) = p.job.port() {
+        if let Some(port) = p.job.probe().port {
             ngx_inet_set_port(addr_of_mut!(p.addr) as *mut sockaddr, port);
         }
         p.pc.sockaddr = addr_of_mut!(p.addr) as *mut sockaddr;
@@ -98,7 +98,7 @@ pub(super) fn start_probe(t: Target, quiet: *mut ngx_log_t) {
         (*c).data = raw as *mut c_void;
         (*(*c).read).handler = Some(on_read);
         (*(*c).write).handler = Some(on_write);
-        ngx_add_timer((*c).write, (*raw).job.timeout_ms() as ngx_msec_t);
+        ngx_add_timer((*c).write, (*raw).job.probe().timeout_ms as ngx_msec_t);
         if rc != NGX_AGAIN as ngx_int_t {
             on_write((*c).write);
         }
@@ -143,7 +143,7 @@ unsafe extern "C" fn on_write(wev: *mut ngx_event_t) {
                 ngx_del_timer(wev);
             }
             let spent = p.started.elapsed().as_millis() as u64;
-            let left = p.job.timeout_ms().saturating_sub(spent).max(1);
+            let left = p.job.probe().timeout_ms.saturating_sub(spent).max(1);
             let rev = (*c).read;
             ngx_add_timer(rev, left as ngx_msec_t);
             if ngx_handle_read_event(rev, 0) != NGX_OK as ngx_int_t {

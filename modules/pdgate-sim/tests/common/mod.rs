@@ -118,3 +118,21 @@ fn whoami(port: u16) -> Option<String> {
     s.read_to_string(&mut out).ok()?;
     out.split("\r\n\r\n").nth(1).map(str::to_owned)
 }
+
+/// Sends `req` (a whole HTTP/1.1 request with `Connection: close`) to
+/// nginx on `port` and reads the answer within `timeout_s`: its status (0:
+/// none) and body.
+pub fn request(port: u16, req: &str, timeout_s: u64) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(timeout_s))).unwrap();
+    s.write_all(req.as_bytes()).unwrap();
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    let status = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or(r))
+}
+
+/// `GET path` from nginx on `port`: status and body.
+pub fn get(port: u16, path: &str) -> (u16, String) {
+    request(port, &format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"), 5)
+}
