@@ -1,0 +1,1 @@
+//! KV events decoder (helper A writes this).

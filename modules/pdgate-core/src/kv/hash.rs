@@ -1,0 +1,1 @@
+//! vLLM block hashes (helper A writes this).
