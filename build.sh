@@ -34,7 +34,7 @@ log() { printf '\033[1m[build]\033[0m %s\n' "$*"; }
 # --- system packages -------------------------------------------------------
 # shellcheck source=scripts/ensure-debs.sh
 . "$ROOT/scripts/ensure-debs.sh"
-ensure_debs libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make gcc
+ensure_debs libclang-dev libpcre2-dev libssl-dev zlib1g-dev pkg-config make gcc g++
 command -v cargo >/dev/null || { echo "build.sh: cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }
 
 # --- cargo build -----------------------------------------------------------
@@ -73,6 +73,11 @@ for b in engine-sim pd-bench balance-bench; do
         BINS="$BINS $b"
     fi
 done
+# A small model (a BPE trained on the repository's own text, with a chat
+# template) for pd_tokenizer's tests and demos: no model hub needed.
+if [ -x "$DIST/bin/engine-sim" ]; then
+    "$DIST/bin/engine-sim" --write-test-tokenizer "$DIST/share/test-model" >/dev/null
+fi
 if [ "$external" = 0 ]; then
     # The nginx binary nginx-sys built for this very build (its build script
     # reports its out dir).

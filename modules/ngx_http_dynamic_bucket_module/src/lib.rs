@@ -141,7 +141,9 @@ pdgate_glue::variable_getter!(ngx_http_dynamic_bucket_variable, BucketSet, bucke
 
 /// The variable's value: records the request and names its upstream.
 fn bucket_of<'d>(r: &mut Request, set: &'d BucketSet) -> Option<&'d [u8]> {
-    let tokens = r.client_body_bytes().map(tokens_for_bytes);
+    // The model's count when a P/D location tokenized the prompt.
+    let tokens =
+        pdgate_glue::tokenize::tokens_of(r).or_else(|| r.client_body_bytes().map(tokens_for_bytes));
     let bucket = match set.zone.state() {
         Some(z) => {
             let mut cut = set.cut.get();

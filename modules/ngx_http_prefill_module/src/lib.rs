@@ -57,6 +57,8 @@ pub struct LocConf {
     fallback: Option<bool>,
     /// `pd_hold …`: requests wait in the proxy for room in the pools.
     hold: Option<pdgate_glue::hold::Hold>,
+    /// `pd_tokenizer …`: the model's tokenizer counts and keys prompts.
+    tokenizer: Option<pdgate_glue::tokenize::Tokenizer>,
 }
 
 impl Default for LocConf {
@@ -69,6 +71,7 @@ impl Default for LocConf {
             strip: NGX_CONF_UNSET,
             fallback: None,
             hold: None,
+            tokenizer: None,
         }
     }
 }
@@ -94,6 +97,9 @@ impl Merge for LocConf {
         if self.hold.is_none() {
             self.hold = prev.hold.clone();
         }
+        if self.tokenizer.is_none() {
+            self.tokenizer = prev.tokenizer.clone();
+        }
         Ok(())
     }
 }
@@ -117,6 +123,7 @@ pdgate_glue::http_module! {
         conf::flag(c"pd_strip_reserved", offset_of!(LocConf, strip)),
         conf::take1(c"prefill_fallback", Some(cmd_fallback)),
         conf::loc_command(c"pd_hold", ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_hold)),
+        conf::loc_command(c"pd_tokenizer", ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_tokenizer)),
         metrics::CMD_PD_METRICS,
         metrics::CMD_PD_METRICS_ZONE,
         metrics::CMD_ENABLE_INTERNAL_METRICS,
@@ -166,6 +173,13 @@ fn stream_ops(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError>
 /// `pd_hold`'s pools must be upstream blocks.
 fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
     lcf.hold.as_ref().map_or(Ok(()), |h| pdgate_glue::hold::check(cf, h))
+}
+
+pdgate_glue::directive!(cmd_tokenizer, LocConf, tokenizer);
+
+/// `pd_tokenizer <model dir> [block_size=N] [hash=sha256_cbor|xxhash_cbor] [seed=S] [max_blocks=N];`
+fn tokenizer(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    pdgate_glue::tokenize::directive(cf, &mut lcf.tokenizer)
 }
 
 pdgate_glue::directive!(cmd_hold, LocConf, hold);
@@ -357,5 +371,9 @@ impl Protocol for Vllm {
 
     fn hold(r: &Request) -> Option<&'static pdgate_glue::hold::Hold> {
         Module::location_conf(r)?.hold.as_ref()
+    }
+
+    fn tokenizer(r: &Request) -> Option<&'static pdgate_glue::tokenize::Tokenizer> {
+        Module::location_conf(r)?.tokenizer.as_ref()
     }
 }

@@ -43,7 +43,6 @@ use pdgate_glue::core::bootstrap::{
 };
 use pdgate_glue::core::json::Object;
 use pdgate_glue::core::pd::flow::{Legs, Shape, Spec};
-use pdgate_glue::core::tokens::tokens_for_bytes;
 use pdgate_glue::counters::Zone;
 use pdgate_glue::driver::{self, Bodies, Body, Prepared, Protocol, Record, Refusal};
 use pdgate_glue::ffi::{ngx_module_t, NGX_LOG_WARN};
@@ -87,6 +86,8 @@ pub struct LocConf {
     /// `prefill_refactor_hold …` (`pd_hold` of this module): requests wait
     /// in the proxy for room in the pools.
     hold: Option<pdgate_glue::hold::Hold>,
+    /// `prefill_refactor_tokenizer …` (`pd_tokenizer` of this module).
+    tokenizer: Option<pdgate_glue::tokenize::Tokenizer>,
 }
 
 /// `prefill_servers_upstream`'s upstreams.
@@ -126,6 +127,9 @@ impl Merge for LocConf {
         }
         if self.max_fails.is_none() {
             self.max_fails = prev.max_fails;
+        }
+        if self.tokenizer.is_none() {
+            self.tokenizer = prev.tokenizer.clone();
         }
         if self.fail_timeout.is_none() {
             self.fail_timeout = prev.fail_timeout;
@@ -204,6 +208,7 @@ pdgate_glue::http_module! {
         // pd_hold's own name belongs to the prefill module (nginx gives a
         // directive to the first module that declares it).
         conf::loc_command(c"prefill_refactor_hold", conf::ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_hold)),
+        conf::loc_command(c"prefill_refactor_tokenizer", conf::ANY_LEVEL | pdgate_glue::ffi::NGX_CONF_1MORE, Some(cmd_tokenizer)),
     ],
 }
 
@@ -246,6 +251,13 @@ fn check_loc_conf(cf: &Conf, lcf: &LocConf) -> Result<(), String> {
         }
     }
     lcf.check()
+}
+
+pdgate_glue::directive!(cmd_tokenizer, LocConf, tokenizer);
+
+/// `prefill_refactor_tokenizer <model dir> [block_size=N] [hash=…] [seed=S] [max_blocks=N];`
+fn tokenizer(cf: &mut Conf, lcf: &'static mut LocConf) -> Result<(), ConfError> {
+    pdgate_glue::tokenize::directive(cf, &mut lcf.tokenizer)
 }
 
 pdgate_glue::directive!(cmd_hold, LocConf, hold);
@@ -545,6 +557,10 @@ impl Protocol for Sglang {
         Module::location_conf(r)?.hold.as_ref()
     }
 
+    fn tokenizer(r: &Request) -> Option<&'static pdgate_glue::tokenize::Tokenizer> {
+        Module::location_conf(r)?.tokenizer.as_ref()
+    }
+
     fn release(st: &mut Choices, legs: Legs) {
         for leg in [Legs::PREFILL, Legs::DECODE] {
             if legs.contains(leg) {
@@ -608,7 +624,7 @@ fn legs(
     let plist = &*plist;
     let (tie, room) = random::with_rng(|g| (g.next_u64(), bootstrap::room(g.next_u64())));
     let policy = lcf.balance.flatten();
-    let tokens = tokens_for_bytes(bodies.src().len());
+    let tokens = driver::request_tokens::<Sglang>(r, bodies.src());
     let now = observe::now_ms();
     let usable: Vec<bool> = plist
         .iter()

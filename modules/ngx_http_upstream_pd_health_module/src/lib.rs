@@ -45,6 +45,7 @@ pdgate_glue::http_module! {
     commands: [
         conf::upstream_command(c"pd_health_check", NGX_CONF_ANY, Some(cmd_check)),
         conf::upstream_command(c"pd_engine_metrics", NGX_CONF_ANY, Some(cmd_metrics)),
+        conf::upstream_command(c"pd_kv_events", NGX_CONF_ANY, Some(cmd_kv_events)),
         conf::loc_command(c"pd_health_status", NGX_HTTP_LOC_CONF | NGX_CONF_NOARGS, Some(cmd_status)),
         conf::loc_command(c"pd_health_ready", NGX_HTTP_LOC_CONF | NGX_CONF_ANY, Some(cmd_ready)),
     ],
@@ -78,6 +79,13 @@ pdgate_glue::directive!(cmd_metrics, UpstreamHealth, metrics);
 /// `pd_engine_metrics [interval=…] [timeout=…] [uri=…] [port=…] [model=…] [kv_high=…];`
 fn metrics(cf: &mut Conf, h: &'static mut UpstreamHealth) -> Result<(), ConfError> {
     health::metrics_directive(cf, h, Module::module())
+}
+
+pdgate_glue::directive!(cmd_kv_events, UpstreamHealth, kv_events);
+
+/// `pd_kv_events [port=…] [replay_port=…] [topic=…] [blocks=…] [block_size=…] [hash=…] [seed=…];`
+fn kv_events(cf: &mut Conf, h: &'static mut UpstreamHealth) -> Result<(), ConfError> {
+    health::kv_directive(cf, h, Module::module())
 }
 
 pdgate_glue::directive!(cmd_status, status);

@@ -29,10 +29,20 @@
 #![forbid(unsafe_code)]
 
 use pdgate_glue::balancer::{flag, param, shm_size, Balancer, PeerView, PrefixAffinity, Request};
-use pdgate_glue::core::balance::{prefix_cache_affinity, PREFIX_CACHE_AFFINITY_PARAMS};
+use pdgate_glue::core::balance::{
+    precise_prefix, prefix_cache_affinity, PREFIX_CACHE_AFFINITY_PARAMS,
+};
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
-    prefix_cache_affinity(peers, r.tokens, r.affinity, r.params.int("batch_size"), r.tie)
+    let batch = r.params.int("batch_size");
+    if r.block_tokens > 0 {
+        let mut cached = [0u64; 256];
+        for (c, &blocks) in cached.iter_mut().zip(r.affinity) {
+            *c = u64::from(blocks) * r.block_tokens;
+        }
+        return precise_prefix(peers, r.tokens, &cached[..peers.len().min(256)], batch, r.tie);
+    }
+    prefix_cache_affinity(peers, r.tokens, r.affinity, batch, r.tie)
 }
 
 static BALANCER: Balancer = Balancer {

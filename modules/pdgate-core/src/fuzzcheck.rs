@@ -352,6 +352,39 @@ pub fn cached_tokens(data: &[u8]) {
     }
 }
 
+/// A vLLM KV event batch (msgpack): decoding never panics, and a batch that
+/// decodes re-encodes, in either shape, to bytes that decode to the same
+/// batch (less the events skipped for an unknown tag); with int hashes, to
+/// the same keys.
+pub fn kv_events(data: &[u8]) {
+    use crate::kv::events::{decode, encode_batch, encode_batch_with, Event, HashForm, Shape};
+    let Ok(b) = decode(data) else { return };
+    // Our encoding adds at most a few values per event (map keys, fields
+    // vLLM may leave out): far from MAX_VALUES for inputs below this.
+    if data.len() > crate::kv::events::MAX_VALUES / 16 {
+        return;
+    }
+    let keys = |b: &crate::kv::events::Batch| -> Vec<u64> {
+        let mut k = Vec::new();
+        for e in &b.events {
+            match e {
+                Event::Stored(s) => k.extend(s.hashes.iter().chain(&s.parent).map(|r| r.key)),
+                Event::Removed { hashes, .. } => k.extend(hashes.iter().map(|r| r.key)),
+                Event::Cleared => {}
+            }
+        }
+        k
+    };
+    for shape in [Shape::Map, Shape::Array] {
+        let again = decode(&encode_batch(&b, shape)).expect("our own encoding decodes");
+        assert_eq!(again.ts.to_bits(), b.ts.to_bits(), "{shape:?} ts");
+        assert_eq!(again.events, b.events, "{shape:?} events");
+        assert_eq!((again.dp_rank, again.unknown), (b.dp_rank, 0), "{shape:?}");
+        let ints = decode(&encode_batch_with(&b, shape, HashForm::Int)).expect("int hashes decode");
+        assert_eq!(keys(&ints), keys(&b), "{shape:?} int keys");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,7 +395,7 @@ mod tests {
     fn corpus_replays() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
         type Check = fn(&[u8]);
-        let targets: [(&str, Check); 8] = [
+        let targets: [(&str, Check); 9] = [
             ("health_status", health_status),
             ("prom", prom),
             ("json", json),
@@ -371,6 +404,7 @@ mod tests {
             ("encode", encode),
             ("usage_scanner", usage_scanner),
             ("cached_tokens", cached_tokens),
+            ("kv_events", kv_events),
         ];
         for (name, check) in targets {
             let dir = root.join(name);

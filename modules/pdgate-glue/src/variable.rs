@@ -145,3 +145,66 @@ pub unsafe fn add_chained(
         Ok(prev)
     }
 }
+
+/// The index of the indexed variable `name` in the running cycle (`None`:
+/// no module indexed it), looked up once per cycle for each name.
+pub fn running_index(name: &'static [u8]) -> Option<usize> {
+    use std::cell::RefCell;
+    use std::ptr::addr_of;
+    /// (name, cycle, index) of each name looked up.
+    type Found = Vec<(&'static [u8], usize, Option<usize>)>;
+    thread_local! {
+        static FOUND: RefCell<Found> = const { RefCell::new(Vec::new()) };
+    }
+    // SAFETY: ngx_cycle is the running cycle of this worker; its http
+    // configuration (core main conf and its array of indexed variables)
+    // lives as long as it.
+    unsafe {
+        let cycle = *addr_of!(ngx::ffi::ngx_cycle);
+        let at = cycle as usize;
+        if let Some(hit) =
+            FOUND.with(|f| f.borrow().iter().find(|e| e.0 == name && e.1 == at).map(|e| e.2))
+        {
+            return hit;
+        }
+        let found = (|| {
+            let c = cycle.as_ref()?;
+            let ctx = (*c.conf_ctx.add((*addr_of!(ngx::ffi::ngx_http_module)).index)
+                as *const ngx::ffi::ngx_http_conf_ctx_t)
+                .as_ref()?;
+            let cmcf = (*ctx.main_conf.add((*addr_of!(ngx::ffi::ngx_http_core_module)).ctx_index)
+                as *const ngx::ffi::ngx_http_core_main_conf_t)
+                .as_ref()?;
+            let vars = std::slice::from_raw_parts(
+                cmcf.variables.elts as *const ngx::ffi::ngx_http_variable_t,
+                cmcf.variables.nelts,
+            );
+            vars.iter().position(|v| crate::conf::str_bytes(&v.name) == name)
+        })();
+        FOUND.with(|f| {
+            let mut f = f.borrow_mut();
+            f.retain(|e| e.1 == at);
+            f.push((name, at, found));
+        });
+        found
+    }
+}
+
+/// The value of indexed variable `index` for `r` (`None`: not found).
+///
+/// # Safety
+/// `r` must be a live request of the running cycle, `index` from
+/// [`running_index`].
+pub unsafe fn indexed_value<'a>(
+    r: *mut ngx::ffi::ngx_http_request_t,
+    index: usize,
+) -> Option<&'a [u8]> {
+    // SAFETY: as documented; the value lives in the request's pool.
+    unsafe {
+        let v = ngx::ffi::ngx_http_get_indexed_variable(r, index).as_ref()?;
+        if v.not_found() != 0 || v.valid() == 0 || v.data.is_null() {
+            return None;
+        }
+        Some(std::slice::from_raw_parts(v.data, v.len() as usize))
+    }
+}

@@ -187,31 +187,41 @@ pub fn find_in_cycle(name: &'static [u8]) -> Option<*mut ngx_shm_zone_t> {
     // list and zones live as long as it.
     unsafe {
         let cycle = *std::ptr::addr_of!(ngx::ffi::ngx_cycle);
-        let c = cycle.as_ref()?;
+        cycle.as_ref()?;
         let cached = FOUND.with(|f| {
             f.borrow().iter().find(|(n, at, _)| *n == name && *at == cycle as usize).map(|e| e.2)
         });
         if let Some(z) = cached {
             return (z != 0).then_some(z as *mut ngx_shm_zone_t);
         }
-        let mut found = 0usize;
-        let mut part: *const ngx::ffi::ngx_list_part_t = &c.shared_memory.part;
-        'walk: while let Some(p) = part.as_ref() {
-            let zones = p.elts as *mut ngx_shm_zone_t;
-            for i in 0..p.nelts {
-                let z = zones.add(i);
-                if crate::conf::str_bytes(&(*z).shm.name) == name {
-                    found = z as usize;
-                    break 'walk;
-                }
-            }
-            part = p.next;
-        }
+        let found = find_named(name).map_or(0, |z| z as usize);
         FOUND.with(|f| {
             let mut f = f.borrow_mut();
             f.retain(|(n, at, _)| *n != name && *at == cycle as usize);
             f.push((name, cycle as usize, found));
         });
         (found != 0).then_some(found as *mut ngx_shm_zone_t)
+    }
+}
+
+/// The running cycle's shared zone `name`, walking the cycle's list (no
+/// cache: [`find_in_cycle`] caches static names).
+pub fn find_named(name: &[u8]) -> Option<*mut ngx_shm_zone_t> {
+    // SAFETY: ngx_cycle is the running cycle in a worker; its shared memory
+    // list and zones live as long as it.
+    unsafe {
+        let c = (*std::ptr::addr_of!(ngx::ffi::ngx_cycle)).as_ref()?;
+        let mut part: *const ngx::ffi::ngx_list_part_t = &c.shared_memory.part;
+        while let Some(p) = part.as_ref() {
+            let zones = p.elts as *mut ngx_shm_zone_t;
+            for i in 0..p.nelts {
+                let z = zones.add(i);
+                if crate::conf::str_bytes(&(*z).shm.name) == name {
+                    return Some(z);
+                }
+            }
+            part = p.next;
+        }
+        None
     }
 }

@@ -1,11 +1,14 @@
 //! The simulator's Prometheus metrics, under vLLM's names where vLLM has
 //! one (`vllm:*`, labels `engine` and `model_name`) and `engine_sim:*` for
-//! what only a simulator knows (KV handoffs and recomputes).
+//! what only a simulator knows (KV handoffs and recomputes, the KV cache
+//! events it published).
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use parking_lot::Mutex;
+
+use crate::kvevents::Counts;
 
 /// vLLM's TTFT histogram buckets, seconds.
 pub const TTFT_BUCKETS: [f64; 22] = [
@@ -67,6 +70,8 @@ pub struct EngineSnapshot {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     pub preemptions: u64,
+    /// The KV event publisher's counters, when it runs.
+    pub kv_events: Option<Counts>,
 }
 
 impl Metrics {
@@ -133,6 +138,32 @@ impl Metrics {
             "Decode requests that recomputed their prompt (no usable KV handoff).",
             self.kv_recomputes.load(Relaxed).to_string(),
         );
+        if let Some(k) = e.kv_events {
+            metric(
+                "engine_sim:kv_events_batches_total",
+                "counter",
+                "KV cache event batches published.",
+                k.batches.to_string(),
+            );
+            metric(
+                "engine_sim:kv_events_total",
+                "counter",
+                "KV cache events published (BlockStored, BlockRemoved, AllBlocksCleared).",
+                k.events.to_string(),
+            );
+            metric(
+                "engine_sim:kv_events_dropped_total",
+                "counter",
+                "KV cache event batches dropped for a full publisher queue.",
+                k.dropped.to_string(),
+            );
+            metric(
+                "engine_sim:kv_events_replays_total",
+                "counter",
+                "KV cache event replay requests answered.",
+                k.replays.to_string(),
+            );
+        }
         let _ = writeln!(s, "# HELP vllm:request_success_total Finished requests.\n# TYPE vllm:request_success_total counter");
         let _ = writeln!(s, "vllm:request_success_total{{{l}}} {}", self.requests_ok.load(Relaxed));
         let _ = writeln!(s, "# HELP engine_sim:request_errors_total Requests answered with an error.\n# TYPE engine_sim:request_errors_total counter");
@@ -164,5 +195,18 @@ mod tests {
         assert!(page.contains("le=\"+Inf\"} 2"));
         assert!(page
             .contains("vllm:time_to_first_token_seconds_count{engine=\"0\",model_name=\"m_x\"} 2"));
+        assert!(!page.contains("kv_events"));
+    }
+
+    #[test]
+    fn kv_event_counters_only_with_a_publisher() {
+        let kv = Counts { batches: 3, events: 7, dropped: 0, replays: 1 };
+        let page = Metrics::default()
+            .render("m", EngineSnapshot { kv_events: Some(kv), ..Default::default() });
+        let l = "{engine=\"0\",model_name=\"m\"}";
+        assert!(page.contains(&format!("engine_sim:kv_events_batches_total{l} 3")), "{page}");
+        assert!(page.contains(&format!("engine_sim:kv_events_total{l} 7")));
+        assert!(page.contains(&format!("engine_sim:kv_events_dropped_total{l} 0")));
+        assert!(page.contains(&format!("engine_sim:kv_events_replays_total{l} 1")));
     }
 }

@@ -11,9 +11,19 @@
 //! Step time = base + per prefill token + per decode sequence + per context
 //! token attended. A decode sequence that needs a block when none is free
 //! preempts the most recently admitted sequence (which recomputes later).
+//!
+//! The prefix cache ([`PrefixCache`]) is keyed by vLLM's block hashes of the
+//! prompt's token ids; a prompt's full blocks are cached once its prefill is
+//! done, and with [`Engine::record_kv_events`] the engine records vLLM's KV
+//! cache events, taken by [`Engine::take_kv_events`] after each step.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
+use pdgate_core::kv::events::Event as KvEvent;
+use pdgate_core::kv::hash::Digest;
+
+use crate::prefix::PrefixCache;
 use crate::profile::Profile;
 
 /// What a sequence is.
@@ -21,9 +31,12 @@ use crate::profile::Profile;
 pub struct SeqSpec {
     pub id: u64,
     pub prompt_tokens: u64,
-    /// Chained hashes of the prompt's full blocks (prefix caching); may be
-    /// empty.
-    pub block_hashes: Vec<u64>,
+    /// vLLM's chained hashes of the prompt's full blocks (prefix caching);
+    /// may be empty.
+    pub blocks: Vec<Digest>,
+    /// The prompt's token ids (the tokens of `blocks`, for the events); may
+    /// be empty when events are not recorded.
+    pub tokens: Arc<[u32]>,
     /// Tokens to generate (at least 1).
     pub max_new_tokens: u64,
     /// The prompt's KV arrived from a prefill engine: no prefill compute.
@@ -66,8 +79,9 @@ struct Seq {
     generated: u64,
     /// Blocks held that are not shared prefix-cache blocks.
     own_blocks: u64,
-    /// Prefix-cache entries this sequence references.
-    cached_refs: Vec<u64>,
+    /// Prefix-cache blocks this sequence references: its prompt's first
+    /// blocks.
+    cached_refs: Vec<Digest>,
     cached_tokens: u64,
     admitted_at: u64,
 }
@@ -82,12 +96,6 @@ enum Admit {
     Admitted,
     Blocked,
     Rejected(u64),
-}
-
-#[derive(Debug, Clone, Copy)]
-struct CacheEntry {
-    refs: u32,
-    last_used: u64,
 }
 
 /// Counters, as vLLM exports them.
@@ -108,7 +116,7 @@ pub struct Engine {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     held: HashMap<u64, Seq>,
-    cache: HashMap<u64, CacheEntry>,
+    cache: PrefixCache,
     /// Blocks not used by anything (cached-but-unreferenced are counted
     /// in `cache`, not here).
     free_blocks: u64,
@@ -119,12 +127,13 @@ pub struct Engine {
 impl Engine {
     pub fn new(profile: Profile) -> Engine {
         let free_blocks = profile.num_gpu_blocks as u64;
+        let block_size = profile.block_size;
         Engine {
             profile,
             waiting: VecDeque::new(),
             running: Vec::new(),
             held: HashMap::new(),
-            cache: HashMap::new(),
+            cache: PrefixCache::new(block_size, false),
             free_blocks,
             tick: 0,
             stats: Stats::default(),
@@ -133,6 +142,44 @@ impl Engine {
 
     pub fn profile(&self) -> &Profile {
         &self.profile
+    }
+
+    /// Records vLLM's KV cache events from now on (an empty cache only: the
+    /// events must describe every cached block).
+    pub fn record_kv_events(&mut self) {
+        if !self.cache.records() && self.cache.is_empty() {
+            self.cache = PrefixCache::new(self.profile.block_size, true);
+        }
+    }
+
+    /// The KV cache events recorded since the last call, oldest first.
+    pub fn take_kv_events(&mut self) -> Vec<KvEvent> {
+        self.cache.take_events()
+    }
+
+    /// Whether KV cache events wait to be taken.
+    pub fn has_kv_events(&self) -> bool {
+        self.cache.has_events()
+    }
+
+    /// Blocks in the prefix cache (referenced or not).
+    pub fn cached_blocks(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// vLLM's `reset_prefix_cache`: forgets every cached block (recording
+    /// `AllBlocksCleared`). Unreferenced blocks become free; blocks that
+    /// sequences use stay theirs, no longer shared. Returns the blocks freed.
+    pub fn reset_prefix_cache(&mut self) -> u64 {
+        for s in
+            self.running.iter_mut().chain(self.waiting.iter_mut()).chain(self.held.values_mut())
+        {
+            s.own_blocks += s.cached_refs.len() as u64;
+            s.cached_refs.clear();
+        }
+        let freed = self.cache.clear() as u64;
+        self.free_blocks += freed;
+        freed
     }
 
     /// Queues a sequence.
@@ -207,7 +254,7 @@ impl Engine {
     /// blocks count as free, as in vLLM's gauge).
     pub fn kv_usage(&self) -> f64 {
         let total = self.profile.num_gpu_blocks as f64;
-        let evictable = self.cache.values().filter(|e| e.refs == 0).count() as f64;
+        let evictable = self.cache.evictable() as f64;
         if total == 0.0 {
             return 0.0;
         }
@@ -218,32 +265,23 @@ impl Engine {
         tokens.div_ceil(self.profile.block_size as u64)
     }
 
-    /// Makes `n` blocks free, evicting unreferenced cached blocks (LRU).
+    /// Makes `n` blocks free, evicting unreferenced cached blocks (freed
+    /// longest ago first, as vLLM's free queue).
     fn reserve(&mut self, n: u64) -> bool {
         while self.free_blocks < n {
-            let victim = self
-                .cache
-                .iter()
-                .filter(|(_, e)| e.refs == 0)
-                .min_by_key(|(h, e)| (e.last_used, **h))
-                .map(|(h, _)| *h);
-            match victim {
-                Some(h) => {
-                    self.cache.remove(&h);
-                    self.free_blocks += 1;
-                }
-                None => return false,
+            if !self.cache.evict_one() {
+                return false;
             }
+            self.free_blocks += 1;
         }
         true
     }
 
     fn free_seq(&mut self, s: Seq) {
         self.free_blocks += s.own_blocks;
-        for h in s.cached_refs {
-            if let Some(e) = self.cache.get_mut(&h) {
-                e.refs = e.refs.saturating_sub(1);
-            }
+        self.tick += 1;
+        for h in s.cached_refs.iter().rev() {
+            self.cache.release(h, Some(self.tick));
         }
     }
 
@@ -264,8 +302,8 @@ impl Engine {
         if self.profile.enable_prefix_caching && !seq.spec.kv_loaded {
             // Keep at least one prompt token to compute, as vLLM does.
             let max_hit_blocks = seq.spec.prompt_tokens.saturating_sub(1) / bs;
-            for h in seq.spec.block_hashes.iter().take(max_hit_blocks as usize) {
-                if self.cache.contains_key(h) {
+            for h in seq.spec.blocks.iter().take(max_hit_blocks as usize) {
+                if self.cache.contains(h) {
                     hits.push(*h);
                 } else {
                     break;
@@ -280,25 +318,16 @@ impl Engine {
         let needed = self.blocks_for(seq.spec.prompt_tokens + 1) - hits.len() as u64;
         // Referenced hits must not be evicted to make room for this seq.
         for h in &hits {
-            if let Some(e) = self.cache.get_mut(h) {
-                e.refs += 1;
-            }
+            self.cache.acquire(h);
         }
         if !self.reserve(needed) {
             for h in &hits {
-                if let Some(e) = self.cache.get_mut(h) {
-                    e.refs -= 1;
-                }
+                self.cache.release(h, None);
             }
             return Admit::Blocked;
         }
         self.free_blocks -= needed;
         self.tick += 1;
-        for h in &hits {
-            if let Some(e) = self.cache.get_mut(h) {
-                e.last_used = self.tick;
-            }
-        }
         let Some(mut s) = self.waiting.pop_front() else { return Admit::Blocked };
         if !s.spec.kv_loaded {
             self.stats.prefix_queries += s.spec.prompt_tokens;
@@ -348,10 +377,9 @@ impl Engine {
                             let mut v = self.running.remove(j);
                             self.stats.preemptions += 1;
                             self.free_blocks += v.own_blocks;
-                            for h in v.cached_refs.drain(..) {
-                                if let Some(e) = self.cache.get_mut(&h) {
-                                    e.refs = e.refs.saturating_sub(1);
-                                }
+                            self.tick += 1;
+                            for h in v.cached_refs.drain(..).rev() {
+                                self.cache.release(&h, Some(self.tick));
                             }
                             // Recompute the prompt and what it generated.
                             v.prefill_left = v.spec.prompt_tokens + v.generated;
@@ -455,17 +483,17 @@ impl Engine {
             if p.enable_prefix_caching && !s.spec.kv_loaded {
                 let full = (s.spec.prompt_tokens / bs) as usize;
                 let have = s.cached_refs.len();
-                for h in s.spec.block_hashes.iter().take(full).skip(have) {
-                    if let Some(e) = self.cache.get_mut(h) {
-                        // Another sequence cached it meanwhile: share theirs.
-                        e.refs += 1;
-                        s.own_blocks = s.own_blocks.saturating_sub(1);
-                        self.free_blocks += 1;
+                for (i, h) in s.spec.blocks.iter().enumerate().take(full).skip(have) {
+                    if !self.cache.acquire(h) {
+                        let bsz = bs as usize;
+                        let tokens = s.spec.tokens.get(i * bsz..(i + 1) * bsz).unwrap_or(&[]);
+                        let parent = i.checked_sub(1).and_then(|j| s.spec.blocks.get(j)).copied();
+                        self.cache.insert(*h, parent, i, tokens);
                     } else {
-                        self.tick += 1;
-                        self.cache.insert(*h, CacheEntry { refs: 1, last_used: self.tick });
-                        s.own_blocks = s.own_blocks.saturating_sub(1);
+                        // Another sequence cached it meanwhile: share theirs.
+                        self.free_blocks += 1;
                     }
+                    s.own_blocks = s.own_blocks.saturating_sub(1);
                     s.cached_refs.push(*h);
                 }
             }
@@ -492,26 +520,10 @@ impl Engine {
     }
 }
 
-/// Chained hashes of the full `block_size`-token blocks of a prompt text,
-/// with tokens taken as `BYTES_PER_TOKEN`-byte slices (the shared token
-/// rule), so equal prefixes give equal hashes.
-pub fn block_hashes(text: &[u8], block_size: usize) -> Vec<u64> {
-    let block_bytes = block_size * pdgate_core::tokens::BYTES_PER_TOKEN;
-    let mut out = Vec::with_capacity(text.len() / block_bytes.max(1));
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for chunk in text.chunks_exact(block_bytes.max(1)) {
-        for &b in chunk {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        out.push(h);
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pdgate_core::kv::hash::HashAlgo;
 
     fn prof() -> Profile {
         Profile {
@@ -535,10 +547,23 @@ mod tests {
         SeqSpec {
             id,
             prompt_tokens: prompt,
-            block_hashes: Vec::new(),
+            blocks: Vec::new(),
+            tokens: Arc::new([]),
             max_new_tokens: out,
             kv_loaded: false,
             hold_kv: false,
+        }
+    }
+
+    /// A spec whose prompt is `text` by the 4-byte rule, hashed with seed 0.
+    fn spec_text(id: u64, text: &[u8], out: u64) -> SeqSpec {
+        let tokens = crate::prompt::byte_tokens(text);
+        let h = crate::prompt::Hashing::new(HashAlgo::Sha256Cbor, 16, Some("0"));
+        SeqSpec {
+            blocks: h.blocks(&tokens),
+            prompt_tokens: tokens.len() as u64,
+            tokens: tokens.into(),
+            ..spec(id, 0, out)
         }
     }
 
@@ -641,15 +666,11 @@ mod tests {
     fn prefix_cache_hits_skip_compute() {
         let mut e = Engine::new(prof());
         let text = vec![b'a'; 64 * 4 + 8]; // 66 tokens: 4 full blocks
-        let hashes = block_hashes(&text, 16);
-        assert_eq!(hashes.len(), 4);
-        let mut a = spec(1, 66, 1);
-        a.block_hashes = hashes.clone();
+        let a = spec_text(1, &text, 1);
+        assert_eq!((a.blocks.len(), a.prompt_tokens), (4, 66));
         e.add(a);
         run(&mut e);
-        let mut b = spec(2, 66, 1);
-        b.block_hashes = hashes;
-        e.add(b);
+        e.add(spec_text(2, &text, 1));
         let s = e.step();
         assert_eq!(s.prefill_tokens, 2);
         assert!(s.events.contains(&Event::FirstToken { id: 2, cached: 64 }));
@@ -664,16 +685,10 @@ mod tests {
         let mut p = prof();
         p.num_gpu_blocks = 8;
         let mut e = Engine::new(p);
-        let t1 = vec![b'x'; 64 * 4];
-        let mut a = spec(1, 64, 1);
-        a.block_hashes = block_hashes(&t1, 16);
-        e.add(a);
+        e.add(spec_text(1, &[b'x'; 64 * 4], 1));
         run(&mut e);
         assert_eq!(e.cache.len(), 4);
-        let t2 = vec![b'y'; 96 * 4];
-        let mut b = spec(2, 96, 1);
-        b.block_hashes = block_hashes(&t2, 16);
-        e.add(b);
+        e.add(spec_text(2, &[b'y'; 96 * 4], 1));
         run(&mut e);
         // 7 blocks needed: 3 of the 4 cached x blocks had to go.
         assert!(e.cache.len() <= 8);

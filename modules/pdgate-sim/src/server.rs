@@ -5,8 +5,11 @@
 //!
 //! Threads: one per client connection, one per side-channel connection, one
 //! engine loop. Requests register a channel, queue a sequence and receive
-//! its events as the engine produces them.
+//! its events as the engine produces them. With `kv_events`, the engine
+//! loop also hands each step's KV cache events to the publisher
+//! ([`crate::kvevents`]).
 
+mod kv;
 mod side;
 
 use std::collections::HashMap;
@@ -24,9 +27,12 @@ use serde_json::{json, Value};
 
 use crate::api::{self, Api, ApiRequest, Usage};
 use crate::http::{self, ReadError, Request};
+use crate::kvevents::{self, Publisher};
 use crate::metrics::{EngineSnapshot, Metrics};
-use crate::model::{block_hashes, Engine, Event, SeqSpec};
+use crate::model::{Engine, Event, SeqSpec};
 use crate::profile::Profile;
+use crate::prompt::{Hashing, Tokenizer};
+use pdgate_core::kv::hash::HashAlgo;
 
 /// What the engine plays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +95,16 @@ pub struct Config {
     /// an SGLang one answers its health probes and completions 503.
     pub loading_ms: u64,
     pub quiet: bool,
+    /// The model's tokenizer and chat template: prompts become its token
+    /// ids (otherwise 4-byte chunks of the prompt text).
+    pub tokenizer: Option<Arc<Tokenizer>>,
+    /// vLLM's `--prefix-caching-hash-algo`.
+    pub hash_algo: HashAlgo,
+    /// vLLM's `PYTHONHASHSEED`; `None`: a random seed per process, so
+    /// nobody else can compute the engine's block hashes.
+    pub hash_seed: Option<String>,
+    /// Publish vLLM's KV cache events (ZMQ PUB, optional replay ROUTER).
+    pub kv_events: Option<kvevents::Options>,
 }
 
 impl Config {
@@ -112,6 +128,10 @@ impl Config {
             loading_ms: 0,
             bootstrap_timeout_ms: 30_000,
             quiet: false,
+            tokenizer: None,
+            hash_algo: HashAlgo::Sha256Cbor,
+            hash_seed: None,
+            kv_events: None,
         }
     }
 }
@@ -156,6 +176,9 @@ pub struct Sim {
     journal: Mutex<std::collections::VecDeque<Record>>,
     pub metrics: Metrics,
     started: std::time::Instant,
+    hashing: Hashing,
+    /// The KV event publisher (`Config::kv_events`).
+    kv: Option<Publisher>,
 }
 
 fn now_secs() -> u64 {
@@ -163,8 +186,17 @@ fn now_secs() -> u64 {
 }
 
 impl Sim {
+    /// A simulator without its listeners (and without KV events).
     pub fn new(cfg: Config) -> Arc<Sim> {
-        let engine = Engine::new(cfg.profile.clone());
+        Sim::build(cfg, None)
+    }
+
+    fn build(cfg: Config, kv: Option<Publisher>) -> Arc<Sim> {
+        let mut engine = Engine::new(cfg.profile.clone());
+        if kv.is_some() {
+            engine.record_kv_events();
+        }
+        let hashing = Hashing::new(cfg.hash_algo, cfg.profile.block_size, cfg.hash_seed.as_deref());
         let seed = cfg.seed;
         Arc::new(Sim {
             cfg,
@@ -179,6 +211,8 @@ impl Sim {
             journal: Mutex::new(std::collections::VecDeque::new()),
             metrics: Metrics::default(),
             started: std::time::Instant::now(),
+            hashing,
+            kv,
         })
     }
 
@@ -205,28 +239,30 @@ impl Sim {
     fn engine_loop(self: Arc<Self>) {
         let mut last_expiry = Instant::now();
         loop {
-            let step = {
+            let (step, kv_events) = {
                 let mut e = self.engine.lock();
-                while !e.has_work() {
+                while !e.has_work() && !e.has_kv_events() {
                     self.work.wait_for(&mut e, Duration::from_millis(500));
                     if last_expiry.elapsed() > Duration::from_millis(500) {
                         break;
                     }
                 }
-                if e.has_work() {
-                    Some(e.step())
-                } else {
-                    None
-                }
+                let step = if e.has_work() { Some(e.step()) } else { None };
+                (step, e.take_kv_events())
             };
             if last_expiry.elapsed() > Duration::from_millis(500) {
                 last_expiry = Instant::now();
                 self.expire_held();
             }
-            let Some(step) = step else { continue };
+            let Some(step) = step else {
+                self.publish_kv(kv_events);
+                continue;
+            };
             if step.duration_us > 0.0 {
                 thread::sleep(self.wall(step.duration_us));
             }
+            // The step's blocks are computed: published before its tokens.
+            self.publish_kv(kv_events);
             let now = Instant::now();
             let waiters = self.waiters.lock();
             for ev in step.events {
@@ -338,6 +374,7 @@ impl Sim {
             prompt_tokens: e.stats.prompt_tokens,
             generation_tokens: e.stats.generation_tokens,
             preemptions: e.stats.preemptions,
+            kv_events: self.kv.as_ref().map(Publisher::counts),
         }
     }
 }
@@ -350,7 +387,8 @@ pub fn start(cfg: Config) -> std::io::Result<Arc<Sim>> {
     let mut cfg = cfg;
     cfg.port = http.local_addr()?.port();
     cfg.kv_port = side.local_addr()?.port();
-    let sim = Sim::new(cfg);
+    let publisher = kv::start_publisher(&mut cfg)?;
+    let sim = Sim::build(cfg, publisher);
     let s = Arc::clone(&sim);
     thread::Builder::new().name("engine".into()).spawn(move || s.engine_loop())?;
     let s = Arc::clone(&sim);
@@ -496,6 +534,7 @@ impl Sim {
                 let body = self.server_info_json();
                 self.json_ok(w, &body, ka)
             }
+            ("POST", "/reset_prefix_cache") => self.reset_prefix_cache(w, ka),
             ("GET", "/metrics") => {
                 let page = self.metrics.render(&self.cfg.model, self.snapshot());
                 http::write_response(w, 200, "text/plain; version=0.0.4", page.as_bytes(), ka, &[])
@@ -510,7 +549,8 @@ impl Sim {
                 | "/health"
                 | "/v1/models"
                 | "/metrics"
-                | "/get_load",
+                | "/get_load"
+                | "/reset_prefix_cache",
             ) => {
                 let body = api::error_json(405, "Method Not Allowed");
                 http::write_response(w, 405, json_ct, &body, ka, &[]).map(|_| After::KeepAlive)
@@ -560,8 +600,12 @@ impl Sim {
             .header("x-request-id")
             .map(str::to_owned)
             .unwrap_or_else(|| format!("sim-{}", self.next_seq.load(Relaxed)));
-        let areq = match api::parse_request(kind, &req.body) {
+        let mut areq = match api::parse_request(kind, &req.body) {
             Ok(a) => a,
+            Err(msg) => return self.fail(w, 400, &msg, ka),
+        };
+        let (blocks, tokens) = match self.prompt(&req.body, &mut areq) {
+            Ok(p) => p,
             Err(msg) => return self.fail(w, 400, &msg, ka),
         };
 
@@ -628,7 +672,8 @@ impl Sim {
         let spec = SeqSpec {
             id: seq,
             prompt_tokens: areq.prompt_tokens,
-            block_hashes: block_hashes(&areq.prompt_text, self.cfg.profile.block_size),
+            blocks,
+            tokens,
             max_new_tokens: out_tokens,
             kv_loaded,
             hold_kv,

@@ -394,6 +394,44 @@ pub fn prefix_cache_affinity(
     Some(c)
 }
 
+/// prefix_cache_affinity fed by the engines' KV events (`pd_kv_events`
+/// and `pd_tokenizer`): `cached[i]` tokens of this prompt are in peer `i`'s
+/// prefix cache, as its own events say. The peer that would be done with
+/// the prompt first wins: the tokens in flight there (with the engine's own
+/// queue, see [`blend_engine`]) plus the prompt's tokens it does not hold,
+/// per unit of weight; fewer requests, then chance, break ties. Peers more
+/// than `batch` requests beyond the least busy one are left out: the guard
+/// against the "hot engine" spiral of cache-aware routing, where a popular
+/// prefix draws every request to the one engine that holds it.
+pub fn precise_prefix(
+    peers: &[PeerView],
+    tokens: u64,
+    cached: &[u64],
+    batch: u64,
+    tie: u64,
+) -> Option<usize> {
+    let mut v = [PeerView::default(); 256];
+    if peers.len() > v.len() {
+        return least_total_load(peers, tokens, batch, tie);
+    }
+    let least = peers.iter().filter(|p| p.available).map(|p| p.requests).min()?;
+    for (i, p) in peers.iter().enumerate() {
+        let hit = cached.get(i).copied().unwrap_or(0).min(tokens);
+        v[i] = PeerView {
+            available: p.available && p.requests <= least + batch.max(1),
+            cost: p.tokens.saturating_add(tokens - hit),
+            ..*p
+        };
+    }
+    pick_min(&v[..peers.len()], tie, |a, b| {
+        let (ca, cb) = (
+            u128::from(a.cost) * u128::from(b.weight.max(1)),
+            u128::from(b.cost) * u128::from(a.weight.max(1)),
+        );
+        ca.cmp(&cb).then(a.requests.cmp(&b.requests))
+    })
+}
+
 /// A policy chosen by name where a module balances its own server list
 /// (the SGLang mode's prefill and decode lists): the balancers' policies
 /// with their default parameters, over requests and tokens in flight.
@@ -756,6 +794,30 @@ mod tests {
         let mut q = p;
         q[0].available = false;
         assert_eq!(prefix_cache_affinity(&q, 10, &[3, 0, 1], 16, 0), Some(2));
+    }
+
+    #[test]
+    fn precise_prefix_weighs_cached_tokens_against_load() {
+        let p = [peer(2, 3000), peer(2, 3000), peer(0, 0)];
+        // 2,000 of 2,400 prompt tokens cached on peer 1: it wins over the
+        // idle peer 2 (3,000 + 400 < 0 + 2,400 is false, so 2 wins)...
+        assert_eq!(precise_prefix(&p, 2400, &[0, 2000, 0], 16, 0), Some(2));
+        // ...unless peer 1's queue is short enough to pay for the rest.
+        let p = [peer(1, 500), peer(1, 500), peer(0, 0)];
+        assert_eq!(precise_prefix(&p, 2400, &[0, 2000, 0], 16, 0), Some(1));
+        // Nothing cached: the least work.
+        assert_eq!(precise_prefix(&p, 2400, &[0, 0, 0], 16, 0), Some(2));
+        // The hot-engine guard: a holder more than `batch` requests beyond
+        // the least busy peer is not taken, however much it holds.
+        let p = [peer(5, 100), peer(0, 4000)];
+        assert_eq!(precise_prefix(&p, 8000, &[8000, 0], 16, 0), Some(0));
+        assert_eq!(precise_prefix(&p, 8000, &[8000, 0], 4, 0), Some(1));
+        // Unavailable peers never; none available: none.
+        let mut q = [peer(0, 0), peer(0, 0)];
+        q[0].available = false;
+        assert_eq!(precise_prefix(&q, 100, &[100, 0], 16, 0), Some(1));
+        q[1].available = false;
+        assert_eq!(precise_prefix(&q, 100, &[100, 0], 16, 0), None);
     }
 
     #[test]

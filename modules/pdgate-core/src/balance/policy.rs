@@ -30,8 +30,13 @@ pub struct Request<'a> {
     pub tie: u64,
     /// Lengths of the oldest requests now in prefill (pd_score decode).
     pub pending: &'a [u64],
-    /// Per peer: leading prompt blocks last placed there (prefix affinity).
+    /// Per peer: leading prompt blocks last placed there (prefix
+    /// affinity), or held there as the engine's KV events say (then
+    /// `block_tokens` is set).
     pub affinity: &'a [u32],
+    /// Tokens per block of `affinity` when it counts blocks the engines
+    /// hold (`pd_kv_events`); 0 when it counts placements.
+    pub block_tokens: u64,
 }
 
 /// A policy: peers and the request → the chosen index.

@@ -2,6 +2,8 @@
 //! cache events ([`events`]) and the shared index of which engine holds
 //! which blocks ([`index`]).
 
+pub mod apply;
+pub mod conf;
 pub mod events;
 pub mod hash;
 pub mod index;

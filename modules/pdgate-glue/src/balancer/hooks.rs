@@ -128,6 +128,13 @@ pub(super) struct PeerData {
     /// The prompt's block keys (prefix affinity), in the request pool.
     keys: *const u64,
     nkeys: usize,
+    /// The prompt's keys as the engines' KV index names blocks (from
+    /// `$pd_tokenized`), in the request pool, with their hashing's
+    /// fingerprint and block size.
+    tok_keys: *const u64,
+    ntok: usize,
+    hashing: u64,
+    block_tokens: u64,
     /// What the try holds in the policy's state.
     held: Held,
     /// The answer's `usage` so far (see [`super::usage`]).
@@ -186,7 +193,8 @@ pub unsafe fn init_peer(
         }
         let pc = &mut (*u).peer;
         let cl = (*r).headers_in.content_length_n.max(0) as usize;
-        let tokens = tokens_for_bytes(cl);
+        let tokenized = tokenized(r);
+        let tokens = tokenized.as_ref().map_or_else(|| tokens_for_bytes(cl), |t| t.tokens);
         // Read now, not at configuration time: with `zone` round robin moves
         // its peers into the shared zone after postconfiguration.
         let primary = (*us).peer.data as *mut ngx_http_upstream_rr_peers_t;
@@ -206,6 +214,10 @@ pub unsafe fn init_peer(
             slot: usize::MAX,
             keys: std::ptr::null(),
             nkeys: 0,
+            tok_keys: tokenized.as_ref().map_or(std::ptr::null(), |t| t.keys.as_ptr()),
+            ntok: tokenized.as_ref().map_or(0, |t| t.keys.len()),
+            hashing: tokenized.as_ref().map_or(0, |t| t.hashing),
+            block_tokens: tokenized.as_ref().map_or(0, |t| t.block_size),
             held: Held::default(),
             usage: Default::default(),
             engine: std::ptr::null(),
@@ -231,8 +243,45 @@ pub unsafe fn init_peer(
     NGX_OK as ngx_int_t
 }
 
-/// Computes the block keys of the request's prompt into the request pool.
-/// Bodies without a prompt get none.
+/// The prompt as the P/D module's `pd_tokenizer` saw it
+/// (`$pd_tokenized`): its tokens, and its block keys copied into the
+/// request pool (aligned words).
+struct TokenizedView {
+    tokens: u64,
+    hashing: u64,
+    block_size: u64,
+    keys: &'static [u64],
+}
+
+/// `$pd_tokenized` of `r`'s main request, when a location tokenized it.
+///
+/// # Safety
+/// `r` must be a live request.
+unsafe fn tokenized(r: *mut ngx_http_request_t) -> Option<TokenizedView> {
+    // SAFETY: as documented; the copy lives in the request pool.
+    unsafe {
+        let bytes = crate::tokenize::variable_of(r)?;
+        let (hashing, tokens, block_size, keys) = crate::tokenize::Tokenized::decode(bytes)?;
+        let n = keys.len();
+        let at = if n == 0 {
+            std::ptr::NonNull::<u64>::dangling().as_ptr()
+        } else {
+            ngx::ffi::ngx_palloc((*r).pool, n * 8) as *mut u64
+        };
+        if at.is_null() {
+            return None;
+        }
+        let out = std::slice::from_raw_parts_mut(at, n);
+        for (o, k) in out.iter_mut().zip(keys) {
+            *o = k;
+        }
+        Some(TokenizedView { tokens, hashing, block_size, keys: out })
+    }
+}
+
+/// Computes the block keys of the request's prompt into the request pool:
+/// its token blocks' keys when it was tokenized (salted with the
+/// upstream), else its text's. Bodies without a prompt get none.
 ///
 /// # Safety
 /// `r` must be a live request whose body (if any) is read.
@@ -245,6 +294,20 @@ unsafe fn fingerprint(
     // SAFETY: the body and the key array live in the request pool, as long
     // as the peer data; the array is word-aligned (ngx_palloc).
     unsafe {
+        let seed = peer_key(&conf.upstream_name, b"");
+        if pd.ntok > 0 {
+            let keys = ngx::ffi::ngx_palloc((*r).pool, pd.ntok.min(MAX_BLOCKS) * 8) as *mut u64;
+            if keys.is_null() {
+                return;
+            }
+            let out = std::slice::from_raw_parts_mut(keys, pd.ntok.min(MAX_BLOCKS));
+            for (o, k) in out.iter_mut().zip(std::slice::from_raw_parts(pd.tok_keys, pd.ntok)) {
+                *o = (k ^ seed).max(1);
+            }
+            pd.keys = keys;
+            pd.nkeys = out.len();
+            return;
+        }
         let Ok(body) = crate::body::bytes(r) else { return };
         let Some(text) = prefix::prompt_bytes(body) else { return };
         let block = block.max(1);
@@ -257,7 +320,6 @@ unsafe fn fingerprint(
             return;
         }
         let out = std::slice::from_raw_parts_mut(keys, n);
-        let seed = peer_key(&conf.upstream_name, b"");
         pd.nkeys = prefix::block_hashes(text, block, seed, out);
         pd.keys = keys;
     }
@@ -516,6 +578,13 @@ unsafe fn decide<const N: usize>(
     let mut inputs =
         Inputs { pending: [0; PD_SCORE_LOOKAHEAD], npending: 0, affinity: &mut affinity[..n] };
     b.state.observe(z, up, &mut views[..n], &mut inputs);
+    let block_tokens = if b.state.needs().prompt_blocks {
+        // SAFETY: as this function's contract: the live list, read-locked,
+        // with n peers.
+        unsafe { engines_hold(peers, n, pd, inputs.affinity) }
+    } else {
+        0
+    };
     let npending = inputs.npending.min(PD_SCORE_LOOKAHEAD);
     let req = Request {
         tokens: pd.tokens,
@@ -524,10 +593,69 @@ unsafe fn decide<const N: usize>(
         tie,
         pending: &inputs.pending[..npending],
         affinity: inputs.affinity,
+        block_tokens,
     };
     let c = (b.choose)(&views[..n], &req)?;
     let view = *views.get(c)?;
     Some(Decision { c, view, affinity: req.affinity.get(c).copied().unwrap_or(0), npending })
+}
+
+/// With the engines' KV index of the upstream (`pd_kv_events`) and a
+/// prompt keyed the same way: each peer's affinity becomes the leading
+/// blocks of the prompt its engine holds (or the placements' affinity when
+/// longer: a prompt placed there is cached once its prefill ends); returns the tokens per block
+/// (0: the index is not used, the affinity stays the placements').
+///
+/// # Safety
+/// `peers` must be round robin's live list, held under its read lock,
+/// with at least `n` peers.
+unsafe fn engines_hold(
+    peers: *mut ngx_http_upstream_rr_peers_t,
+    n: usize,
+    pd: &PeerData,
+    affinity: &mut [u32],
+) -> u64 {
+    if pd.ntok == 0 || pd.block_tokens == 0 {
+        return 0;
+    }
+    // SAFETY: conf was set by init_peer; tok_keys is the pool copy.
+    let (conf, keys) = unsafe {
+        let Some(conf) = pd.conf.as_ref() else { return 0 };
+        (conf, std::slice::from_raw_parts(pd.tok_keys, pd.ntok))
+    };
+    let Some(index) = crate::kv::index_of(&conf.upstream_name) else { return 0 };
+    if index.header.hashing.load(std::sync::atomic::Ordering::Relaxed) != pd.hashing {
+        static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: the running cycle's log.
+            unsafe {
+                ngx::ngx_log_error!(
+                    NGX_LOG_WARN,
+                    (**std::ptr::addr_of!(ngx::ffi::ngx_cycle)).log,
+                    "upstream \"{}\": pd_tokenizer and pd_kv_events hash blocks differently (block_size=, hash=, seed= must match), the engines' KV index is not used",
+                    String::from_utf8_lossy(&conf.upstream_name)
+                );
+            }
+        }
+        return 0;
+    }
+    let mut held = [0u32; pdgate_core::kv::index::MAX_ENGINES];
+    index.prefix_match(keys, &mut held);
+    // SAFETY: as documented: the list walked for at most n peers.
+    unsafe {
+        let mut p = (*peers).peer;
+        let mut i = 0;
+        while !p.is_null() && i < n.min(affinity.len()) {
+            let key = peer_key(&conf.upstream_name, str_bytes(&(*p).name));
+            // What the engine reports holding, or what this proxy placed
+            // there since (its prefill may not have stored it yet): both
+            // count the same token blocks.
+            affinity[i] = affinity[i].max(index.engine_bit(key).map_or(0, |b| held[b]));
+            p = (*p).next;
+            i += 1;
+        }
+    }
+    pd.block_tokens
 }
 
 unsafe extern "C" fn free_peer(

@@ -10,7 +10,7 @@ use super::*;
 pub const METRICS_ZONE: &[u8] = b"pdgate_metrics";
 
 /// The `$pd_*` variables, in their `data` order.
-pub(super) const VARS: [&str; 12] = [
+pub(super) const VARS: [&str; 14] = [
     "pd_prefill_status",
     "pd_prefill_addr",
     "pd_prefill_time",
@@ -23,10 +23,12 @@ pub(super) const VARS: [&str; 12] = [
     "pd_outcome",
     "pd_failed_stage",
     "pd_queue_time",
+    "pd_input_tokens",
+    "pd_tokenized",
 ];
 
 /// The handlers the variables had before this module took them.
-pub(super) static mut PREVIOUS: [variable::Previous; 12] = [(None, 0); 12];
+pub(super) static mut PREVIOUS: [variable::Previous; 14] = [(None, 0); 14];
 
 pub(super) unsafe extern "C" fn log_handler<P: Protocol>(r: *mut ngx_http_request_t) -> ngx_int_t {
     guard::catch("pd log handler", NGX_OK as ngx_int_t, || {
@@ -79,6 +81,7 @@ pub(super) unsafe extern "C" fn pd_variable<P: Protocol>(
                 1 => Some(m.prefill_addr).filter(|a| !a.is_empty()),
                 9 => Some(s.outcome(status, closed).label().as_bytes()),
                 10 => s.failed_stage(status, closed).map(|st| st.label().as_bytes()),
+                13 => Some(m.tokenized).filter(|t| !t.is_empty()),
                 _ => None,
             };
             if let Some(b) = fixed {
@@ -96,6 +99,7 @@ pub(super) unsafe extern "C" fn pd_variable<P: Protocol>(
                 7 => s.prompt_tokens.is_some_and(|n| t.num(n)),
                 8 => s.completion_tokens.is_some_and(|n| t.num(n)),
                 11 => s.held_ms.is_some_and(|ms| t.secs(ms)),
+                12 => m.input_tokens.is_some_and(|n| t.num(n)),
                 _ => false,
             };
             match found.then(|| observe::pool_bytes(r, t.bytes())).flatten() {

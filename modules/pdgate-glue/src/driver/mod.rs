@@ -190,6 +190,12 @@ pub trait Protocol: Sized + 'static {
         None
     }
 
+    /// The location's `pd_tokenizer`, when prompts are counted and keyed
+    /// with the model's own tokenizer.
+    fn tokenizer(_r: &Request) -> Option<&'static crate::tokenize::Tokenizer> {
+        None
+    }
+
     /// The prefill leg ended: `answered` is false when its server gave no
     /// answer (unreachable, timed out, cut off), which counts against it.
     fn prefill_ended(_r: &Request, _st: &mut Self::State, _answered: bool) {}
@@ -221,6 +227,11 @@ pub struct Record {
     pub prefill_addr: &'static [u8],
     /// Already added to the metrics zone.
     pub counted: bool,
+    /// The prompt's tokens by the model's tokenizer (`pd_tokenizer`).
+    pub input_tokens: Option<u64>,
+    /// `$pd_tokenized` (see [`crate::tokenize::Tokenized::encode`]), in
+    /// the request pool; empty without `pd_tokenizer`.
+    pub tokenized: &'static [u8],
 }
 
 impl Record {
@@ -242,6 +253,12 @@ impl Record {
         if self.s.decode_sent.is_none() {
             self.s.decode_sent = Some(observe::now_ms());
         }
+    }
+
+    /// The request's length in tokens: the tokenizer's count, or the
+    /// bytes / 4 estimate of a body of `bytes`.
+    pub fn request_tokens(&self, bytes: usize) -> u64 {
+        self.input_tokens.unwrap_or_else(|| pdgate_core::tokens::tokens_for_bytes(bytes))
     }
 
     /// The sample with the token counts seen in the answer.
@@ -391,6 +408,15 @@ pub fn may_carry_json(r: &Request) -> bool {
     !ct.is_some_and(|v| v.len() >= 10 && v[..10].eq_ignore_ascii_case(b"multipart/"))
 }
 
+/// The prompt's length in tokens for `r`'s main request: its
+/// `pd_tokenizer` count, else the bytes / 4 estimate of `body`.
+pub fn request_tokens<P: Protocol>(r: &Request, body: &[u8]) -> u64 {
+    let r = r as *const Request as *mut ngx_http_request_t;
+    // SAFETY: a Request is a live ngx_http_request_t (ngx's own cast).
+    let counted = unsafe { ctx_of::<P>((*r).main).and_then(|c| c.m.input_tokens) };
+    counted.unwrap_or_else(|| pdgate_core::tokens::tokens_for_bytes(body.len()))
+}
+
 /// The module's state for `r`'s main request, when it runs a P/D flow.
 pub fn state<P: Protocol>(r: &Request) -> Option<&P::State> {
     let r = r as *const Request as *mut ngx_http_request_t;
@@ -434,6 +460,9 @@ pub unsafe fn postconfiguration<P: Protocol>(cf: *mut ngx::ffi::ngx_conf_t) -> n
         {
             return NGX_ERROR as ngx_int_t;
         }
+        if crate::tokenize::used() {
+            return declare::<P>(cf, |i| i == TOKENIZED_VAR);
+        }
     }
     NGX_OK as ngx_int_t
 }
@@ -445,7 +474,25 @@ pub unsafe fn postconfiguration<P: Protocol>(cf: *mut ngx::ffi::ngx_conf_t) -> n
 /// # Safety
 /// `cf` must be the conf of an http preconfiguration callback.
 pub unsafe fn preconfiguration<P: Protocol>(cf: *mut ngx::ffi::ngx_conf_t) -> ngx_int_t {
-    for (i, name) in VARS.iter().enumerate() {
+    crate::tokenize::reset();
+    // SAFETY: as documented.
+    unsafe { declare::<P>(cf, |i| i != TOKENIZED_VAR) }
+}
+
+/// `$pd_tokenized`'s place in [`VARS`]: declared at postconfiguration, and
+/// only when a location has `pd_tokenizer` (balancers read it per request
+/// when it exists).
+const TOKENIZED_VAR: usize = 13;
+
+/// Declares the variables of [`VARS`] that `which` selects.
+///
+/// # Safety
+/// `cf` must be the conf of an http configuration callback.
+unsafe fn declare<P: Protocol>(
+    cf: *mut ngx::ffi::ngx_conf_t,
+    which: impl Fn(usize) -> bool,
+) -> ngx_int_t {
+    for (i, name) in VARS.iter().enumerate().filter(|(i, _)| which(*i)) {
         // SAFETY: cf is live (caller); `data` is an index; the previous
         // handlers static is only written during configuration.
         unsafe {

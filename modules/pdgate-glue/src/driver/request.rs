@@ -111,6 +111,7 @@ pub(super) unsafe fn on_body<P: Protocol>(r: *mut ngx_http_request_t) {
                 ctx.resume_error(500, format!("cannot read the request body: {e:?}"));
                 Event::Refused { status: 500 }
             }
+            Ok(src) if !tokenize::<P>(r, ctx, src) => Event::Refused { status: 400 },
             Ok(src) => {
                 ctx.src = src;
                 let bodies = Bodies { pool: (*r).pool, src };
@@ -165,6 +166,32 @@ pub(super) unsafe fn on_body<P: Protocol>(r: *mut ngx_http_request_t) {
     }
 }
 
+/// With `pd_tokenizer`: the prompt's tokens and block keys, into the
+/// record (`$pd_input_tokens`, `$pd_tokenized`); false (and the 400 set)
+/// when the model cannot take the body.
+///
+/// # Safety
+/// `r` must be the live main request owning ctx.
+unsafe fn tokenize<P: Protocol>(r: *mut ngx_http_request_t, ctx: &mut Ctx<P>, src: &[u8]) -> bool {
+    // SAFETY: as the caller's; the variable's bytes live in the pool.
+    unsafe {
+        let Some(t) = P::tokenizer(view(r)) else { return true };
+        match crate::tokenize::Tokenized::of(t, src) {
+            Ok(tk) => {
+                ctx.m.input_tokens = Some(tk.tokens);
+                ctx.m.tokenized = observe::pool_bytes(r, &tk.encode()).unwrap_or(&[]);
+                true
+            }
+            Err(e) => {
+                let message = format!("the prompt cannot be tokenized: {e}");
+                ngx_log_error!(NGX_LOG_WARN, (*(*r).connection).log, "{}: {}", P::NAME, message);
+                ctx.resume_error(400, message);
+                false
+            }
+        }
+    }
+}
+
 // --- holding (pd_hold) ----------------------------------------------------------------
 
 /// Admits the request to its location's `pd_hold` gate: `Some(Ok(media))`
@@ -196,7 +223,7 @@ unsafe fn admit<P: Protocol>(
             return Some(Ok(media));
         };
         let log = (*(*r).connection).log;
-        let tokens = pdgate_core::tokens::tokens_for_bytes(ctx.src.len());
+        let tokens = ctx.m.request_tokens(ctx.src.len());
         match crate::hold::admit(hold, gate, tokens) {
             Admission::Now => {
                 ctx.held = Held::Admitted { hold, gate, room: Room { prefill: 1, decode: 1 } };

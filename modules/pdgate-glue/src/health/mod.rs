@@ -42,6 +42,7 @@ use crate::conf::str_bytes;
 use crate::http::{Conf, ConfError};
 use crate::NgxError;
 
+mod kvsub;
 mod pages;
 mod probe;
 
@@ -53,6 +54,7 @@ use probe::start_probe;
 pub struct UpstreamHealth {
     pub check: Option<CheckConf>,
     pub metrics: Option<MetricsConf>,
+    pub kv: Option<pdgate_core::kv::conf::KvConf>,
 }
 
 /// The table's shared zone.
@@ -94,6 +96,22 @@ pub fn metrics_directive(
     once(cf, &mut conf.metrics, |a| MetricsConf::parse(a).map_err(|e| e.0), module)
 }
 
+/// `pd_kv_events [port=…] [replay_port=…] [topic=…] [blocks=…]
+/// [block_size=…] [hash=…] [seed=…]` in an `upstream` block: the settings,
+/// the health zone (its lease elects the subscriber) and the block's KV
+/// index zone.
+pub fn kv_directive(
+    cf: &mut Conf,
+    conf: &mut UpstreamHealth,
+    module: &ngx_module_t,
+) -> Result<(), ConfError> {
+    once(cf, &mut conf.kv, pdgate_core::kv::conf::KvConf::parse, module)?;
+    let Some(kv) = conf.kv.as_ref() else { return Ok(()) };
+    // SAFETY: a directive handler's conf, in upstream context (the
+    // directive is declared for upstream blocks only).
+    unsafe { crate::kv::declare(cf.as_ptr(), kv, module) }.map_err(ConfError::Directive)
+}
+
 /// A directive set at most once per block: its arguments parsed into
 /// `slot`, and the zone declared (`Ok(None)` from `add_zone`: an earlier
 /// directive of this configuration declared it).
@@ -132,6 +150,8 @@ struct Prober {
     full_logged: bool,
     /// Held the lease at the last tick.
     holder: bool,
+    /// The upstreams with `pd_kv_events`.
+    kv: Vec<kvsub::KvUpstream>,
 }
 
 thread_local! {
@@ -219,6 +239,29 @@ unsafe fn checked_upstreams(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> V
     }
 }
 
+/// The upstreams of `cycle` with `pd_kv_events`.
+///
+/// # Safety
+/// `cycle` must be the running cycle, `module` the health module.
+unsafe fn kv_upstreams(cycle: *mut ngx_cycle_t, module: &ngx_module_t) -> Vec<kvsub::KvUpstream> {
+    // SAFETY: as documented; the health module's server conf of a block is
+    // an UpstreamHealth.
+    unsafe {
+        let umcf = crate::upstream::cycle_main_conf(cycle);
+        crate::upstream::blocks(umcf)
+            .into_iter()
+            .filter_map(|us| {
+                let h = crate::upstream::srv_conf::<UpstreamHealth>(us, module)?;
+                Some(kvsub::KvUpstream {
+                    uscf: us,
+                    name: str_bytes(&(*us).host).to_vec(),
+                    conf: h.kv.clone()?,
+                })
+            })
+            .collect()
+    }
+}
+
 /// The health module's `init_process` (in each worker): finds the zone and
 /// the checked upstreams of the running cycle, applies the table to the
 /// peers at once (a new worker serves nothing before its peers' health is
@@ -236,7 +279,8 @@ pub fn init_process(module: &ngx_module_t) -> Result<(), NgxError> {
     unsafe {
         let Some(zone) = shared_zone() else { return Ok(()) };
         let upstreams = checked_upstreams(cycle, module);
-        if upstreams.is_empty() {
+        let kv = kv_upstreams(cycle, module);
+        if upstreams.is_empty() && kv.is_empty() {
             return Ok(());
         }
         let Some(c) = cycle.as_ref() else { return Ok(()) };
@@ -255,6 +299,7 @@ pub fn init_process(module: &ngx_module_t) -> Result<(), NgxError> {
                 quiet_log: quiet,
                 full_logged: false,
                 holder: false,
+                kv,
             })
         });
         run_tick();
@@ -335,6 +380,7 @@ fn run_tick() -> bool {
         let Some(p) = p.as_mut() else { return false };
         let zone = p.zone;
         if exiting() {
+            kvsub::close_all();
             zone.lease.release(p.pid);
             return false;
         }
@@ -351,6 +397,7 @@ fn run_tick() -> bool {
             }
         }
         p.holder = holder;
+        kvsub::tick(holder, &p.kv);
         let inflight = INFLIGHT.with(|f| f.borrow().clone());
         let mut full = false;
         for u in &p.upstreams {
@@ -582,6 +629,41 @@ pub fn engine_snapshot() -> Vec<(Vec<u8>, Vec<u8>, EngineSnapshot)> {
                 }
             },
         );
+    });
+    out
+}
+
+/// Every peer of this worker's `pd_kv_events` upstreams with an engine bit
+/// in its index: upstream, peer and its event stream, for the status and
+/// metrics pages.
+pub fn kv_snapshot() -> Vec<(Vec<u8>, Vec<u8>, pdgate_core::kv::index::KvSnapshot)> {
+    let now = crate::observe::now_ms();
+    let mut out = Vec::new();
+    PROBER.with(|p| {
+        let p = p.borrow();
+        let Some(p) = p.as_ref() else { return };
+        for u in &p.kv {
+            let Some(index) = crate::kv::index_of(&u.name) else { continue };
+            // SAFETY: as in run_tick: uscf and its peer list live as long as
+            // the cycle, and the list is read under its read lock.
+            unsafe {
+                let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
+                if peers.is_null() {
+                    continue;
+                }
+                let _r = crate::upstream::PeersRead::lock(peers);
+                crate::upstream::each_peer(peers, |pe| {
+                    let name = str_bytes(&pe.name);
+                    if let Some(b) = index.engine_bit(peer_key(&u.name, name)) {
+                        out.push((
+                            u.name.clone(),
+                            name.to_vec(),
+                            index.header.engines[b].snapshot(now),
+                        ));
+                    }
+                });
+            }
+        }
     });
     out
 }

@@ -7,7 +7,7 @@ use ngx::ffi::{
     ngx_http_conf_ctx_t, ngx_http_upstream_main_conf_t, ngx_http_upstream_module, ngx_module_t,
 };
 
-use super::{checked_blocks, engine_snapshot, prober_pid, snapshot};
+use super::{checked_blocks, engine_snapshot, kv_snapshot, prober_pid, snapshot};
 use crate::conf::str_bytes;
 use crate::http::{Conf, ConfError};
 use crate::NgxError;
@@ -22,6 +22,14 @@ pub fn status_text() -> String {
             String::from_utf8_lossy(&u),
             String::from_utf8_lossy(&p),
             pdgate_core::engine::status_line_text(&e)
+        ));
+    }
+    for (u, p, k) in kv_snapshot() {
+        s.push_str(&format!(
+            "upstream {} peer {} {}\n",
+            String::from_utf8_lossy(&u),
+            String::from_utf8_lossy(&p),
+            k.status_text()
         ));
     }
     s

@@ -1,9 +1,15 @@
 //! engine-sim: a vLLM/SGLang-like prefill, decode, combined or encoder
 //! server with a continuous-batching timing model. See `--help`.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
+use pdgate_core::kv::events::Shape;
+use pdgate_core::kv::hash::HashAlgo;
+use pdgate_sim::kvevents;
 use pdgate_sim::profile::Profile;
+use pdgate_sim::prompt::{self, Tokenizer};
 use pdgate_sim::server::{self, Config, Flavor, Role};
 
 const HELP: &str = "\
@@ -39,6 +45,33 @@ Timing model
                             connections, SGLang answers /health and completions 503 [0]
   --bootstrap-timeout-ms N  a decode waits this long for its bootstrap room [30000]
 
+Tokens and prefix caching (as vLLM)
+  --tokenizer DIR           the model directory (tokenizer.json, tokenizer_config.json,
+                            chat template): prompts become its token ids, chat requests
+                            rendered with its template [none: 4 bytes of prompt text
+                            make one token]
+  --prefix-caching-hash-algo A
+                            sha256_cbor or xxhash_cbor: vLLM's hash of each full block
+                            of prompt token ids, chained [sha256_cbor]
+  --hash-seed S             vLLM's PYTHONHASHSEED, the root of every chain [the
+                            PYTHONHASHSEED variable; unset: random per process, so
+                            nobody else can compute the block hashes, as vLLM]
+  --write-test-tokenizer DIR
+                            write a small test model (a BPE tokenizer and a ChatML
+                            template) into DIR and exit
+
+KV cache events (vLLM's --kv-events-config, ZMQ)
+  --kv-events-port N        publish BlockStored / BlockRemoved / AllBlocksCleared, one
+                            batch per engine step, on a PUB socket on --host:N (0: any
+                            free port, printed) [off]
+  --kv-replay-port N        serve replays of the last 10000 batches on a ROUTER socket
+                            on --host:N (0: any) [off]
+  --kv-events-topic T       first frame of every message [\"\"]
+  --kv-events-shape S       array (array_like events, older vLLM) or map (events tagged
+                            under \"type\", vLLM PR #42892) [array]
+  --kv-events-int-hashes    block hashes as ints (their low 64 bits), as with
+                            VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES [digest bytes]
+
 Faults (for reliability tests)
   --fault-error-rate P      answer this fraction of completions with an error
   --fault-error-status S    ... with this status [500]
@@ -49,12 +82,26 @@ Faults (for reliability tests)
   --fault-slow-kv-ms N      delay every side-channel answer by N ms
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics (Prometheus, vLLM metric names).
+GET /health, GET /metrics (Prometheus, vLLM metric names), POST /reset_prefix_cache.
 ";
 
-fn parse(args: &[String]) -> Result<Option<Config>, String> {
+/// What the command line asks for.
+enum Action {
+    Help,
+    WriteTokenizer(PathBuf),
+    Run(Box<Config>),
+}
+
+/// Parses the arguments; `env_seed` is `PYTHONHASHSEED`.
+fn parse(args: &[String], env_seed: Option<String>) -> Result<Action, String> {
     let mut cfg = Config { advertise_host: String::new(), ..Config::new(Role::Both) };
+    cfg.hash_seed = env_seed;
     let mut kv_port: Option<u16> = None;
+    let mut events: Option<kvevents::Options> = None;
+    let mut replay_port: Option<u16> = None;
+    let mut topic: Option<String> = None;
+    let mut shape: Option<Shape> = None;
+    let mut int_hashes = false;
     let mut instant = false;
     let mut overrides: Vec<(String, String)> = Vec::new();
     let mut it = args.iter();
@@ -70,7 +117,34 @@ fn parse(args: &[String]) -> Result<Option<Config>, String> {
         let port =
             |v: String| v.parse::<u16>().map_err(|_| format!("{flag}: \"{v}\" is not a port"));
         match flag.as_str() {
-            "-h" | "--help" => return Ok(None),
+            "-h" | "--help" => return Ok(Action::Help),
+            "--write-test-tokenizer" => return Ok(Action::WriteTokenizer(val()?.into())),
+            "--tokenizer" => {
+                let dir = PathBuf::from(val()?);
+                let tok = Tokenizer::load(&dir).map_err(|e| format!("--tokenizer: {e}"))?;
+                cfg.tokenizer = Some(Arc::new(tok));
+            }
+            "--prefix-caching-hash-algo" => {
+                let v = val()?;
+                cfg.hash_algo = HashAlgo::parse(v.as_bytes()).ok_or_else(|| {
+                    format!(
+                        "--prefix-caching-hash-algo: \"{v}\" is not sha256_cbor or xxhash_cbor \
+                         (the pickle-based sha256 and xxhash cannot be reproduced)"
+                    )
+                })?;
+            }
+            "--hash-seed" => cfg.hash_seed = Some(val()?),
+            "--kv-events-port" => events = Some(kvevents::Options::new(port(val()?)?)),
+            "--kv-replay-port" => replay_port = Some(port(val()?)?),
+            "--kv-events-topic" => topic = Some(val()?),
+            "--kv-events-shape" => {
+                shape = Some(match val()?.as_str() {
+                    "array" => Shape::Array,
+                    "map" => Shape::Map,
+                    v => return Err(format!("--kv-events-shape: \"{v}\" is not array or map")),
+                })
+            }
+            "--kv-events-int-hashes" => int_hashes = true,
             "--role" => {
                 cfg.role = match val()?.as_str() {
                     "prefill" => Role::Prefill,
@@ -145,6 +219,19 @@ fn parse(args: &[String]) -> Result<Option<Config>, String> {
             other => return Err(format!("unknown option \"{other}\" (see --help)")),
         }
     }
+    match events.as_mut() {
+        Some(o) => {
+            o.replay_port = replay_port;
+            o.topic = topic.unwrap_or_default();
+            o.shape = shape.unwrap_or(Shape::Array);
+            o.int_hashes = int_hashes;
+            cfg.kv_events = events;
+        }
+        None if replay_port.is_some() || topic.is_some() || shape.is_some() || int_hashes => {
+            return Err("the --kv-* event options need --kv-events-port".into())
+        }
+        None => {}
+    }
     if instant {
         let keep = cfg.profile.clone();
         cfg.profile = Profile { name: format!("{} (instant)", keep.name), ..Profile::instant() };
@@ -192,16 +279,25 @@ fn parse(args: &[String]) -> Result<Option<Config>, String> {
             cfg.host.clone()
         };
     }
-    Ok(Some(cfg))
+    Ok(Action::Run(Box::new(cfg)))
 }
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut cfg = match parse(&args) {
-        Ok(Some(c)) => c,
-        Ok(None) => {
+    let mut cfg = match parse(&args, prompt::env_hash_seed()) {
+        Ok(Action::Run(c)) => *c,
+        Ok(Action::Help) => {
             print!("{HELP}");
             return ExitCode::SUCCESS;
+        }
+        Ok(Action::WriteTokenizer(dir)) => {
+            return match pdgate_core::tokenize::testing::write_test_model(&dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("engine-sim: --write-test-tokenizer: {}: {e}", dir.display());
+                    ExitCode::from(1)
+                }
+            };
         }
         Err(e) => {
             eprintln!("engine-sim: {e}");
@@ -219,6 +315,29 @@ fn main() -> ExitCode {
                 "engine-sim {role}:{} ready: http {}:{}, side channel {}:{}, engine {:?}, profile {}, time scale {}",
                 c.port, c.host, c.port, c.host, c.kv_port, c.flavor, c.profile.name, c.time_scale
             );
+            let tok = c
+                .tokenizer
+                .as_ref()
+                .map_or("4 bytes per token".into(), |t| format!("tokenizer {}", t.dir.display()));
+            let seed = if sim.hashing().seeded { "seed given" } else { "random seed" };
+            eprintln!(
+                "engine-sim {role}:{} prompts: {tok}, block hashes {} ({seed}), block size {}",
+                c.port,
+                c.hash_algo.name(),
+                c.profile.block_size
+            );
+            if let Some(k) = &c.kv_events {
+                let replay = k.replay_port.map_or("off".into(), |p| format!("{}:{p}", c.host));
+                eprintln!(
+                    "engine-sim {role}:{} kv events: pub {}:{}, replay {replay}, topic \"{}\", shape {}, {} hashes",
+                    c.port,
+                    c.host,
+                    k.port,
+                    k.topic,
+                    if k.shape == Shape::Map { "map" } else { "array" },
+                    if k.int_hashes { "int" } else { "bytes" }
+                );
+            }
             loop {
                 std::thread::park();
             }
@@ -227,5 +346,78 @@ fn main() -> ExitCode {
             eprintln!("engine-sim: cannot listen: {e}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str], env_seed: Option<&str>) -> Result<Config, String> {
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        match parse(&args, env_seed.map(str::to_owned))? {
+            Action::Run(c) => Ok(*c),
+            _ => Err("not a run".into()),
+        }
+    }
+
+    #[test]
+    fn hashing_flags_and_the_seed() {
+        let c = run(&[], None).unwrap();
+        assert_eq!((c.hash_algo, c.hash_seed, c.kv_events), (HashAlgo::Sha256Cbor, None, None));
+        let c = run(&["--prefix-caching-hash-algo", "xxhash_cbor"], Some("7")).unwrap();
+        assert_eq!((c.hash_algo, c.hash_seed.as_deref()), (HashAlgo::XxhashCbor, Some("7")));
+        // The flag wins over PYTHONHASHSEED.
+        let c = run(&["--hash-seed", "abc"], Some("7")).unwrap();
+        assert_eq!(c.hash_seed.as_deref(), Some("abc"));
+        for bad in ["sha256", "builtin", "xxhash"] {
+            let e = run(&["--prefix-caching-hash-algo", bad], None).unwrap_err();
+            assert!(e.contains("is not sha256_cbor or xxhash_cbor"), "{e}");
+        }
+    }
+
+    #[test]
+    fn kv_event_flags() {
+        let c = run(&["--kv-events-port", "5557"], None).unwrap();
+        assert_eq!(c.kv_events, Some(kvevents::Options::new(5557)));
+        let c = run(
+            &[
+                "--kv-events-port",
+                "0",
+                "--kv-replay-port",
+                "5558",
+                "--kv-events-topic",
+                "kv",
+                "--kv-events-shape",
+                "map",
+                "--kv-events-int-hashes",
+            ],
+            None,
+        )
+        .unwrap();
+        let o = c.kv_events.unwrap();
+        assert_eq!((o.port, o.replay_port, o.topic.as_str()), (0, Some(5558), "kv"));
+        assert_eq!((o.shape, o.int_hashes), (Shape::Map, true));
+        for bad in [
+            &["--kv-replay-port", "5558"][..],
+            &["--kv-events-int-hashes"],
+            &["--kv-events-port", "1", "--kv-events-shape", "tuple"],
+            &["--kv-events-port", "x"],
+        ] {
+            assert!(run(bad, None).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tokenizer_flags() {
+        let dir = std::env::temp_dir().join(format!("engine-sim-flags-{}", std::process::id()));
+        let args = ["--write-test-tokenizer".to_owned(), dir.display().to_string()];
+        assert!(matches!(parse(&args, None), Ok(Action::WriteTokenizer(d)) if d == dir));
+        pdgate_core::tokenize::testing::write_test_model(&dir).unwrap();
+        let c = run(&["--tokenizer", dir.to_str().unwrap()], None).unwrap();
+        assert_eq!(c.tokenizer.unwrap().dir, dir);
+        let e = run(&["--tokenizer", "/nonexistent/model"], None).unwrap_err();
+        assert!(e.starts_with("--tokenizer: "), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

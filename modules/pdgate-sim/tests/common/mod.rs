@@ -123,13 +123,19 @@ fn whoami(port: u16) -> Option<String> {
 /// nginx on `port` and reads the answer within `timeout_s`: its status (0:
 /// none) and body.
 pub fn request(port: u16, req: &str, timeout_s: u64) -> (u16, String) {
+    let (status, r) = exchange(port, req, timeout_s);
+    (status, r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or(r))
+}
+
+/// As [`request`], with the whole answer (head and body).
+pub fn exchange(port: u16, req: &str, timeout_s: u64) -> (u16, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(timeout_s))).unwrap();
     s.write_all(req.as_bytes()).unwrap();
     let mut r = String::new();
     let _ = s.read_to_string(&mut r);
     let status = r.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, r.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or(r))
+    (status, r)
 }
 
 /// `GET path` from nginx on `port`: status and body.
