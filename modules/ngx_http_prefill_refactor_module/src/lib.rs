@@ -35,7 +35,7 @@ use pdgate_glue::core::balance::fails::{
     parse_duration_ms, FailWindow, DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_MAX_FAILS,
 };
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
-use pdgate_glue::core::balance::{PeerView, Policy};
+use pdgate_glue::core::balance::{precise_prefix, PeerView, Policy, PCA_BATCH_SIZE};
 use pdgate_glue::core::bootstrap::{
     self, bootstrap_members, bootstrap_port, bootstrap_port_of, check_ports, check_request,
     least_active, leg_plan, parse_backend, parse_distribution, parse_ports, parse_servers,
@@ -642,11 +642,17 @@ fn legs(
         return Err(Refusal::new(502, "no prefill server left to try"));
     }
     let mut hold = Legs::NONE;
+    // With the engines' KV events and the prompt's keys: where its prefix
+    // is cached, weighed against load.
+    let cached = lcf.prefill_upstream.as_ref().and_then(|u| {
+        let addrs: Vec<&[u8]> = plist.iter().map(|s| s.addr.as_bytes()).collect();
+        pdgate_glue::kv::cached_tokens(r, &u.name, &addrs)
+    });
     let (pi, p) = choose(
         lcf.zone.as_ref(),
         plist,
         b"prefill_refactor:prefill",
-        policy,
+        Choice { policy, cached: cached.as_deref() },
         tokens,
         tie,
         &eligible,
@@ -663,7 +669,7 @@ fn legs(
                 lcf.zone.as_ref(),
                 dlist,
                 b"prefill_refactor:decode",
-                policy,
+                Choice { policy, cached: None },
                 tokens,
                 tie >> 17,
                 &all,
@@ -707,11 +713,19 @@ fn legs(
 /// The server of `list` (counted under `role`) that `policy` picks among
 /// the `eligible` ones — the fewest requests in flight when it is `None` —
 /// now holding one more request of `tokens`.
+/// How a list's server is chosen: the location's policy, or with the
+/// tokens of the prompt each server holds in its prefix cache
+/// (`pd_kv_events`), `precise_prefix` (cached tokens against load).
+struct Choice<'a> {
+    policy: Option<Policy>,
+    cached: Option<&'a [u64]>,
+}
+
 fn choose(
     zone: Option<&Zone>,
     list: &[Server],
     role: &[u8],
-    policy: Option<Policy>,
+    how: Choice<'_>,
     tokens: u64,
     tie: u64,
     eligible: &[bool],
@@ -732,26 +746,26 @@ fn choose(
         })
         .collect();
     let ok = |i: usize| eligible.get(i).copied().unwrap_or(false);
-    let i = match policy {
-        None => {
+    let views = || -> Vec<PeerView> {
+        load.iter()
+            .enumerate()
+            .map(|(i, &(requests, tokens))| PeerView {
+                available: ok(i),
+                weight: 1,
+                requests,
+                tokens,
+                ..PeerView::default()
+            })
+            .collect()
+    };
+    let i = match (how.cached, how.policy) {
+        (Some(cached), _) => precise_prefix(&views(), tokens, cached, PCA_BATCH_SIZE, tie)?,
+        (None, None) => {
             let active: Vec<u64> =
                 load.iter().enumerate().map(|(i, l)| if ok(i) { l.0 } else { u64::MAX }).collect();
             least_active(&active, tie).filter(|&i| ok(i))?
         }
-        Some(p) => {
-            let views: Vec<PeerView> = load
-                .iter()
-                .enumerate()
-                .map(|(i, &(requests, tokens))| PeerView {
-                    available: ok(i),
-                    weight: 1,
-                    requests,
-                    tokens,
-                    ..PeerView::default()
-                })
-                .collect();
-            p.choose(&views, tokens, tie)?
-        }
+        (None, Some(p)) => p.choose(&views(), tokens, tie)?,
     };
     let slot = slots.get(i).copied().flatten();
     if let (Some(t), Some(s)) = (table, slot) {

@@ -178,3 +178,32 @@ pub fn index_of(upstream: &[u8]) -> Option<KvIndex<'static>> {
         view_at(h, capacity).filter(|v| v.is_attached())
     }
 }
+
+/// For a module choosing among the peers of `upstream` itself (the SGLang
+/// mode's prefill list): the tokens of `r`'s prompt each of `peers` (their
+/// addresses as the upstream names them) holds in its prefix cache, by the
+/// engines' KV events (`pd_kv_events` on the upstream) and `r`'s prompt
+/// keys (`pd_tokenizer`); `None` without either, or when they hash blocks
+/// differently.
+pub fn cached_tokens(r: &ngx::http::Request, upstream: &[u8], peers: &[&[u8]]) -> Option<Vec<u64>> {
+    let index = index_of(upstream)?;
+    let r = r as *const ngx::http::Request as *mut ngx::ffi::ngx_http_request_t;
+    // SAFETY: a Request is a live ngx_http_request_t (ngx's own cast).
+    let raw = unsafe { crate::tokenize::variable_of(r) }?;
+    let (hashing, _, block, keys) = crate::tokenize::Tokenized::decode(raw)?;
+    if index.header.hashing.load(std::sync::atomic::Ordering::Relaxed) != hashing {
+        return None;
+    }
+    let keys: Vec<u64> = keys.collect();
+    let mut held = [0u32; pdgate_core::kv::index::MAX_ENGINES];
+    index.prefix_match(&keys, &mut held);
+    Some(
+        peers
+            .iter()
+            .map(|p| {
+                let bit = index.engine_bit(pdgate_core::balance::slots::peer_key(upstream, p));
+                bit.map_or(0, |b| u64::from(held[b]) * block)
+            })
+            .collect(),
+    )
+}

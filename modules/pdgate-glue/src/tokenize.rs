@@ -113,18 +113,24 @@ pub struct Tokenized {
 }
 
 impl Tokenized {
-    /// Tokenizes and keys `body`; the error is the client's (a 400).
-    pub fn of(t: &Tokenizer, body: &[u8]) -> Result<Tokenized, String> {
-        let ids = t.model.prompt_tokens(body).map_err(|e| e.to_string())?;
+    /// Tokenizes and keys `body`: `Ok(None)` for what the proxy does not
+    /// render as vLLM would (multimodal parts, a request's own template:
+    /// the bytes / 4 estimate then); the error is the client's (a 400).
+    pub fn of(t: &Tokenizer, body: &[u8]) -> Result<Option<Tokenized>, String> {
+        let ids = match t.model.prompt_tokens(body) {
+            Ok(ids) => ids,
+            Err(pdgate_core::tokenize::PromptError::Unsupported(_)) => return Ok(None),
+            Err(e) => return Err(e.to_string()),
+        };
         let mut keys =
             Vec::with_capacity((ids.len() / t.hashing.block_size.max(1)).min(t.max_blocks));
         t.hasher.keys(&ids, t.max_blocks, &mut keys);
-        Ok(Tokenized {
+        Ok(Some(Tokenized {
             hashing: t.hashing.fingerprint(),
             tokens: ids.len() as u64,
             block_size: t.hashing.block_size as u64,
             keys,
-        })
+        }))
     }
 
     /// `$pd_tokenized`'s bytes: fingerprint, tokens, block size, keys

@@ -134,6 +134,25 @@ pub unsafe fn srv_conf<'a, T>(
     }
 }
 
+/// Calls `f` with the name of every peer of the upstream block `uscf` (the
+/// backup ones too), read under round robin's read lock.
+///
+/// # Safety
+/// `uscf` must be a live upstream block of the running cycle.
+pub unsafe fn each_peer_name(uscf: *const ngx_http_upstream_srv_conf_t, mut f: impl FnMut(&[u8])) {
+    // SAFETY: as documented; the list lives as long as the cycle and is
+    // read under its read lock; names live in the list.
+    unsafe {
+        let Some(us) = uscf.as_ref() else { return };
+        let peers = us.peer.data as *mut ngx_http_upstream_rr_peers_t;
+        if peers.is_null() {
+            return;
+        }
+        let _r = PeersRead::lock(peers);
+        each_peer(peers, |pe| f(crate::conf::str_bytes(&pe.name)));
+    }
+}
+
 /// Calls `f` on every peer of `peers`, the backup ones too.
 ///
 /// # Safety

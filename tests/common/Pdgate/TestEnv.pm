@@ -18,6 +18,8 @@ use File::Basename qw(dirname);
 my $dist = abs_path(dirname(__FILE__) . '/../../../dist');
 $ENV{TEST_NGINX_BINARY} ||= "$dist/sbin/nginx";
 $ENV{TEST_NGINX_LOAD_MODULES} ||= join ' ', sort glob("$dist/modules/*.so");
+# The small test model (tokenizer and chat template) ./build.sh writes.
+$ENV{TEST_NGINX_MODEL_DIR} ||= "$dist/share/test-model";
 
 # Mock prefill and decode are pdgate_echo locations of the test server
 # itself, behind keepalive upstreams.

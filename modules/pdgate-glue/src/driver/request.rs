@@ -177,7 +177,8 @@ unsafe fn tokenize<P: Protocol>(r: *mut ngx_http_request_t, ctx: &mut Ctx<P>, sr
     unsafe {
         let Some(t) = P::tokenizer(view(r)) else { return true };
         match crate::tokenize::Tokenized::of(t, src) {
-            Ok(tk) => {
+            Ok(None) => true,
+            Ok(Some(tk)) => {
                 ctx.m.input_tokens = Some(tk.tokens);
                 ctx.m.tokenized = observe::pool_bytes(r, &tk.encode()).unwrap_or(&[]);
                 true

@@ -22,7 +22,7 @@ use std::ptr::{addr_of, null_mut};
 
 use ngx::ffi::{
     ngx_connection_t, ngx_event_t, ngx_free_connection, ngx_get_connection, ngx_handle_read_event,
-    ngx_http_upstream_rr_peers_t, ngx_uint_t, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_USE_EPOLL_EVENT,
+    ngx_uint_t, NGX_LOG_NOTICE, NGX_LOG_WARN, NGX_USE_EPOLL_EVENT,
 };
 use pdgate_core::balance::slots::peer_key;
 use pdgate_core::kv::apply::{apply_batch, Applied};
@@ -30,8 +30,6 @@ use pdgate_core::kv::conf::{KvConf, PortOf};
 use pdgate_core::kv::events::{is_replay_end, seq};
 use pdgate_core::kv::hash::BlockHasher;
 use pdgate_core::kv::index::{KvIndex, SeqCheck};
-
-use crate::conf::str_bytes;
 
 /// Messages read from one socket per readiness at most (the tick reads
 /// the rest).
@@ -104,21 +102,15 @@ pub(super) fn tick(holder: bool, ups: &[KvUpstream]) {
     for (ui, u) in ups.iter().enumerate() {
         let Some(index) = crate::kv::index_of(&u.name) else { continue };
         let mut keep = Vec::new();
-        // SAFETY: uscf and its peer list live as long as the cycle; the list
-        // is read under its read lock.
+        // SAFETY: uscf is a block of the running cycle.
         unsafe {
-            let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-            if !peers.is_null() {
-                let _r = crate::upstream::PeersRead::lock(peers);
-                crate::upstream::each_peer(peers, |pe| {
-                    let name = str_bytes(&pe.name);
-                    let key = peer_key(&u.name, name);
-                    keep.push(key);
-                    if let Some(ep) = endpoint(name, u.conf.port) {
-                        want.push((ui, key, ep, name.to_vec()));
-                    }
-                });
-            }
+            crate::upstream::each_peer_name(u.uscf, |name| {
+                let key = peer_key(&u.name, name);
+                keep.push(key);
+                if let Some(ep) = endpoint(name, u.conf.port) {
+                    want.push((ui, key, ep, name.to_vec()));
+                }
+            });
         }
         index.release_engines_except(&keep);
     }

@@ -553,16 +553,8 @@ fn each_prober_peer(
     mut f: impl FnMut(&Checked, &[u8]),
 ) {
     for u in p.upstreams.iter().filter(|u| which(u)) {
-        // SAFETY: as in run_tick: uscf and its peer list live as long as
-        // the cycle, and the list is read under its read lock.
-        unsafe {
-            let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-            if peers.is_null() {
-                continue;
-            }
-            let _r = crate::upstream::PeersRead::lock(peers);
-            crate::upstream::each_peer(peers, |pe| f(u, str_bytes(&pe.name)));
-        }
+        // SAFETY: uscf is a block of the running cycle.
+        unsafe { crate::upstream::each_peer_name(u.uscf, |name| f(u, name)) };
     }
 }
 
@@ -644,16 +636,9 @@ pub fn kv_snapshot() -> Vec<(Vec<u8>, Vec<u8>, pdgate_core::kv::index::KvSnapsho
         let Some(p) = p.as_ref() else { return };
         for u in &p.kv {
             let Some(index) = crate::kv::index_of(&u.name) else { continue };
-            // SAFETY: as in run_tick: uscf and its peer list live as long as
-            // the cycle, and the list is read under its read lock.
+            // SAFETY: uscf is a block of the running cycle.
             unsafe {
-                let peers = (*u.uscf).peer.data as *mut ngx_http_upstream_rr_peers_t;
-                if peers.is_null() {
-                    continue;
-                }
-                let _r = crate::upstream::PeersRead::lock(peers);
-                crate::upstream::each_peer(peers, |pe| {
-                    let name = str_bytes(&pe.name);
+                crate::upstream::each_peer_name(u.uscf, |name| {
                     if let Some(b) = index.engine_bit(peer_key(&u.name, name)) {
                         out.push((
                             u.name.clone(),
