@@ -492,13 +492,15 @@ pub struct PeerState {
     pub eligible: Option<bool>,
     /// With `pd_engine_metrics`, once scraped.
     pub engine: Option<EngineSnapshot>,
+    /// With `pd_kv_events`, once subscribed.
+    pub kv: Option<crate::kv::index::KvSnapshot>,
 }
 
 /// Appends the peers' health and engine gauges (Prometheus text) to `o`.
 pub fn render_peer_gauges(o: &mut String, peers: &[PeerState]) {
     use std::fmt::Write;
     type Pick = fn(&PeerState) -> Option<String>;
-    let gauges: [(&str, &str, Pick); 6] = [
+    let gauges: [(&str, &str, Pick); 8] = [
         ("pdgate_peer_up", "1 while a health-checked peer may take traffic.", |p| {
             p.eligible.map(|e| u8::from(e).to_string())
         }),
@@ -520,6 +522,12 @@ pub fn render_peer_gauges(o: &mut String, peers: &[PeerState]) {
             p.engine
                 .and_then(|e| e.scraped_ago_ms)
                 .map(|ms| format!("{}.{:03}", ms / 1000, ms % 1000))
+        }),
+        ("pdgate_kv_blocks", "KV blocks the engine holds, by its KV events.", |p| {
+            p.kv.map(|k| k.blocks.to_string())
+        }),
+        ("pdgate_kv_events_age_seconds", "Age of the engine's last KV event batch.", |p| {
+            p.kv.and_then(|k| k.age_ms).map(|ms| format!("{}.{:03}", ms / 1000, ms % 1000))
         }),
     ];
     for (name, help, pick) in gauges {
@@ -691,17 +699,28 @@ mod tests {
                 peer: b"10.0.0.1:8000".to_vec(),
                 eligible: Some(true),
                 engine: Some(row.snapshot(1_500)),
+                kv: None,
             },
             PeerState {
                 upstream: b"d".to_vec(),
                 peer: b"b".to_vec(),
                 eligible: Some(false),
                 engine: None,
+                kv: Some(crate::kv::index::KvSnapshot {
+                    blocks: 42,
+                    age_ms: Some(250),
+                    ..Default::default()
+                }),
             },
         ];
         let mut o = String::new();
         render_peer_gauges(&mut o, &peers);
         assert!(o.contains("# TYPE pdgate_peer_up gauge\npdgate_peer_up{upstream=\"p\\\"x\",peer=\"10.0.0.1:8000\"} 1\npdgate_peer_up{upstream=\"d\",peer=\"b\"} 0\n"));
+        assert!(o.contains("pdgate_kv_blocks{upstream=\"d\",peer=\"b\"} 42\n"), "{o}");
+        assert!(
+            o.contains("pdgate_kv_events_age_seconds{upstream=\"d\",peer=\"b\"} 0.250\n"),
+            "{o}"
+        );
         assert!(o.contains(
             "pdgate_engine_requests_waiting{upstream=\"p\\\"x\",peer=\"10.0.0.1:8000\"} 2\n"
         ));

@@ -96,6 +96,7 @@ http {{
             subrequest_output_buffer_size 64k;
         }}
         location = /status {{ pd_health_status; }}
+        location = /metrics {{ pd_metrics; }}
     }}
 }}
 "#,
@@ -246,6 +247,16 @@ fn requests_follow_the_blocks_the_engines_report() {
                 "turn {turns} of {id} found its prefix: {answer}"
             );
         }
+    }
+
+    // The index's view on the metrics page.
+    let metrics = get(nginx.port, "/metrics").1;
+    for p in &prefills {
+        let line = format!(
+            "pdgate_kv_blocks{{upstream=\"prefill_servers\",peer=\"127.0.0.1:{}\"}} ",
+            p.cfg.port
+        );
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
     }
 
     // An engine that drops its cache drops out of the index.

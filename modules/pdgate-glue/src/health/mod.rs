@@ -670,21 +670,24 @@ pub fn peer_states() -> Vec<pdgate_core::engine::PeerState> {
                 continue;
             }
             let upstream = str_bytes(&(*us).host);
+            let index = crate::kv::index_of(upstream);
             let _r = crate::upstream::PeersRead::lock(peers);
             crate::upstream::each_peer(peers, |pe| {
                 let name = str_bytes(&pe.name);
-                let Some(i) = table.find_index(peer_key(upstream, name)) else { return };
-                let eligible = table
-                    .find(peer_key(upstream, name))
-                    .filter(|r| r.is_checked())
-                    .map(|r| r.eligible(now));
-                let engine = zone.engine(i).filter(|e| e.scraped()).map(|e| e.snapshot(now));
-                if eligible.is_some() || engine.is_some() {
+                let key = peer_key(upstream, name);
+                let i = table.find_index(key);
+                let eligible = table.find(key).filter(|r| r.is_checked()).map(|r| r.eligible(now));
+                let engine =
+                    i.and_then(|i| zone.engine(i)).filter(|e| e.scraped()).map(|e| e.snapshot(now));
+                let kv = index
+                    .and_then(|x| x.engine_bit(key).map(|b| x.header.engines[b].snapshot(now)));
+                if eligible.is_some() || engine.is_some() || kv.is_some() {
                     out.push(pdgate_core::engine::PeerState {
                         upstream: upstream.to_vec(),
                         peer: name.to_vec(),
                         eligible,
                         engine,
+                        kv,
                     });
                 }
             });
