@@ -33,8 +33,10 @@ fn three_ports() -> u16 {
     panic!("no three free ports in a row");
 }
 
-fn model_dir() -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("pdgate-e2e-model-{}", std::process::id()));
+/// The test model in a directory of the test's own (`tag`): each test
+/// removes its own once its nginx stopped.
+fn model_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("pdgate-e2e-model-{tag}-{}", std::process::id()));
     pdgate_core::tokenize::testing::write_test_model(&d).expect("test model");
     d
 }
@@ -202,7 +204,7 @@ fn followed(nginx: &Nginx, engines: &[&Arc<Sim>], n: usize, reorder: bool) -> us
 
 #[test]
 fn requests_follow_the_blocks_the_engines_report() {
-    let dir = model_dir();
+    let dir = model_dir("follow");
     let model = Arc::new(Tokenizer::load(&dir).expect("model loads"));
     let prefills: Vec<Arc<Sim>> = (0..3).map(|_| engine(Role::Prefill, &model, true)).collect();
     let decode = engine(Role::Decode, &model, false);
@@ -270,6 +272,51 @@ fn requests_follow_the_blocks_the_engines_report() {
     assert_eq!(status, 200);
     wait_for("the cleared engine's blocks gone", &nginx, |s| blocks_of(s, e.cfg.port) == Some(0));
     // `nginx -s stop` reads the configuration: the model must still be there.
+    drop(nginx);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A proxy started after the engines warmed up learns what they cached
+/// before from their replay sockets: its first live batch of each engine
+/// comes with a sequence number past 0, and the batches before it are
+/// asked for and applied first.
+#[test]
+fn a_late_proxy_replays_what_the_engines_cached_before() {
+    let dir = model_dir("replay");
+    let model = Arc::new(Tokenizer::load(&dir).expect("model loads"));
+    let prefills: Vec<Arc<Sim>> = (0..2).map(|_| engine(Role::Prefill, &model, true)).collect();
+    let decode = engine(Role::Decode, &model, false);
+    // Three conversations on each engine before any proxy runs.
+    for (k, e) in prefills.iter().enumerate() {
+        for id in 0..3 {
+            assert_eq!(chat(e.cfg.port, &conversation(300 + 10 * k + id, 1, false)).0, 200);
+        }
+    }
+    let refs: Vec<&Arc<Sim>> = prefills.iter().collect();
+    let nginx = proxy(&refs, &decode, &dir, "pd_kv_events port=+1 replay_port=+2;");
+    wait_for("two subscriptions", &nginx, |s| {
+        prefills.iter().all(|p| blocks_of(s, p.cfg.port).is_some())
+    });
+    // One more batch from each engine: the subscriber sees sequence 3 first.
+    for (k, e) in prefills.iter().enumerate() {
+        assert_eq!(chat(e.cfg.port, &conversation(390 + k, 1, false)).0, 200);
+    }
+    wait_for("the replays", &nginx, |s| {
+        s.lines().filter(|l| l.contains("kv_events") && l.contains("(replayed 3, lost 0)")).count()
+            == 2
+    });
+    // A conversation cached before the proxy started goes to its engine.
+    for (k, e) in prefills.iter().enumerate() {
+        for id in 0..3 {
+            let (status, answer) = chat(nginx.port, &conversation(300 + 10 * k + id, 1, false));
+            assert_eq!(status, 200, "{answer}");
+            assert_eq!(
+                header(&answer, "X-Prefill").unwrap_or_default(),
+                format!("127.0.0.1:{}", e.cfg.port),
+                "conversation {id} of engine {k}"
+            );
+        }
+    }
     drop(nginx);
     let _ = std::fs::remove_dir_all(&dir);
 }
