@@ -9,7 +9,7 @@ set -eu
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 [ $# -gt 0 ] && shift
-targets=${*:-json rewrite bootstrap encode prom health_status usage_scanner cached_tokens kv_events}
+targets=${*:-json rewrite bootstrap encode prom health_status usage_scanner cached_tokens kv_events prompt}
 rustup toolchain list 2>/dev/null | grep -q nightly || { echo "fuzz: no nightly toolchain" >&2; exit 1; }
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 for t in $targets; do

@@ -385,6 +385,24 @@ pub fn kv_events(data: &[u8]) {
     }
 }
 
+/// A request body through the test model's tokenizer and chat template
+/// (`pd_tokenizer`'s per-request path): never a panic; a body it takes is
+/// a JSON object, and the same body gives the same tokens again.
+pub fn prompt(data: &[u8]) {
+    use std::sync::OnceLock;
+    static MODEL: OnceLock<crate::tokenize::Model> = OnceLock::new();
+    let model = MODEL.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("pdgate-fuzz-model-{}", std::process::id()));
+        crate::tokenize::testing::write_test_model(&dir).expect("test model written");
+        let m = crate::tokenize::Model::load(&dir).expect("test model loads");
+        let _ = std::fs::remove_dir_all(&dir);
+        m
+    });
+    let Ok(ids) = model.prompt_tokens(data) else { return };
+    assert!(Object::parse(data).is_ok(), "a body that is no JSON object was tokenized");
+    assert_eq!(model.prompt_tokens(data).ok(), Some(ids), "the same body, other tokens");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -395,7 +413,7 @@ mod tests {
     fn corpus_replays() {
         let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/corpus");
         type Check = fn(&[u8]);
-        let targets: [(&str, Check); 9] = [
+        let targets: [(&str, Check); 10] = [
             ("health_status", health_status),
             ("prom", prom),
             ("json", json),
@@ -405,6 +423,7 @@ mod tests {
             ("usage_scanner", usage_scanner),
             ("cached_tokens", cached_tokens),
             ("kv_events", kv_events),
+            ("prompt", prompt),
         ];
         for (name, check) in targets {
             let dir = root.join(name);
