@@ -19,7 +19,16 @@
 #
 # Scenarios (scripts/mirror.py, SCENARIOS): a50 a80 a95 a110 ShareGPT-like
 # chat at 50-110 % of capacity; b long-tailed prompts; c prefix-heavy
-# (multi-turn, long shared system prompts); d heterogeneous engines; e bursty.
+# (multi-turn, long shared system prompts); ct the same with prompts in the
+# model's tokens (every engine runs engine-sim --tokenizer with the test model
+# ./build.sh writes, the prefills publish KV cache events, the rate comes from
+# the tokenized lengths: docs/prefix-routing.md); d heterogeneous engines; e
+# bursty.
+#
+# Router families: pdgate/<lb>, pdgate-blind/<lb> (no engine /metrics),
+# pdgate-hold/<lb> (pd_hold), pdgate-sglang/<policy>, and in ct only
+# pdgate-tok/<lb> (--tokenizer: pd_tokenizer) and pdgate-kv/<lb> (--tokenizer
+# and --kv-events: pd_kv_events); vllm-router/<policy>, sglang-router/<policy>.
 #
 # Knobs: MIRROR_SCENARIOS ("a95 c"), MIRROR_ROUTERS ("pdgate/round_robin
 # vllm-router/cache_aware ..." or "all"), MIRROR_SECONDS of arrivals per run

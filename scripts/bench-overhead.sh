@@ -26,14 +26,15 @@ DUR=${BENCH_DURATION:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 # Balancers compared with round robin on both P/D upstreams (empty: skip).
 # "pd_hold" in the list: round robin with pd_hold and caps it never reaches
-# (what an empty queue costs on the P/D path).
+# (what an empty queue costs on the P/D path). "pd_tokenizer": round robin
+# with the test model's tokenizer on the P/D location (dist/share/test-model).
 BALANCERS=${BENCH_BALANCERS-"least_total_load weighted_least_active auto_balance_controller prefill_score_balance greedy_timeout length_balance pd_score_balance prefix_cache_affinity earliest_start pd_hold"}
 
 # The directive that turns balancer $1 on for side $2 (prefill|decode).
 lb_on() {
     case $1 in
         pd_score_balance|earliest_start) echo "$1 $2;" ;;
-        pd_hold) echo "zone $1_$2 64k;" ;;
+        pd_hold|pd_tokenizer) echo "zone $1_$2 64k;" ;;
         *) echo "$1 on;" ;;
     esac
 }
@@ -69,6 +70,8 @@ for lb in $BALANCERS; do
     hold=""
     if [ "$lb" = pd_hold ]; then
         hold="pd_hold prefill=prefill_$lb:1000000 decode=decode_$lb:1000000;"
+    elif [ "$lb" = pd_tokenizer ]; then
+        hold="pd_tokenizer $ROOT/dist/share/test-model;"
     else
         LB_LOADS+="load_module $ROOT/dist/modules/ngx_http_upstream_${lb}_module.so;"$'\n'
     fi

@@ -32,12 +32,16 @@ internal_metrics        ngx_http_prefill_module                        pd_metric
 sglang                  ngx_http_prefill_refactor_module               prefill_refactor
 sglang_balance          ngx_http_prefill_refactor_module               prefill_refactor_balance
 sglang_health           ngx_http_prefill_refactor_module               prefill_refactor_health
+sglang_upstream         ngx_http_prefill_refactor_module               prefill_servers_upstream
 encode                  ngx_http_prefill_module                        prefill_encode
 fallback                ngx_http_prefill_module                        prefill_fallback
 hold                    ngx_http_prefill_module                        pd_hold
 sglang_hold             ngx_http_prefill_refactor_module               prefill_refactor_hold
 health                  ngx_http_upstream_pd_health_module             pd_health_check
 engine_metrics          ngx_http_upstream_pd_health_module             pd_engine_metrics
+kv_events               ngx_http_upstream_pd_health_module             pd_kv_events
+tokenizer               ngx_http_prefill_module                        pd_tokenizer
+sglang_tokenizer        ngx_http_prefill_refactor_module               prefill_refactor_tokenizer
 lb:least_total_load     ngx_http_upstream_least_total_load_module      least_total_load
 lb:weighted_least_active ngx_http_upstream_weighted_least_active_module weighted_least_active
 lb:auto_balance_controller ngx_http_upstream_auto_balance_controller_module auto_balance_controller
@@ -106,6 +110,12 @@ HEALTH_GIVEN=""
 ENGINE_METRICS_DEFAULT="interval=1s timeout=1s uri=/metrics"
 ENGINE_METRICS=$ENGINE_METRICS_DEFAULT
 ENGINE_METRICS_GIVEN=""
+# pd_tokenizer (prefill_refactor_tokenizer): the model directory and its
+# block hashing parameters; pd_kv_events's parameters on the prefill pool.
+TOKENIZER=""
+TOKENIZER_PARAMS=""
+KV_EVENTS=off
+KV_EVENTS_ON=""
 FALLBACK=off
 DRY_RUN=0
 STOP=0
@@ -191,6 +201,27 @@ Engines and request handling
                                 timeout=1s uri=/metrics"): every balancer adds
                                 the engine's own queue and KV pressure to what it
                                 counts, earliest_start predicts from it; off: none
+  --tokenizer DIR               the model's tokenizer and chat template in the proxy
+                                (pd_tokenizer DIR; prefill_refactor_tokenizer with
+                                sglang): prompts are counted in the model's tokens
+                                for every balancer and hold, and keyed in its
+                                blocks for prefix_cache_affinity; DIR holds
+                                tokenizer.json and tokenizer_config.json
+  --tokenizer-params PARAMS     with --tokenizer: how blocks are keyed, as the
+                                engines do (vLLM --block-size,
+                                --prefix-caching-hash-algo, PYTHONHASHSEED), e.g.
+                                "block_size=16 hash=sha256_cbor seed=0
+                                max_blocks=8192" (default: the directive's, those)
+  --kv-events PARAMS|on|off     subscribe to the prefill engines' KV cache events
+                                (vLLM --kv-events-config, ZeroMQ): pd_kv_events
+                                PARAMS in the prefill pool, e.g. "port=+1
+                                replay_port=+2" (the engine's HTTP port plus N) or
+                                "port=5557 topic=kv blocks=1m"; on: the defaults
+                                (port 5557); prefix_cache_affinity then routes on
+                                what each engine holds, as prefill_refactor does with
+                                sglang (its prefill servers become prefill_servers'
+                                peers: prefill_servers_upstream); needs --tokenizer,
+                                whose block_size, hash and seed it takes (default off)
 
 nginx process
   -f, --nginx-conf-file FILE    the file written (default dist/conf/global_proxy.conf);
@@ -283,6 +314,9 @@ parse_args() {
             --client-body-buffer-size) need_value "$arg" "$@"; BODY_BUFFER=$1; shift ;;
             --health-check) need_value "$arg" "$@"; HEALTH=$1; HEALTH_GIVEN=1; shift ;;
             --engine-metrics) need_value "$arg" "$@"; ENGINE_METRICS=$1; ENGINE_METRICS_GIVEN=1; shift ;;
+            --tokenizer) need_value "$arg" "$@"; TOKENIZER=$1; shift ;;
+            --tokenizer-params) need_value "$arg" "$@"; TOKENIZER_PARAMS=$1; shift ;;
+            --kv-events) need_value "$arg" "$@"; KV_EVENTS=$1; shift ;;
             --prefill-fallback) need_value "$arg" "$@"; FALLBACK=$1; shift ;;
             -l|--log-file) need_value "$arg" "$@"; LOG_FILE=$1; shift ;;
             --log-level) need_value "$arg" "$@"; LOG_LEVEL=$1; shift ;;
@@ -566,6 +600,7 @@ validate() {
             ENGINE_METRICS=off
         fi
     fi
+    validate_tokenizer
     # With sglang the prefill upstream only serves /v1 (round robin): the
     # completions' prefill server is prefill_refactor's choice.
     if [ "$ENGINE" = vllm ]; then
@@ -594,6 +629,66 @@ validate() {
 }
 
 is_builtin_lb() { [[ " $BUILTIN_LBS " == *" $1 "* ]]; }
+
+# --tokenizer, --tokenizer-params and --kv-events. pd_kv_events keys the
+# engines' blocks as pd_tokenizer keys the prompt's (the balancer ignores the
+# index otherwise), so its block_size, hash and seed are the tokenizer's:
+# given once, in --tokenizer-params.
+validate_tokenizer() {
+    local t
+    if [ -n "$TOKENIZER_PARAMS" ]; then
+        [ -n "$TOKENIZER" ] || bad "--tokenizer-params \"$TOKENIZER_PARAMS\": only with --tokenizer"
+        for t in $TOKENIZER_PARAMS; do
+            [[ $t =~ ^block_size=[0-9]{1,4}$ || $t =~ ^hash=(sha256_cbor|xxhash_cbor)$ \
+                || $t =~ ^seed=[^[:space:]\;\'\"]{1,64}$ || $t =~ ^max_blocks=[0-9]{1,7}$ ]] \
+                || bad "--tokenizer-params \"$TOKENIZER_PARAMS\": \"$t\" is not block_size=, hash=sha256_cbor|xxhash_cbor, seed= or max_blocks= (see pd_tokenizer in README.md)"
+        done
+    fi
+    if [ -n "$TOKENIZER" ]; then
+        [ -d "$TOKENIZER" ] || bad "--tokenizer $TOKENIZER: not a directory"
+        [ -f "$TOKENIZER/tokenizer.json" ] || bad "--tokenizer $TOKENIZER: no tokenizer.json in it (a Hugging Face model directory)"
+        if [ "$ENGINE" = vllm ]; then
+            require_feature tokenizer --tokenizer "$TOKENIZER"
+        else
+            require_feature sglang_tokenizer --tokenizer "$TOKENIZER"
+        fi
+    fi
+    case $KV_EVENTS in
+        off) return 0 ;;
+        on) KV_EVENTS="" ;;
+        *)
+            for t in $KV_EVENTS; do
+                if [[ $t =~ ^(block_size|hash|seed)= ]]; then
+                    bad "--kv-events \"$KV_EVENTS\": \"$t\" belongs in --tokenizer-params (pd_tokenizer and pd_kv_events must key blocks alike)"
+                fi
+                [[ $t =~ ^(port|replay_port)=\+?[0-9]{1,5}$ || $t =~ ^topic=[^[:space:]\;\'\"]{1,256}$ \
+                    || $t =~ ^blocks=[0-9]{1,8}[kKmM]?$ ]] \
+                    || bad "--kv-events \"$KV_EVENTS\": \"$t\" is not port=, replay_port=, topic= or blocks= (see pd_kv_events in README.md), on or off"
+            done ;;
+    esac
+    [ -n "$TOKENIZER" ] \
+        || bad "--kv-events ${KV_EVENTS:-on}: needs --tokenizer (the engines' blocks are matched against the prompt's tokens)"
+    require_feature kv_events --kv-events "${KV_EVENTS:-on}"
+    [ "$ENGINE" = vllm ] || require_feature sglang_upstream --kv-events "${KV_EVENTS:-on}"
+    for t in $TOKENIZER_PARAMS; do
+        [[ $t == max_blocks=* ]] || KV_EVENTS+="${KV_EVENTS:+ }$t"
+    done
+    if [ "$ENGINE" = sglang ] && [ ${#BOOTSTRAP[@]} -gt 1 ]; then
+        # prefill_servers_upstream finds a server's bootstrap port by its
+        # host in the bootstrap= upstream.
+        local -A hosts=()
+        for t in "${PREFILL[@]}"; do
+            [ -z "${hosts[${t%:*}]:-}" ] \
+                || bad "--kv-events ${KV_EVENTS:-on}: with --engine-type sglang and a bootstrap port per prefill server, the prefill servers need hosts of their own (\"${t%:*}\" is listed twice; prefill_servers_upstream finds a bootstrap port by host)"
+            hosts[${t%:*}]=1
+        done
+    fi
+    if [ "$ENGINE" = vllm ] && [ "$PREFILL_LB" != prefix_cache_affinity ]; then
+        printf "%s: warning: --kv-events: only prefix_cache_affinity routes on the engines' KV index, not --prefill-lb-sdk %s (the index is kept and shown by /internal/health)\n" \
+            "$PROG" "$PREFILL_LB" >&2
+    fi
+    KV_EVENTS_ON=1
+}
 
 # Paths become absolute (the configuration must not depend on the directory
 # nginx is started from); no characters that would need nginx quoting.
@@ -632,6 +727,10 @@ used_modules() {
         if [ "$ENGINE" = vllm ]; then used[hold]=1; else used[sglang_hold]=1; fi
     fi
     [ "$ENGINE_METRICS" = off ] || used[engine_metrics]=1
+    [ -z "$KV_EVENTS_ON" ] || used[kv_events]=1
+    if [ -n "$TOKENIZER" ]; then
+        if [ "$ENGINE" = vllm ]; then used[tokenizer]=1; else used[sglang_tokenizer]=1; fi
+    fi
     used[lb:$DECODE_LB]=1
     local -A emitted=()
     while read -r f m d; do
@@ -706,6 +805,10 @@ upstream_block() {
         echo "        # The engine's own queue and KV use, scraped once for every worker."
         echo "        pd_engine_metrics $ENGINE_METRICS;"
     fi
+    if [ -n "$KV_EVENTS_ON" ] && [ "$side" = prefill ]; then
+        echo "        # The blocks each engine holds, from its KV cache events (one subscriber)."
+        echo "        pd_kv_events${KV_EVENTS:+ $KV_EVENTS};"
+    fi
     for s in "$@"; do
         echo "        server $s max_fails=3 fail_timeout=10s;"
     done
@@ -759,6 +862,21 @@ EOF
     [ ${#ENCODE[@]} -eq 0 ] || upstream_block encode_servers "$ENCODE_LB" encode "${ENCODE[@]}"
     if [ "$ENGINE" = vllm ]; then
         upstream_block prefill_servers "$PREFILL_LB" prefill "${PREFILL[@]}"
+    elif [ -n "$KV_EVENTS_ON" ]; then
+        echo "    # prefill_refactor (location below) chooses among these peers, weighing"
+        echo "    # the prompt's blocks each engine holds (pd_kv_events) against load;"
+        echo "    # /v1 (models, …) uses the upstream itself."
+        upstream_block prefill_servers round_robin prefill "${PREFILL[@]}"
+        if [ ${#BOOTSTRAP[@]} -gt 1 ]; then
+            local i
+            echo "    # Each prefill server's bootstrap port, by host (prefill_servers_upstream)."
+            echo "    upstream prefill_bootstrap {"
+            for i in "${!PREFILL[@]}"; do
+                echo "        server ${PREFILL[i]%:*}:${BOOTSTRAP[i]};"
+            done
+            echo "    }"
+            echo
+        fi
     else
         echo "    # Only /v1 (models, …) uses this upstream: the completions' prefill"
         echo "    # server is chosen by prefill_refactor (location below)."
@@ -1011,6 +1129,7 @@ EOF
     [ "$STREAM_OPS" = off ] || echo "            stream_ops $STREAM_OPS;"
     [ "$FALLBACK" = off ] || echo "            prefill_fallback decode;   # a failed prefill: the decode computes the prompt"
     hold_line pd_hold
+    tokenizer_line pd_tokenizer
     [ -z "$ENCODE_LIST" ] || echo "            prefill_encode /encode_internal;"
     echo "            prefill /prefill_internal;"
     cat <<EOF
@@ -1065,6 +1184,14 @@ hold_line() {
     echo "            $1 prefill=prefill_servers:$PREFILL_MAX_SEQS decode=decode_servers:$DECODE_MAX_SEQS queue=$HOLD_QUEUE timeout=$HOLD_TIMEOUT status=$HOLD_STATUS$order;"
 }
 
+# tokenizer_line DIRECTIVE: the completions location's tokenizer, when given.
+tokenizer_line() {
+    [ -n "$TOKENIZER" ] || return 0
+    echo "            # Prompts in the model's tokens (its tokenizer and chat template):"
+    echo "            # their lengths for the balancers, their blocks' keys for prefix routing."
+    echo "            $1 $TOKENIZER${TOKENIZER_PARAMS:+ $TOKENIZER_PARAMS};"
+}
+
 # The same for SGLang's bootstrap P/D (prefill_refactor): the module chooses
 # the prefill server (its host and bootstrap port go into both bodies, with
 # a room), and both legs run at once.
@@ -1082,16 +1209,25 @@ completions_sglang() {
             set_request_id on;
             set_trace_headers_force off;
             prefill_refactor /prefill_internal;
-            prefill_servers_list $plist;
 EOF
+    if [ -n "$KV_EVENTS_ON" ]; then
+        local boot=""
+        [ ${#BOOTSTRAP[@]} -le 1 ] || { boot=" bootstrap=prefill_bootstrap"; ports=""; }
+        echo "            # The prefill servers are prefill_servers' peers, chosen where the"
+        echo "            # engines' KV events say the prompt is cached, weighed against load."
+        echo "            prefill_servers_upstream prefill_servers$boot;"
+    else
+        echo "            prefill_servers_list $plist;"
+    fi
     if [ -n "$ports" ]; then
         echo "            bootstrap_ports_list $ports;"
-    else
+    elif [ ${#BOOTSTRAP[@]} -eq 0 ]; then
         echo "            # bootstrap port: the module's default, 8998, on every prefill server"
     fi
     [ -z "$SGLANG_BALANCE" ] || echo "            prefill_refactor_balance $SGLANG_BALANCE;"
     [ "$HEALTH" = off ] || echo "            prefill_refactor_health prefill_servers;   # its health checks pick the prefill too"
     hold_line prefill_refactor_hold
+    tokenizer_line prefill_refactor_tokenizer
     cat <<EOF
             pd_backend sglang;
             pd_distribution pd_together;
@@ -1275,6 +1411,7 @@ main() {
     check_path_value --modules-dir "$MODULES_DIR"
     check_path_value --log-file "$LOG_FILE"
     check_path_value --access-log-file "$ACCESS_LOG"
+    check_path_value --tokenizer "$TOKENIZER"
     CONF_FILE=$(abs_path "$CONF_FILE")
     if [ "$STOP" = 1 ] || [ "$ROLLBACK" = 1 ]; then
         if [ "$ROLLBACK" = 1 ]; then rollback; else stop_nginx; fi
@@ -1286,6 +1423,8 @@ main() {
     NGINX_BIN=$(abs_path "$NGINX_BIN")
     [ -z "$LOG_FILE" ] || LOG_FILE=$(abs_path "$LOG_FILE")
     [ -z "$ACCESS_LOG" ] || [ "$ACCESS_LOG" = off ] || ACCESS_LOG=$(abs_path "$ACCESS_LOG")
+    [ -z "$TOKENIZER" ] || TOKENIZER=$(abs_path "$TOKENIZER")
+    TOKENIZER=${TOKENIZER%/}
     validate
 
     local content staged running

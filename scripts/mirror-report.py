@@ -21,11 +21,12 @@ import mirror  # noqa: E402  (the same figures as the runs)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = "pdgate/round_robin"
 COLOURS = {"pdgate": "#0072B2", "pdgate-blind": "#7FA7C9", "pdgate-hold": "#CC79A7",
+           "pdgate-tok": "#D55E00", "pdgate-kv": "#8B0000",
            "pdgate-sglang": "#56B4E9", "vllm-router": "#E69F00", "sglang-router": "#009E73"}
 
 
 # Scenarios in reading order (scripts/mirror.py's SCENARIOS).
-ORDER = ["a50", "a80", "a95", "a100", "a110", "a120", "a150", "b", "c", "d", "e"]
+ORDER = ["a50", "a80", "a95", "a100", "a110", "a120", "a150", "b", "c", "ct", "d", "e"]
 
 
 def run_doc(d, run):
@@ -183,8 +184,9 @@ def lines_svg(title, series, xlabel, ylabel):
 def order(rows):
     def key(r):
         f = family(r["router"])
-        return (r["router"] != BASE, ["pdgate", "pdgate-blind", "pdgate-hold", "pdgate-sglang", "vllm-router",
-                                      "sglang-router"].index(f), r["router"])
+        return (r["router"] != BASE, ["pdgate", "pdgate-blind", "pdgate-hold", "pdgate-tok", "pdgate-kv",
+                                      "pdgate-sglang", "vllm-router", "sglang-router"].index(f),
+                r["router"])
     return sorted(rows, key=key)
 
 
@@ -213,7 +215,9 @@ def main(argv):
           + (f"; {cfg['proxies']} nginx instances on one port (reuseport), sharing nothing but "
              f"the engines" if cfg.get("proxies", 1) > 1 else "")
           + "), the named balancer on both pools (`pdgate-blind/`: without the engines' "
-          "`/metrics`, `--engine-metrics off`). "
+          "`/metrics`, `--engine-metrics off`; `pdgate-tok/`: prompts counted and keyed in the model's "
+          "tokens, `--tokenizer`; `pdgate-kv/`: that and the prefill engines' KV cache events, "
+          "`--kv-events`, in the scenarios whose engines tokenize). "
           f"vllm-router {v.get('vllm-router')} and sglang-router {v.get('sglang-router')} from PyPI, "
           f"P/D mode, the named policy on both pools; pdgate at {v.get('pdgate')}. The same seeded "
           f"requests (pd-bench, streaming chat, seeds {', '.join(cfg['seeds'])}) for every router, "

@@ -29,6 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIST = os.path.join(ROOT, "dist")
 VENV = os.path.join(ROOT, ".venv-bench", "bin")
 P_BASE, D_BASE, SIDE_OFFSET, ROUTER_PORT = 18710, 18730, 1000, 18790
+# A prefill engine's KV event ports (tokenized scenarios): its HTTP port
+# plus these (PUB, ROUTER for replays).
+KV_EVENTS_OFFSET, KV_REPLAY_OFFSET = 40, 50
+# The model of the tokenized scenarios (./build.sh writes it): a BPE trained
+# on the repository's docs and a ChatML template.
+MODEL_DIR = os.path.join(DIST, "share", "test-model")
 
 # --- the routers ------------------------------------------------------------
 
@@ -42,6 +48,14 @@ PDGATE_LBS = ["round_robin", "least_conn", "least_total_load", "weighted_least_a
 # ("prefill decode" requests in flight, default "16 256"), answered 503
 # after MIRROR_HOLD_TIMEOUT of real time (default 1s), released in
 # MIRROR_HOLD_ORDER (fifo or spf, default fifo).
+# pdgate-tok/<lb>: the proxy counts and keys prompts in the model's tokens
+# (--tokenizer: pd_tokenizer); prefix_cache_affinity's own index is then
+# keyed on token blocks. pdgate-kv/<lb>: the same plus the prefill engines'
+# KV cache events (--kv-events: pd_kv_events), so prefix_cache_affinity
+# routes on what each engine reports holding. Both only in scenarios whose
+# engines tokenize (options "tokenizer"): otherwise the proxy's tokens are
+# not the engines'.
+TOKENIZED_FAMILIES = ("pdgate-tok", "pdgate-kv")
 # prefill_refactor's choices (SGLang mode); least_active is its default.
 PDGATE_SGLANG = ["least_active", "least_total_load", "weighted_least_active",
                  "auto_balance_controller", "prefill_score_balance", "pd_score_balance"]
@@ -55,6 +69,7 @@ SGLANG_ROUTER = ["round_robin", "random", "power_of_two", "cache_aware", "bucket
 def all_routers():
     return ([f"pdgate/{x}" for x in PDGATE_LBS] + [f"pdgate-blind/{x}" for x in PDGATE_LBS]
             + [f"pdgate-hold/{x}" for x in PDGATE_LBS]
+            + [f"{f}/{x}" for f in TOKENIZED_FAMILIES for x in PDGATE_LBS]
             + [f"pdgate-sglang/{x}" for x in PDGATE_SGLANG]
             + [f"vllm-router/{x}" for x in VLLM_ROUTER]
             + [f"sglang-router/{x}" for x in SGLANG_ROUTER])
@@ -92,6 +107,17 @@ SCENARIOS = {
           SHAREGPT + ["--prefix-groups", "16", "--users-per-group", "16", "--turns", "4",
                       "--prefix-tokens", "1024", "--prefix-tokens-max", "4096"],
           0.80, {"cached": True}),
+    # c as the model sees it: every engine of every run counts prompts with
+    # the model's tokenizer and chat template (engine-sim --tokenizer), the
+    # prefills publish their KV events (each with its own random hash seed,
+    # as vLLM without PYTHONHASHSEED), and the load is set from the
+    # tokenized lengths (pd-bench --predict-capacity --tokenizer). A
+    # scenario of its own so that c's recorded figures stay comparable.
+    "ct": ("prefix-heavy as c, prompts in the model's tokens (test model: BPE + ChatML), "
+           "at 80 % of the capacity with a perfect prefix cache",
+           SHAREGPT + ["--prefix-groups", "16", "--users-per-group", "16", "--turns", "4",
+                       "--prefix-tokens", "1024", "--prefix-tokens-max", "4096"],
+           0.80, {"cached": True, "tokenizer": True}),
     "d": ("heterogeneous: one prefill and one decode 2.5x slower, at 90 %",
           SHAREGPT, 0.90, {"slow": 0.4}),
     "e": ("bursty: on/off arrivals (on 4 s, off 4 s of real time), 70 % on average",
@@ -103,9 +129,11 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def predict(flags, prefills, decodes, slow):
-    """Predicted capacity (req/s, model time) of the cluster for `flags`."""
-    out = subprocess.run([f"{DIST}/bin/pd-bench", "--predict-capacity", *flags],
+def predict(flags, prefills, decodes, slow, tokenized=False):
+    """Predicted capacity (req/s, model time) of the cluster for `flags`
+    (prompts counted with the model's tokenizer when `tokenized`)."""
+    tok = ["--tokenizer", MODEL_DIR] if tokenized else []
+    out = subprocess.run([f"{DIST}/bin/pd-bench", "--predict-capacity", *flags, *tok],
                          check=True, capture_output=True, text=True).stdout
     p = json.loads(out)
     # Engine speeds: the first of each role at `slow` of the others'.
@@ -126,10 +154,10 @@ class Run:
     def __init__(self, work):
         self.work, self.procs, self.nginx_dirs = work, [], []
 
-    def spawn(self, args, log_name):
+    def spawn(self, args, log_name, env=None):
         f = open(os.path.join(self.work, log_name), "ab")
         self.procs.append(subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT,
-                                           start_new_session=True))
+                                           start_new_session=True, env=env))
         f.close()
 
     def stop(self):
@@ -176,14 +204,25 @@ def ports(n, base):
     return [base + i for i in range(n)]
 
 
-def start_cluster(run, engine, prefills, decodes, scale, slow):
+def start_cluster(run, engine, prefills, decodes, scale, slow, tokenized=False):
+    """`tokenized`: every engine counts prompts with the model's tokenizer,
+    and the prefills publish their KV cache events (whoever listens)."""
+    # No PYTHONHASHSEED: each engine hashes its blocks from a seed of its
+    # own, unknown to the proxy, as vLLM does without it.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
     for role, base, n in (("prefill", P_BASE, prefills), ("decode", D_BASE, decodes)):
         for i, port in enumerate(ports(n, base)):
             s = scale * slow if (slow and i == 0) else scale
-            run.spawn([f"{DIST}/bin/engine-sim", "--role", role, "--engine", engine,
-                       "--port", str(port), "--kv-port", str(port + SIDE_OFFSET),
-                       "--time-scale", f"{s:.6g}", "--kv-hold-ms", "600000",
-                       "--bootstrap-timeout-ms", "600000", "--quiet"], "engines.log")
+            args = [f"{DIST}/bin/engine-sim", "--role", role, "--engine", engine,
+                    "--port", str(port), "--kv-port", str(port + SIDE_OFFSET),
+                    "--time-scale", f"{s:.6g}", "--kv-hold-ms", "600000",
+                    "--bootstrap-timeout-ms", "600000", "--quiet"]
+            if tokenized:
+                args += ["--tokenizer", MODEL_DIR]
+                if role == "prefill":
+                    args += ["--kv-events-port", str(port + KV_EVENTS_OFFSET),
+                             "--kv-replay-port", str(port + KV_REPLAY_OFFSET)]
+            run.spawn(args, "engines.log", env)
     for port in ports(prefills, P_BASE) + ports(decodes, D_BASE):
         if not wait_http(f"http://127.0.0.1:{port}/health"):
             raise RuntimeError(f"engine-sim on {port} did not come up")
@@ -217,7 +256,7 @@ def start_router(run, router, prefills, decodes, workers, proxies=1):
 
 
 def start_one(run, family, policy, pp, dp, workers, k):
-    if family in ("pdgate", "pdgate-blind", "pdgate-hold", "pdgate-sglang"):
+    if family in ("pdgate", "pdgate-blind", "pdgate-hold", "pdgate-sglang") + TOKENIZED_FAMILIES:
         d = os.path.join(run.work, f"nginx{k or ''}")
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(os.path.join(d, "logs"))
@@ -226,8 +265,13 @@ def start_one(run, family, policy, pp, dp, workers, k):
                 f"{DIST}/modules", "--listen-address", "127.0.0.1", "-p", str(ROUTER_PORT),
                 "-c", str(workers), "-s", "0", "--prefill-servers-list", addr_list(pp),
                 "--decode-servers-list", addr_list(dp)]
-        if family in ("pdgate", "pdgate-blind", "pdgate-hold"):
+        if family in ("pdgate", "pdgate-blind", "pdgate-hold") + TOKENIZED_FAMILIES:
             args += ["--prefill-lb-sdk", policy, "--decode-lb-sdk", policy]
+            if family in TOKENIZED_FAMILIES:
+                args += ["--tokenizer", MODEL_DIR]
+            if family == "pdgate-kv":
+                args += ["--kv-events",
+                         f"port=+{KV_EVENTS_OFFSET} replay_port=+{KV_REPLAY_OFFSET}"]
             if family == "pdgate-blind":
                 args += ["--engine-metrics", "off"]
             if family == "pdgate-hold":
@@ -410,9 +454,13 @@ def main():
     else:
         # Every router at a95; of the pdgate-blind ones, the core's.
         plan = {"a95": [r for r in all_routers()
-                        if not r.startswith(("pdgate-blind/", "pdgate-hold/")) or r in core]}
+                        if not r.startswith(("pdgate-blind/", "pdgate-hold/", "pdgate-tok/",
+                                             "pdgate-kv/")) or r in core]}
         for s in ("a50", "a80", "a110", "b", "c", "d", "e"):
             plan[s] = core
+        # The tokenized twin of c: the core, and prefix_cache_affinity
+        # keyed on tokens, then on the engines' KV events.
+        plan["ct"] = core + ["pdgate-tok/prefix_cache_affinity", "pdgate-kv/prefix_cache_affinity"]
     if os.environ.get("MIRROR_SCENARIOS"):
         names = os.environ["MIRROR_SCENARIOS"].split()
         plan = {s: plan.get(s, core) for s in names}
@@ -426,6 +474,9 @@ def main():
         for r in rs:
             if r not in all_routers():
                 sys.exit(f"mirror: unknown router {r} (known: {' '.join(all_routers())})")
+            if r.split("/")[0] in TOKENIZED_FAMILIES and not SCENARIOS[s][3].get("tokenizer"):
+                sys.exit(f"mirror: {r} needs engines that tokenize, scenario {s} has none "
+                         f"(tokenized: {' '.join(k for k, v in SCENARIOS.items() if v[3].get('tokenizer'))})")
         if not is_baseline(rs[0]) and "pdgate/round_robin" not in rs:
             rs.insert(0, "pdgate/round_robin")
     shutil.rmtree(out, ignore_errors=True)
@@ -446,7 +497,8 @@ def main():
     for name, routers in plan.items():
         desc, flags, load, opt = SCENARIOS[name]
         slow = opt.get("slow")
-        p, pspeed, dspeed = predict(flags, prefills, decodes, slow)
+        tokenized = bool(opt.get("tokenizer"))
+        p, pspeed, dspeed = predict(flags, prefills, decodes, slow, tokenized)
         cap, pre_cap, dec_cap = capacity(p, pspeed, dspeed, opt.get("cached"))
         rate_model = load * cap
         # The time scale puts the cluster's capacity at host_rps of real time
@@ -457,7 +509,7 @@ def main():
             "description": desc, "flags": flags, "load": load, "prediction": p,
             "capacity": cap, "prefill_capacity": pre_cap, "decode_capacity": dec_cap,
             "rate_model": rate_model, "time_scale": scale, "rate_real": rate,
-            "routers": routers}
+            "routers": routers, "tokenized": tokenized}
         log(f"\n{name}: {desc}\n  predicted capacity {cap:.1f} req/s (prefill {pre_cap:.1f}, "
             f"decode {dec_cap:.1f}); {rate_model:.1f} req/s of model time; time scale "
             f"{scale:.4g}, {rate:.2f} req/s real")
@@ -467,7 +519,8 @@ def main():
                 run = Run(work)
                 label = f"{name}-{router.replace('/', '-')}-s{seed}"
                 try:
-                    start_cluster(run, engine_of(router), prefills, decodes, scale, slow)
+                    start_cluster(run, engine_of(router), prefills, decodes, scale, slow,
+                                  tokenized)
                     start_router(run, router, prefills, decodes, workers, proxies)
                     bench = [f"{DIST}/bin/pd-bench", "--url", f"http://127.0.0.1:{ROUTER_PORT}",
                              "--rate", f"{rate:.6g}", "--duration", f"{seconds:g}",

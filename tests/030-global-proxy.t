@@ -18,6 +18,7 @@ use Test::More;
 my $GOLDEN = "$FindBin::Bin/golden/global_proxy";
 my $DIST   = dist();
 my $NGINX  = "$DIST/sbin/nginx";
+my $MODEL  = "$DIST/share/test-model";     # ./build.sh writes it
 my $SERVERS = '--prefill-servers-list 10.0.0.1:8100,10.0.0.2:8100 --decode-servers-list 10.0.0.3:8200,10.0.0.4:8200';
 
 # Modules not on main yet when this test was written: cases using them fail
@@ -44,6 +45,21 @@ my @CASES = (
     [ 'engine-metrics-model' => '--engine-metrics "interval=500ms timeout=500ms uri=/m model=llama kv_high=90"'
         . ' --prefill-lb-sdk earliest_start --decode-lb-sdk earliest_start --decode-max-num-seqs 128' ],
     [ 'prefill-fallback' => '--prefill-fallback decode' ],
+    # The model's tokenizer in the proxy; the prefill engines' KV events
+    # keyed with the same block_size, hash and seed.
+    [ 'tokenizer' => "--tokenizer $MODEL" ],
+    [ 'tokenizer-kv-events' => '--prefill-lb-sdk prefix_cache_affinity --decode-lb-sdk least_total_load'
+        . " --tokenizer $MODEL/ --tokenizer-params 'block_size=32 hash=xxhash_cbor seed=42 max_blocks=4096'"
+        . " --kv-events 'port=+1 replay_port=+2 topic=kv blocks=1m'" ],
+    [ 'kv-events-on' => "--prefill-lb-sdk prefix_cache_affinity --tokenizer $MODEL --kv-events on" ],
+    # SGLang: prefill_refactor chooses among the prefill upstream's peers,
+    # by the KV index there; one bootstrap port, or one per host.
+    [ 'sglang-kv-events' => "--engine-type sglang --tokenizer $MODEL --kv-events 'port=+1 replay_port=+2'" ],
+    [ 'sglang-kv-events-bootstrap-each' => "--engine-type sglang --bootstrap-port 9000,9001 --decode-lb-sdk least_total_load"
+        . " --tokenizer $MODEL --kv-events port=5557 --health-check off" ],
+    [ 'sglang-kv-events-bootstrap-one' => "--engine-type sglang --bootstrap-port 9000 --tokenizer $MODEL --kv-events on" ],
+    [ 'sglang-tokenizer' => "--engine-type sglang --prefill-lb-sdk least_total_load --tokenizer $MODEL"
+        . " --tokenizer-params block_size=16" ],
     [ 'health-fast' => '--health-check "interval=500ms timeout=200ms fails=3 passes=2 uri=/ping"' ],
     [ 'internal-metrics-stream-ops' => '--enable-internal-metrics 1m --stream-ops set_opt'
         . ' --prefill-lb-sdk pd_score_balance --decode-lb-sdk pd_score_balance' ],
@@ -106,6 +122,12 @@ my $NO_OPS = fake_build('no-ops',
 my $WITH_OPS = fake_build('with-ops',
     ngx_http_set_request_id_module => ['set_request_id'],
     ngx_http_prefill_module => [qw(prefill stream_ops pd_metrics prefill_encode)]);
+# A prefill module with pd_tokenizer, a prefill_refactor without its
+# tokenizer, and no health module (no pd_kv_events).
+my $NO_HEALTH = fake_build('no-health',
+    ngx_http_set_request_id_module => ['set_request_id'],
+    ngx_http_prefill_module => [qw(prefill pd_tokenizer)],
+    ngx_http_prefill_refactor_module => [qw(prefill_refactor)]);
 # "prefill_encode" only inside longer strings: not a directive.
 my $NO_ENCODE = fake_build('no-encode',
     ngx_http_set_request_id_module => ['set_request_id'],
@@ -170,6 +192,18 @@ my @BAD = (
     [ "$SERVERS --hold-queue 5000" => qr/^--hold-queue 5000: not a number from 1 to 4096/ ],
     [ "$SERVERS --hold-timeout 0s" => qr/^--hold-timeout 0s: not a positive time/ ],
     [ "$SERVERS --engine-metrics kv=9" => qr/^--engine-metrics "kv=9": "kv=9" is not interval=, timeout=, uri=, port=, model= or kv_high=/ ],
+    [ "$SERVERS --tokenizer /nonexistent/model" => qr/^--tokenizer \/nonexistent\/model: not a directory$/ ],
+    [ "$SERVERS --tokenizer $FindBin::Bin" => qr/^--tokenizer \Q$FindBin::Bin\E: no tokenizer\.json in it \(a Hugging Face model directory\)$/ ],
+    [ "$SERVERS --tokenizer-params block_size=16" => qr/^--tokenizer-params "block_size=16": only with --tokenizer$/ ],
+    [ "$SERVERS --tokenizer $MODEL --tokenizer-params 'block_size=16 hash=sha256'" => qr/^--tokenizer-params "block_size=16 hash=sha256": "hash=sha256" is not block_size=, hash=sha256_cbor\|xxhash_cbor, seed= or max_blocks=/ ],
+    [ "$SERVERS $LC --health-check off --tokenizer $MODEL --modules-dir $NO_OPS" => qr/^--tokenizer \Q$MODEL\E: not available in this build \(ngx_http_prefill_module\.so has no "pd_tokenizer" directive\)$/ ],
+    [ "$SERVERS --engine-type sglang --decode-lb-sdk least_conn --health-check off --tokenizer $MODEL --modules-dir $NO_HEALTH" => qr/^--tokenizer \Q$MODEL\E: not available in this build \(ngx_http_prefill_refactor_module\.so has no "prefill_refactor_tokenizer" directive\)$/ ],
+    [ "$SERVERS --prefill-lb-sdk prefix_cache_affinity --kv-events on" => qr/^--kv-events on: needs --tokenizer \(the engines' blocks are matched against the prompt's tokens\)$/ ],
+    [ "$SERVERS --tokenizer $MODEL --kv-events 'port=+1 seed=7'" => qr/^--kv-events "port=\+1 seed=7": "seed=7" belongs in --tokenizer-params \(pd_tokenizer and pd_kv_events must key blocks alike\)$/ ],
+    [ "$SERVERS --tokenizer $MODEL --kv-events port=next" => qr/^--kv-events "port=next": "port=next" is not port=, replay_port=, topic= or blocks=/ ],
+    [ '--prefill-servers-list 10.0.0.1:8100,10.0.0.1:8101 --decode-servers-list 10.0.0.3:8200 --engine-type sglang --bootstrap-port 9000,9001'
+        . " --tokenizer $MODEL --kv-events port=+1" => qr/^--kv-events port=\+1: with --engine-type sglang and a bootstrap port per prefill server, the prefill servers need hosts of their own \("10\.0\.0\.1" is listed twice; prefill_servers_upstream finds a bootstrap port by host\)$/ ],
+    [ "$SERVERS $LC --health-check off --tokenizer $MODEL --kv-events on --modules-dir $NO_HEALTH" => qr/^--kv-events on: not available in this build \(\Q$NO_HEALTH\E\/ngx_http_upstream_pd_health_module\.so not found\)$/ ],
     [ "$SERVERS --log-level verbose" => qr/^--log-level verbose: not debug, info/ ],
     [ "$SERVERS --log-file 'a;b'" => qr/^--log-file a;b: path has characters/ ],
     [ "$SERVERS --nginx-bin /nonexistent/nginx" => qr/^--nginx-bin \/nonexistent\/nginx: not an executable/ ],
@@ -216,6 +250,18 @@ subtest 'sglang: a balancer with a policy picks the prefill server; others are n
     ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp2.conf --prefix $tmp $SERVERS --engine-type sglang");
     is($err, '', 'no warning without the flag');
     unlike(slurp("$tmp/gp2.conf") // '', qr/prefill_refactor_balance/, 'the module default (least active) without it');
+};
+
+subtest '--kv-events with a prefill balancer that does not read the index: written, with a warning' => sub {
+    my $tmp = tempdir(CLEANUP => 1);
+    my ($rc, $out, $err) = run_gp("-d -c 1 -f $tmp/gp.conf --prefix $tmp $SERVERS --prefill-lb-sdk least_total_load"
+        . " --tokenizer $MODEL --kv-events port=+1");
+    is($rc, 0, 'written') or diag($err);
+    is($err, "global_proxy.sh: warning: --kv-events: only prefix_cache_affinity routes on the engines' KV index,"
+        . " not --prefill-lb-sdk least_total_load (the index is kept and shown by /internal/health)\n", 'one warning');
+    my $conf = slurp("$tmp/gp.conf") // '';
+    like($conf, qr/^        pd_kv_events port=\+1;$/m, 'in the prefill pool');
+    is(() = $conf =~ /pd_kv_events/g, 1, 'and only there');
 };
 
 subtest '--dry-run writes the configuration and nothing else' => sub {
@@ -279,7 +325,7 @@ subtest '--help lists every flag' => sub {
                      --prefill-lb-sdk --decode-lb-sdk --encode-lb-sdk --prefill-max-num-seqs --decode-max-num-seqs
                      --engine-type --bootstrap-port --enable-internal-metrics
                      --enable-attention-ffn-disaggregation --attention-num --stream-ops
-                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --prefill-fallback --hold --hold-queue --hold-timeout --hold-status --hold-order
+                     --client-body-buffer-size --log-file -l --log-level --access-log-file --access-log-buffer --health-check --engine-metrics --tokenizer --tokenizer-params --kv-events --prefill-fallback --hold --hold-queue --hold-timeout --hold-status --hold-order
                      --dry-run -d --stop -S --rollback -R --help -h --modules-dir --nginx-bin
                      --prefix --listen-address)) {
         like($out, qr/(^|[\s,])\Q$flag\E\b/m, $flag);

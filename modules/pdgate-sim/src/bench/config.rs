@@ -86,6 +86,12 @@ Workload (tokens; a prompt of N tokens is 4N bytes of words, the shared rule)
 Report
   --profile FILE         engine profile for the ideal TTFT (key = value lines;
                          see docs/engine-sim.md) [built-in h100-llama3-8b]
+  --tokenizer DIR        the engines' model directory (tokenizer.json, chat
+                         template; engine-sim --tokenizer): --predict-capacity
+                         counts each prompt in its tokens as the engines will,
+                         not by the shared 4-bytes rule
+  --predict-capacity     print what one prefill and one decode engine of the
+                         profile sustain for this workload (JSON) and exit
   --slo-ttft-ms X        goodput: TTFT at most X ms
   --slo-tpot-ms X        goodput: TPOT at most X ms
   --json FILE            write config, summary and per-request records
@@ -124,6 +130,8 @@ pub struct Config {
     pub prefix: Option<Prefix>,
     pub profile_path: Option<String>,
     pub profile: Profile,
+    /// `--tokenizer`: the model directory prompts are counted with.
+    pub tokenizer: Option<String>,
     pub slo: Slo,
     pub json: Option<String>,
     pub label: Option<String>,
@@ -210,6 +218,7 @@ pub fn parse(args: &[String]) -> Result<Command, String> {
                     | "long-min"
                     | "long-max"
                     | "profile"
+                    | "tokenizer"
                     | "slo-ttft-ms"
                     | "slo-tpot-ms"
                     | "json"
@@ -479,6 +488,7 @@ fn build(raw: &[(String, String)]) -> Result<Config, String> {
         prefix,
         profile_path,
         profile,
+        tokenizer: get("--tokenizer").map(str::to_owned),
         slo: Slo { ttft_ms: opt_pos("--slo-ttft-ms")?, tpot_ms: opt_pos("--slo-tpot-ms")? },
         json: get("--json").map(str::to_owned),
         label: get("--label").map(str::to_owned),
@@ -532,6 +542,7 @@ impl Config {
             "lengths": self.lengths.to_json(),
             "prefix_groups": prefix,
             "profile": {"name": self.profile.name, "file": self.profile_path},
+            "tokenizer": self.tokenizer,
             "slo": {"ttft_ms": self.slo.ttft_ms, "tpot_ms": self.slo.tpot_ms},
             "headers": header_names,
             "extra_body": self.extra_body,
