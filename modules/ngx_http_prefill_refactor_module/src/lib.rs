@@ -35,7 +35,7 @@ use pdgate_glue::core::balance::fails::{
     parse_duration_ms, FailWindow, DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_MAX_FAILS,
 };
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
-use pdgate_glue::core::balance::{precise_prefix, PeerView, Policy, PCA_BATCH_SIZE};
+use pdgate_glue::core::balance::{precise_prefix, uncached, PeerView, Policy, PCA_BATCH_SIZE};
 use pdgate_glue::core::bootstrap::{
     self, bootstrap_members, bootstrap_port, bootstrap_port_of, check_ports, check_request,
     least_active, leg_plan, parse_backend, parse_distribution, parse_ports, parse_servers,
@@ -436,6 +436,8 @@ struct Chosen {
     slot: Option<usize>,
     /// Tokens counted on the slot (released with it).
     tokens: u64,
+    /// Its cost there: the tokens the engine computes (precise choice).
+    cost: u64,
 }
 
 /// The module's per-request state: its choices. The driver releases the
@@ -456,7 +458,7 @@ impl Choices {
         let c = if leg == Legs::PREFILL { self.p.as_mut() } else { self.d.as_mut() };
         if let Some(c) = c {
             if let (Some(i), Some(t)) = (c.slot.take(), zone_table(self.zone.as_ref())) {
-                t.release(i, c.tokens, 0);
+                t.release(i, c.tokens, c.cost);
             }
         }
     }
@@ -735,25 +737,23 @@ fn choose(
         .iter()
         .map(|s| table.and_then(|t| t.find_or_claim(peer_key(role, s.addr.as_bytes()))))
         .collect();
-    let load: Vec<(u64, u64)> = slots
+    let load: Vec<(u64, u64, u64)> = slots
         .iter()
         .map(|s| match (table, s) {
-            (Some(t), Some(i)) => {
-                let (requests, tokens, _) = t.load(*i);
-                (requests, tokens)
-            }
-            _ => (0, 0),
+            (Some(t), Some(i)) => t.load(*i),
+            _ => (0, 0, 0),
         })
         .collect();
     let ok = |i: usize| eligible.get(i).copied().unwrap_or(false);
     let views = || -> Vec<PeerView> {
         load.iter()
             .enumerate()
-            .map(|(i, &(requests, tokens))| PeerView {
+            .map(|(i, &(requests, tokens, cost))| PeerView {
                 available: ok(i),
                 weight: 1,
                 requests,
                 tokens,
+                cost,
                 ..PeerView::default()
             })
             .collect()
@@ -768,10 +768,11 @@ fn choose(
         (None, Some(p)) => p.choose(&views(), tokens, tie)?,
     };
     let slot = slots.get(i).copied().flatten();
+    let cost = how.cached.map_or(0, |c| uncached(tokens, c.get(i).copied().unwrap_or(0)));
     if let (Some(t), Some(s)) = (table, slot) {
-        t.acquire(s, tokens, 0);
+        t.acquire(s, tokens, cost);
     }
-    Some((i, Chosen { addr: list.get(i)?.addr.clone(), slot, tokens }))
+    Some((i, Chosen { addr: list.get(i)?.addr.clone(), slot, tokens, cost }))
 }
 
 /// Which of a request's choices a variable shows.

@@ -397,12 +397,18 @@ pub fn prefix_cache_affinity(
 /// prefix_cache_affinity fed by the engines' KV events (`pd_kv_events`
 /// and `pd_tokenizer`): `cached[i]` tokens of this prompt are in peer `i`'s
 /// prefix cache, as its own events say. The peer that would be done with
-/// the prompt first wins: the tokens in flight there (with the engine's own
-/// queue, see [`blend_engine`]) plus the prompt's tokens it does not hold,
-/// per unit of weight; fewer requests, then chance, break ties. Peers more
-/// than `batch` requests beyond the least busy one are left out: the guard
-/// against the "hot engine" spiral of cache-aware routing, where a popular
-/// prefix draws every request to the one engine that holds it.
+/// the prompt first wins: the prompt tokens its engine still has to compute
+/// for the requests in flight there (each placed request counts its tokens
+/// that were not cached where it went: its `cost`, see [`uncached`]) plus
+/// this prompt's tokens it does not hold, per unit of weight; fewer
+/// requests, then chance, break ties. Peers more than `batch` requests
+/// beyond the least busy one (with the engines' own queues, see
+/// [`blend_engine`]) are left out: the guard against the "hot engine"
+/// spiral of cache-aware routing, where a popular prefix draws every
+/// request to the one engine that holds it. (Counting whole prompts in
+/// flight instead made one request on the engine holding a long prefix
+/// outweigh the prefix, and the policy spread like least-load:
+/// docs/prefix-routing.md.)
 pub fn precise_prefix(
     peers: &[PeerView],
     tokens: u64,
@@ -416,10 +422,10 @@ pub fn precise_prefix(
     }
     let least = peers.iter().filter(|p| p.available).map(|p| p.requests).min()?;
     for (i, p) in peers.iter().enumerate() {
-        let hit = cached.get(i).copied().unwrap_or(0).min(tokens);
+        let hit = cached.get(i).copied().unwrap_or(0);
         v[i] = PeerView {
             available: p.available && p.requests <= least + batch.max(1),
-            cost: p.tokens.saturating_add(tokens - hit),
+            cost: p.cost.saturating_add(uncached(tokens, hit)),
             ..*p
         };
     }
@@ -430,6 +436,12 @@ pub fn precise_prefix(
         );
         ca.cmp(&cb).then(a.requests.cmp(&b.requests))
     })
+}
+
+/// The tokens of a prompt of `tokens` an engine holding `cached` of them
+/// computes: what a precise placement counts as its cost in flight.
+pub fn uncached(tokens: u64, cached: u64) -> u64 {
+    tokens - cached.min(tokens)
 }
 
 /// A policy chosen by name where a module balances its own server list

@@ -214,18 +214,24 @@ fn prefix_cache_affinity_follows_the_cache_until_loads_diverge() {
 
 #[test]
 fn precise_prefix_weighs_cached_tokens_against_load() {
-    let p = [peer(2, 3000), peer(2, 3000), peer(0, 0)];
-    // 2,000 of 2,400 prompt tokens cached on peer 1: it wins over the
-    // idle peer 2 (3,000 + 400 < 0 + 2,400 is false, so 2 wins)...
+    // In flight: requests, and the prompt tokens still to compute (cost).
+    let busy = |requests: u64, uncached: u64| PeerView { cost: uncached, ..peer(requests, 0) };
+    // 2,000 of 2,400 prompt tokens cached on peer 1, which computes 3,000
+    // more: the idle peer 2 is done first (2,400 < 3,400).
+    let p = [busy(2, 3000), busy(2, 3000), busy(0, 0)];
     assert_eq!(precise_prefix(&p, 2400, &[0, 2000, 0], 16, 0), Some(2));
-    // ...unless peer 1's queue is short enough to pay for the rest.
-    let p = [peer(1, 500), peer(1, 500), peer(0, 0)];
+    // Requests in flight whose prompts were cached cost little: the holder
+    // keeps the conversation (400 + 400 < 2,400).
+    let p = [busy(3, 6000), busy(3, 400), busy(0, 0)];
     assert_eq!(precise_prefix(&p, 2400, &[0, 2000, 0], 16, 0), Some(1));
     // Nothing cached: the least work.
     assert_eq!(precise_prefix(&p, 2400, &[0, 0, 0], 16, 0), Some(2));
+    // Whole prompts in flight do not count, what they compute does.
+    let p = [PeerView { tokens: 50_000, ..busy(1, 100) }, busy(0, 0)];
+    assert_eq!(precise_prefix(&p, 8000, &[8000, 0], 16, 0), Some(0));
     // The hot-engine guard: a holder more than `batch` requests beyond
     // the least busy peer is not taken, however much it holds.
-    let p = [peer(5, 100), peer(0, 4000)];
+    let p = [busy(5, 100), busy(0, 4000)];
     assert_eq!(precise_prefix(&p, 8000, &[8000, 0], 16, 0), Some(0));
     assert_eq!(precise_prefix(&p, 8000, &[8000, 0], 4, 0), Some(1));
     // Unavailable peers never; none available: none.
@@ -234,6 +240,7 @@ fn precise_prefix_weighs_cached_tokens_against_load() {
     assert_eq!(precise_prefix(&q, 100, &[100, 0], 16, 0), Some(1));
     q[1].available = false;
     assert_eq!(precise_prefix(&q, 100, &[100, 0], 16, 0), None);
+    assert_eq!((uncached(100, 30), uncached(100, 300)), (70, 0));
 }
 
 #[test]

@@ -411,7 +411,7 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
             decide::<MAX_PEERS>(rrp, peers, &z, &up, &engine_of, now_ms, b, pd)
         };
         drop(guard);
-        let Some(Decision { c, view, affinity, npending }) = decided else {
+        let Some(Decision { c, view, affinity, npending, block_tokens }) = decided else {
             return delegate(pc);
         };
         // Let the wrapped get take exactly `c`: everything else looks tried.
@@ -433,6 +433,11 @@ unsafe fn get(pc: *mut ngx_peer_connection_t, pd: &mut PeerData) -> ngx_int_t {
         }
         if took {
             let slot = up.peer_slots.get(c).copied().unwrap_or(usize::MAX);
+            if block_tokens > 0 {
+                // A precise placement counts what the engine will compute.
+                pd.cost =
+                    pdgate_core::balance::uncached(pd.tokens, u64::from(affinity) * block_tokens);
+            }
             z.slots.acquire(slot, pd.tokens, pd.cost);
             pd.slot = slot;
             if let Some(e) = engine_of.get(c).and_then(|e| e.as_ref()) {
@@ -519,6 +524,9 @@ struct Decision {
     view: PeerView,
     affinity: u32,
     npending: usize,
+    /// Tokens per block of `affinity` when the engines' KV index decided
+    /// (0: not used).
+    block_tokens: u64,
 }
 
 /// Builds the views of the upstream's `n ≤ N` peers (`up.peer_slots`),
@@ -597,7 +605,13 @@ unsafe fn decide<const N: usize>(
     };
     let c = (b.choose)(&views[..n], &req)?;
     let view = *views.get(c)?;
-    Some(Decision { c, view, affinity: req.affinity.get(c).copied().unwrap_or(0), npending })
+    Some(Decision {
+        c,
+        view,
+        affinity: req.affinity.get(c).copied().unwrap_or(0),
+        npending,
+        block_tokens,
+    })
 }
 
 /// With the engines' KV index of the upstream (`pd_kv_events`) and a
