@@ -35,7 +35,7 @@ use pdgate_glue::core::balance::fails::{
     parse_duration_ms, FailWindow, DEFAULT_FAIL_TIMEOUT_MS, DEFAULT_MAX_FAILS,
 };
 use pdgate_glue::core::balance::slots::{peer_key, SlotTable};
-use pdgate_glue::core::balance::{precise_prefix, uncached, PeerView, Policy, PCA_BATCH_SIZE};
+use pdgate_glue::core::balance::{precise_affinity, uncached, PeerView, Policy, PCA_BATCH_SIZE};
 use pdgate_glue::core::bootstrap::{
     self, bootstrap_members, bootstrap_port, bootstrap_port_of, check_ports, check_request,
     least_active, leg_plan, parse_backend, parse_distribution, parse_ports, parse_servers,
@@ -759,7 +759,7 @@ fn choose(
             .collect()
     };
     let i = match (how.cached, how.policy) {
-        (Some(cached), _) => precise_prefix(&views(), tokens, cached, PCA_BATCH_SIZE, tie)?,
+        (Some(cached), _) => precise_affinity(&views(), tokens, cached, PCA_BATCH_SIZE, tie)?,
         (None, None) => {
             let active: Vec<u64> =
                 load.iter().enumerate().map(|(i, l)| if ok(i) { l.0 } else { u64::MAX }).collect();

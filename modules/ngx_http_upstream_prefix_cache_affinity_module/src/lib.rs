@@ -30,7 +30,7 @@
 
 use pdgate_glue::balancer::{flag, param, shm_size, Balancer, PeerView, PrefixAffinity, Request};
 use pdgate_glue::core::balance::{
-    precise_prefix, prefix_cache_affinity, PREFIX_CACHE_AFFINITY_PARAMS,
+    precise_affinity, prefix_cache_affinity, PREFIX_CACHE_AFFINITY_PARAMS,
 };
 
 fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
@@ -40,7 +40,8 @@ fn choose(peers: &[PeerView], r: &Request) -> Option<usize> {
         for (c, &blocks) in cached.iter_mut().zip(r.affinity) {
             *c = u64::from(blocks) * r.block_tokens;
         }
-        return precise_prefix(peers, r.tokens, &cached[..peers.len().min(256)], batch, r.tie);
+        let n = peers.len().min(cached.len());
+        return precise_affinity(peers, r.tokens, &cached[..n], batch, r.tie);
     }
     prefix_cache_affinity(peers, r.tokens, r.affinity, batch, r.tie)
 }

@@ -438,6 +438,40 @@ pub fn precise_prefix(
     })
 }
 
+/// prefix_cache_affinity's choice with the engines' KV events: the
+/// longest-match rule of [`prefix_cache_affinity`] on what each engine
+/// holds (`cached[i]` tokens of the prompt), with the load
+/// measured as [`precise_prefix`] measures it. Among the peers holding the
+/// longest prefix the one with the least work to compute wins, unless it
+/// runs more than `batch` requests beyond the least busy peer: then, as
+/// when nothing is held anywhere, [`precise_prefix`] decides over all
+/// (where shorter holdings still count as cached tokens). The sticky rule
+/// keeps a conversation on the engine that holds it, which a pure cost
+/// comparison gave up too early (docs/prefix-routing.md).
+pub fn precise_affinity(
+    peers: &[PeerView],
+    tokens: u64,
+    cached: &[u64],
+    batch: u64,
+    tie: u64,
+) -> Option<usize> {
+    let held = |i: usize| cached.get(i).copied().unwrap_or(0);
+    let best = (0..peers.len()).filter(|&i| peers[i].available).map(held).max().unwrap_or(0);
+    let mut only = [PeerView::default(); 256];
+    if best == 0 || peers.len() > only.len() {
+        return precise_prefix(peers, tokens, cached, batch, tie);
+    }
+    for (i, p) in peers.iter().enumerate() {
+        only[i] = PeerView { available: p.available && held(i) == best, ..*p };
+    }
+    let c = precise_prefix(&only[..peers.len()], tokens, cached, u64::MAX / 2, tie)?;
+    let least = peers.iter().filter(|p| p.available).map(|p| p.requests).min().unwrap_or(0);
+    if peers[c].requests > least + batch.max(1) {
+        return precise_prefix(peers, tokens, cached, batch, tie);
+    }
+    Some(c)
+}
+
 /// The tokens of a prompt of `tokens` an engine holding `cached` of them
 /// computes: what a precise placement counts as its cost in flight.
 pub fn uncached(tokens: u64, cached: u64) -> u64 {

@@ -357,3 +357,22 @@ fn earliest_start_decode_waits_for_a_batch_slot() {
     r[1].available = false;
     assert_eq!(earliest_start(&r, 10, true, 4, 0), None);
 }
+
+#[test]
+fn precise_affinity_keeps_the_longest_holding_until_loads_diverge() {
+    let busy = |requests: u64, uncached: u64| PeerView { cost: uncached, ..peer(requests, 0) };
+    // Peer 1 holds the whole prompt (160 tokens): it keeps it although
+    // its queue costs more than the idle peer's whole prompt would.
+    let p = [busy(0, 0), busy(6, 3000), busy(0, 0)];
+    assert_eq!(precise_affinity(&p, 160, &[0, 160, 0], 16, 0), Some(1));
+    // Two hold it: the one with less to compute.
+    let p = [busy(2, 900), busy(2, 300), busy(0, 0)];
+    assert_eq!(precise_affinity(&p, 160, &[160, 160, 0], 16, 0), Some(1));
+    // The holder runs more than `batch` requests beyond the least busy
+    // peer: the cost over all decides, shorter holdings counting.
+    let p = [busy(20, 100), busy(3, 100), busy(0, 150)];
+    assert_eq!(precise_affinity(&p, 160, &[160, 144, 0], 16, 0), Some(1));
+    // Nothing held: the least work.
+    let p = [busy(1, 500), busy(0, 100), busy(0, 0)];
+    assert_eq!(precise_affinity(&p, 160, &[0, 0, 0], 16, 0), Some(2));
+}
