@@ -155,6 +155,10 @@ echo "body: $(mkbody false | wc -c) bytes; proxy worker pid $WORKER on CPU 0; $R
 # Sanity: both paths answer 200 with the expected shape before measuring.
 curl -sf "http://127.0.0.1:$PORT_PROXY/pd/v1/chat/completions" -d "$(mkbody false)" | grep -q '"finish_reason":"stop"'
 curl -sfN "http://127.0.0.1:$PORT_PROXY/pd-stream/v1/chat/completions" -d "$(mkbody true)" | grep -q 'data: \[DONE\]'
+for lb in $BALANCERS; do
+    curl -sf "http://127.0.0.1:$PORT_PROXY/pd-$lb/v1/chat/completions" -d "$(mkbody false)" | grep -q '"finish_reason":"stop"' \
+        || { echo "bench-overhead: /pd-$lb/ does not answer a P/D request" >&2; exit 1; }
+done
 
 ticks() { awk '{print $14 + $15}' "/proc/${RUN_WORKER:-$WORKER}/stat"; }
 HZ=$(getconf CLK_TCK)
