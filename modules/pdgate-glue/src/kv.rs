@@ -13,6 +13,7 @@ use ngx::ffi::{
 use ngx::http::HttpModuleConfExt;
 use pdgate_core::kv::conf::KvConf;
 use pdgate_core::kv::index::{zone_bytes, KvHeader, KvIndex, MapSlot, Slot};
+use pdgate_core::kv::prompt::{Head, PromptKeys};
 
 use crate::conf::str_bytes;
 
@@ -179,31 +180,63 @@ pub fn index_of(upstream: &[u8]) -> Option<KvIndex<'static>> {
     }
 }
 
-/// For a module choosing among the peers of `upstream` itself (the SGLang
-/// mode's prefill list): the tokens of `r`'s prompt each of `peers` (their
-/// addresses as the upstream names them) holds in its prefix cache, by the
-/// engines' KV events (`pd_kv_events` on the upstream) and `r`'s prompt
-/// keys (`pd_tokenizer`); `None` without either, or when they hash blocks
-/// differently.
-pub fn cached_tokens(r: &ngx::http::Request, upstream: &[u8], peers: &[&[u8]]) -> Option<Vec<u64>> {
+/// What the engines of `upstream` hold of a prompt: the leading blocks of
+/// its keys each engine holds, by their KV events.
+pub struct Holdings<'u> {
+    upstream: &'u [u8],
+    index: KvIndex<'static>,
+    held: [u32; pdgate_core::kv::index::MAX_ENGINES],
+    /// Tokens per block.
+    pub block_tokens: u64,
+}
+
+impl Holdings<'_> {
+    /// The leading blocks the engine at `peer` (its address as the upstream
+    /// names it) holds.
+    pub fn blocks_of(&self, peer: &[u8]) -> u32 {
+        let bit = self.index.engine_bit(pdgate_core::balance::slots::peer_key(self.upstream, peer));
+        bit.map_or(0, |b| self.held[b])
+    }
+}
+
+/// The holdings of a prompt of `head` and `keys` (`$pd_tokenized`) among
+/// the engines of `upstream`: `None` without `pd_kv_events` there, or when
+/// `pd_tokenizer` keyed the prompt with another hashing (logged once per
+/// worker).
+pub fn holdings<'u>(
+    upstream: &'u [u8],
+    head: &Head,
+    keys: impl IntoIterator<Item = u64>,
+) -> Option<Holdings<'u>> {
     let index = index_of(upstream)?;
+    if index.header.hashing.load(std::sync::atomic::Ordering::Relaxed) != head.hashing {
+        static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            // SAFETY: the running cycle's log.
+            let log = unsafe { (**std::ptr::addr_of!(ngx::ffi::ngx_cycle)).log };
+            ngx::ngx_log_error!(
+                ngx::ffi::NGX_LOG_WARN,
+                log,
+                "upstream \"{}\": pd_tokenizer and pd_kv_events hash blocks differently (block_size=, hash=, seed= must match), the engines' KV index is not used",
+                String::from_utf8_lossy(upstream)
+            );
+        }
+        return None;
+    }
+    let mut held = [0u32; pdgate_core::kv::index::MAX_ENGINES];
+    index.prefix_match_iter(keys, &mut held);
+    Some(Holdings { upstream, index, held, block_tokens: head.block_size })
+}
+
+/// For a module choosing among the peers of `upstream` itself (the SGLang
+/// mode's prefill list): the tokens of `r`'s prompt each of `peers` holds in
+/// its prefix cache ([`holdings`]); `None` without `pd_tokenizer` or
+/// `pd_kv_events`.
+pub fn cached_tokens(r: &ngx::http::Request, upstream: &[u8], peers: &[&[u8]]) -> Option<Vec<u64>> {
     let r = r as *const ngx::http::Request as *mut ngx::ffi::ngx_http_request_t;
     // SAFETY: a Request is a live ngx_http_request_t (ngx's own cast).
     let raw = unsafe { crate::tokenize::variable_of(r) }?;
-    let (hashing, _, block, keys) = crate::tokenize::Tokenized::decode(raw)?;
-    if index.header.hashing.load(std::sync::atomic::Ordering::Relaxed) != hashing {
-        return None;
-    }
-    let keys: Vec<u64> = keys.collect();
-    let mut held = [0u32; pdgate_core::kv::index::MAX_ENGINES];
-    index.prefix_match(&keys, &mut held);
-    Some(
-        peers
-            .iter()
-            .map(|p| {
-                let bit = index.engine_bit(pdgate_core::balance::slots::peer_key(upstream, p));
-                bit.map_or(0, |b| u64::from(held[b]) * block)
-            })
-            .collect(),
-    )
+    let (head, keys) = PromptKeys::decode(raw)?;
+    let h = holdings(upstream, &head, keys)?;
+    Some(peers.iter().map(|p| u64::from(h.blocks_of(p)) * h.block_tokens).collect())
 }

@@ -7,8 +7,8 @@
 //! counts them (the request's length for every balancer, `pd_hold` and the
 //! buckets, instead of bytes / 4) and keys its whole blocks as vLLM's prefix
 //! cache does (for `prefix_cache_affinity` and the engines' KV index). The
-//! result reaches the balancers (other modules) through the binary variable
-//! `$pd_tokenized` ([`encode`], [`Tokenized::decode`]).
+//! result ([`PromptKeys`]) reaches the balancers (other modules) through the
+//! binary variable `$pd_tokenized`.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use pdgate_core::conf::{invalid_value, number, parameters};
 use pdgate_core::kv::conf::Hashing;
 use pdgate_core::kv::hash::BlockHasher;
+pub use pdgate_core::kv::prompt::PromptKeys;
 use pdgate_core::tokenize::Model;
 
 use crate::http::{Conf, ConfError};
@@ -100,73 +101,11 @@ pub fn directive(cf: &mut Conf, slot: &mut Option<Tokenizer>) -> Result<(), Conf
     Ok(())
 }
 
-/// A request's prompt as the model sees it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Tokenized {
-    /// The hashing's fingerprint (see `Hashing::fingerprint`).
-    pub hashing: u64,
-    pub tokens: u64,
-    /// Tokens per block.
-    pub block_size: u64,
-    /// Keys of the prompt's whole blocks, chained.
-    pub keys: Vec<u64>,
-}
-
-impl Tokenized {
-    /// Tokenizes and keys `body`: `Ok(None)` for what the proxy does not
-    /// render as vLLM would (multimodal parts, a request's own template:
-    /// the bytes / 4 estimate then); the error is the client's (a 400).
-    pub fn of(t: &Tokenizer, body: &[u8]) -> Result<Option<Tokenized>, String> {
-        let ids = match t.model.prompt_tokens(body) {
-            Ok(ids) => ids,
-            Err(pdgate_core::tokenize::PromptError::Unsupported(_)) => return Ok(None),
-            Err(e) => return Err(e.to_string()),
-        };
-        let mut keys =
-            Vec::with_capacity((ids.len() / t.hashing.block_size.max(1)).min(t.max_blocks));
-        t.hasher.keys(&ids, t.max_blocks, &mut keys);
-        Ok(Some(Tokenized {
-            hashing: t.hashing.fingerprint(),
-            tokens: ids.len() as u64,
-            block_size: t.hashing.block_size as u64,
-            keys,
-        }))
-    }
-
-    /// `$pd_tokenized`'s bytes: fingerprint, tokens, block size, keys
-    /// (little-endian words).
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(24 + 8 * self.keys.len());
-        out.extend_from_slice(&self.hashing.to_le_bytes());
-        out.extend_from_slice(&self.tokens.to_le_bytes());
-        out.extend_from_slice(&self.block_size.to_le_bytes());
-        for k in &self.keys {
-            out.extend_from_slice(&k.to_le_bytes());
-        }
-        out
-    }
-
-    /// The inverse of [`Tokenized::encode`]: fingerprint, tokens, block
-    /// size and keys (`None`: not its form).
-    #[allow(clippy::type_complexity)]
-    pub fn decode(b: &[u8]) -> Option<(u64, u64, u64, impl ExactSizeIterator<Item = u64> + '_)> {
-        if b.len() < 24 || !b.len().is_multiple_of(8) {
-            return None;
-        }
-        let word = |c: &[u8]| {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(c);
-            u64::from_le_bytes(w)
-        };
-        Some((word(&b[..8]), word(&b[8..16]), word(&b[16..24]), b[24..].chunks_exact(8).map(word)))
-    }
-}
-
-/// The variable carrying [`Tokenized`] from the P/D module to the
-/// balancers.
+/// The variable carrying a prompt's [`PromptKeys`] (their wire form) from
+/// the P/D module to the balancers.
 pub const VARIABLE: &[u8] = b"pd_tokenized";
 
-/// The raw `$pd_tokenized` of `r` (see [`Tokenized::decode`]), when a
+/// The raw `$pd_tokenized` of `r` (see [`PromptKeys::decode`]), when a
 /// location tokenized the request.
 ///
 /// # Safety
@@ -183,5 +122,12 @@ pub fn tokens_of(r: &ngx::http::Request) -> Option<u64> {
     let r = r as *const ngx::http::Request as *mut ngx::ffi::ngx_http_request_t;
     // SAFETY: a Request is a live ngx_http_request_t (ngx's own cast).
     let raw = unsafe { variable_of(r) }?;
-    Tokenized::decode(raw).map(|(_, tokens, _, _)| tokens)
+    PromptKeys::decode(raw).map(|(head, _)| head.tokens)
+}
+
+impl Tokenizer {
+    /// `body`'s prompt keys (see [`PromptKeys::of`]).
+    pub fn keys(&self, body: &[u8]) -> Result<Option<PromptKeys>, String> {
+        PromptKeys::of(&self.model, &self.hashing, &self.hasher, self.max_blocks, body)
+    }
 }

@@ -394,24 +394,34 @@ impl<'a> KvIndex<'a> {
     /// (a block counts only after all the blocks before it, as an engine's
     /// prefix cache hits); returns the longest such run.
     pub fn prefix_match(&self, keys: &[u64], out: &mut [u32; MAX_ENGINES]) -> u32 {
+        self.prefix_match_iter(keys.iter().copied(), out)
+    }
+
+    /// [`KvIndex::prefix_match`] over keys as they come (e.g. decoded from
+    /// `$pd_tokenized`).
+    pub fn prefix_match_iter(
+        &self,
+        keys: impl IntoIterator<Item = u64>,
+        out: &mut [u32; MAX_ENGINES],
+    ) -> u32 {
         *out = [0; MAX_ENGINES];
         let mut alive = u64::MAX;
-        let mut longest = 0;
-        for (i, &k) in keys.iter().enumerate() {
+        let mut n = 0u32;
+        for k in keys {
             let now = alive & self.lookup(k);
             for e in bits(alive & !now) {
-                out[e] = i as u32;
+                out[e] = n;
             }
             alive = now;
             if alive == 0 {
-                return longest;
+                return n;
             }
-            longest = i as u32 + 1;
+            n += 1;
         }
         for e in bits(alive) {
-            out[e] = keys.len() as u32;
+            out[e] = n;
         }
-        longest
+        n
     }
 
     // --- engines ----------------------------------------------------------------

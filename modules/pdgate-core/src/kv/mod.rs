@@ -7,3 +7,4 @@ pub mod conf;
 pub mod events;
 pub mod hash;
 pub mod index;
+pub mod prompt;

@@ -19,6 +19,7 @@ use pdgate_core::balance::prefix::{self, MAX_BLOCKS};
 use pdgate_core::balance::slots::peer_key;
 use pdgate_core::balance::{blend_engine, PeerView, PD_SCORE_LOOKAHEAD};
 use pdgate_core::engine::EngineRow;
+use pdgate_core::kv::prompt::Head;
 use pdgate_core::tokens::tokens_for_bytes;
 
 use super::{zone, Balancer, Request, UpstreamConf, MAX_PEERS};
@@ -261,7 +262,8 @@ unsafe fn tokenized(r: *mut ngx_http_request_t) -> Option<TokenizedView> {
     // SAFETY: as documented; the copy lives in the request pool.
     unsafe {
         let bytes = crate::tokenize::variable_of(r)?;
-        let (hashing, tokens, block_size, keys) = crate::tokenize::Tokenized::decode(bytes)?;
+        let (head, keys) = pdgate_core::kv::prompt::PromptKeys::decode(bytes)?;
+        let Head { hashing, tokens, block_size } = head;
         let n = keys.len();
         let at = if n == 0 {
             std::ptr::NonNull::<u64>::dangling().as_ptr()
@@ -637,34 +639,19 @@ unsafe fn engines_hold(
         let Some(conf) = pd.conf.as_ref() else { return 0 };
         (conf, std::slice::from_raw_parts(pd.tok_keys, pd.ntok))
     };
-    let Some(index) = crate::kv::index_of(&conf.upstream_name) else { return 0 };
-    if index.header.hashing.load(std::sync::atomic::Ordering::Relaxed) != pd.hashing {
-        static TOLD: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        if !TOLD.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            // SAFETY: the running cycle's log.
-            unsafe {
-                ngx::ngx_log_error!(
-                    NGX_LOG_WARN,
-                    (**std::ptr::addr_of!(ngx::ffi::ngx_cycle)).log,
-                    "upstream \"{}\": pd_tokenizer and pd_kv_events hash blocks differently (block_size=, hash=, seed= must match), the engines' KV index is not used",
-                    String::from_utf8_lossy(&conf.upstream_name)
-                );
-            }
-        }
+    let head = Head { hashing: pd.hashing, tokens: pd.tokens, block_size: pd.block_tokens };
+    let Some(h) = crate::kv::holdings(&conf.upstream_name, &head, keys.iter().copied()) else {
         return 0;
-    }
-    let mut held = [0u32; pdgate_core::kv::index::MAX_ENGINES];
-    index.prefix_match(keys, &mut held);
+    };
     // SAFETY: as documented: the list walked for at most n peers.
     unsafe {
         let mut p = (*peers).peer;
         let mut i = 0;
         while !p.is_null() && i < n.min(affinity.len()) {
-            let key = peer_key(&conf.upstream_name, str_bytes(&(*p).name));
             // What the engine reports holding, or what this proxy placed
             // there since (its prefill may not have stored it yet): both
             // count the same token blocks.
-            affinity[i] = affinity[i].max(index.engine_bit(key).map_or(0, |b| held[b]));
+            affinity[i] = affinity[i].max(h.blocks_of(str_bytes(&(*p).name)));
             p = (*p).next;
             i += 1;
         }

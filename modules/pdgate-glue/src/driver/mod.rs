@@ -229,7 +229,7 @@ pub struct Record {
     pub counted: bool,
     /// The prompt's tokens by the model's tokenizer (`pd_tokenizer`).
     pub input_tokens: Option<u64>,
-    /// `$pd_tokenized` (see [`crate::tokenize::Tokenized::encode`]), in
+    /// `$pd_tokenized` (see [`crate::tokenize::PromptKeys::encode`]), in
     /// the request pool; empty without `pd_tokenizer`.
     pub tokenized: &'static [u8],
 }

@@ -176,10 +176,10 @@ unsafe fn tokenize<P: Protocol>(r: *mut ngx_http_request_t, ctx: &mut Ctx<P>, sr
     // SAFETY: as the caller's; the variable's bytes live in the pool.
     unsafe {
         let Some(t) = P::tokenizer(view(r)) else { return true };
-        match crate::tokenize::Tokenized::of(t, src) {
+        match t.keys(src) {
             Ok(None) => true,
             Ok(Some(tk)) => {
-                ctx.m.input_tokens = Some(tk.tokens);
+                ctx.m.input_tokens = Some(tk.head.tokens);
                 ctx.m.tokenized = observe::pool_bytes(r, &tk.encode()).unwrap_or(&[]);
                 true
             }

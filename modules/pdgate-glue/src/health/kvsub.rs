@@ -365,12 +365,14 @@ fn on_live(s: &mut Sub, frames: &[Vec<u8>], now: u64) {
         return;
     };
     if let Some(rp) = s.replay.as_mut() {
+        let e = &s.index.header.engines[s.bit];
         if rp.buffered.len() < REPLAY_BUFFER {
             rp.buffered.push_back((sq, payload.clone()));
-            s.index.header.engines[s.bit]
-                .next_seq
-                .store(sq + 1, std::sync::atomic::Ordering::Release);
+        } else {
+            // Kept nowhere: lost, as a gap the replay could not fill.
+            e.lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        e.next_seq.store(sq + 1, std::sync::atomic::Ordering::Release);
         return;
     }
     match s.index.check_seq(s.bit, sq) {
